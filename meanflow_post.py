@@ -1,0 +1,1522 @@
+"""MeanFlow post-training initialised by Consistency Mid-Training (CMT-MF) on ImageNet-256 latents.
+
+Reference implementation of the MeanFlow part of "Consistency Mid-Training" (CMT, arXiv 2509.24526),
+built on MeanFlow (Geng et al., arXiv 2505.13447). One file: DiT-MF network, SD-VAE, teacher sampler,
+both losses, sampling, DDP training loop. Convention (MeanFlow): t = 1 is noise, t = 0 is data,
+
+    z_t = (1 - t) x + t e,   v = e - x,   e ~ N(0, I),   x = SD-VAE latent * 0.18215.
+
+Average velocity and flow map (a network u_theta(z, r, t) learns u):
+
+    u(z_t, r, t) = 1/(t - r) * int_r^t v(z_s, s) ds,     z_r = z_t - (t - r) u(z_t, r, t),   u(z, t, t) = v(z, t).
+
+MeanFlow identity (differentiate (t - r) u = int_r^t v in t):
+
+    u(z_t, r, t) = v(z_t, t) - (t - r) du/dt,    du/dt = v . grad_z u + d_t u
+
+du/dt is ONE forward-mode JVP of u_theta with tangents (v, 0, 1) in (z, r, t). `meanflow_loss`:
+
+    u, du/dt = jvp(u_theta, (z, r, t), (v_g, 0, 1))              # one call gives both
+    u_tgt    = sg(v_g - clip(t - r, 0, 1) du/dt)
+    l        = sum (u - u_tgt)^2  per sample;   loss = mean( l / sg((l + c)^p) ),  p = 1, c = 0.01
+               (so the logged MeanFlow loss stays near 1 while l >> c: watch samples, not the loss)
+    t, r     = max/min of two sigmoid(N(-0.4, 1)) draws; r = t on 75% of each batch
+    v_g      = omega v + kappa u(z, t, t | y) + (1 - omega - kappa) u(z, t, t | null)   (t in [t_start, t_end])
+               (CFG inside training; v_g = v for the 10% of rows whose label is dropped to the null class)
+
+CMT-MF mid-training (`cmt_mf_loss`): a cheap teacher (a small MeanFlow model run for M steps, or a
+flow-matching velocity model with Euler/Heun) maps e to states z_{t_M} = e, ..., z_{t_0} (t_0 = 0).
+Every ordered pair i > j of one trajectory gives an exact flow-map target for the student:
+
+    u_theta(z_{t_i}, r = t_j, t = t_i)  ~  (z_{t_i} - z_{t_j}) / (t_i - t_j)        plain MSE, no JVP
+
+(j = 0 is CMT-CM's "trajectory point -> endpoint"). Labels are dropped (prob 0.1) before the teacher
+runs, so the student also learns the unconditional map. The mid-trained student then initialises
+MeanFlow post-training, which converges far faster than from random init (paper: MF-XL/2 1-NFE FID
+3.34 in 760 GPU-h vs 3.43 in 1520 GPU-h from scratch).
+
+Stages (`--stage`):
+    pretrain  MeanFlow from scratch (the small CMT teacher, e.g. MF-B/4; or a from-scratch baseline)
+    mid       CMT-MF: --teacher PATH (a checkpoint of this script), --teacher-solver, --teacher-steps, --pairs
+    post      MeanFlow from --init PATH (a mid checkpoint: its EMA weights) or --init random
+    sample    1-NFE and 2-NFE samples -> samples-*.png grid and samples-*.npz (uint8 NHWC) for fid.py
+    encode    ImageNet folder (class subfolders) -> latent shards of the SD-VAE posterior (mean, std)
+    bench     measurement: one MeanFlow (jvp) step and one CMT-MF step relative to a plain
+              forward+backward at the same batch (--bench-models, --batch-gpu); prints a table
+
+Usage (8 GPUs; the `xl2` preset is the paper's recipe, `b4` the MeanFlow B/4 recipe):
+    python meanflow_post.py --stage encode --data /data/imagenet/train --vae sd-vae-ft-mse.safetensors --outdir latents
+    torchrun --nproc_per_node=8 meanflow_post.py --preset b4 --stage pretrain --data latents --outdir runs/teacher-b4
+    torchrun --nproc_per_node=8 meanflow_post.py --stage mid --teacher runs/teacher-b4/ckpt-latest.pt --outdir runs/mid-xl2
+    torchrun --nproc_per_node=8 meanflow_post.py --stage post --data latents --init runs/mid-xl2/ckpt-latest.pt --outdir runs/post-xl2
+    torchrun --nproc_per_node=8 meanflow_post.py --stage sample --ckpt runs/post-xl2/ckpt-latest.pt --vae VAE --num-samples 50000 --outdir runs/post-xl2
+    python meanflow_post.py --preset tiny          # CPU demo: teacher -> mid -> post (+ baseline) -> quality table
+    python meanflow_post.py --stage bench --batch-gpu 32 --bench-models B/4,XL/2
+
+Notes. The mid stage needs no data: it starts from noise and uniformly drawn labels. The randomness of
+every micro-batch derives from (seed, iteration, global micro-batch slot), so resume is exact and a 2-GPU run computes the same step as a 1-GPU run with 2 accumulation steps.
+DDP: torch.func.jvp does not work through a DistributedDataParallel wrapper, so every rank runs the
+unwrapped module and the gradients (plus the loss, for the non-finite guard) are all-reduced in
+buckets after the last micro-step (that is what DDP's no_sync + final reduction does).
+--compile compiles plain forwards only (teacher, CFG forwards, CMT-MF student); the JVP path is
+always eager. --bf16 autocasts the network; JVP tangents, targets and loss reductions stay float32.
+Details taken from the official MeanFlow code (Gsunshine/meanflow): r = t on exactly the first 75% of
+each per-device batch; the dropped labels are the first k ~ Binomial(B, 0.1) rows; the CFG forwards use
+the undropped labels; the per-sample loss sums over latent elements. Our choices where the papers are
+silent: uniform t grids for the teacher and for 2-NFE sampling, Heun's correction on every step
+(v is finite at t = 0), CMT-MF MSE as a mean over elements, and the same optimiser/EMA in every stage.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- config
+
+# DiT sizes (depth, hidden, heads, patch); MeanFlow paper / official JAX models_dit.py. `tiny` is the CPU demo.
+MODELS = {
+    "B/4": dict(depth=12, hidden_size=768, num_heads=12, patch_size=4),
+    "B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2),
+    "M/2": dict(depth=16, hidden_size=1024, num_heads=16, patch_size=2),
+    "L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),
+    "XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2),
+    "tiny": dict(depth=2, hidden_size=96, num_heads=4, patch_size=2),
+    "tiny-teacher": dict(depth=2, hidden_size=64, num_heads=4, patch_size=2),
+}
+
+IMAGENET_IMAGES = 1_281_167
+EPOCH_ITERS_256 = IMAGENET_IMAGES / 256  # iterations per epoch at batch 256
+
+# Shared defaults (MeanFlow ImageNet recipe, SPEC §6 / official configs/default.py).
+BASE = dict(
+    model="XL/2", data=None, res=32, channels=4, num_classes=1000, batch=256, batch_gpu=None,
+    lr=1e-4, ema=0.9999, adam_betas=(0.9, 0.95), seed=0,
+    p_mean=-0.4, p_std=1.0, ratio_neq=0.25, label_drop=0.1, norm_p=1.0, norm_eps=0.01,
+    omega=1.0, kappa=0.5, t_start=0.0, t_end=1.0,
+    teacher=None, teacher_solver="meanflow", teacher_steps=8, pairs=8,
+    init="random", log_every=100, ckpt_every=5000, sample_every=20000, max_skips=100,
+)
+
+# Per preset, per stage. Iteration counts marked * are our estimates (not published); see README.
+PRESETS = {
+    # The CMT paper's recipe: MF-B/4 teacher (8 steps) -> CMT-MF XL/2 -> MeanFlow XL/2 post-training.
+    "xl2": dict(BASE, model="XL/2", omega=0.2, kappa=0.92, t_start=0.0, t_end=0.75, stages=dict(
+        pretrain=dict(model="B/4", omega=1.0, kappa=0.5, t_end=1.0, iters=round(240 * EPOCH_ITERS_256)),
+        mid=dict(iters=100_000),                                     # * 25.6 Mimg
+        post=dict(iters=round(240 * EPOCH_ITERS_256 * 587 / 1520)),  # * paper's post GPU-h share of 240 epochs
+    )),
+    # MeanFlow B/4 from scratch, official run_b4.yml (240 epochs, omega 1.0, kappa 0.5): FID 11.35.
+    "b4": dict(BASE, model="B/4", stages=dict(
+        pretrain=dict(iters=round(240 * EPOCH_ITERS_256)),
+        mid=dict(iters=100_000), post=dict(iters=round(240 * EPOCH_ITERS_256)),
+    )),
+    # CPU demo on the built-in class-conditional Gaussian mixture (4x8x8 "latents", 8 classes).
+    # No guidance (omega 1, kappa 0), so every model targets the exact class-conditional flow map.
+    "tiny": dict(BASE, model="tiny", data="toy", res=8, channels=4, num_classes=8, batch=64, lr=1e-3,
+                 ema=0.995, omega=1.0, kappa=0.0, teacher_steps=4, pairs=4, log_every=100, ckpt_every=500,
+                 sample_every=0, num_eval=2000, stages=dict(
+        pretrain=dict(model="tiny-teacher", iters=1000),
+        mid=dict(iters=600),
+        post=dict(iters=600),
+    )),
+}
+
+# ----------------------------------------------------------------------------- data
+
+
+def toy_mixture(num_classes=8, channels=4, res=8):
+    """SPEC §8 toy data: one isotropic Gaussian N(mu_k, s_k^2 I) per class, smooth patterned means."""
+    g = np.random.RandomState(0)  # fixed: the toy data set is part of the program
+    ii, jj = np.meshgrid(np.arange(res), np.arange(res), indexing="ij")
+    mu = np.zeros((num_classes, channels, res, res))
+    for k in range(num_classes):
+        for c in range(channels):
+            fi, fj = g.randint(0, 3, size=2)
+            mu[k, c] = g.uniform(0.5, 1.0) * np.cos(2 * np.pi * (fi * ii + fj * jj) / res + g.uniform(0, 2 * np.pi))
+    std = g.uniform(0.2, 0.5, size=num_classes)
+    return torch.tensor(mu, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+
+def toy_sample(mu, std, n, gen, device):
+    """Class-balanced draw from the toy mixture: returns (x, y)."""
+    y = torch.randint(0, mu.shape[0], (n,), generator=gen, device=device)
+    x = mu.to(device)[y] + std.to(device)[y].view(-1, 1, 1, 1) * torch.randn((n, *mu.shape[1:]), generator=gen, device=device)
+    return x, y
+
+
+def gaussian_sigma(t, s):
+    """Std of z_t for data N(mu, s^2 I): sig(t) = sqrt((1-t)^2 s^2 + t^2) (SPEC §8)."""
+    return ((1 - t) ** 2 * s ** 2 + t ** 2).sqrt()
+
+
+def gaussian_average_velocity(z, r, t, mu, s):
+    """Exact u(z, r, t) for data N(mu, s^2 I), finite at r = t (SPEC §8). t, r, s broadcast against z."""
+    xi = (z - (1 - t) * mu) / gaussian_sigma(t, s)
+    return -mu + ((1 + s ** 2) * (t + r) - 2 * s ** 2) / (gaussian_sigma(t, s) + gaussian_sigma(r, s)) * xi
+
+
+class LatentShards:
+    """Latent data set written by `--stage encode`: latents-NNNNN.npy ([n, 8, H, W] float32: the SD-VAE
+    posterior mean and std, as in the official MeanFlow pipeline) and labels-NNNNN.npy ([n] int64).
+    A training latent is a fresh posterior sample times 0.18215. Batches are a function of a global
+    sample counter (the data_state), so resume continues the same permutation."""
+
+    def __init__(self, path):
+        path = Path(path)
+        files = sorted(path.glob("latents-*.npy"))
+        if not files:
+            raise FileNotFoundError(f"--data {path}: no latents-*.npy shards (make them with --stage encode)")
+        self.lat = [np.load(f, mmap_mode="r") for f in files]
+        self.lab = [np.load(f.with_name(f.name.replace("latents-", "labels-"))) for f in files]
+        self.offsets = np.cumsum([0] + [len(a) for a in self.lat])
+        self.n = int(self.offsets[-1])
+        self.shape = self.lat[0].shape[1:]
+        self._perm = (-1, None)
+        if self.shape[0] != 8:
+            raise ValueError(f"--data {path}: expected 8 channels (posterior mean and std), got {self.shape}")
+
+    def batch(self, start, n, seed, gen, device):
+        """Rows [start, start + n) of the infinite stream of per-epoch permutations."""
+        rows = []
+        for pos in range(start, start + n):
+            epoch, k = divmod(pos, self.n)
+            if self._perm[0] != epoch:  # a fresh permutation per epoch, a function of (seed, epoch)
+                self._perm = (epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)))
+            rows.append(int(self._perm[1][k]))
+        idx = np.array(rows)
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        moments = np.stack([self.lat[s][i - self.offsets[s]] for s, i in zip(shard, idx)])
+        labels = np.array([self.lab[s][i - self.offsets[s]] for s, i in zip(shard, idx)])
+        x = sd_encode_latents(torch.from_numpy(moments.astype(np.float32)).to(device), gen)
+        return x, torch.from_numpy(labels.astype(np.int64)).to(device)
+
+
+# ----------------------------------------------------------------------------- SD-VAE
+# Stability AI's sd-vae-ft-mse (SPEC §7), written out in plain PyTorch with the state_dict names of
+# diffusers' AutoencoderKL (block_out_channels 128/256/512/512, layers_per_block 2, 248 tensors,
+# 83,653,863 parameters) so that `diffusion_pytorch_model.safetensors` (or `.bin`) from the Hugging Face
+# repo `stabilityai/sd-vae-ft-mse` loads strictly. Pixels -> 8x smaller 4-channel latents and back.
+# Every norm is GroupNorm(32 groups, eps 1e-6), every activation SiLU, dropout 0. The VAE is frozen
+# and never differentiated with a JVP, so its attention may use F.scaled_dot_product_attention.
+
+
+class VAEResnetBlock(nn.Module):
+    """diffusers ResnetBlock2D without time embedding: x + conv2(silu(norm2(conv1(silu(norm1(x))))))."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(32, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(32, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None  # 1x1 only when widths change
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over all H*W positions with a GroupNorm in front and a residual."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(32, ch, eps=1e-6)
+        self.to_q = nn.Linear(ch, ch)
+        self.to_k = nn.Linear(ch, ch)
+        self.to_v = nn.Linear(ch, ch)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers keeps a Dropout(0) at to_out.1
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        t = self.group_norm(x).reshape(n, c, h * w).transpose(1, 2)  # [N, HW, C]
+        a = F.scaled_dot_product_attention(self.to_q(t), self.to_k(t), self.to_v(t))  # scale 1/sqrt(C): one head
+        return x + self.to_out[0](a).transpose(1, 2).reshape(n, c, h, w)
+
+
+class VAEResample(nn.Module):
+    """Downsample2D: zero-pad right and bottom by one, 3x3 conv stride 2 (H -> H/2 for even H).
+    Upsample2D: nearest-neighbour 2x, then 3x3 conv."""
+
+    def __init__(self, ch, up):
+        super().__init__()
+        self.up = up
+        self.conv = nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1 if up else 0)
+
+    def forward(self, x):
+        if self.up:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as in the original LDM autoencoder
+
+
+class VAEDownBlock(nn.Module):
+    """diffusers DownEncoderBlock2D: resnets, then (except in the last block) a stride-2 downsampler."""
+
+    def __init__(self, cin, cout, num_resnets, down):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
+        self.downsamplers = nn.ModuleList([VAEResample(cout, up=False)]) if down else None
+
+    def forward(self, x):
+        for layer in [*self.resnets, *(self.downsamplers or [])]:
+            x = layer(x)
+        return x
+
+
+class VAEUpBlock(nn.Module):
+    """diffusers UpDecoderBlock2D: resnets, then (except in the last block) a 2x upsampler."""
+
+    def __init__(self, cin, cout, num_resnets, up):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
+        self.upsamplers = nn.ModuleList([VAEResample(cout, up=True)]) if up else None
+
+    def forward(self, x):
+        for layer in [*self.resnets, *(self.upsamplers or [])]:
+            x = layer(x)
+        return x
+
+
+class VAEMidBlock(nn.Module):
+    """diffusers UNetMidBlock2D at the lowest resolution: resnet, attention, resnet."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.attentions = nn.ModuleList([VAEAttention(ch)])
+        self.resnets = nn.ModuleList([VAEResnetBlock(ch, ch), VAEResnetBlock(ch, ch)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, channels=(128, 256, 512, 512), num_resnets=2):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
+        cins = [channels[0], *channels[:-1]]
+        self.down_blocks = nn.ModuleList([VAEDownBlock(ci, co, num_resnets, down=i < len(channels) - 1)
+                                          for i, (ci, co) in enumerate(zip(cins, channels))])
+        self.mid_block = VAEMidBlock(channels[-1])
+        self.conv_norm_out = nn.GroupNorm(32, channels[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(channels[-1], 8, 3, padding=1)  # 2 x 4 latent channels: mean and logvar
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, channels=(128, 256, 512, 512), num_resnets=3):
+        super().__init__()
+        rev = channels[::-1]
+        self.conv_in = nn.Conv2d(4, rev[0], 3, padding=1)
+        # Registered before mid_block only to list the keys in diffusers' order; the data flows mid -> up.
+        self.up_blocks = nn.ModuleList([VAEUpBlock(ci, co, num_resnets, up=i < len(rev) - 1)
+                                        for i, (ci, co) in enumerate(zip([rev[0], *rev[:-1]], rev))])
+        self.mid_block = VAEMidBlock(rev[0])
+        self.conv_norm_out = nn.GroupNorm(32, rev[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(rev[-1], 3, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    """sd-vae-ft-mse. encode: pixels [N, 3, H, W] -> posterior (mean, std), each [N, 4, H/8, W/8];
+    decode: latents [N, 4, h, w] -> pixels [N, 3, 8h, 8w], not clamped. The SD convention feeds and
+    returns pixels in [-1, 1]; EDM2 deliberately feeds [0, 1] (see edm2_encode_pixels). `batch` splits
+    the work into micro-batches to bound memory; GroupNorm is per sample, so results do not depend on it.
+    EDM2 and DiT run it in float32: call it outside a bf16 autocast region to reproduce their numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = VAEEncoder()
+        self.decoder = VAEDecoder()
+        self.quant_conv = nn.Conv2d(8, 8, 1)
+        self.post_quant_conv = nn.Conv2d(4, 4, 1)
+
+    def encode(self, x, batch=None):
+        moments = torch.cat([self.quant_conv(self.encoder(c)) for c in x.split(batch or len(x))])
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers DiagonalGaussianDistribution
+
+    def decode(self, z, batch=None):
+        return torch.cat([self.decoder(self.post_quant_conv(c)) for c in z.split(batch or len(z))])
+
+
+_VAE_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_VAE_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # BF16 read as raw bits
+
+
+def read_safetensors(path):
+    """Reads a .safetensors file into {name: CPU tensor} in its stored dtype, without the safetensors
+    package. Format: 8-byte little-endian header length n, n bytes of JSON mapping each name to
+    {dtype, shape, data_offsets: [begin, end]} (offsets into the data that follows; an optional
+    "__metadata__" entry holds strings), then the raw little-endian tensor data."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    if len(blob) < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {len(blob)} bytes; truncated?)")
+    n = int.from_bytes(blob[:8], "little")
+    if 8 + n > len(blob):
+        raise ValueError(f"{path}: safetensors header claims {n} bytes but the file has {len(blob) - 8} "
+                         "after the length field (truncated, or not a safetensors file)")
+    try:
+        header = json.loads(blob[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is not a JSON object")
+    data = memoryview(blob)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = info["dtype"], [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: malformed safetensors entry for {name!r}: {info!r}") from None
+        if dtype not in _VAE_SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}; supported: "
+                             f"{', '.join(_VAE_SAFETENSORS_DTYPES)}")
+        np_dtype = np.dtype(_VAE_SAFETENSORS_DTYPES[dtype])
+        count = int(np.prod(shape, dtype=np.int64))
+        if not 0 <= begin <= end or end - begin != count * np_dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name!r} has data_offsets {[begin, end]} inconsistent with "
+                             f"dtype {dtype} and shape {shape}")
+        if end > len(data):
+            raise ValueError(f"{path}: tensor {name!r} ends at byte {end} of the data section but the file "
+                             f"holds only {len(data)} bytes of data (truncated file)")
+        a = np.frombuffer(data, dtype=np_dtype, count=count, offset=begin).astype(np_dtype.newbyteorder("="))
+        if dtype == "BF16":  # bfloat16 = the upper 16 bits of a float32; numpy has no bfloat16
+            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(a)
+        tensors[name] = t.reshape(shape)
+    return tensors
+
+
+def load_vae(path, device="cpu"):
+    """Loads sd-vae-ft-mse weights in the diffusers layout from a .safetensors file, a .bin/.pt/.pth
+    state_dict (torch.load with weights_only=True), or a folder holding diffusion_pytorch_model.* (the
+    Hugging Face repo layout). Accepts the attention names of diffusers before 0.15
+    (query/key/value/proj_attn) and attention weights stored as 1x1 convs. Returns the float32 model in
+    eval mode with requires_grad False."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = [os.path.join(path, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
+        found = [p for p in found if os.path.isfile(p)]
+        if not found:
+            raise FileNotFoundError(f"VAE folder {path} holds neither diffusion_pytorch_model.safetensors nor "
+                                    "diffusion_pytorch_model.bin (expected the stabilityai/sd-vae-ft-mse layout)")
+        path = found[0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VAE weights not found: {path} (expected sd-vae-ft-mse in the diffusers layout, "
+                                "e.g. diffusion_pytorch_model.safetensors from stabilityai/sd-vae-ft-mse)")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        state = read_safetensors(path)
+    elif ext in (".bin", ".pt", ".pth"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path}: expected a flat state_dict of tensors (diffusers layout)")
+    else:
+        raise ValueError(f"{path}: unknown VAE weight format {ext!r}; expected .safetensors, .bin, .pt or .pth "
+                         "in the diffusers AutoencoderKL layout")
+
+    converted = {}
+    for name, t in state.items():
+        m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", name)
+        if m:  # older diffusers names, which diffusers itself renames on load (_convert_deprecated_attention_blocks)
+            name = f"{m[1]}.{_VAE_OLD_ATTENTION_NAMES[m[2]]}.{m[3]}"
+        if name in converted:
+            raise ValueError(f"{path}: {name} is present under both its old and its new attention name")
+        if re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", name) and t.ndim == 4 \
+                and t.shape[2:] == (1, 1):
+            t = t.reshape(t.shape[:2])  # a 1x1 conv over pixels is the same linear map over channels
+        converted[name] = t
+
+    with torch.device("meta"):  # shapes only: skips a random init that the weights would overwrite
+        vae = AutoencoderKL()
+    expected = vae.state_dict()
+    missing = [k for k in expected if k not in converted]
+    unexpected = [k for k in converted if k not in expected]
+    if missing or unexpected:
+        hint = " (this looks like the original CompVis/LDM layout; use the diffusers export)" \
+            if any(k.startswith(("encoder.down.", "first_stage_model.")) for k in unexpected) else ""
+        raise ValueError(f"{path}: not an sd-vae-ft-mse state_dict in the diffusers layout{hint}: "
+                         f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
+                         f"{unexpected[:5]}")
+    bad = [f"{k} {list(converted[k].shape)} != {list(v.shape)}" for k, v in expected.items()
+           if converted[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensors have the wrong shape, e.g. {bad[:3]}")
+    if not all(t.is_floating_point() for t in converted.values()):
+        raise ValueError(f"{path}: VAE weights must be floating point")
+    vae.load_state_dict({k: t.to(torch.float32) for k, t in converted.items()}, strict=True, assign=True)
+    return vae.eval().requires_grad_(False).to(device)
+
+
+def sample_latents(mean, std, generator=None):
+    """One draw from the VAE posterior N(mean, std^2). Datasets store the 8-channel [mean, std]
+    ("raw latents", SPEC §8) so that every epoch sees a fresh draw (EDM2 and MeanFlow both do this).
+    A generator must live on the device of `mean`."""
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + noise * std
+
+
+# EDM2 convention (SPEC §7; NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are
+# divided by 255 and the VAE sees [0, 1] (not the [-1, 1] it was trained on: EDM2's statistics and
+# checkpoints were made that way, so keep it); datasets hold [mean, std]; a latent drawn from them is
+# normalised per channel to std 0.5; decoded pixels are clamped to [0, 1] and scaled to uint8.
+EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)  # assumed mean of the raw latents, per channel
+EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)  # assumed std of the raw latents, per channel
+EDM2_FINAL_STD = 0.5  # = sigma_data
+
+
+def _edm2_scale_bias(z):
+    scale = np.float32(EDM2_FINAL_STD) / np.array(EDM2_RAW_STD, np.float32)  # float32 as in EDM2
+    bias = -np.array(EDM2_RAW_MEAN, np.float32) * scale
+    return [torch.as_tensor(a, dtype=z.dtype, device=z.device).reshape(1, -1, 1, 1) for a in (scale, bias)]
+
+
+def edm2_normalize_latents(z_raw):
+    """Raw VAE latent [N, 4, h, w] -> EDM2 model latent: z * scale + bias, scale = 0.5/raw_std,
+    bias = -raw_mean*scale."""
+    scale, bias = _edm2_scale_bias(z_raw)
+    return z_raw * scale + bias
+
+
+def edm2_unnormalize_latents(z):
+    """Inverse of edm2_normalize_latents: (z - bias) / scale."""
+    scale, bias = _edm2_scale_bias(z)
+    return (z - bias) / scale
+
+
+@torch.no_grad()
+def edm2_encode_pixels(vae, images, batch=8):
+    """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [0, 1]."""
+    p = next(vae.parameters())
+    mean, std = vae.encode(images.to(p.device, torch.float32) / 255, batch=batch)
+    return torch.cat([mean, std], dim=1)
+
+
+def edm2_encode_latents(raw, generator=None):
+    """Raw latents [N, 8, h, w] (mean, std) -> EDM2 model latents [N, 4, h, w]: draw, then normalise."""
+    mean, std = raw.to(torch.float32).chunk(2, dim=1)
+    return edm2_normalize_latents(sample_latents(mean, std, generator))
+
+
+@torch.no_grad()
+def edm2_decode(vae, z, batch=8):
+    """EDM2 model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (clamp [0, 1], x255, truncate)."""
+    p = next(vae.parameters())
+    x = vae.decode(edm2_unnormalize_latents(z.to(p.device, torch.float32)), batch=batch)
+    return x.clamp(0, 1).mul(255).to(torch.uint8)
+
+
+# MeanFlow/DiT convention (SPEC §6, §7; facebookresearch/DiT train.py and sample_ddp.py,
+# Gsunshine/meanflow utils/vae_util.py): pixels in [-1, 1] (x/127.5 - 1), latent = draw * 0.18215
+# (diffusers' scaling_factor for this VAE); decoded pixels become uint8 as clip(127.5 x + 128, 0, 255).
+SD_LATENT_SCALE = 0.18215
+
+
+def sd_scale_latents(z_raw):
+    """Raw VAE latent -> MeanFlow/DiT model latent."""
+    return z_raw * SD_LATENT_SCALE
+
+
+def sd_unscale_latents(z):
+    """MeanFlow/DiT model latent -> raw VAE latent."""
+    return z / SD_LATENT_SCALE
+
+
+@torch.no_grad()
+def sd_encode_pixels(vae, images, batch=8):
+    """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [-1, 1]."""
+    p = next(vae.parameters())
+    mean, std = vae.encode(images.to(p.device, torch.float32) / 127.5 - 1, batch=batch)
+    return torch.cat([mean, std], dim=1)
+
+
+def sd_encode_latents(raw, generator=None):
+    """Raw latents [N, 8, h, w] (mean, std) -> MeanFlow/DiT model latents [N, 4, h, w]: draw, then scale."""
+    mean, std = raw.to(torch.float32).chunk(2, dim=1)
+    return sd_scale_latents(sample_latents(mean, std, generator))
+
+
+@torch.no_grad()
+def sd_decode(vae, z, batch=8):
+    """MeanFlow/DiT model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (127.5 x + 128, clip, truncate)."""
+    p = next(vae.parameters())
+    x = vae.decode(sd_unscale_latents(z.to(p.device, torch.float32)), batch=batch)
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    """DiT/GLIDE sinusoidal embedding [cos, sin] of raw values (MeanFlow feeds t and h = t - r in [0, 1])."""
+    half = dim // 2
+    dtype = torch.promote_types(t.dtype, torch.float32)  # float32 at least, as DiT (float64 in tests)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    args = t[:, None].to(dtype) * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_pos_embed(dim, grid):
+    """MAE/DiT fixed 2-D sin-cos position embedding, [grid*grid, dim] (w coordinate first, as in DiT)."""
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
+    return np.concatenate([one_d(dim // 2, gw), one_d(dim // 2, gh)], axis=1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size, freq_size=256):
+        super().__init__()
+        self.freq_size = freq_size
+        self.mlp = nn.Sequential(nn.Linear(freq_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.freq_size))
+
+
+class LabelEmbedder(nn.Module):
+    """num_classes + 1 rows; the last row is the null class used for CFG."""
+
+    def __init__(self, num_classes, hidden_size):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y):
+        return self.embedding_table(y)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Plain tensor ops (no fused SDPA kernel): forward-mode AD (torch.func.jvp) must pass through."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = (q * (C // self.num_heads) ** -0.5) @ k.transpose(-2, -1)
+        return self.proj((attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: the conditioning c regresses shift/scale/gate of both sub-layers."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale))
+
+
+class DiTMF(nn.Module):
+    """DiT-MF: DiT with adaLN-Zero and two timestep embedders (t and h = t - r), u_theta(z, r, t).
+    State-dict names follow facebookresearch/DiT plus `h_embedder` (official MeanFlow models_dit.py)."""
+
+    def __init__(self, input_size=32, in_channels=4, num_classes=1000, depth=28, hidden_size=1152,
+                 num_heads=16, patch_size=2, mlp_ratio=4.0):
+        super().__init__()
+        self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
+        grid = input_size // patch_size
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.h_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        # Fixed, saved under the DiT key `pos_embed` (a buffer: it never receives gradients).
+        self.register_buffer("pos_embed", torch.from_numpy(sincos_pos_embed(hidden_size, grid)).float().unsqueeze(0))
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT initialisation: xavier linears, N(0, 0.02) label table and timestep MLPs, adaLN-Zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for emb in (self.t_embedder, self.h_embedder):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, h, y):
+        """x [B, C, H, W]; t, h = t - r [B] raw in [0, 1]; y [B] class (num_classes = null). Returns u."""
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.h_embedder(h) + self.y_embedder(y)
+        for block in self.blocks:
+            x = block(x, c)
+        x = self.final_layer(x, c)
+        B, T, _ = x.shape
+        p, g = self.patch_size, int(T ** 0.5)
+        x = x.reshape(B, g, g, p, p, self.in_channels)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, self.in_channels, g * p, g * p)
+
+
+def build_net(cfg):
+    return DiTMF(input_size=cfg["res"], in_channels=cfg["channels"], num_classes=cfg["num_classes"], **MODELS[cfg["model"]])
+
+
+def average_velocity(net, z, r, t, y):
+    """u_theta(z, r, t | y): the network is fed t and h = t - r (official MeanFlow)."""
+    return net(z, t, t - r, y)
+
+
+# ----------------------------------------------------------------------------- teacher and solver
+
+
+def load_checkpoint(path, what):
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {path}: no such checkpoint file (expected a ckpt-*.pt of this script)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "ema" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{what} {path}: not a checkpoint of meanflow_post.py (needs 'ema' and 'config')")
+    return ckpt
+
+
+def load_ema_net(path, what):
+    """A network (architecture from the checkpoint's config) holding the checkpoint's EMA weights."""
+    ckpt = load_checkpoint(path, what)
+    net = build_net(ckpt["config"])
+    net.load_state_dict(ckpt["ema"])
+    return net, ckpt["config"]
+
+
+def time_grid(steps, device, dtype=torch.float32):
+    """t_0 = 0 < t_1 < ... < t_M = 1, uniform (few-step MeanFlow sampling and the CMT-MF teacher)."""
+    return torch.linspace(0, 1, steps + 1, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def teacher_trajectory(teacher, e, y, steps, solver):
+    """States z_{t_M} = e, ..., z_{t_0} of the teacher's few-step sampler, returned as [M+1, B, ...]
+    indexed by grid position (index 0 = t_0 = 0). `meanflow`: z_r = z_t - (t - r) u(z_t, r, t);
+    `euler` / `heun`: the teacher is used as a flow-matching velocity v(z, t) = u(z, t, t)."""
+    grid = time_grid(steps, e.device, e.dtype)
+    ones = torch.ones(e.shape[0], device=e.device, dtype=e.dtype)
+    states = [e]
+    z = e
+    for i in range(steps, 0, -1):
+        t, r = grid[i] * ones, grid[i - 1] * ones
+        dt = (grid[i] - grid[i - 1])
+        if solver == "meanflow":
+            z = z - dt * average_velocity(teacher, z, r, t, y).to(e.dtype)
+        elif solver in ("euler", "heun"):
+            v = average_velocity(teacher, z, t, t, y).to(e.dtype)
+            if solver == "heun":
+                v = 0.5 * (v + average_velocity(teacher, z - dt * v, r, r, y).to(e.dtype))
+            z = z - dt * v
+        else:
+            raise ValueError(f"--teacher-solver {solver}: expected meanflow, euler or heun")
+        states.append(z)
+    return torch.stack(states[::-1]), grid
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def sample_t_r(n, p_mean, p_std, ratio_neq, gen, device):
+    """MeanFlow (t, r): two i.i.d. sigmoid(N(p_mean, p_std)) draws, t = max, r = min; then the first
+    int(n (1 - ratio_neq)) rows of the batch get r = t (official `data_proportion` = 0.75 per device batch)."""
+    a = torch.sigmoid(torch.randn(n, generator=gen, device=device) * p_std + p_mean)
+    b = torch.sigmoid(torch.randn(n, generator=gen, device=device) * p_std + p_mean)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    same = torch.arange(n, device=device) < int(n * (1 - ratio_neq))
+    return t, torch.where(same, t, r)
+
+
+def label_drop_mask(n, p, gen, device):
+    """Official MeanFlow cond_drop: k ~ Binomial(n, p) rows are dropped, and they are the FIRST k rows
+    (so with the time sampler above, unconditional rows are flow-matching rows r = t)."""
+    k = (torch.rand(n, generator=gen, device=device) < p).sum()
+    return torch.arange(n, device=device) < k
+
+
+def guided_velocity(net, z, t, v, y, y_null, omega, kappa, t_start, t_end):
+    """CFG inside training (SPEC §6): v_g = w v + k u(z,t,t|y) + (1-w-k) u(z,t,t|null) with (w, k) =
+    (omega, kappa) for t in [t_start, t_end] and (1, 0) outside. Both extra evaluations without grad."""
+    if omega == 1.0 and kappa == 0.0:
+        return v
+    inside = ((t >= t_start) & (t <= t_end)).view(-1, 1, 1, 1)
+    w = torch.where(inside, omega, 1.0)
+    k = torch.where(inside, kappa, 0.0)
+    null = torch.full_like(y, y_null)
+    with torch.no_grad():
+        if kappa != 0.0:
+            u_both = average_velocity(net, z.repeat(2, 1, 1, 1), t.repeat(2), t.repeat(2), torch.cat([y, null])).to(v.dtype)
+            u_cond, u_null = u_both.chunk(2)
+        else:
+            u_cond, u_null = 0.0, average_velocity(net, z, t, t, null).to(v.dtype)
+    return w * v + k * u_cond + (1 - w - k) * u_null
+
+
+def meanflow_target(v_g, dudt, t, r):
+    """u_tgt = sg(v_g - clip(t - r, 0, 1) du/dt), the MeanFlow identity as a regression target."""
+    return (v_g - (t - r).clamp(0, 1).view(-1, 1, 1, 1) * dudt).detach()
+
+
+def adaptive_weight(l, p, c):
+    """Adaptive loss weight 1 / sg((l + c)^p) (MeanFlow, p = 1, c = 0.01)."""
+    return 1.0 / (l.detach() + c) ** p
+
+
+def meanflow_loss(net, x, y, e, t, r, drop, cfg, eager_net=None, autocast=None):
+    """MeanFlow loss for one micro-batch; all randomness comes in (x, y, e, t, r, drop) so the loss is a
+    pure function (DDP and resume tests). `net` serves the no-grad CFG forwards (may be compiled),
+    `eager_net` (default: net) the jvp. Returns (mean loss, per-sample l)."""
+    eager_net = net if eager_net is None else eager_net
+    autocast = autocast or torch.autocast(x.device.type, enabled=False)
+    z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * e
+    v = e - x
+    with autocast:
+        v_g = guided_velocity(net, z, t, v, y, eager_net.num_classes, cfg["omega"], cfg["kappa"], cfg["t_start"], cfg["t_end"])
+        y_in = torch.where(drop, eager_net.num_classes, y)
+        v_g = torch.where(drop.view(-1, 1, 1, 1), v, v_g)
+        # One jvp gives u and du/dt (tangents v_g, 0, 1 for z, r, t); no second forward.
+        u, dudt = torch.func.jvp(lambda z_, r_, t_: average_velocity(eager_net, z_, r_, t_, y_in),
+                                 (z, r, t), (v_g, torch.zeros_like(r), torch.ones_like(t)))
+    dudt = dudt.detach().to(x.dtype)  # free the tangent graph at once: it is never backpropagated
+    u_tgt = meanflow_target(v_g, dudt, t, r)
+    l = (u.to(x.dtype) - u_tgt).square().sum(dim=(1, 2, 3))
+    return (l * adaptive_weight(l, cfg["norm_p"], cfg["norm_eps"])).mean(), l
+
+
+def cmt_mf_pairs(states, grid, pairs, gen):
+    """CMT-MF training rows from teacher states [M+1, b, ...]: for each trajectory `pairs` distinct
+    ordered pairs i > j; returns (z_{t_i}, r = t_j, t = t_i, target (z_{t_i} - z_{t_j}) / (t_i - t_j), trajectory index)."""
+    M, b = states.shape[0] - 1, states.shape[1]
+    all_i, all_j = torch.tril_indices(M + 1, M + 1, offset=-1, device=states.device)  # i > j
+    if pairs > all_i.numel():
+        raise ValueError(f"--pairs {pairs}: at most M(M+1)/2 = {all_i.numel()} pairs for --teacher-steps {M}")
+    pick = torch.rand(b, all_i.numel(), generator=gen, device=states.device).argsort(dim=1)[:, :pairs].flatten()
+    n = torch.arange(b, device=states.device).repeat_interleave(pairs)
+    i, j = all_i[pick], all_j[pick]
+    z_i, z_j = states[i, n], states[j, n]
+    t, r = grid[i], grid[j]
+    return z_i, r, t, (z_i - z_j) / (t - r).view(-1, 1, 1, 1), n
+
+
+def cmt_mf_loss(net, z, r, t, y, u_tgt):
+    """CMT-MF: plain MSE between u_theta(z_{t_i}, t_j, t_i) and the teacher's chord velocity (no JVP, no sg
+    needed: the target does not depend on theta)."""
+    return (average_velocity(net, z, r, t, y).to(u_tgt.dtype) - u_tgt).square().mean()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample_fewstep(net, e, y, steps):
+    """MeanFlow few-step sampler on the uniform grid: z_r = z_t - (t - r) u(z_t, r, t); 1 NFE: x = e - u(e, 0, 1)."""
+    grid = time_grid(steps, e.device, e.dtype)
+    ones = torch.ones(e.shape[0], device=e.device, dtype=e.dtype)
+    z = e
+    for i in range(steps, 0, -1):
+        z = z - (grid[i] - grid[i - 1]) * average_velocity(net, z, grid[i - 1] * ones, grid[i] * ones, y).to(e.dtype)
+    return z
+
+
+def to_uint8(images):
+    """[-1, 1] NCHW -> uint8 NHWC, (x * 127.5 + 128).clip(0, 255) (SPEC §5)."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(path, images_nhwc, cols=None):
+    from PIL import Image
+    n, h, w, c = images_nhwc.shape
+    cols = cols or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for k in range(n):
+        grid[(k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] = images_nhwc[k]
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+
+
+def latents_to_uint8(x, vae):
+    """Model latents -> uint8 NHWC images: through the SD-VAE decoder, or (toy data, vae None) the first
+    three latent channels shown as RGB."""
+    if vae is None:
+        return to_uint8(x[:, :3].clamp(-1, 1))
+    return sd_decode(vae, x).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def micro_seed(seed, it, slot):
+    """Seed of one micro-batch: a function of (seed, iteration, global slot) only, so resume is exact and
+    the data and noise of a step do not depend on how it is split over ranks and accumulation."""
+    return (seed * 1_000_003 + it) * 10_007 + slot
+
+
+def setup_dist():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def allreduce_grads(params, extra, world, bucket_numel=25_000_000):
+    """Average gradients over ranks in flat buckets (the jvp runs on the unwrapped module, so DDP cannot
+    do this). `extra` (the summed loss) rides along in the first bucket: every rank then sees the same
+    loss and takes the same skip decision."""
+    grads = [p.grad for p in params]
+    buckets, cur, size = [], [extra.view(1)], 1
+    for g in grads:
+        if size + g.numel() > bucket_numel and len(cur) > 0:
+            buckets.append(cur)
+            cur, size = [], 0
+        cur.append(g)
+        size += g.numel()
+    buckets.append(cur)
+    for bucket in buckets:
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    return extra
+
+
+class Trainer:
+    """One training loop for every stage; only the per-micro-batch loss differs (`micro_loss`)."""
+
+    def __init__(self, cfg, stage, outdir, rank=0, world=1, device=torch.device("cpu")):
+        self.cfg, self.stage, self.outdir = cfg, stage, Path(outdir)
+        self.rank, self.world, self.device = rank, world, device
+        bg = cfg["batch_gpu"] or cfg["batch"] // world
+        if cfg["batch"] % (bg * world):
+            raise ValueError(f"--batch {cfg['batch']} is not a multiple of --batch-gpu {bg} x world size {world}")
+        self.batch_gpu, self.accum = bg, cfg["batch"] // (bg * world)
+        if stage == "mid" and bg % cfg["pairs"]:
+            raise ValueError(f"--batch-gpu {bg} must be a multiple of --pairs {cfg['pairs']} (rows = trajectories x pairs)")
+        torch.manual_seed(cfg["seed"])  # same init on every rank
+        self.net = build_net(cfg).to(device)
+        self.init_weights()
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        fused = device.type == "cuda"
+        self.opt = torch.optim.Adam(self.params, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]), weight_decay=0, fused=fused or None)
+        self.fwd_net = torch.compile(self.net) if cfg.get("compile") else self.net  # plain forwards only
+        self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.get("bf16")))
+        self.teacher = None
+        if stage == "mid":
+            if not cfg["teacher"]:
+                raise ValueError("--stage mid needs --teacher PATH (a checkpoint of this script, e.g. the MF-B/4 run)")
+            self.teacher, tcfg = load_ema_net(cfg["teacher"], "--teacher")
+            if tcfg["num_classes"] != cfg["num_classes"] or tcfg["res"] != cfg["res"] or tcfg["channels"] != cfg["channels"]:
+                raise ValueError(f"--teacher {cfg['teacher']}: latent shape/classes differ from the student's config")
+            self.teacher = self.teacher.to(device).eval().requires_grad_(False)
+            if cfg.get("compile"):
+                self.teacher = torch.compile(self.teacher)
+        self.data = None
+        if cfg["data"] != "toy" and stage != "mid":
+            if not cfg["data"]:
+                raise ValueError(f"--stage {stage} needs --data PATH (latent shards from --stage encode) or --data toy")
+            self.data = LatentShards(cfg["data"])
+        self.toy = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"]) if cfg["data"] == "toy" else None
+        self.it, self.skipped = 0, 0
+
+    def init_weights(self):
+        init = self.cfg["init"]
+        if init == "random":
+            return
+        if init == "teacher":
+            init = self.cfg["teacher"]
+        ckpt = load_checkpoint(init, "--init")
+        self.net.load_state_dict(ckpt["ema"])  # CMT: continue from the mid-trained EMA weights
+
+    # Per-micro-batch randomness (all drawn from one generator seeded by micro_seed).
+    def draw(self, it, slot):
+        gen = torch.Generator(self.device).manual_seed(micro_seed(self.cfg["seed"], it, slot))
+        n = self.batch_gpu
+        if self.stage == "mid":
+            y = torch.randint(0, self.cfg["num_classes"], (n // self.cfg["pairs"],), generator=gen, device=self.device)
+            return gen, None, y
+        if self.toy is not None:
+            x, y = toy_sample(*self.toy, n, gen, self.device)
+        else:
+            x, y = self.data.batch((it * self.world * self.accum + slot) * n, n, self.cfg["seed"], gen, self.device)
+        return gen, x, y
+
+    def mf_inputs(self, it, slot):
+        """Everything random in one MeanFlow micro-batch: (x, y, e, t, r, drop)."""
+        gen, x, y = self.draw(it, slot)
+        e = torch.randn(x.shape, generator=gen, device=self.device)
+        t, r = sample_t_r(x.shape[0], self.cfg["p_mean"], self.cfg["p_std"], self.cfg["ratio_neq"], gen, self.device)
+        return x, y, e, t, r, label_drop_mask(x.shape[0], self.cfg["label_drop"], gen, self.device)
+
+    def micro_loss(self, it, slot):
+        cfg = self.cfg
+        if self.stage != "mid":
+            return meanflow_loss(self.fwd_net, *self.mf_inputs(it, slot), cfg, eager_net=self.net, autocast=self.autocast())[0]
+        gen, _, y = self.draw(it, slot)
+        drop = torch.rand(y.shape[0], generator=gen, device=self.device) < cfg["label_drop"]
+        y = torch.where(drop, cfg["num_classes"], y)  # dropped before the teacher runs
+        e = torch.randn((y.shape[0], cfg["channels"], cfg["res"], cfg["res"]), generator=gen, device=self.device)
+        with self.autocast():
+            states, grid = teacher_trajectory(self.teacher, e, y, cfg["teacher_steps"], cfg["teacher_solver"])
+        z, r, t, u_tgt, n = cmt_mf_pairs(states.float(), grid, cfg["pairs"], gen)
+        with self.autocast():
+            return cmt_mf_loss(self.fwd_net, z, r, t, y[n], u_tgt)
+
+    def step_gradients(self, it):
+        """Gradients of one optimiser step (all micro-batches, all ranks) left in .grad; returns the
+        global mean loss (a tensor, no host sync)."""
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            loss = self.micro_loss(it, self.rank * self.accum + micro) / self.accum
+            loss.backward()
+            total += loss.detach()
+        if self.world > 1:
+            total = allreduce_grads(self.params, total, self.world)
+        return total
+
+    def state(self):
+        rng = dict(torch=torch.get_rng_state(), numpy=_numpy_state(), python=_python_state(),
+                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+        return dict(model=self.net.state_dict(), ema=self.ema.state_dict(), optimizer=self.opt.state_dict(),
+                    iter=self.it, rng=rng, data_state=dict(samples=self.it * self.cfg["batch"], skipped=self.skipped),
+                    config=self.cfg, stage=self.stage)
+
+    def load_state(self, ckpt):
+        self.net.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.it, self.skipped = int(ckpt["iter"]), int(ckpt["data_state"]["skipped"])
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state((rng["numpy"]["kind"], rng["numpy"]["keys"].numpy().astype(np.uint32), rng["numpy"]["pos"],
+                             rng["numpy"]["has_gauss"], rng["numpy"]["gauss"]))
+        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+        if torch.cuda.is_available() and rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def save(self, name):
+        tmp = self.outdir / (name + ".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, self.outdir / name)
+
+    @torch.no_grad()
+    def update_ema(self):
+        for p_ema, p in zip(self.ema.parameters(), self.net.parameters()):
+            p_ema.lerp_(p, 1 - self.cfg["ema"])  # p_ema = lerp(p, p_ema, beta)
+
+    def run(self):
+        cfg, iters = self.cfg, self.cfg["iters"]
+        is0 = self.rank == 0
+        if is0:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+            (self.outdir / "config.json").write_text(json.dumps(cfg, indent=2))
+        resume = cfg.get("resume")
+        if resume == "auto":
+            resume = self.outdir / "ckpt-latest.pt" if (self.outdir / "ckpt-latest.pt").is_file() else None
+        if resume:
+            self.load_state(load_checkpoint(resume, "--resume"))
+        if self.world > 1:  # identical start on every rank
+            for tensor in list(self.net.state_dict().values()) + list(self.ema.state_dict().values()):
+                dist.broadcast(tensor, 0)
+        if is0:
+            print(f"[{self.stage}] {cfg['model']} {sum(p.numel() for p in self.params) / 1e6:.1f}M params | "
+                  f"batch {cfg['batch']} = {self.batch_gpu} x {self.world} ranks x {self.accum} accum | "
+                  f"{iters} it = {iters * cfg['batch'] / 1e6:.3f} Mimg | from it {self.it}", flush=True)
+        self.net.train()
+        t0 = t_log = time.time()
+        it_log, loss_sum, gnorm_sum, n_log = self.it, torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
+        while self.it < iters:
+            loss = self.step_gradients(self.it)
+            # Non-finite guard: the one host sync per step (the loss is identical on all ranks).
+            if not torch.isfinite(loss):
+                self.skipped += 1
+                if is0:
+                    print(f"[{self.stage}] it {self.it}: non-finite loss, step skipped ({self.skipped} so far)", flush=True)
+                if self.skipped > cfg["max_skips"]:
+                    raise RuntimeError(f"more than --max-skips {cfg['max_skips']} non-finite steps: aborting "
+                                       f"(lower --lr, or check the data/teacher)")
+                self.opt.zero_grad(set_to_none=True)
+            else:
+                for p in self.params:
+                    p.grad.nan_to_num_(nan=0, posinf=1e5, neginf=-1e5)
+                gnorm_sum += torch.nn.utils.clip_grad_norm_(self.params, float("inf"))
+                self.opt.step()
+                self.update_ema()
+                loss_sum += loss
+                n_log += 1
+            self.it += 1
+            if self.it % cfg["log_every"] == 0 or self.it == iters:
+                now = time.time()
+                ips = (self.it - it_log) / max(now - t_log, 1e-9)
+                rec = dict(iter=self.it, kimg=self.it * cfg["batch"] / 1e3, loss=(loss_sum / max(n_log, 1)).item(),
+                           grad_norm=(gnorm_sum / max(n_log, 1)).item(), lr=cfg["lr"], it_per_s=ips,
+                           img_per_s=ips * cfg["batch"], skipped=self.skipped, sec=now - t0)
+                if is0:
+                    eta = (iters - self.it) / max(ips, 1e-9)
+                    print(f"[{self.stage}] it {self.it}/{iters} ({100 * self.it / iters:.1f}%) loss {rec['loss']:.4f} "
+                          f"gnorm {rec['grad_norm']:.2f} | {ips:.1f} it/s {rec['img_per_s']:.0f} img/s | "
+                          f"lr {cfg['lr']:.1e} skipped {self.skipped} | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m", flush=True)
+                    with open(self.outdir / "stats.jsonl", "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                t_log, it_log, n_log = now, self.it, 0
+                loss_sum.zero_(); gnorm_sum.zero_()
+            if is0 and (self.it % cfg["ckpt_every"] == 0 or self.it == iters):
+                self.save(f"ckpt-{self.it:07d}.pt")
+                self.save("ckpt-latest.pt")
+            if is0 and cfg["sample_every"] and self.it % cfg["sample_every"] == 0:
+                self.sample_grid()
+        return self
+
+    def sample_grid(self):
+        """Fixed-noise 1-NFE grid of the EMA model (toy: first three latent channels; else VAE-decoded if --vae)."""
+        cfg = self.cfg
+        gen = torch.Generator(self.device).manual_seed(cfg["seed"])
+        n = 64
+        e = torch.randn((n, cfg["channels"], cfg["res"], cfg["res"]), generator=gen, device=self.device)
+        y = torch.arange(n, device=self.device) % cfg["num_classes"]
+        x = sample_fewstep(self.ema.eval(), e, y, 1)
+        vae = load_vae(cfg["vae"], self.device) if cfg.get("vae") else None
+        save_grid(self.outdir / f"samples-{self.it:07d}.png", latents_to_uint8(x, vae), cols=8)
+
+
+def _numpy_state():
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss), gauss=float(gauss))
+
+
+def _python_state():
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+# ----------------------------------------------------------------------------- evaluation and stages
+
+
+@torch.no_grad()
+def quality_row(net, cfg, steps, num):
+    """Flow-map error of `steps`-step sampling against the exact class-conditional map (toy data: every
+    class is one Gaussian, so z_0 = e - u_exact(e, 0, 1) in closed form) and pixel Frechet distance
+    against fresh toy samples."""
+    import fid
+    mu, std = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"])
+    gen = torch.Generator().manual_seed(12345)
+    y = torch.arange(num) % cfg["num_classes"]
+    e = torch.randn((num, cfg["channels"], cfg["res"], cfg["res"]), generator=gen)
+    x = sample_fewstep(net.eval(), e, y, steps)
+    z0 = e - gaussian_average_velocity(e.double(), torch.zeros(()), torch.ones(()), mu[y].double(), std[y].double().view(-1, 1, 1, 1)).float()
+    err = (x - z0).square().mean().item()
+    ref, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(54321), "cpu")
+    fd = fid.frechet_distance(*fid.mean_cov(x.flatten(1).double().numpy()), *fid.mean_cov(ref.flatten(1).double().numpy()))
+    return err, fd
+
+
+def run_tiny_pipeline(cfg_for, outdir, baseline=True):
+    """--preset tiny without --stage: teacher (pretrain) -> mid -> post, plus post from random init at the
+    same budget, then the quality table."""
+    outdir = Path(outdir)
+    times, nets = {}, {}
+    plan = [("pretrain", "teacher", {}), ("mid", "mid", {"teacher": str(outdir / "teacher" / "ckpt-latest.pt")}),
+            ("post", "post", {"init": str(outdir / "mid" / "ckpt-latest.pt")})]
+    if baseline:
+        plan.append(("post", "post-random", {"init": "random"}))
+    for stage, name, extra in plan:
+        cfg = dict(cfg_for(stage), **extra)
+        t0 = time.time()
+        tr = Trainer(cfg, stage, outdir / name).run()
+        times[name], nets[name] = time.time() - t0, (tr.ema, cfg)
+    rows = [("teacher (MF, pretrain)", "teacher", 1), ("teacher (MF, pretrain)", "teacher", cfg_for("mid")["teacher_steps"]),
+            ("CMT-MF mid", "mid", 1), ("MeanFlow post from mid", "post", 1), ("MeanFlow post from mid", "post", 2)]
+    if baseline:
+        rows.append(("MeanFlow post from random (baseline)", "post-random", 1))
+    num = cfg_for("post")["num_eval"]
+    lines = [f"{'model':<38} {'steps':>5} {'flow-map err':>13} {'pixel FD':>10} {'wall time':>10}"]
+    for label, name, steps in rows:
+        net, cfg = nets[name]
+        err, fd = quality_row(net, cfg, steps, num)
+        lines.append(f"{label:<38} {steps:>5} {err:>13.5f} {fd:>10.4f} {times[name]:>9.1f}s")
+    ref = quality_reference(cfg_for("post"), num)
+    lines.append(f"{'(toy data vs fresh toy data)':<38} {'-':>5} {0.0:>13.5f} {ref:>10.4f} {'-':>10}")
+    table = "\n".join(lines)
+    print("\nQuality on the toy mixture (flow-map err: MSE per element vs the exact map from the same noise;\n"
+          f"pixel FD: Frechet distance of raw {cfg_for('post')['channels']}x{cfg_for('post')['res']}x{cfg_for('post')['res']} vectors vs {num} fresh samples)\n" + table, flush=True)
+    (outdir / "quality.txt").write_text(table + "\n")
+    return table
+
+
+def quality_reference(cfg, num):
+    """FD floor: toy samples against other toy samples (finite-sample bias of the estimator)."""
+    import fid
+    mu, std = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"])
+    a, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(1), "cpu")
+    b, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(54321), "cpu")
+    return fid.frechet_distance(*fid.mean_cov(a.flatten(1).double().numpy()), *fid.mean_cov(b.flatten(1).double().numpy()))
+
+
+@torch.no_grad()
+def run_sample(cfg, outdir, rank, world, device):
+    """1- and 2-NFE samples of a checkpoint's EMA model: samples-<nfe>nfe.npz (uint8 NHWC, key images) and a
+    grid. Each rank samples its own chunks and writes them to a part file that rank 0 merges; with
+    --fid-ref every rank feeds its own images to fid.inception_stats, which all-reduces the statistics."""
+    if not cfg.get("ckpt"):
+        raise ValueError("--stage sample needs --ckpt PATH (a checkpoint of this script)")
+    net, ncfg = load_ema_net(cfg["ckpt"], "--ckpt")
+    net = net.to(device).eval()
+    vae = None
+    if ncfg["data"] != "toy":
+        if not cfg.get("vae"):
+            raise ValueError("--stage sample on ImageNet latents needs --vae PATH (sd-vae-ft-mse weights)")
+        vae = load_vae(cfg["vae"], device)
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    num, bs = cfg["num_samples"], cfg["batch_gpu"] or 64
+    for steps in cfg["nfe"]:
+        starts, chunks = [], []
+        for start in range(rank * bs, num, world * bs):
+            n = min(bs, num - start)
+            gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], 0, start))
+            e = torch.randn((n, ncfg["channels"], ncfg["res"], ncfg["res"]), generator=gen, device=device)
+            y = torch.randint(0, ncfg["num_classes"], (n,), generator=gen, device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.get("bf16"))):
+                x = sample_fewstep(net, e, y, steps)
+            starts.append(start)
+            chunks.append(latents_to_uint8(x.float(), vae))
+        mine = np.concatenate(chunks) if chunks else np.zeros((0,), np.uint8)
+        part = outdir / f"samples-{steps}nfe.part{rank}.npz"
+        np.savez(part, images=mine, starts=np.array(starts, np.int64), sizes=np.array([len(c) for c in chunks], np.int64))
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            pieces = []
+            for r in range(world):
+                p = np.load(outdir / f"samples-{steps}nfe.part{r}.npz")
+                offsets = np.cumsum(np.concatenate([[0], p["sizes"]]))
+                pieces += [(s, p["images"][offsets[k]:offsets[k + 1]]) for k, s in enumerate(p["starts"])]
+            images = np.concatenate([img for _, img in sorted(pieces, key=lambda c: c[0])])
+            np.savez(outdir / f"samples-{steps}nfe.npz", images=images)
+            save_grid(outdir / f"samples-{steps}nfe.png", images[:64], cols=8)
+            for r in range(world):
+                (outdir / f"samples-{steps}nfe.part{r}.npz").unlink()
+            print(f"[sample] {num} images at {steps} NFE -> {outdir}/samples-{steps}nfe.npz", flush=True)
+        if cfg.get("fid_ref"):
+            score = _fid(mine, cfg["fid_ref"], device)
+            if rank == 0:
+                print(f"[sample] FID ({steps} NFE, {num} images): {score:.3f}", flush=True)
+
+
+def _fid(images, ref_path, device):
+    import fid
+    mu_ref, sigma_ref = fid.load_ref(ref_path)
+    batches = (torch.from_numpy(images[i:i + 250]).permute(0, 3, 1, 2) for i in range(0, len(images), 250))
+    mu, sigma, _ = fid.inception_stats(batches, device=device)
+    return fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM center crop (used by DiT and MeanFlow to prepare ImageNet): halve with BOX while the short side
+    is >= 2x the target, BICUBIC-resize the short side to the target, crop the center."""
+    from PIL import Image
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image.convert("RGB"))
+    cy, cx = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[cy:cy + image_size, cx:cx + image_size]
+
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp", ".bmp")
+SHARD_SIZE = 10_000  # images per latent shard
+
+
+@torch.no_grad()
+def run_encode(cfg, outdir, rank, world, device):
+    """ImageNet train folder (one subfolder per class, sorted names = labels 0..K-1) -> latent shards:
+    latents-NNNNN.npy [n, 8, res/8, res/8] float32 (SD-VAE posterior mean, std of the ADM center crop
+    in [-1, 1]) and labels-NNNNN.npy. Shards are split over ranks; finished shards are skipped."""
+    from PIL import Image
+    root = Path(cfg["data"] or "")
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root}: expected an ImageNet train folder with one subfolder per class")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    files = [(f, k) for k, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not classes or not files:
+        raise FileNotFoundError(f"--data {root}: no class subfolders with images ({', '.join(IMAGE_EXTENSIONS)})")
+    if not cfg.get("vae"):
+        raise ValueError("--stage encode needs --vae PATH (sd-vae-ft-mse weights, diffusers layout)")
+    vae = load_vae(cfg["vae"], device)
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    image_size, bs = cfg["res"] * 8, cfg["batch_gpu"] or 64
+    for shard in range(rank, (len(files) + SHARD_SIZE - 1) // SHARD_SIZE, world):
+        target = outdir / f"latents-{shard:05d}.npy"
+        if target.is_file():
+            continue
+        part = files[shard * SHARD_SIZE:(shard + 1) * SHARD_SIZE]
+        moments = []
+        for i in range(0, len(part), bs):
+            pixels = np.stack([center_crop_arr(Image.open(f), image_size) for f, _ in part[i:i + bs]])
+            moments.append(sd_encode_pixels(vae, torch.from_numpy(pixels).permute(0, 3, 1, 2)).cpu().numpy())
+        for name, array in ((f"labels-{shard:05d}.npy", np.array([k for _, k in part], np.int64)),
+                            (target.name, np.concatenate(moments).astype(np.float32))):  # latents last: marks done
+            with open(outdir / (name + ".tmp"), "wb") as f:
+                np.save(f, array)
+            os.replace(outdir / (name + ".tmp"), outdir / name)
+        print(f"[encode] rank {rank}: shard {shard} ({len(part)} images) -> {target}", flush=True)
+    if rank == 0:
+        (outdir / "dataset.json").write_text(json.dumps(dict(classes=classes, num_images=len(files),
+                                                             resolution=image_size, latent_scale=SD_LATENT_SCALE)))
+
+
+def run_bench(cfg, device):
+    """Time one MeanFlow (jvp) step, one MeanFlow step with CFG, one CMT-MF student step and one CMT-MF
+    step including its teacher (MF-B/4 teacher, cfg teacher_steps), each relative to a plain
+    forward+backward of the same network at the same batch. Prints a table; run on a quiet machine."""
+    bs = cfg["batch_gpu"] or 32
+    res, ch = 32, 4
+    lines = [f"{'model':<6} {'batch':>5} {'plain f+b':>10} {'MF jvp':>8} {'MF+CFG':>8} {'CMT-MF':>8} {'CMT+teach':>9}  (ratios to plain)"]
+    for name in cfg["bench_models"]:
+        mcfg = dict(cfg, model=name, res=res, channels=ch, num_classes=1000)
+        net = build_net(mcfg).to(device).train()
+        for p in net.parameters():
+            p.data.normal_(0, 0.02)  # non-zero outputs: zero-init adaLN would make every block the identity
+        teacher = build_net(dict(mcfg, model="B/4")).to(device).eval().requires_grad_(False)
+        gen = torch.Generator(device).manual_seed(0)
+        x = torch.randn((bs, ch, res, res), generator=gen, device=device)
+        e = torch.randn_like(x)
+        y = torch.randint(0, 1000, (bs,), generator=gen, device=device)
+        t, r = sample_t_r(bs, -0.4, 1.0, 0.25, gen, device)
+        drop = label_drop_mask(bs, 0.1, gen, device)
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.get("bf16")))
+        nocfg = dict(mcfg, omega=1.0, kappa=0.0)
+        withcfg = dict(mcfg, omega=1.0, kappa=0.5)
+        pairs, steps = cfg["pairs"], cfg["teacher_steps"]
+
+        def plain():
+            with autocast():
+                u = average_velocity(net, x, r, t, y)
+            u.float().square().mean().backward()
+
+        def mf(c):
+            return lambda: meanflow_loss(net, x, y, e, t, r, drop, c, autocast=autocast())[0].backward()
+
+        def cmt(with_teacher):
+            def step():
+                g = torch.Generator(device).manual_seed(1)
+                b = max(bs // pairs, 1)
+                if with_teacher:
+                    with autocast():
+                        states, grid = teacher_trajectory(teacher, e[:b], y[:b], steps, "meanflow")
+                else:
+                    states, grid = torch.randn((steps + 1, b, ch, res, res), device=device), time_grid(steps, device)
+                z, rr, tt, u_tgt, n = cmt_mf_pairs(states.float(), grid, pairs, g)
+                with autocast():
+                    loss = cmt_mf_loss(net, z, rr, tt, y[n], u_tgt)
+                loss.backward()
+            return step
+
+        times = [_time_it(f, device, reps=cfg["bench_reps"]) for f in (plain, mf(nocfg), mf(withcfg), cmt(False), cmt(True))]
+        lines.append(f"{name:<6} {bs:>5} {times[0] * 1e3:>8.1f}ms " + " ".join(f"{tm / times[0]:>8.2f}" for tm in times[1:]))
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+    return lines
+
+
+def _time_it(fn, device, reps, warmup=2):
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--stage", choices=["pretrain", "mid", "post", "sample", "encode", "bench"], default=None,
+      help="stage to run; none with --preset tiny = the whole CPU pipeline")
+    a("--preset", choices=sorted(PRESETS), default="xl2", help="recipe: xl2 = CMT-MF XL/2 (paper), b4 = MeanFlow B/4, tiny = CPU demo")
+    a("--outdir", default="runs/meanflow", help="output folder")
+    a("--data", default=None, help="latent shards folder (encode: ImageNet train folder) or 'toy'; default: preset")
+    a("--model", choices=sorted(MODELS), default=None, help="DiT-MF size; default: preset (per stage)")
+    a("--teacher", default=None, help="mid: teacher checkpoint PATH (ckpt-*.pt of this script)")
+    a("--teacher-solver", choices=["meanflow", "euler", "heun"], default=None, help="mid: teacher sampler; default: preset (meanflow)")
+    a("--teacher-steps", type=int, default=None, help="mid: teacher steps M; default: preset (8; tiny 4)")
+    a("--pairs", type=int, default=None, help="mid: ordered pairs (i > j) per trajectory per step; default: preset (8)")
+    a("--init", default=None, help="PATH (a checkpoint: its EMA weights) | teacher | random; default: random")
+    a("--resume", default=None, help="PATH | auto (= outdir/ckpt-latest.pt if present)")
+    a("--batch", type=int, default=None, help="global batch (images); default: preset (256)")
+    a("--batch-gpu", type=int, default=None, help="per-GPU micro-batch; default: batch / world size")
+    a("--iters", type=int, default=None, help="training iterations; default: preset (per stage)")
+    a("--mimg", type=float, default=None, help="training length in million images (sets --iters = mimg*1e6/batch)")
+    a("--lr", type=float, default=None, help="Adam learning rate, constant; default: preset (1e-4)")
+    a("--ema", type=float, default=None, help="EMA decay per step; default: preset (0.9999)")
+    a("--seed", type=int, default=None, help="random seed; per-rank and per-step seeds derive from it (default 0)")
+    a("--omega", type=float, default=None, help="training CFG omega; default: preset (xl2 0.2, b4 1.0)")
+    a("--kappa", type=float, default=None, help="training CFG kappa; default: preset (xl2 0.92, b4 0.5)")
+    a("--t-start", type=float, default=None, help="CFG interval start (t units); default 0")
+    a("--t-end", type=float, default=None, help="CFG interval end (t units); default: preset (xl2 0.75, b4 1.0)")
+    a("--ratio-neq", type=float, default=None, help="fraction of rows with r != t (default 0.25)")
+    a("--label-drop", type=float, default=None, help="label dropout probability (default 0.1)")
+    a("--norm-p", type=float, default=None, help="adaptive weight power p (default 1.0)")
+    a("--norm-eps", type=float, default=None, help="adaptive weight constant c (default 0.01)")
+    a("--fid-ref", default=None, help="sample: reference .npz (mu, sigma) -> print FID via fid.py")
+    a("--vae", default=None, help="SD-VAE weights (sd-vae-ft-mse, diffusers layout; .safetensors/.bin/.pt)")
+    a("--ckpt", default=None, help="sample: checkpoint to sample from")
+    a("--num-samples", type=int, default=50000, help="sample: number of images")
+    a("--nfe", default="1,2", help="sample: comma-separated step counts")
+    a("--num-eval", type=int, default=None, help="tiny: samples per quality-table row (default 2000)")
+    a("--bench-models", default="B/4,XL/2", help="bench: comma-separated DiT-MF sizes")
+    a("--bench-reps", type=int, default=5, help="bench: timed repetitions per step kind (after 2 warm-up steps)")
+    a("--bf16", action="store_true", help="bfloat16 autocast for network forwards (tangents/targets/loss in fp32)")
+    a("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
+    a("--compile", action="store_true", help="torch.compile plain forwards (never the jvp path)")
+    a("--ckpt-every", type=int, default=None, help="checkpoint interval in iterations (default 5000)")
+    a("--sample-every", type=int, default=None, help="sample-grid interval in iterations, 0 = off (default 20000)")
+    a("--log-every", type=int, default=None, help="log interval in iterations (default 100)")
+    a("--max-skips", type=int, default=None, help="abort after this many non-finite steps (default 100)")
+    return p.parse_args(argv)
+
+
+FLAG_KEYS = ["data", "model", "teacher", "teacher_solver", "teacher_steps", "pairs", "init", "batch", "batch_gpu",
+             "iters", "lr", "ema", "seed", "omega", "kappa", "t_start", "t_end", "ratio_neq", "label_drop", "norm_p",
+             "norm_eps", "ckpt_every", "sample_every", "log_every", "max_skips", "num_eval"]
+
+
+def resolve_config(args, stage):
+    """Preset -> its stage overrides -> flags that were set."""
+    preset = PRESETS[args.preset]
+    cfg = {k: v for k, v in preset.items() if k != "stages"}
+    cfg.update(preset["stages"].get(stage, {}))
+    for k in FLAG_KEYS:
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    if args.mimg is not None:
+        cfg["iters"] = int(round(args.mimg * 1e6 / cfg["batch"]))
+    cfg.update(resume=args.resume, bf16=args.bf16, tf32=args.tf32, compile=args.compile, vae=args.vae,
+               fid_ref=args.fid_ref, ckpt=args.ckpt, num_samples=args.num_samples,
+               nfe=[int(s) for s in args.nfe.split(",")], bench_models=args.bench_models.split(","),
+               bench_reps=args.bench_reps)
+    cfg["adam_betas"] = list(cfg["adam_betas"])
+    cfg["mimg"] = cfg.get("iters", 0) * cfg["batch"] / 1e6
+    if cfg["model"] not in MODELS:
+        raise ValueError(f"--model {cfg['model']}: expected one of {sorted(MODELS)}")
+    return cfg
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.stage is None and args.preset != "tiny":
+        raise SystemExit("--stage is required (only --preset tiny runs the whole pipeline without it)")
+    rank, world, device = setup_dist()
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.stage is None:
+        return run_tiny_pipeline(lambda s: resolve_config(args, s), args.outdir)
+    cfg = resolve_config(args, args.stage)
+    if args.stage in ("pretrain", "mid", "post"):
+        return Trainer(cfg, args.stage, args.outdir, rank, world, device).run()
+    if args.stage == "sample":
+        return run_sample(cfg, args.outdir, rank, world, device)
+    if args.stage == "encode":
+        return run_encode(cfg, args.outdir, rank, world, device)
+    return run_bench(cfg, device)
+
+
+if __name__ == "__main__":
+    main()
+    if dist.is_initialized():
+        dist.destroy_process_group()
