@@ -1,0 +1,1979 @@
+"""Consistency Mid-Training (CMT) for class-conditional ImageNet on EDM2 networks.
+
+Reference implementation of CMT (arXiv 2509.24526) for ImageNet 512x512 (in the latent space of
+Stability's SD-VAE, 4x64x64) and ImageNet 64x64 (pixels), on the magnitude-preserving EDM2 U-Net.
+
+The method in one screen (EDM notation: noise level s, x_s = y + s*eps, sigma_data = 0.5):
+
+  1. Teacher: a pre-trained EDM2 denoiser D(x, s | c) (official .pkl, float16 -> float32), used as
+     the probability-flow ODE  dx/ds = (x - D(x, s)) / s.
+  2. Mid-training (`--stage mid`, data-free): draw x_T = 80 * eps and a uniform class c, run the
+     teacher's 16-step DPM-Solver++(3M) on the logSNR grid s_0 = 80 > ... > s_16 = 0.002 and train
+     the student f_theta (initialised from the teacher) to map *every* state to the end point:
+         L_CMT = mean_i d( f_theta(x_{s_i}, s_i | c), sg(x_{s_16}) ),  i = 0..15
+     with d = pseudo-Huber  sqrt(|a-b|^2 + c^2) - c  (c = 0.06; the paper's latent LPIPS weights are
+     unpublished), or Cauchy / L2.
+  3. Post-training (`--stage post`): consistency distillation (ECD) from the CMT weights.
+     t ~ LogNormal(-0.8, 1.6), r = t (1 - q^-1 (1 + 8 sigmoid(-t))), q = 1024;
+     x_r = one Heun step from x_t = y + t*eps to r of the guided teacher
+         D_g = D_gnet + w (D_net - D_gnet)        (autoguidance: XXL 0.075 guided by M 0.155, w 2.05)
+         L_ECD = (t^2 + sd^2)/(t sd)^2 * ( sqrt(|f(x_t, t) - sg(f(x_r, r))|^2 + c^2) - c )
+     (ECT, x_r = y + r*eps, is available as `--post-loss ect`.)
+  4. Sampling (`--stage sample`): 1 step x = f(80 z, 80); 2 steps x = f(x + 1.526 z', 1.526);
+     latents are decoded by the SD-VAE. `--init teacher` samples the guided teacher with Heun instead.
+
+Usage (every output goes under --outdir; one process or `torchrun --nproc_per_node=N`):
+
+  python cmt_imagenet.py --preset tiny                          # CPU demo: toy data, whole pipeline
+  python cmt_imagenet.py --stage encode --data ~/ILSVRC/train --vae VAE --outdir img512-sd
+  torchrun --nproc_per_node=8 cmt_imagenet.py --stage mid  --preset img512-xxl --outdir runs/mid
+  torchrun --nproc_per_node=8 cmt_imagenet.py --stage post --preset img512-xxl --outdir runs/post \\
+      --init runs/mid/ckpt-latest.pt --data img512-sd
+  torchrun --nproc_per_node=8 cmt_imagenet.py --stage sample --preset img512-xxl --outdir runs/fid \\
+      --init runs/post/ckpt-latest.pt --sample-steps 2 --vae VAE --fid-ref img512.pkl
+  python cmt_imagenet.py --stage bench --preset img512-xs --batch-gpu 16   # CPU/GPU time per step
+
+Stages: `pretrain` (EDM2 denoising loss with the logvar head; used by the tiny demo to make its
+teacher), `mid`, `post`, `sample`, `encode` (ImageNet folder -> EDM2 latent dataset of [mean, std]
+.npy files, or 64x64 PNGs for the pixel presets), `bench` (seconds per mid and per post step at
+real size, sizes from --bench-sizes). VAE weights: `diffusion_pytorch_model.safetensors` of
+stabilityai/sd-vae-ft-mse, passed with --vae (file or folder).
+
+Notes where this file follows the official code (sony/cmt imagenet512/) rather than the family
+defaults: the student uses plain EDM2 preconditioning (no s_min shift: s_min = 0, `--s-min` to
+change), the gradients pass through nan_to_num(nan=0, posinf=0, neginf=0), and mid-training
+uses Adam betas (0.9, 0.999).
+"""
+
+import argparse
+import collections
+import contextlib
+import copy
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import random
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- config
+EDM2_URL = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions"
+EDM2_CHANNELS = dict(xs=128, s=192, m=256, l=320, xl=384, xxl=448)  # model_channels per size
+
+# Teachers: the EDM2 "fid" post-hoc EMA of each size (NVlabs/edm2 generate_images.py), and the
+# autoguided pairs (net, gnet, w) for ECD. None = no official file: pass --teacher.
+EDM2_TEACHERS = {
+    "img512": dict(xs="xs-2147483-0.135", s="s-2147483-0.130", m="m-2147483-0.100", l="l-1879048-0.085",
+                   xl="xl-1342177-0.085", xxl="xxl-0939524-0.070"),
+    "img64": dict(xs=None, s="s-1073741-0.075", m="m-2147483-0.060", l="l-1073741-0.040",
+                  xl="xl-0671088-0.040", xxl=None),
+}
+EDM2_AUTOGUIDED = {
+    ("img512", "xxl"): ("xxl-0939524-0.075", "m-0268435-0.155", 2.05),  # CMT's ECD recipe
+    ("img512", "s"): ("s-2147483-0.070", "xs-0134217-0.125", 2.10),
+    ("img64", "s"): ("s-1073741-0.045", "xs-0134217-0.110", 1.70),
+}
+
+COMMON = dict(  # shared by every preset; the paper's ImageNet-512 recipe (SPEC §5)
+    res=64, img_channels=4, latent=True, label_dim=1000, model_channels=448, channel_mult=[1, 2, 3, 4],
+    num_blocks=3, attn_res=[16, 8], dropout=0.0, s_min=0.0, sigma_data=0.5,
+    data=None, teacher=None, guide=None, guidance=1.0, init=None, vae=None,
+    batch=128, batch_gpu=None, seed=0, tf32=True, bf16=False, compile=False, channels_last=False,
+    ckpt_every=2000, sample_every=20000, log_every=100, max_skips=100, workers=2,
+    nfe=16, metric="huber", huber_c=0.06, s_max=80.0, s_lo=0.002,
+    post_loss="ecd", solver="heun", ect_q=1024.0, ect_double=0, p_mean=-0.8, p_std=1.6, k=8.0, b=1.0,
+    mid_t=1.526, sample_steps=2, heun_steps=32, num=50000, fid_ref=None, bench_sizes="xs,s",
+)
+STAGES = {  # optimiser and length per stage (SPEC §5; sony/cmt run_cmt_512.sh, run_ecd_512.sh)
+    "pretrain": dict(lr=1e-2, lr_decay="linear", betas=[0.9, 0.99], ema=0.999, mimg=128.0, p_mean=-0.4, p_std=1.0,
+                     init="random"),
+    "mid": dict(lr=2e-4, lr_decay="linear", betas=[0.9, 0.999], ema=0.999, mimg=12.8, init="teacher"),
+    "post": dict(lr=1e-6, lr_decay="constant", betas=[0.9, 0.99], ema=0.9999, mimg=16.0),
+}
+
+
+def _edm2_preset(kind, size):
+    ch = EDM2_CHANNELS[size]
+    name = EDM2_TEACHERS[kind][size]
+    teacher = f"{EDM2_URL}/edm2-{kind}-{name}.pkl" if name else None
+    arch = dict(res=64, img_channels=4 if kind == "img512" else 3, latent=kind == "img512", model_channels=ch)
+    post = dict(teacher=teacher)
+    if (kind, size) in EDM2_AUTOGUIDED:
+        net, gnet, w = EDM2_AUTOGUIDED[kind, size]
+        post = dict(teacher=f"{EDM2_URL}/edm2-{kind}-{net}.pkl", guide=f"{EDM2_URL}/edm2-{kind}-{gnet}.pkl", guidance=w)
+    return dict(arch, teacher=teacher, post=post, sample=post)  # sample --init teacher: the guided reference
+
+
+PRESETS = {f"{kind}-{size}": _edm2_preset(kind, size) for kind in ("img512", "img64") for size in EDM2_CHANNELS}
+PRESETS["tiny"] = dict(  # CPU demo on the built-in class-conditional Gaussian mixture (SPEC §8)
+    res=8, img_channels=3, latent=False, label_dim=6, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+    attn_res=[4], data="toy", teacher="pretrain", batch=128, tf32=False, ckpt_every=200, sample_every=0,
+    log_every=50, workers=0, huber_c=0.00054 * math.sqrt(3 * 8 * 8), mid_t=0.821, heun_steps=18, num=4096,
+    bench_sizes="tiny",
+    pretrain=dict(iters=800, lr=1e-2, ema=0.99),
+    mid=dict(iters=400, lr=2e-3, ema=0.99),
+    post=dict(iters=400, lr=1e-5, ema=0.99, ect_q=256.0),
+)
+DEFAULT_PRESET = "img512-xxl"
+
+
+def resolve_config(args):
+    """COMMON <- stage defaults <- preset <- preset[stage] <- command line (flags left unset skip)."""
+    if args.preset not in PRESETS:
+        raise SystemExit(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    preset = PRESETS[args.preset]
+    cfg = dict(COMMON)
+    cfg.update(STAGES.get(args.stage, STAGES["mid"]))
+    cfg.update({k: v for k, v in preset.items() if k not in STAGES})
+    cfg.update(preset.get(args.stage, {}))
+    cfg.update({k: v for k, v in vars(args).items() if v is not None})
+    if args.iters is not None and args.mimg is not None:
+        raise SystemExit("--iters and --mimg: give at most one (the other is derived)")
+    if args.mimg is not None or cfg.get("iters") is None:
+        cfg["iters"] = max(1, math.ceil(cfg["mimg"] * 1e6 / cfg["batch"]))
+    cfg["mimg"] = cfg["iters"] * cfg["batch"] / 1e6
+    if cfg["guide"] in ("none", ""):
+        cfg["guide"] = None
+    return cfg
+
+
+# ----------------------------------------------------------------------------- data
+class ToyMixture:
+    """Class-conditional Gaussian mixture in image space (SPEC §8): class k ~ N(mu_k, s_k^2 I).
+
+    mu_k are smooth coloured cosine patterns; the conditional denoiser and the PF-ODE flow of each
+    class are closed-form, so the tiny demo can measure flow-map errors exactly."""
+
+    def __init__(self, num_classes=6, res=8, channels=3):
+        i, j = torch.meshgrid(torch.arange(res, dtype=torch.float64), torch.arange(res, dtype=torch.float64),
+                              indexing="ij")
+        means, stds = [], []
+        for k in range(num_classes):
+            fi, fj = 1 + k % 2, 1 + (k // 2) % 3
+            chans = [0.6 * torch.cos(2 * math.pi * (fi * i + fj * j) / res + 2.1 * c + 0.9 * k) for c in range(channels)]
+            means.append(torch.stack(chans))
+            stds.append(0.08 + 0.04 * (k % 3))
+        self.mu = torch.stack(means)  # [K, C, H, W] float64
+        self.std = torch.tensor(stds, dtype=torch.float64)  # [K]
+        self.num_classes = num_classes
+
+    def sample(self, n, generator=None, device="cpu", labels=None):
+        if labels is None:
+            labels = torch.randint(self.num_classes, (n,), generator=generator, device=device)
+        eps = torch.randn((n, *self.mu.shape[1:]), generator=generator, device=device)
+        mu, std = self.mu.to(device, torch.float32), self.std.to(device, torch.float32)
+        return mu[labels] + std[labels].reshape(-1, 1, 1, 1) * eps, labels
+
+    def denoise(self, x, sigma, labels=None):
+        """Ideal denoiser E[y | x_sigma (, c)]: conditional (one Gaussian) or, labels=None, the mixture."""
+        x64 = x.to(torch.float64)
+        s2 = sigma.to(torch.float64).reshape(-1, 1, 1, 1) ** 2
+        mu, v = self.mu.to(x.device), self.std.to(x.device) ** 2
+        if labels is not None:
+            m, vk = mu[labels], v[labels].reshape(-1, 1, 1, 1)
+            return (m + vk / (vk + s2) * (x64 - m)).to(x.dtype)
+        vk = v.reshape(1, -1, 1, 1, 1)
+        d = x64[:, None] - mu[None]  # [N, K, C, H, W]
+        dim = d[0, 0].numel()
+        logw = -0.5 * (d ** 2).flatten(2).sum(-1) / (vk.flatten(1) + s2.flatten(1)) \
+            - 0.5 * dim * torch.log(vk.flatten(1) + s2.flatten(1))
+        w = torch.softmax(logw, dim=1).reshape(*logw.shape, 1, 1, 1)
+        return (w * (mu[None] + vk / (vk + s2[:, None]) * d)).sum(1).to(x.dtype)
+
+    def flow(self, x, s_from, s_to, labels):
+        """Exact PF-ODE map of class `labels` from noise level s_from to s_to (SPEC §8)."""
+        m, v = self.mu.to(x.device)[labels], (self.std.to(x.device)[labels] ** 2).reshape(-1, 1, 1, 1)
+        s_from = torch.as_tensor(s_from, dtype=torch.float64, device=x.device).reshape(-1, 1, 1, 1)
+        s_to = torch.as_tensor(s_to, dtype=torch.float64, device=x.device).reshape(-1, 1, 1, 1)
+        return (m + (x.to(torch.float64) - m) * torch.sqrt((v + s_to ** 2) / (v + s_from ** 2))).to(x.dtype)
+
+
+class ToyDenoiser(nn.Module):
+    """`--teacher analytic`: the toy's closed-form conditional denoiser behind the network interface."""
+
+    def __init__(self, toy, conditional=True):
+        super().__init__()
+        self.toy, self.conditional = toy, conditional
+
+    def forward(self, x, sigma, labels=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+        return self.toy.denoise(x, sigma, labels if self.conditional else None)
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """EDM/EDM2 dataset: a zip or folder of PNGs (pixels) or of .npy [mean, std] VAE latents
+    (8 x 64 x 64, SPEC §8), with labels from dataset.json {"labels": [[name, class], ...]}."""
+
+    def __init__(self, path, latent, res, img_channels):
+        self.path, self.latent = path, latent
+        if os.path.isdir(path):
+            names = [os.path.relpath(os.path.join(r, f), path).replace("\\", "/") for r, _, fs in os.walk(path) for f in fs]
+        elif path.endswith(".zip") and os.path.isfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        else:
+            raise SystemExit(f"--data: {path} is neither a folder nor a .zip file")
+        ext = ".npy" if latent else ".png"
+        self.files = sorted(n for n in names if n.lower().endswith(ext))
+        if not self.files:
+            other = "PNG images (this preset works in pixels)" if not latent else ".npy latents (run --stage encode)"
+            raise SystemExit(f"--data: no {ext} files in {path}; expected {other}")
+        if "dataset.json" not in names:
+            raise SystemExit(f"--data: {path} has no dataset.json with class labels")
+        labels = json.loads(self._read("dataset.json"))["labels"]
+        if labels is None:
+            raise SystemExit(f"--data: {path}/dataset.json has no labels (this script is class-conditional)")
+        labels = dict(labels)
+        self.labels = np.array([labels[f] for f in self.files], dtype=np.int64)
+        want = (2 * img_channels, res, res) if latent else (img_channels, res, res)
+        got = self[0][0].shape
+        if tuple(got) != want:
+            what = "VAE [mean, std] latents (8 channels)" if latent else "RGB images"
+            raise SystemExit(f"--data: {self.files[0]} has shape {tuple(got)}, expected {want} ({what})")
+        self._zip = None
+
+    def _read(self, name):
+        if os.path.isdir(self.path):
+            with open(os.path.join(self.path, name), "rb") as f:
+                return f.read()
+        if getattr(self, "_zip", None) is None:
+            self._zip = zipfile.ZipFile(self.path)
+        return self._zip.read(name)
+
+    def __getstate__(self):  # DataLoader workers open their own zip handle
+        return dict(self.__dict__, _zip=None)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, idx):
+        raw = self._read(self.files[idx])
+        if self.latent:
+            arr = np.load(io.BytesIO(raw), allow_pickle=False).astype(np.float32)
+            arr = arr.reshape(-1, *arr.shape[-2:])
+        else:
+            arr = np.asarray(PIL.Image.open(io.BytesIO(raw)).convert("RGB")).transpose(2, 0, 1).copy()
+        return torch.from_numpy(arr), int(self.labels[idx])
+
+
+def rank_seed(seed, rank):
+    """Seed of a rank's global RNG (dropout): distinct per rank, never equal to a micro_seed."""
+    return micro_seed(seed, 1 << 40, rank)
+
+
+def micro_seed(seed, it, slot):
+    """Seed of one micro-batch. slot = micro_step * world_size + rank, so the global batch of an
+    iteration depends on (seed, iter, batch_gpu) only, not on how it is spread over GPUs."""
+    return int(np.random.SeedSequence([seed, it, slot]).generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
+
+
+class BatchSource:
+    """Training inputs of one micro-batch: (y [bg, C, H, W] or None, labels [bg]).
+
+    data-free (mid): labels uniform over the classes, y = 0 (x_T = 80 eps); toy: mixture samples;
+    dataset: rows it*batch + slot*bg + j of an epoch-wise permutation (no sampler state to save)."""
+
+    def __init__(self, cfg, kind, device, rank, world, accum, start_iter, toy=None):
+        self.cfg, self.kind, self.device, self.toy = cfg, kind, device, toy
+        self.bg = cfg["batch_gpu"]
+        if kind == "dataset":
+            ds = ImageFolderDataset(cfg["data"], cfg["latent"], cfg["res"], cfg["img_channels"])
+            n, seed, batch, bg = len(ds), cfg["seed"], cfg["batch"], self.bg
+            perms = {}
+
+            def plan():  # the index lists this rank consumes, in order, from start_iter on
+                for it in range(start_iter, cfg["iters"]):
+                    for m in range(accum):
+                        first = it * batch + (m * world + rank) * bg
+                        rows = []
+                        for g in range(first, first + bg):
+                            epoch = g // n
+                            if epoch not in perms:
+                                perms.clear()
+                                perms[epoch] = np.random.RandomState((seed + epoch) % (1 << 31)).permutation(n)
+                            rows.append(int(perms[epoch][g % n]))
+                        yield rows
+            self.loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=plan(), num_workers=cfg["workers"],
+                                                           pin_memory=device.type == "cuda",
+                                                           persistent_workers=cfg["workers"] > 0))
+
+    def next(self, gen):
+        bg, dev = self.bg, self.device
+        if self.kind == "labels":
+            return None, torch.randint(self.cfg["label_dim"], (bg,), generator=gen, device=dev)
+        if self.kind == "toy":
+            return self.toy.sample(bg, generator=gen, device=dev)
+        raw, labels = next(self.loader)
+        raw, labels = raw.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+        y = edm2_encode_latents(raw, gen) if self.cfg["latent"] else raw.to(torch.float32) / 127.5 - 1
+        return y, labels
+
+
+def check_latent_stats(cfg, num=256):
+    """Refuse a latent dataset whose normalised latents are far from EDM2's mean 0 / std 0.5 per
+    channel (e.g. another VAE, latents already scaled by 0.18215, or a broken encode)."""
+    ds = ImageFolderDataset(cfg["data"], True, cfg["res"], cfg["img_channels"])
+    idx = np.linspace(0, len(ds) - 1, min(num, len(ds))).astype(np.int64)
+    raw = torch.stack([ds[int(i)][0] for i in idx])
+    z = edm2_encode_latents(raw, torch.Generator().manual_seed(0))
+    mean, rms = z.mean((0, 2, 3)), z.square().mean((0, 2, 3)).sqrt()
+    # ImageNet-512 gives |mean| < 0.1 and rms 0.45..0.55 per channel; the bounds leave room for
+    # small subsets while catching scale errors (0.18215-scaled or raw latents are off by >2x).
+    if (mean.abs() > 0.25).any() or (rms < 0.3).any() or (rms > 0.8).any():
+        raise SystemExit(f"--data: latents of {cfg['data']} do not look like EDM2-normalised sd-vae-ft-mse latents: "
+                         f"per-channel mean {mean.tolist()}, rms {rms.tolist()} (expected mean ~0, rms ~0.5). "
+                         "Re-encode the images with --stage encode.")
+    return mean, rms
+
+
+# ----------------------------------------------------------------------------- network
+# EDM2 U-Net (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
+# Models"), magnitude-preserving: every layer keeps unit expected magnitude, weights are normalised
+# (and re-normalised in place while training: "forced weight normalisation"), no biases, no norms.
+# Module and tensor names match NVlabs/edm2 so that official pickles load by name.
+
+def normalize(x, dim=None, eps=1e-4):
+    """Scale to unit RMS over `dim` (default: all but the first)."""
+    dim = list(range(1, x.ndim)) if dim is None else dim
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
+    return x / norm.to(x.dtype)
+
+
+def resample(x, mode="keep"):
+    """2x box-filter down/up-sampling (EDM2 resample_filter [1, 1])."""
+    if mode == "keep":
+        return x
+    c = x.shape[1]
+    if mode == "down":
+        return F.conv2d(x, x.new_full([c, 1, 2, 2], 0.25), groups=c, stride=2)
+    return F.conv_transpose2d(x, x.new_ones([c, 1, 2, 2]), groups=c, stride=2)
+
+
+def mp_silu(x):
+    return F.silu(x) / 0.596  # 0.596 = RMS of silu(N(0, 1)) (EDM2 Eq. 81)
+
+
+def mp_sum(a, b, t=0.5):
+    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)  # EDM2 Eq. 88
+
+
+def mp_cat(a, b, dim=1, t=0.5):
+    na, nb = a.shape[dim], b.shape[dim]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))  # EDM2 Eq. 103
+    return torch.cat([c / math.sqrt(na) * (1 - t) * a, c / math.sqrt(nb) * t * b], dim=dim)
+
+
+class MPFourier(nn.Module):
+    """Unit-magnitude random Fourier features of the noise level (EDM2 Eq. 75)."""
+
+    def __init__(self, num_channels, bandwidth=1):
+        super().__init__()
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(num_channels) * bandwidth)
+        self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels))
+
+    def forward(self, x):
+        y = torch.outer(x.to(torch.float32), self.freqs.to(torch.float32)) + self.phases.to(torch.float32)
+        return (y.cos() * math.sqrt(2)).to(x.dtype)
+
+
+class MPConv(nn.Module):
+    """Magnitude-preserving conv / linear (EDM2 Eq. 47) with forced weight normalisation (Eq. 66).
+
+    In train mode the stored weight is overwritten by its normalised self before use, so Adam's
+    steps always start from unit-norm rows. `force_wn = False` (see `no_forced_wn`) skips that
+    write, e.g. for the second, no-grad student call of ECT/ECD (official sony/cmt loss.py)."""
+
+    def __init__(self, in_channels, out_channels, kernel):
+        super().__init__()
+        self.out_channels = out_channels
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        self.force_wn = True
+
+    def forward(self, x, gain=1):
+        w = self.weight.to(torch.float32)
+        if self.training and self.force_wn:
+            with torch.no_grad():
+                self.weight.copy_(normalize(w))
+        w = normalize(w) * (gain / math.sqrt(w[0].numel()))
+        w = w.to(x.dtype)
+        if w.ndim == 2:
+            return x @ w.t()
+        return F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+@contextlib.contextmanager
+def no_forced_wn(module):
+    convs = [m for m in module.modules() if isinstance(m, MPConv)]
+    for m in convs:
+        m.force_wn = False
+    try:
+        yield
+    finally:
+        for m in convs:
+            m.force_wn = True
+
+
+class Block(nn.Module):
+    """EDM2 encoder/decoder block: (resample) -> residual branch modulated by the embedding ->
+    mp_sum -> optional self-attention (cosine attention, pixel-normalised q/k/v) -> clip."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, flavor="enc", resample_mode="keep",
+                 attention=False, channels_per_head=64, dropout=0.0, res_balance=0.3, attn_balance=0.3, clip_act=256):
+        super().__init__()
+        self.out_channels, self.flavor, self.resample_mode = out_channels, flavor, resample_mode
+        self.num_heads = out_channels // channels_per_head if attention else 0
+        self.dropout, self.res_balance, self.attn_balance, self.clip_act = dropout, res_balance, attn_balance, clip_act
+        self.emb_gain = nn.Parameter(torch.zeros([]))
+        self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=[3, 3])
+        self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
+        self.conv_res1 = MPConv(out_channels, out_channels, kernel=[3, 3])
+        self.conv_skip = MPConv(in_channels, out_channels, kernel=[1, 1]) if in_channels != out_channels else None
+        self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads else None
+        self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads else None
+
+    def forward(self, x, emb):
+        x = resample(x, self.resample_mode)
+        if self.flavor == "enc":
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = normalize(x, dim=1)  # pixel norm
+        y = self.conv_res0(mp_silu(x))
+        c = self.emb_linear(emb, gain=self.emb_gain) + 1
+        y = mp_silu(y * c.unsqueeze(2).unsqueeze(3).to(y.dtype))
+        if self.training and self.dropout != 0:
+            y = F.dropout(y, p=self.dropout)
+        y = self.conv_res1(y)
+        if self.flavor == "dec" and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, t=self.res_balance)
+        if self.num_heads:
+            y = self.attn_qkv(x)
+            y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
+            q, k, v = normalize(y, dim=2).unbind(3)
+            w = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(dim=3)
+            y = torch.einsum("nhqk,nhck->nhcq", w, v)
+            x = mp_sum(x, self.attn_proj(y.reshape(*x.shape)), t=self.attn_balance)
+        if self.clip_act is not None:
+            x = x.clip(-self.clip_act, self.clip_act)
+        return x
+
+
+class UNet(nn.Module):
+    """EDM2 U-Net (Figure 21): the image gets a constant-ones channel; encoder blocks per
+    resolution (+ a downsampling block), decoder with mp_cat skips; output gain starts at 0."""
+
+    def __init__(self, img_resolution, img_channels, label_dim, model_channels=192, channel_mult=(1, 2, 3, 4),
+                 num_blocks=3, attn_resolutions=(16, 8), label_balance=0.5, concat_balance=0.5, **block_kwargs):
+        super().__init__()
+        cblock = [model_channels * m for m in channel_mult]
+        cnoise, cemb = cblock[0], max(cblock)
+        self.label_balance, self.concat_balance = label_balance, concat_balance
+        self.out_gain = nn.Parameter(torch.zeros([]))
+        self.emb_fourier = MPFourier(cnoise)
+        self.emb_noise = MPConv(cnoise, cemb, kernel=[])
+        self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim else None
+        self.enc = nn.ModuleDict()
+        cout = img_channels + 1
+        for level, channels in enumerate(cblock):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, channels
+                self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=[3, 3])
+            else:
+                self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, "enc", "down", **block_kwargs)
+            for idx in range(num_blocks):
+                cin, cout = cout, channels
+                self.enc[f"{res}x{res}_block{idx}"] = Block(cin, cout, cemb, "enc", attention=res in attn_resolutions,
+                                                            **block_kwargs)
+        self.dec = nn.ModuleDict()
+        skips = [block.out_channels for block in self.enc.values()]
+        for level, channels in reversed(list(enumerate(cblock))):
+            res = img_resolution >> level
+            if level == len(cblock) - 1:
+                self.dec[f"{res}x{res}_in0"] = Block(cout, cout, cemb, "dec", attention=True, **block_kwargs)
+                self.dec[f"{res}x{res}_in1"] = Block(cout, cout, cemb, "dec", **block_kwargs)
+            else:
+                self.dec[f"{res}x{res}_up"] = Block(cout, cout, cemb, "dec", "up", **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), channels
+                self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, cemb, "dec", attention=res in attn_resolutions,
+                                                            **block_kwargs)
+        self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
+
+    def forward(self, x, noise_labels, class_labels):
+        emb = self.emb_noise(self.emb_fourier(noise_labels))
+        if self.emb_label is not None:
+            emb = mp_sum(emb, self.emb_label(class_labels * math.sqrt(class_labels.shape[1])), t=self.label_balance)
+        emb = mp_silu(emb)
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        skips = []
+        for name, block in self.enc.items():
+            x = block(x) if "conv" in name else block(x, emb)
+            skips.append(x)
+        for name, block in self.dec.items():
+            if "block" in name:
+                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+            x = block(x, emb)
+        return self.out_conv(x, gain=self.out_gain)
+
+
+def edm_precond(sigma, sigma_data=0.5):
+    """EDM preconditioning (SPEC §1): c_skip, c_out, c_in, c_noise."""
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (sigma_data ** 2 + sigma ** 2).sqrt()
+    return c_skip, c_out, c_in, sigma.log() / 4
+
+
+def ecm_precond(sigma, sigma_data=0.5, s_min=0.0, train=True):
+    """ECM preconditioning (SPEC §1): EDM's in train mode (and for every training target); in eval
+    mode shifted by s_min so that f(x, s_min) = x. The official ImageNet-512 code uses s_min = 0."""
+    c_skip, c_out, c_in, c_noise = edm_precond(sigma, sigma_data)
+    if not train and s_min > 0:
+        c_skip = sigma_data ** 2 / ((sigma - s_min) ** 2 + sigma_data ** 2)
+        c_out = (sigma - s_min) * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    return c_skip, c_out, c_in, c_noise
+
+
+class Precond(nn.Module):
+    """EDM2 Precond: D(x, s | c) = c_skip x + c_out F(c_in x, ln(s)/4, onehot(c)).
+
+    `logvar=True` adds EDM2's uncertainty head (logvar_fourier, logvar_linear), used only by the
+    pre-training loss; official teachers carry it, CMT students drop it. `eval_mode=True` selects
+    ECM's eval-mode coefficients (only differs when s_min > 0)."""
+
+    def __init__(self, img_resolution, img_channels, label_dim, sigma_data=0.5, s_min=0.0, logvar=False,
+                 logvar_channels=128, **unet_kwargs):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.sigma_data, self.s_min = sigma_data, s_min
+        self.unet = UNet(img_resolution, img_channels, label_dim, **unet_kwargs)
+        if logvar:
+            self.logvar_fourier = MPFourier(logvar_channels)
+            self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+
+    def forward(self, x, sigma, labels=None, eval_mode=False, return_logvar=False):
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        sigma = sigma.expand(x.shape[0], 1, 1, 1)
+        onehot = None
+        if self.label_dim:
+            onehot = torch.zeros([x.shape[0], self.label_dim], device=x.device)
+            if labels is not None:
+                onehot = F.one_hot(labels.reshape(-1), self.label_dim).to(torch.float32)
+        c_skip, c_out, c_in, c_noise = ecm_precond(sigma, self.sigma_data, self.s_min, train=not eval_mode)
+        F_x = self.unet(c_in * x, c_noise.flatten(), onehot)
+        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        if return_logvar:
+            return D_x, self.logvar_linear(self.logvar_fourier(c_noise.flatten())).reshape(-1, 1, 1, 1)
+        return D_x
+
+
+def build_net(cfg, logvar=False, s_min=None):
+    return Precond(cfg["res"], cfg["img_channels"], cfg["label_dim"], sigma_data=cfg["sigma_data"],
+                   s_min=cfg["s_min"] if s_min is None else s_min, logvar=logvar,
+                   model_channels=cfg["model_channels"], channel_mult=cfg["channel_mult"],
+                   num_blocks=cfg["num_blocks"], attn_resolutions=cfg["attn_res"], dropout=cfg["dropout"])
+
+
+# ----------------------------------------------------------------------------- official checkpoints
+# EDM / EDM2 publish their networks as pickles in which every network object is the call
+# torch_utils.persistence._reconstruct_persistent_obj(meta), meta = {type, version, module_src,
+# class_name, state}. A plain pickle.load would exec `module_src` (arbitrary code from the file).
+# Our unpickler answers only the globals below; the persistent objects become inert _PklObject
+# records (class name + state dict) and `module_src` is dropped unread (SPEC §7).
+
+try:  # numpy >= 2 writes numpy._core.* into pickles, numpy 1.x writes numpy.core.*; accept both
+    from numpy._core import multiarray as _pkl_np_multiarray
+except ImportError:
+    from numpy.core import multiarray as _pkl_np_multiarray
+
+
+class _PklObject:
+    """An unpickled EDM object: its class name and its __dict__, nothing callable."""
+    class_name, state = None, {}  # class defaults for a container pickled without state
+
+    def __init__(self, class_name=None, state=None):
+        self.class_name, self.state = class_name, dict(state or {})
+
+    def __setstate__(self, state):  # pickle's BUILD for plain torch containers (ModuleDict)
+        self.state = dict(state or {})
+
+
+class _PklModuleDict(_PklObject):
+    class_name = "ModuleDict"
+
+
+class _PklEasyDict(dict):
+    """Stands in for dnnlib.util.EasyDict (a dict with attribute access) at load time."""
+
+
+class PickleRefusedError(pickle.UnpicklingError):
+    pass
+
+
+def _pkl_reconstruct_persistent_obj(meta):
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
+        raise pickle.UnpicklingError("malformed torch_utils.persistence record (want type='class' and a state dict)")
+    return _PklObject(meta.get("class_name"), meta["state"])  # meta["module_src"] is never executed
+
+
+def _pkl_load_storage(blob):
+    # Each storage is a nested legacy torch.save blob: the weights-only loader reads it safely.
+    try:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), str(e))
+        raise PickleRefusedError(f"a tensor storage blob was refused by torch.load(weights_only=True): {why}") from None
+
+
+def _pkl_rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, collections.OrderedDict())
+
+
+def _pkl_rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    return data  # we only want the values; hooks are dropped
+
+
+# Every global an official EDM/EDM2 network pickle names (see the tests and SPEC §7). Nothing else.
+_PKL_ALLOWED = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _pkl_reconstruct_persistent_obj,
+    ("torch.storage", "_load_from_bytes"): _pkl_load_storage,
+    ("torch._utils", "_rebuild_tensor_v2"): _pkl_rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _pkl_rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,  # module dicts (torch < 2) and tensor hooks
+    ("torch.nn.modules.container", "ModuleDict"): _PklModuleDict,  # enc/dec of SongUNet, DhariwalUNet, EDM2 UNet
+    ("dnnlib.util", "EasyDict"): _PklEasyDict,  # EDM2's top level and dataset_kwargs
+    ("numpy", "ndarray"): np.ndarray,  # EDM2's StabilityVAEEncoder keeps numpy scale/bias arrays,
+    ("numpy", "dtype"): np.dtype,  # EDM keeps numpy scalars (UNetBlock.skip_scale = np.sqrt(0.5), ...)
+    **{(m, n): getattr(_pkl_np_multiarray, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+       for n in ("_reconstruct", "scalar")},
+}
+
+
+class _PklUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        obj = _PKL_ALLOWED.get((module, name))
+        if obj is None:
+            raise PickleRefusedError(f"refusing to load global '{module}.{name}': it is not on the allowlist of "
+                                     "objects an official EDM/EDM2 network pickle needs (SPEC §7)")
+        return obj
+
+
+def _pkl_unpickle(path):
+    """Restricted unpickling of a local .pkl file: returns the top-level object with _PklObject records."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"official checkpoint not found: {path} (pass --teacher PATH|URL)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(0)
+        if head.startswith(b"PK\x03\x04"):
+            raise ValueError(f"{path} is a zip archive (a torch.save checkpoint?), not an EDM/EDM2 .pkl pickle")
+        try:
+            return _PklUnpickler(f).load()
+        except PickleRefusedError as e:
+            raise PickleRefusedError(f"{path}: {e}") from None
+        except Exception as e:  # garbage drives the pickle machine into any error type; all mean the same
+            raise ValueError(f"{path} is not a readable EDM/EDM2 pickle: {type(e).__name__}: {e}") from e
+
+
+def _pkl_flatten(obj, prefix, out, where):
+    """module.state_dict() order: own parameters, persistent buffers, then children, recursively."""
+    if not isinstance(obj, _PklObject) or not isinstance(obj.state.get("_parameters"), dict):
+        what = obj.class_name if isinstance(obj, _PklObject) else type(obj).__name__
+        raise ValueError(f"{where}: {prefix or 'the object'} is not a torch module (it is a {what})")
+    st = obj.state
+    skip = st.get("_non_persistent_buffers_set") or set()
+    items = list(st["_parameters"].items())
+    items += [(k, v) for k, v in (st.get("_buffers") or {}).items() if k not in skip]
+    for name, t in items:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where}: '{prefix}{name}' is a {type(t).__name__}, not a tensor")
+        t = t.detach()  # a fresh tensor object: nothing the pickle attached to the original comes along
+        out[prefix + name] = t.float() if t.is_floating_point() else t  # EDM2 stores float16
+    for name, child in (st.get("_modules") or {}).items():
+        if child is not None:
+            _pkl_flatten(child, f"{prefix}{name}.", out, where)
+    return out
+
+
+def load_official_pkl(path, key="ema", cache_dir=None, sha256=None, md5=None):
+    """Load an official EDM/EDM2 network pickle without running its code (SPEC §7).
+
+    path: a local file or an http(s)/file URL (downloaded once into cache_dir, default
+    $CMT_CACHE or ~/.cache/cmt, verified against sha256/md5 when given).
+    Returns (state_dict, init_kwargs, class_name): the tensors of data[key] under the names and in
+    the order module.state_dict() gives, floating tensors as float32; the constructor kwargs the
+    object was built with (EDM/EDM2 record them in `_init_kwargs`); its class name, e.g. 'EDMPrecond'.
+    """
+    if urllib.parse.urlparse(str(path)).scheme in ("http", "https", "file"):
+        cache_dir = cache_dir or os.environ.get("CMT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cmt")
+        path = download(path, cache_dir, sha256=sha256, md5=md5)
+    data = _pkl_unpickle(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a dict at the top level (EDM: ema, loss_fn, augment_pipe, "
+                         f"dataset_kwargs; EDM2: encoder, dataset_kwargs, loss_fn, ema), got {type(data).__name__}")
+    if key not in data:
+        raise ValueError(f"{path}: no key {key!r}; available top-level keys: {', '.join(map(str, data))}")
+    state_dict = _pkl_flatten(data[key], "", {}, f"{path}[{key!r}]")
+    return state_dict, dict(data[key].state.get("_init_kwargs") or {}), data[key].class_name
+
+
+def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
+    """Fetch url into dest_dir/<file name> and return that path. The bytes go to a temp file that
+    replaces the target only after the hash check; a copy already there that passes is reused.
+    `flag` is the CLI flag the offline error points to (e.g. "--data" for a dataset).
+    Multi-process runs: call it on rank 0 first, then barrier, then everywhere."""
+    name = urllib.parse.unquote(os.path.basename(urllib.parse.urlparse(url).path))
+    if not name:
+        raise ValueError(f"cannot derive a file name from the URL {url}")
+    path = os.path.join(dest_dir, name)
+    want = {k: v.lower() for k, v in (("sha256", sha256), ("md5", md5)) if v}
+    if os.path.isfile(path):
+        if all(_pkl_file_hash(path, k) == v for k, v in want.items()):
+            return path
+        print(f"{path} fails its hash check; downloading it again", flush=True)
+    os.makedirs(dest_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    hashes = {k: hashlib.new(k, usedforsecurity=False) for k in want}
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                size = int(r.headers.get("Content-Length") or 0)
+                print(f"downloading {url} ({size / 2**20:.0f} MiB) -> {path}", flush=True)
+                while chunk := r.read(1 << 22):
+                    f.write(chunk)
+                    for h in hashes.values():
+                        h.update(chunk)
+        except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
+            raise RuntimeError(f"cannot download {url}: {e}; "
+                               f"download it manually and pass its path with {flag}") from e
+        bad = [f"{k} expected {v}, got {hashes[k].hexdigest()}" for k, v in want.items() if hashes[k].hexdigest() != v]
+        if bad:
+            raise ValueError(f"hash mismatch for {url} ({'; '.join(bad)}); the download was deleted")
+        os.replace(tmp, path)
+    finally:
+        _pkl_remove(tmp)  # a no-op after os.replace; otherwise no partial file is left behind
+    return path
+
+
+def _pkl_file_hash(path, algo):
+    h = hashlib.new(algo, usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pkl_remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _pkl_plain(v):
+    """Comparable form of a kwarg value: tuples -> lists, numpy scalars/arrays -> Python."""
+    if isinstance(v, (list, tuple)):
+        return [_pkl_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _pkl_plain(x) for k, x in v.items()}
+    if isinstance(v, (np.generic, np.ndarray)):
+        return v.tolist()
+    return v
+
+
+class _PklAbsent:
+    def __repr__(self):
+        return "<not recorded>"
+
+
+def check_init_kwargs(init_kwargs, expected, source, defaults=None):
+    """Raise if an official pickle's constructor kwargs differ from ours on any key of `expected`.
+
+    EDM/EDM2 record only the kwargs their train.py passed, flat: EDMPrecond has model_type,
+    model_channels, channel_mult, augment_dim, dropout, img_resolution, ... (all of SongUNet's kwargs
+    that were set, passed through **model_kwargs); EDM2 Precond has img_resolution, img_channels,
+    label_dim, use_fp16, model_channels, dropout. A key that was not recorded took the official
+    constructor default: pass those defaults in `defaults` to check such keys too. Leave training-only
+    kwargs (dropout, use_fp16) out of `expected`: the student may differ there on purpose.
+    """
+    defaults = defaults or {}
+    diffs = []
+    for k, want in expected.items():
+        have = init_kwargs[k] if k in init_kwargs else defaults.get(k, _PklAbsent())
+        if _pkl_plain(have) != _pkl_plain(want):
+            diffs.append(f"{k}: {source} has {have!r}, this model has {want!r}")
+    if diffs:
+        raise ValueError(f"{source} does not match the configured architecture:\n  " + "\n  ".join(diffs))
+
+
+# Teacher-only tensors: EDM's augmentation conditioning, EDM2's uncertainty (logvar) head (SPEC §3).
+TEACHER_ONLY_KEYS = ("map_augment", "logvar_fourier", "logvar_linear")
+
+
+def copy_by_name(state_dict, module, ignore=TEACHER_ONLY_KEYS, prefix_map=None):
+    """Load state_dict into module (unwrapped: no DDP/compile prefixes) by name, strictly: every key
+    must be on both sides with the same shape, except keys with a dotted component in `ignore`,
+    which are copied when both sides have them and skipped otherwise. prefix_map {old: new} renames
+    checkpoint key prefixes first (e.g. {"model.": ""}). Returns the checkpoint keys skipped."""
+    src = {}
+    for k, v in state_dict.items():
+        old = next((p for p in (prefix_map or {}) if k.startswith(p)), None)
+        src[k if old is None else prefix_map[old] + k[len(old):]] = v
+    dst = module.state_dict()
+    required = {k for k in set(src) | set(dst) if not set(k.split(".")) & set(ignore)}
+    problems = {
+        "missing in checkpoint": [k for k in dst if k in required and k not in src],
+        "unexpected in checkpoint": [k for k in src if k in required and k not in dst],
+        "shape mismatch": [f"{k}: checkpoint {tuple(src[k].shape)} vs model {tuple(dst[k].shape)}"
+                           for k in dst if k in src and src[k].shape != dst[k].shape],
+    }
+    if any(problems.values()):
+        lines = [f"\n  {what} ({len(ks)}): " + ", ".join(ks[:12]) + (" ..." if len(ks) > 12 else "")
+                 for what, ks in problems.items() if ks]
+        raise ValueError(f"checkpoint does not fit {type(module).__name__}:" + "".join(lines))
+    module.load_state_dict({k: src[k] for k in dst if k in src}, strict=False)
+    return [k for k in src if k not in dst]
+
+# ----------------------------------------------------------------------------- SD-VAE
+# Stability AI's sd-vae-ft-mse (SPEC §7), written out in plain PyTorch with the state_dict names of
+# diffusers' AutoencoderKL (block_out_channels 128/256/512/512, layers_per_block 2, 248 tensors,
+# 83,653,863 parameters) so that `diffusion_pytorch_model.safetensors` (or `.bin`) from the Hugging Face
+# repo `stabilityai/sd-vae-ft-mse` loads strictly. Pixels -> 8x smaller 4-channel latents and back.
+# Every norm is GroupNorm(32 groups, eps 1e-6), every activation SiLU, dropout 0. The VAE is frozen
+# and never differentiated with a JVP, so its attention may use F.scaled_dot_product_attention.
+
+
+class VAEResnetBlock(nn.Module):
+    """diffusers ResnetBlock2D without time embedding: x + conv2(silu(norm2(conv1(silu(norm1(x))))))."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(32, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(32, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None  # 1x1 only when widths change
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over all H*W positions with a GroupNorm in front and a residual."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(32, ch, eps=1e-6)
+        self.to_q = nn.Linear(ch, ch)
+        self.to_k = nn.Linear(ch, ch)
+        self.to_v = nn.Linear(ch, ch)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers keeps a Dropout(0) at to_out.1
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        t = self.group_norm(x).reshape(n, c, h * w).transpose(1, 2)  # [N, HW, C]
+        a = F.scaled_dot_product_attention(self.to_q(t), self.to_k(t), self.to_v(t))  # scale 1/sqrt(C): one head
+        return x + self.to_out[0](a).transpose(1, 2).reshape(n, c, h, w)
+
+
+class VAEResample(nn.Module):
+    """Downsample2D: zero-pad right and bottom by one, 3x3 conv stride 2 (H -> H/2 for even H).
+    Upsample2D: nearest-neighbour 2x, then 3x3 conv."""
+
+    def __init__(self, ch, up):
+        super().__init__()
+        self.up = up
+        self.conv = nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1 if up else 0)
+
+    def forward(self, x):
+        if self.up:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as in the original LDM autoencoder
+
+
+class VAEDownBlock(nn.Module):
+    """diffusers DownEncoderBlock2D: resnets, then (except in the last block) a stride-2 downsampler."""
+
+    def __init__(self, cin, cout, num_resnets, down):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
+        self.downsamplers = nn.ModuleList([VAEResample(cout, up=False)]) if down else None
+
+    def forward(self, x):
+        for layer in [*self.resnets, *(self.downsamplers or [])]:
+            x = layer(x)
+        return x
+
+
+class VAEUpBlock(nn.Module):
+    """diffusers UpDecoderBlock2D: resnets, then (except in the last block) a 2x upsampler."""
+
+    def __init__(self, cin, cout, num_resnets, up):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
+        self.upsamplers = nn.ModuleList([VAEResample(cout, up=True)]) if up else None
+
+    def forward(self, x):
+        for layer in [*self.resnets, *(self.upsamplers or [])]:
+            x = layer(x)
+        return x
+
+
+class VAEMidBlock(nn.Module):
+    """diffusers UNetMidBlock2D at the lowest resolution: resnet, attention, resnet."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.attentions = nn.ModuleList([VAEAttention(ch)])
+        self.resnets = nn.ModuleList([VAEResnetBlock(ch, ch), VAEResnetBlock(ch, ch)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, channels=(128, 256, 512, 512), num_resnets=2):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
+        cins = [channels[0], *channels[:-1]]
+        self.down_blocks = nn.ModuleList([VAEDownBlock(ci, co, num_resnets, down=i < len(channels) - 1)
+                                          for i, (ci, co) in enumerate(zip(cins, channels))])
+        self.mid_block = VAEMidBlock(channels[-1])
+        self.conv_norm_out = nn.GroupNorm(32, channels[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(channels[-1], 8, 3, padding=1)  # 2 x 4 latent channels: mean and logvar
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, channels=(128, 256, 512, 512), num_resnets=3):
+        super().__init__()
+        rev = channels[::-1]
+        self.conv_in = nn.Conv2d(4, rev[0], 3, padding=1)
+        # Registered before mid_block only to list the keys in diffusers' order; the data flows mid -> up.
+        self.up_blocks = nn.ModuleList([VAEUpBlock(ci, co, num_resnets, up=i < len(rev) - 1)
+                                        for i, (ci, co) in enumerate(zip([rev[0], *rev[:-1]], rev))])
+        self.mid_block = VAEMidBlock(rev[0])
+        self.conv_norm_out = nn.GroupNorm(32, rev[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(rev[-1], 3, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    """sd-vae-ft-mse. encode: pixels [N, 3, H, W] -> posterior (mean, std), each [N, 4, H/8, W/8];
+    decode: latents [N, 4, h, w] -> pixels [N, 3, 8h, 8w], not clamped. The SD convention feeds and
+    returns pixels in [-1, 1]; EDM2 deliberately feeds [0, 1] (see edm2_encode_pixels). `batch` splits
+    the work into micro-batches to bound memory; GroupNorm is per sample, so results do not depend on it.
+    EDM2 and DiT run it in float32: call it outside a bf16 autocast region to reproduce their numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = VAEEncoder()
+        self.decoder = VAEDecoder()
+        self.quant_conv = nn.Conv2d(8, 8, 1)
+        self.post_quant_conv = nn.Conv2d(4, 4, 1)
+
+    def encode(self, x, batch=None):
+        moments = torch.cat([self.quant_conv(self.encoder(c)) for c in x.split(batch or len(x))])
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers DiagonalGaussianDistribution
+
+    def decode(self, z, batch=None):
+        return torch.cat([self.decoder(self.post_quant_conv(c)) for c in z.split(batch or len(z))])
+
+
+_VAE_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_VAE_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # BF16 read as raw bits
+
+
+def read_safetensors(path):
+    """Reads a .safetensors file into {name: CPU tensor} in its stored dtype, without the safetensors
+    package. Format: 8-byte little-endian header length n, n bytes of JSON mapping each name to
+    {dtype, shape, data_offsets: [begin, end]} (offsets into the data that follows; an optional
+    "__metadata__" entry holds strings), then the raw little-endian tensor data."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    if len(blob) < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {len(blob)} bytes; truncated?)")
+    n = int.from_bytes(blob[:8], "little")
+    if 8 + n > len(blob):
+        raise ValueError(f"{path}: safetensors header claims {n} bytes but the file has {len(blob) - 8} "
+                         "after the length field (truncated, or not a safetensors file)")
+    try:
+        header = json.loads(blob[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is not a JSON object")
+    data = memoryview(blob)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = info["dtype"], [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: malformed safetensors entry for {name!r}: {info!r}") from None
+        if dtype not in _VAE_SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}; supported: "
+                             f"{', '.join(_VAE_SAFETENSORS_DTYPES)}")
+        np_dtype = np.dtype(_VAE_SAFETENSORS_DTYPES[dtype])
+        count = int(np.prod(shape, dtype=np.int64))
+        if not 0 <= begin <= end or end - begin != count * np_dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name!r} has data_offsets {[begin, end]} inconsistent with "
+                             f"dtype {dtype} and shape {shape}")
+        if end > len(data):
+            raise ValueError(f"{path}: tensor {name!r} ends at byte {end} of the data section but the file "
+                             f"holds only {len(data)} bytes of data (truncated file)")
+        a = np.frombuffer(data, dtype=np_dtype, count=count, offset=begin).astype(np_dtype.newbyteorder("="))
+        if dtype == "BF16":  # bfloat16 = the upper 16 bits of a float32; numpy has no bfloat16
+            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(a)
+        tensors[name] = t.reshape(shape)
+    return tensors
+
+
+def load_vae(path, device="cpu"):
+    """Loads sd-vae-ft-mse weights in the diffusers layout from a .safetensors file, a .bin/.pt/.pth
+    state_dict (torch.load with weights_only=True), or a folder holding diffusion_pytorch_model.* (the
+    Hugging Face repo layout). Accepts the attention names of diffusers before 0.15
+    (query/key/value/proj_attn) and attention weights stored as 1x1 convs. Returns the float32 model in
+    eval mode with requires_grad False."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = [os.path.join(path, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
+        found = [p for p in found if os.path.isfile(p)]
+        if not found:
+            raise FileNotFoundError(f"VAE folder {path} holds neither diffusion_pytorch_model.safetensors nor "
+                                    "diffusion_pytorch_model.bin (expected the stabilityai/sd-vae-ft-mse layout)")
+        path = found[0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VAE weights not found: {path} (expected sd-vae-ft-mse in the diffusers layout, "
+                                "e.g. diffusion_pytorch_model.safetensors from stabilityai/sd-vae-ft-mse)")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        state = read_safetensors(path)
+    elif ext in (".bin", ".pt", ".pth"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path}: expected a flat state_dict of tensors (diffusers layout)")
+    else:
+        raise ValueError(f"{path}: unknown VAE weight format {ext!r}; expected .safetensors, .bin, .pt or .pth "
+                         "in the diffusers AutoencoderKL layout")
+
+    converted = {}
+    for name, t in state.items():
+        m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", name)
+        if m:  # older diffusers names, which diffusers itself renames on load (_convert_deprecated_attention_blocks)
+            name = f"{m[1]}.{_VAE_OLD_ATTENTION_NAMES[m[2]]}.{m[3]}"
+        if name in converted:
+            raise ValueError(f"{path}: {name} is present under both its old and its new attention name")
+        if re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", name) and t.ndim == 4 \
+                and t.shape[2:] == (1, 1):
+            t = t.reshape(t.shape[:2])  # a 1x1 conv over pixels is the same linear map over channels
+        converted[name] = t
+
+    with torch.device("meta"):  # shapes only: skips a random init that the weights would overwrite
+        vae = AutoencoderKL()
+    expected = vae.state_dict()
+    missing = [k for k in expected if k not in converted]
+    unexpected = [k for k in converted if k not in expected]
+    if missing or unexpected:
+        hint = " (this looks like the original CompVis/LDM layout; use the diffusers export)" \
+            if any(k.startswith(("encoder.down.", "first_stage_model.")) for k in unexpected) else ""
+        raise ValueError(f"{path}: not an sd-vae-ft-mse state_dict in the diffusers layout{hint}: "
+                         f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
+                         f"{unexpected[:5]}")
+    bad = [f"{k} {list(converted[k].shape)} != {list(v.shape)}" for k, v in expected.items()
+           if converted[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensors have the wrong shape, e.g. {bad[:3]}")
+    if not all(t.is_floating_point() for t in converted.values()):
+        raise ValueError(f"{path}: VAE weights must be floating point")
+    vae.load_state_dict({k: t.to(torch.float32) for k, t in converted.items()}, strict=True, assign=True)
+    return vae.eval().requires_grad_(False).to(device)
+
+
+def sample_latents(mean, std, generator=None):
+    """One draw from the VAE posterior N(mean, std^2). Datasets store the 8-channel [mean, std]
+    ("raw latents", SPEC §8) so that every epoch sees a fresh draw (EDM2 and MeanFlow both do this).
+    A generator must live on the device of `mean`."""
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + noise * std
+
+
+# EDM2 convention (SPEC §7; NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are
+# divided by 255 and the VAE sees [0, 1] (not the [-1, 1] it was trained on: EDM2's statistics and
+# checkpoints were made that way, so keep it); datasets hold [mean, std]; a latent drawn from them is
+# normalised per channel to std 0.5; decoded pixels are clamped to [0, 1] and scaled to uint8.
+EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)  # assumed mean of the raw latents, per channel
+EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)  # assumed std of the raw latents, per channel
+EDM2_FINAL_STD = 0.5  # = sigma_data
+
+
+def _edm2_scale_bias(z):
+    scale = np.float32(EDM2_FINAL_STD) / np.array(EDM2_RAW_STD, np.float32)  # float32 as in EDM2
+    bias = -np.array(EDM2_RAW_MEAN, np.float32) * scale
+    return [torch.as_tensor(a, dtype=z.dtype, device=z.device).reshape(1, -1, 1, 1) for a in (scale, bias)]
+
+
+def edm2_normalize_latents(z_raw):
+    """Raw VAE latent [N, 4, h, w] -> EDM2 model latent: z * scale + bias, scale = 0.5/raw_std,
+    bias = -raw_mean*scale."""
+    scale, bias = _edm2_scale_bias(z_raw)
+    return z_raw * scale + bias
+
+
+def edm2_unnormalize_latents(z):
+    """Inverse of edm2_normalize_latents: (z - bias) / scale."""
+    scale, bias = _edm2_scale_bias(z)
+    return (z - bias) / scale
+
+
+@torch.no_grad()
+def edm2_encode_pixels(vae, images, batch=8):
+    """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [0, 1]."""
+    p = next(vae.parameters())
+    mean, std = vae.encode(images.to(p.device, torch.float32) / 255, batch=batch)
+    return torch.cat([mean, std], dim=1)
+
+
+def edm2_encode_latents(raw, generator=None):
+    """Raw latents [N, 8, h, w] (mean, std) -> EDM2 model latents [N, 4, h, w]: draw, then normalise."""
+    mean, std = raw.to(torch.float32).chunk(2, dim=1)
+    return edm2_normalize_latents(sample_latents(mean, std, generator))
+
+
+@torch.no_grad()
+def edm2_decode(vae, z, batch=8):
+    """EDM2 model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (clamp [0, 1], x255, truncate)."""
+    p = next(vae.parameters())
+    x = vae.decode(edm2_unnormalize_latents(z.to(p.device, torch.float32)), batch=batch)
+    return x.clamp(0, 1).mul(255).to(torch.uint8)
+
+
+# MeanFlow/DiT convention (SPEC §6, §7; facebookresearch/DiT train.py and sample_ddp.py,
+# Gsunshine/meanflow utils/vae_util.py): pixels in [-1, 1] (x/127.5 - 1), latent = draw * 0.18215
+# (diffusers' scaling_factor for this VAE); decoded pixels become uint8 as clip(127.5 x + 128, 0, 255).
+SD_LATENT_SCALE = 0.18215
+
+
+def sd_scale_latents(z_raw):
+    """Raw VAE latent -> MeanFlow/DiT model latent."""
+    return z_raw * SD_LATENT_SCALE
+
+
+def sd_unscale_latents(z):
+    """MeanFlow/DiT model latent -> raw VAE latent."""
+    return z / SD_LATENT_SCALE
+
+
+@torch.no_grad()
+def sd_encode_pixels(vae, images, batch=8):
+    """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [-1, 1]."""
+    p = next(vae.parameters())
+    mean, std = vae.encode(images.to(p.device, torch.float32) / 127.5 - 1, batch=batch)
+    return torch.cat([mean, std], dim=1)
+
+
+def sd_encode_latents(raw, generator=None):
+    """Raw latents [N, 8, h, w] (mean, std) -> MeanFlow/DiT model latents [N, 4, h, w]: draw, then scale."""
+    mean, std = raw.to(torch.float32).chunk(2, dim=1)
+    return sd_scale_latents(sample_latents(mean, std, generator))
+
+
+@torch.no_grad()
+def sd_decode(vae, z, batch=8):
+    """MeanFlow/DiT model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (127.5 x + 128, clip, truncate)."""
+    p = next(vae.parameters())
+    x = vae.decode(sd_unscale_latents(z.to(p.device, torch.float32)), batch=batch)
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+# ----------------------------------------------------------------------------- teacher and solver
+def edm2_arch_kwargs(cfg):
+    """What an official EDM2 pickle must record (or default to) to fit this config."""
+    expected = dict(img_resolution=cfg["res"], img_channels=cfg["img_channels"], label_dim=cfg["label_dim"],
+                    model_channels=cfg["model_channels"], channel_mult=cfg["channel_mult"],
+                    num_blocks=cfg["num_blocks"], attn_resolutions=cfg["attn_res"])
+    defaults = dict(channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8])
+    return expected, defaults
+
+
+def load_network(spec, cfg, what):
+    """A frozen denoiser from an official .pkl (path or URL), one of our .pt checkpoints (its EMA),
+    or `analytic` (the toy's closed-form denoiser). Returns an eval-mode module."""
+    if spec == "analytic":
+        if cfg["data"] != "toy":
+            raise SystemExit(f"--{what} analytic needs the toy data (--preset tiny)")
+        return ToyDenoiser(ToyMixture(cfg["label_dim"], cfg["res"], cfg["img_channels"]), conditional=what != "guide")
+    if spec is None or spec == "pretrain":
+        raise SystemExit(f"--{what}: give an EDM2 .pkl (path or URL), a checkpoint .pt, or 'analytic' (toy only)")
+    if spec.endswith(".pt"):
+        state = torch.load(spec, map_location="cpu", weights_only=True)["ema"]
+    else:
+        state, init_kwargs, class_name = load_official_pkl(spec)
+        if class_name != "Precond":
+            raise SystemExit(f"--{what}: {spec} holds a {class_name}, expected an EDM2 Precond")
+        expected, defaults = edm2_arch_kwargs(cfg)
+        if what == "guide":  # an autoguidance net is smaller (or unconditional): take its own size
+            for key in ("model_channels", "label_dim"):
+                expected[key] = init_kwargs.get(key, expected[key])
+        check_init_kwargs(init_kwargs, expected, spec, defaults)
+        cfg = dict(cfg, model_channels=expected["model_channels"], label_dim=expected["label_dim"])
+    net = build_net(cfg, logvar=any(k.startswith("logvar_") for k in state), s_min=0.0)
+    copy_by_name(state, net, ignore=())
+    return net.eval().requires_grad_(False)
+
+
+def guided_denoiser(net, gnet=None, w=1.0):
+    """D_g = D_gnet + w (D_net - D_gnet) (autoguidance / CFG; SPEC §4). w = 1: the plain teacher."""
+    if gnet is None or w == 1:
+        return net
+    return lambda x, s, labels: gnet(x, s, labels).lerp(net(x, s, labels), w)
+
+
+@functools.lru_cache(maxsize=8)  # built once per device: no host->device copy in the training step
+def cmt_sigmas(nfe=16, s_max=80.0, s_min=0.002, device="cpu", dtype=torch.float32):
+    """logSNR-uniform grid s_i = s_max (s_min/s_max)^(i/N), i = 0..N (SPEC §2). Do not modify it in place."""
+    i = torch.arange(nfe + 1, dtype=torch.float64)
+    return (s_max * (s_min / s_max) ** (i / nfe)).to(device, dtype)
+
+
+@torch.no_grad()
+def dpm_solver_pp(denoise, x, labels, sigmas, order=3):
+    """Multistep DPM-Solver++ (data prediction) with warm-up and lower-order final steps
+    (orders 1, 2, 3, ..., 3, 2, 1; SPEC §2). Returns all len(sigmas) states, x first."""
+    n = len(sigmas) - 1
+    lam = -torch.log(sigmas.to(torch.float64))
+    states, ms, hs = [x], [], []
+    for k in range(n):
+        s_cur, s_next = sigmas[k], sigmas[k + 1]
+        ms.append(denoise(x, s_cur.expand(x.shape[0]), labels).to(x.dtype))
+        h = (lam[k + 1] - lam[k]).item()
+        phi_1 = math.expm1(-h)
+        o = min(order, k + 1, n - k)
+        x_next = (s_next / s_cur) * x - phi_1 * ms[-1]
+        if o == 2:
+            r0 = hs[-1] / h
+            x_next = x_next - 0.5 * phi_1 * (ms[-1] - ms[-2]) / r0
+        elif o == 3:
+            r0, r1 = hs[-1] / h, hs[-2] / h
+            d1_0, d1_1 = (ms[-1] - ms[-2]) / r0, (ms[-2] - ms[-3]) / r1
+            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_2 = phi_1 / h + 1
+            phi_3 = phi_2 / h - 0.5
+            x_next = x_next + phi_2 * d1 - phi_3 * d2
+        hs.append(h)
+        ms = ms[-2:]
+        x = x_next
+        states.append(x)
+    return states
+
+
+def karras_sigmas(num_steps, s_max=80.0, s_min=0.002, rho=7.0, device="cpu"):
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t = (s_max ** (1 / rho) + i / (num_steps - 1) * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)]).to(device)
+
+
+@torch.no_grad()
+def heun_sampler(denoise, noise, labels, num_steps=32, s_max=80.0, s_min=0.002, rho=7.0):
+    """EDM Algorithm 2 without churn (the reference sampler of the guided teacher; 2N-1 NFE)."""
+    t = karras_sigmas(num_steps, s_max, s_min, rho, noise.device)
+    x = noise.to(torch.float64) * t[0]
+    for i in range(num_steps):
+        x = teacher_step(denoise, x, t[i], t[i + 1], labels, "heun" if t[i + 1] > 0 else "euler")
+    return x
+
+
+def teacher_step(denoise, x, t, r, labels, solver="heun"):
+    """One Euler or Heun step of the PF-ODE dx/ds = (x - D(x, s))/s from t to r (per-sample
+    tensors or scalars). Rows with r = 0 take the Euler step (Heun's slope at 0 is undefined)."""
+    n = x.shape[0]
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1).expand(n, 1, 1, 1)
+    r = torch.as_tensor(r, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1).expand(n, 1, 1, 1)
+    d = (x - denoise(x, t.flatten(), labels).to(x.dtype)) / t
+    x_euler = x + (r - t) * d
+    if solver == "euler":
+        return x_euler
+    r_eval = torch.where(r > 0, r, t)
+    d_prime = (x_euler - denoise(x_euler, r_eval.flatten(), labels).to(x.dtype)) / r_eval
+    return torch.where(r > 0, x + (r - t) * 0.5 * (d + d_prime), x_euler)
+
+
+# ----------------------------------------------------------------------------- losses
+def distance(a, b, metric, c):
+    """Per-sample distance over all elements: l2 (sum of squares), huber (sqrt(sum + c^2) - c),
+    cauchy (log(1 + sum / (2 c^2))) (SPEC §3)."""
+    sq = (a - b).square().flatten(1).sum(1)
+    if metric == "l2":
+        return sq
+    if metric == "huber":
+        return torch.sqrt(sq + c ** 2) - c
+    if metric == "cauchy":
+        return torch.log1p(sq / (2 * c ** 2))
+    raise ValueError(f"--metric: unknown metric {metric!r} (huber, cauchy, l2)")
+
+
+def cmt_batch(teacher, noise, labels, sigmas):
+    """Data-free CMT batch (SPEC §3): teacher trajectories from x_T = 80 noise, stacked step-major.
+    Returns (states [N*b], sigmas [N*b], labels [N*b], targets [N*b]) for N = len(sigmas) - 1."""
+    states = dpm_solver_pp(teacher, sigmas[0] * noise, labels, sigmas)
+    n, b = len(sigmas) - 1, noise.shape[0]
+    x = torch.cat(states[:-1])
+    s = sigmas[:-1].repeat_interleave(b)
+    return x, s, labels.repeat(n), states[-1].repeat(n, 1, 1, 1)
+
+
+def cmt_loss(net, teacher, gen, labels, cfg):
+    """L_CMT (SPEC §3): d(f(x_{s_i}, s_i), sg(x_hat_0)) over the 16 states of each trajectory."""
+    b = labels.shape[0] // cfg["nfe"]
+    sigmas = cmt_sigmas(cfg["nfe"], cfg["s_max"], cfg["s_lo"], labels.device)
+    noise = torch.randn([b, cfg["img_channels"], cfg["res"], cfg["res"]], generator=gen, device=labels.device)
+    x, s, lab, target = cmt_batch(teacher, noise, labels[:b], sigmas)
+    return distance(net(x, s, lab), target, cfg["metric"], cfg["huber_c"])
+
+
+def ect_t_to_r(t, q, stage=0, k=8.0, b=1.0):
+    """r = t (1 - q^-(stage+1) (1 + k sigmoid(-b t))), clamped at 0 (SPEC §4)."""
+    return (t * (1 - q ** -(stage + 1) * (1 + k * torch.sigmoid(-b * t)))).clamp(min=0)
+
+
+def consistency_pair_loss(net, x_t, t, x_r, r, y, labels, c, sigma_data):
+    """(t^2 + sd^2)/(t sd)^2 * huber(f(x_t, t), sg(f(x_r, r))), f_r = y where r = 0; the second
+    call reuses the first call's dropout mask and leaves the weights alone (sony/cmt loss.py)."""
+    dev = x_t.device
+    rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.get_rng_state()
+    f_t = net(x_t, t, labels)
+    with torch.no_grad(), no_forced_wn(net):
+        if dev.type == "cuda":
+            torch.cuda.set_rng_state(rng, dev)
+        else:
+            torch.set_rng_state(rng)
+        f_r = torch.where((r > 0).reshape(-1, 1, 1, 1), torch.nan_to_num(net(x_r, r, labels)), y)
+    weight = (t ** 2 + sigma_data ** 2) / (t * sigma_data) ** 2
+    return distance(f_t, f_r, "huber", c) * weight  # c = 0: the plain L2 norm |f_t - f_r|
+
+
+def sample_t_r(y, gen, cfg, it):
+    t = torch.exp(cfg["p_mean"] + cfg["p_std"] * torch.randn([y.shape[0]], generator=gen, device=y.device))
+    stage = it // cfg["ect_double"] if cfg["ect_double"] else 0
+    return t, ect_t_to_r(t, cfg["ect_q"], stage, cfg["k"], cfg["b"])
+
+
+def ect_loss(net, y, labels, gen, cfg, it):
+    """ECT (SPEC §4, weighting and Huber of sony/cmt imagenet512 ECMLoss): x_r = y + r eps."""
+    t, r = sample_t_r(y, gen, cfg, it)
+    eps = torch.randn(y.shape, generator=gen, device=y.device)
+    x_t, x_r = y + t.reshape(-1, 1, 1, 1) * eps, y + r.reshape(-1, 1, 1, 1) * eps
+    return consistency_pair_loss(net, x_t, t, x_r, r, y, labels, cfg["huber_c"], cfg["sigma_data"])
+
+
+def ecd_loss(net, teacher, y, labels, gen, cfg, it):
+    """ECD (SPEC §4): x_r = one Heun/Euler step of the guided teacher from x_t = y + t eps to r."""
+    t, r = sample_t_r(y, gen, cfg, it)
+    x_t = y + t.reshape(-1, 1, 1, 1) * torch.randn(y.shape, generator=gen, device=y.device)
+    with torch.no_grad():
+        x_r = teacher_step(teacher, x_t, t, r, labels, cfg["solver"])
+    return consistency_pair_loss(net, x_t, t, x_r, r, y, labels, cfg["huber_c"], cfg["sigma_data"])
+
+
+def edm2_loss(net, y, labels, gen, cfg):
+    """EDM2 pre-training loss with the learned uncertainty u(s) (EDM2 Eq. 21), per sample."""
+    sigma = torch.exp(cfg["p_mean"] + cfg["p_std"] * torch.randn([y.shape[0]], generator=gen, device=y.device))
+    noise = torch.randn(y.shape, generator=gen, device=y.device) * sigma.reshape(-1, 1, 1, 1)
+    denoised, logvar = net(y + noise, sigma, labels, return_logvar=True)
+    s = sigma.reshape(-1, 1, 1, 1)
+    weight = (s ** 2 + cfg["sigma_data"] ** 2) / (s * cfg["sigma_data"]) ** 2
+    return (weight / logvar.exp() * (denoised - y) ** 2 + logvar).flatten(1).sum(1)
+
+
+# ----------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample_fewstep(net, noise, labels, steps=2, mid_t=1.526, s_max=80.0, gen=None):
+    """1 step: x = f(80 z, 80); 2 steps: x = f(x + mid_t z', mid_t) (student in eval mode)."""
+    ts = [s_max, mid_t][:steps]
+    x = noise * ts[0]
+    for i, t in enumerate(ts):
+        if i > 0:
+            x = x + t * torch.randn(x.shape, generator=gen, device=x.device)
+        x = net(x, torch.full([x.shape[0]], t, device=x.device), labels, eval_mode=True)
+    return x
+
+
+def to_uint8(x, cfg, vae):
+    """Model output -> uint8 NCHW pixels (EDM2 VAE decode for latents; SPEC §5 rounding for pixels)."""
+    if cfg["latent"]:
+        return edm2_decode(vae, x)
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def save_grid(images, path, cols):
+    """uint8 [N, C, H, W] -> PNG grid with `cols` columns."""
+    n, c, h, w = images.shape
+    rows = math.ceil(n / cols)
+    grid = torch.zeros([rows * cols, c, h, w], dtype=torch.uint8)
+    grid[:n] = images.cpu()
+    grid = grid.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c).numpy()
+    PIL.Image.fromarray(grid[..., 0] if c == 1 else grid[..., :3]).save(path)
+
+
+def sample_grid(net, cfg, device, vae, path, classes=8, per_class=8):
+    """Class-conditional grid: one row per class, 1-step samples left, 2-step right; fixed noise."""
+    if cfg["latent"] and vae is None:
+        return
+    gen = torch.Generator(device).manual_seed(cfg["seed"])
+    labels = torch.linspace(0, cfg["label_dim"] - 1, classes).round().long().repeat_interleave(per_class).to(device)
+    z = torch.randn([len(labels), cfg["img_channels"], cfg["res"], cfg["res"]], generator=gen, device=device)
+    one = to_uint8(sample_fewstep(net, z, labels, 1, cfg["mid_t"], cfg["s_max"]), cfg, vae)
+    two = to_uint8(sample_fewstep(net, z, labels, 2, cfg["mid_t"], cfg["s_max"], gen), cfg, vae)
+    both = torch.cat([one.reshape(classes, per_class, *one.shape[1:]), two.reshape(classes, per_class, *two.shape[1:])], 1)
+    save_grid(both.flatten(0, 1), path, 2 * per_class)
+
+
+def generate(cfg, device, rank, world, sampler, vae, tag):
+    """Stage `sample`: `--num` class-conditional images (uniform classes), this rank's share;
+    writes samples-<tag>.npz (uint8 NHWC; one file per rank if distributed) and a PNG grid, and
+    computes FID with fid.py when --fid-ref is given."""
+    bg = cfg["batch_gpu"]
+    batches = [range(i, min(i + bg, cfg["num"])) for i in range(0, cfg["num"], bg)][rank::world]
+
+    def images():
+        for idx in batches:
+            gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], idx[0], 0))
+            labels = torch.randint(cfg["label_dim"], (len(idx),), generator=gen, device=device)
+            z = torch.randn([len(idx), cfg["img_channels"], cfg["res"], cfg["res"]], generator=gen, device=device)
+            yield to_uint8(sampler(z, labels, gen).to(torch.float32), cfg, vae)
+
+    kept = []
+
+    def keep(it):
+        for x in it:
+            kept.append(x.cpu())
+            yield x
+
+    fid_value = None
+    if cfg["fid_ref"]:
+        import fid
+        mu_ref, sigma_ref = fid.load_ref(cfg["fid_ref"])
+        mu, sigma, n = fid.inception_stats(keep(images()), device=device)
+        fid_value = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    else:
+        for _ in keep(images()):
+            pass
+    out = torch.cat(kept) if kept else torch.zeros([0, 3, 1, 1], dtype=torch.uint8)
+    name = f"samples-{tag}.npz" if world == 1 else f"samples-{tag}-rank{rank}of{world}.npz"
+    np.savez(os.path.join(cfg["outdir"], name), images=out.permute(0, 2, 3, 1).numpy())
+    if rank == 0:
+        save_grid(out[:64], os.path.join(cfg["outdir"], f"samples-{tag}.png"), 8)
+        if fid_value is not None:
+            print(f"[sample] FID {fid_value:.3f} ({tag}, {cfg['num']} images vs {cfg['fid_ref']})", flush=True)
+            with open(os.path.join(cfg["outdir"], "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(dict(tag=tag, fid=fid_value, num=cfg["num"], ref=cfg["fid_ref"])) + "\n")
+    return fid_value
+
+
+# ----------------------------------------------------------------------------- training loop
+def dist_setup():
+    """torchrun environment -> (device, rank, world); nccl on CUDA, gloo on CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world
+
+
+def rng_state(device):
+    """This process's RNG states in weights_only-loadable form."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+                python=[py_state[0], list(py_state[1]), py_state[2]])
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    np.random.set_state((state["numpy"][0], state["numpy"][1].numpy().astype(np.uint32), *state["numpy"][2:]))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+
+
+def save_atomic(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def learning_rate(cfg, it):
+    """Linear decay to 0 over the run (official: lr (1 - kimg/total)), or constant."""
+    if cfg["lr_decay"] == "linear":
+        return cfg["lr"] * (1 - it / cfg["iters"])
+    return cfg["lr"]
+
+
+def fmt_time(sec):
+    sec = int(sec)
+    return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
+
+
+def init_student(cfg, teacher, logvar=False):
+    """The trained network: from the teacher's weights (copy by name, no logvar head), a checkpoint
+    .pt (its EMA) or an official .pkl, or random."""
+    net = build_net(cfg, logvar=logvar)
+    spec = cfg["init"]
+    if spec is None:
+        raise SystemExit("--init: give the checkpoint to start from (post: the mid-training ckpt-latest.pt), "
+                         "or 'teacher' or 'random'")
+    if spec == "teacher":
+        if not isinstance(teacher, Precond):
+            raise SystemExit("--init teacher: the teacher is not an EDM2 network (use --init random or a checkpoint)")
+        copy_by_name(teacher.state_dict(), net)
+    elif spec.endswith(".pt"):
+        copy_by_name(torch.load(spec, map_location="cpu", weights_only=True)["ema"], net)
+    elif spec != "random":
+        copy_by_name(load_official_pkl(spec)[0], net)
+    return net
+
+
+def train(cfg, stage):
+    """One training loop for every stage: DDP, accumulation, EMA, guard, checkpoints, logging."""
+    device, rank, world = dist_setup()
+    outdir = cfg["outdir"]
+    cfg["batch_gpu"] = cfg["batch_gpu"] or cfg["batch"] // world
+    accum = cfg["batch"] // (cfg["batch_gpu"] * world)
+    if accum * cfg["batch_gpu"] * world != cfg["batch"]:
+        raise SystemExit(f"--batch {cfg['batch']} is not a multiple of --batch-gpu {cfg['batch_gpu']} x {world} GPUs")
+    if stage == "mid" and cfg["batch_gpu"] % cfg["nfe"]:
+        raise SystemExit(f"--batch-gpu {cfg['batch_gpu']} must be a multiple of --nfe {cfg['nfe']} "
+                         "(each micro-batch holds whole 16-state trajectories)")
+    if rank == 0:
+        os.makedirs(outdir, exist_ok=True)
+        with open(os.path.join(outdir, "config.json"), "w") as f:
+            json.dump(dict(cfg, stage=stage), f, indent=2)
+        print(f"[{stage}] {cfg['iters']} iterations x {cfg['batch']} = {cfg['mimg']:.4g} Mimg; "
+              f"{world} process(es) x batch-gpu {cfg['batch_gpu']} x accumulation {accum}; device {device}", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
+
+    # Networks. Construction draws from the global RNG: seed it identically on every rank first.
+    torch.manual_seed(cfg["seed"])
+    teacher = gnet = None
+    if stage in ("mid", "post"):
+        teacher = load_network(cfg["teacher"], cfg, "teacher").to(device)
+        if cfg["guide"]:
+            gnet = load_network(cfg["guide"], cfg, "guide").to(device)
+    teacher_fn = guided_denoiser(teacher, gnet, cfg["guidance"]) if teacher is not None else None
+    net = init_student(cfg, teacher, logvar=stage == "pretrain").to(device).train().requires_grad_(True)
+    if cfg["channels_last"]:
+        net = net.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=1e-8,
+                           fused=device.type == "cuda")
+    torch.manual_seed(rank_seed(cfg["seed"], rank))  # dropout streams; data noise comes from micro_seed
+    start = 0
+    ckpt_path = os.path.join(outdir, "ckpt-latest.pt") if cfg.get("resume") == "auto" else cfg.get("resume")
+    if ckpt_path and os.path.isfile(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt["stage"] != stage:
+            raise SystemExit(f"--resume: {ckpt_path} is a {ckpt['stage']} checkpoint, this is stage {stage}")
+        net.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["iter"]
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank], device)
+        if rank == 0:
+            print(f"[{stage}] resumed from {ckpt_path} at iteration {start}", flush=True)
+    elif cfg.get("resume") not in (None, "auto"):
+        raise SystemExit(f"--resume: {cfg['resume']} not found")
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False) if world > 1 else net
+    model = torch.compile(ddp) if cfg["compile"] else ddp
+
+    # Inputs and the loss of this stage: per-sample losses of one micro-batch.
+    toy = ToyMixture(cfg["label_dim"], cfg["res"], cfg["img_channels"]) if cfg["data"] == "toy" else None
+    kind = "labels" if stage == "mid" else "toy" if toy is not None else "dataset"
+    if kind == "dataset":
+        if not cfg["data"]:
+            raise SystemExit(f"--data: stage {stage} trains on data; give an EDM2 dataset (zip or folder)")
+        if cfg["latent"]:
+            check_latent_stats(cfg)
+    source = BatchSource(cfg, kind, device, rank, world, accum, start, toy)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg["bf16"] else contextlib.nullcontext()
+
+    def micro_loss(gen, it):
+        y, labels = source.next(gen)
+        with amp:
+            if stage == "pretrain":
+                return edm2_loss(model, y, labels, gen, cfg)
+            if stage == "mid":
+                return cmt_loss(model, teacher_fn, gen, labels, cfg)
+            if cfg["post_loss"] == "ect":
+                return ect_loss(model, y, labels, gen, cfg, it)
+            return ecd_loss(model, teacher_fn, y, labels, gen, cfg, it)
+
+    vae = load_vae(cfg["vae"], device) if cfg["vae"] and rank == 0 else None
+    if cfg["latent"] and vae is None and rank == 0:
+        print(f"[{stage}] no --vae: latent sample grids are skipped", flush=True)
+    stats_path = os.path.join(outdir, "stats.jsonl")
+    params = list(net.parameters())
+    log_loss = torch.zeros([], device=device)
+    log_gnorm = torch.zeros([], device=device)
+    log_n, skipped, t_log, it_log, t_start = 0, 0, time.time(), start, time.time()
+    for it in range(start, cfg["iters"]):
+        opt.zero_grad(set_to_none=True)
+        loss_acc = torch.zeros([], device=device)
+        for m in range(accum):
+            gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, m * world + rank))
+            sync = m == accum - 1 or world == 1
+            with (contextlib.nullcontext() if sync else ddp.no_sync()):
+                loss = micro_loss(gen, it).mean() / accum
+                loss.backward()
+            loss_acc += loss.detach()
+        # Guard: one device->host read per step (the only per-step sync), agreed over ranks.
+        finite = torch.isfinite(loss_acc).to(torch.float32)
+        if world > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1:
+            skipped += 1
+            if rank == 0:
+                print(f"[{stage}] iteration {it}: non-finite loss, step skipped ({skipped}/{cfg['max_skips']})", flush=True)
+            if skipped > cfg["max_skips"]:
+                raise SystemExit(f"[{stage}] aborting: more than --max-skips {cfg['max_skips']} non-finite losses "
+                                 "(lower --lr, check the teacher and the data)")
+        else:
+            for p in params:  # official sony/cmt imagenet512: nan -> 0, +-inf -> 0
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+            for g in opt.param_groups:
+                g["lr"] = learning_rate(cfg, it)
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), params, 1 - cfg["ema"])  # = lerp(p, p_ema, beta)
+            log_loss += loss_acc
+            log_gnorm += gnorm.detach()
+            log_n += 1
+        done = it + 1 == cfg["iters"]
+        if (it + 1) % cfg["log_every"] == 0 or done:
+            sec = time.time() - t_log
+            if world > 1:  # the logged loss is the global mean (the grad norm already is, after DDP)
+                torch.distributed.all_reduce(log_loss)
+                log_loss /= world
+            loss_v, gnorm_v = ((log_loss / log_n).item(), (log_gnorm / log_n).item()) if log_n else (None, None)
+            its = (it + 1 - it_log) / max(sec, 1e-9)
+            if rank == 0:
+                row = dict(iter=it + 1, kimg=(it + 1) * cfg["batch"] / 1e3, loss=loss_v, grad_norm=gnorm_v,
+                           lr=learning_rate(cfg, it), it_per_s=its, img_per_s=its * cfg["batch"], skipped=skipped,
+                           sec=time.time() - t_start)
+                with open(stats_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                eta = (cfg["iters"] - it - 1) / max(its, 1e-9)
+                shown = f"loss {loss_v:.4f} gnorm {gnorm_v:.3g}" if log_n else "loss - gnorm - (all skipped)"
+                print(f"[{stage}] it {it + 1}/{cfg['iters']} ({100 * (it + 1) / cfg['iters']:.1f}%) {shown} | {its:.1f} it/s {its * cfg['batch']:.0f} img/s | lr {row['lr']:.1e} "
+                      f"skipped {skipped} | ETA {fmt_time(eta)}", flush=True)
+            log_loss.zero_(), log_gnorm.zero_()
+            log_n, t_log, it_log = 0, time.time(), it + 1
+        if (it + 1) % cfg["ckpt_every"] == 0 or done:
+            rngs = [None] * world
+            if world > 1:
+                torch.distributed.all_gather_object(rngs, rng_state(device))
+            else:
+                rngs = [rng_state(device)]
+            if rank == 0:
+                ckpt = dict(model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), iter=it + 1,
+                            rng=rngs, data_state=dict(images_seen=(it + 1) * cfg["batch"], seed=cfg["seed"]),
+                            config=json.loads(json.dumps(cfg)), stage=stage)
+                save_atomic(ckpt, os.path.join(outdir, f"ckpt-{it + 1:07d}.pt"))
+                save_atomic(ckpt, os.path.join(outdir, "ckpt-latest.pt"))
+        if rank == 0 and stage != "pretrain" and (done or (cfg["sample_every"] and (it + 1) % cfg["sample_every"] == 0)):
+            sample_grid(ema, cfg, device, vae, os.path.join(outdir, f"samples-{it + 1:07d}.png"))
+    if rank == 0:
+        print(f"[{stage}] done in {fmt_time(time.time() - t_start)}; {os.path.join(outdir, 'ckpt-latest.pt')}", flush=True)
+    return ema
+
+
+# ----------------------------------------------------------------------------- stages
+def run_sample(cfg):
+    device, rank, world = dist_setup()
+    cfg["batch_gpu"] = cfg["batch_gpu"] or 32
+    os.makedirs(cfg["outdir"], exist_ok=True)
+    vae = load_vae(cfg["vae"], device) if cfg["latent"] else None
+    if cfg["latent"] and vae is None:
+        raise SystemExit("--vae: decoding latents needs the sd-vae-ft-mse weights (file or folder)")
+    torch.manual_seed(cfg["seed"])
+    if cfg["init"] == "teacher":
+        teacher = load_network(cfg["teacher"], cfg, "teacher").to(device)
+        gnet = load_network(cfg["guide"], cfg, "guide").to(device) if cfg["guide"] else None
+        guided = guided_denoiser(teacher, gnet, cfg["guidance"])
+        sampler = lambda z, labels, gen: heun_sampler(guided, z, labels, cfg["heun_steps"], cfg["s_max"], cfg["s_lo"])  # noqa: E731
+        return generate(cfg, device, rank, world, sampler, vae, f"heun{cfg['heun_steps']}")
+    if not cfg["init"]:
+        raise SystemExit("--init: give the checkpoint to sample (ckpt-*.pt), or 'teacher' for the Heun reference")
+    net = init_student(cfg, None).to(device).eval().requires_grad_(False)
+    sampler = lambda z, labels, gen: sample_fewstep(net, z, labels, cfg["sample_steps"], cfg["mid_t"], cfg["s_max"], gen)  # noqa: E731
+    return generate(cfg, device, rank, world, sampler, vae, f"{cfg['sample_steps']}step")
+
+
+def center_crop_dhariwal(img, size):
+    """ADM's ImageNet crop (box-halve while >= 2x, bicubic resize of the short side, centre crop)."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=PIL.Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=PIL.Image.BICUBIC)
+    arr = np.asarray(img.convert("RGB"))
+    y0, x0 = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[y0:y0 + size, x0:x0 + size]
+
+
+def run_encode(cfg):
+    """ImageNet folder (one subfolder per class, sorted synsets = class ids) -> EDM2 dataset folder:
+    latent presets: NNNNN/img-mean-std-NNNNNNNN.npy ([mean, std], 8 x 64 x 64, pixels in [0, 1]
+    through the VAE); pixel presets: NNNNN/img-NNNNNNNN.png at 64 x 64. Plus dataset.json."""
+    device, rank, world = dist_setup()
+    src, out = cfg["data"], cfg["outdir"]
+    if not src or not os.path.isdir(src):
+        raise SystemExit("--data: give the ImageNet train folder (class subfolders) to encode")
+    classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
+    if not classes:
+        raise SystemExit(f"--data: {src} has no class subfolders")
+    files = [(os.path.join(c, f), k) for k, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(src, c))) if f.lower().endswith((".jpeg", ".jpg", ".png"))]
+    vae = load_vae(cfg["vae"], device) if cfg["latent"] else None
+    if cfg["latent"] and vae is None:
+        raise SystemExit("--vae: encoding latents needs the sd-vae-ft-mse weights (file or folder)")
+    size = cfg["res"] * 8 if cfg["latent"] else cfg["res"]
+    labels = []
+    for idx, (name, label) in enumerate(files):
+        stem = f"{idx // 1000:05d}/img-mean-std-{idx:08d}.npy" if cfg["latent"] else f"{idx // 1000:05d}/img-{idx:08d}.png"
+        labels.append([stem, label])
+        if idx % world != rank:
+            continue
+        img = center_crop_dhariwal(PIL.Image.open(os.path.join(src, name)), size)
+        os.makedirs(os.path.join(out, stem.split("/")[0]), exist_ok=True)
+        if cfg["latent"]:
+            pix = torch.from_numpy(img.copy()).permute(2, 0, 1)[None]
+            np.save(os.path.join(out, stem), edm2_encode_pixels(vae, pix)[0].cpu().numpy())
+        else:
+            PIL.Image.fromarray(img).save(os.path.join(out, stem))
+        if rank == 0 and idx % (1000 * world) == 0:
+            print(f"[encode] {idx}/{len(files)}", flush=True)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        with open(os.path.join(out, "dataset.json"), "w") as f:
+            json.dump(dict(labels=labels), f)
+        print(f"[encode] {len(files)} images of {len(classes)} classes -> {out}", flush=True)
+
+
+def run_bench(cfg):
+    """Seconds per training step (one mid step, one post step with autoguidance) at real size for
+    each size in --bench-sizes, random weights, batch --batch-gpu on one device."""
+    device, _, _ = dist_setup()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
+    bg = cfg["batch_gpu"] or cfg["nfe"]
+    if bg % cfg["nfe"]:
+        raise SystemExit(f"--batch-gpu {bg} must be a multiple of --nfe {cfg['nfe']}")
+    print(f"[bench] device {device}, {torch.get_num_threads()} threads, batch {bg}, "
+          f"{cfg['img_channels']}x{cfg['res']}x{cfg['res']}", flush=True)
+    results = {}
+    for size in cfg["bench_sizes"].split(","):
+        c = dict(cfg, model_channels=EDM2_CHANNELS.get(size, cfg["model_channels"]))
+        torch.manual_seed(0)
+        teacher = build_net(c).to(device).eval().requires_grad_(False)
+        gnet = build_net(c).to(device).eval().requires_grad_(False)
+        net = build_net(c).to(device).train()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-6)
+        gen = torch.Generator(device).manual_seed(0)
+        labels = torch.randint(c["label_dim"], (bg,), device=device)
+        y = 0.5 * torch.randn([bg, c["img_channels"], c["res"], c["res"]], device=device)
+        guided = guided_denoiser(teacher, gnet, 2.05)
+        steps = dict(mid=lambda: cmt_loss(net, teacher, gen, labels, c),
+                     post=lambda: ecd_loss(net, guided, y, labels, gen, c, 0))
+        for name, fn in steps.items():
+            times = []
+            for _ in range(2 if device.type == "cuda" else 1):  # on GPU the first step warms up kernels
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                fn().mean().backward()
+                opt.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            results[f"{size}/{name}"] = times[-1]
+            print(f"[bench] {size:>4} {name:>4}: {times[-1]:.2f} s/step "
+                  f"({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params)", flush=True)
+    return results
+
+
+def run_tiny(cfg_base, args):
+    """The CPU demo: (pretrain teacher |analytic) -> mid -> post, then the quality table."""
+    out = cfg_base["outdir"]
+    toy = ToyMixture(cfg_base["label_dim"], cfg_base["res"], cfg_base["img_channels"])
+    walls, nets = {}, {}
+    teacher_spec = cfg_base["teacher"]
+    if teacher_spec == "pretrain":
+        t0 = time.time()
+        c = resolve_config(argparse.Namespace(**dict(vars(args), stage="pretrain")))
+        c.update(outdir=os.path.join(out, "pretrain"), init="random")
+        train(c, "pretrain")
+        walls["teacher"] = time.time() - t0
+        teacher_spec = os.path.join(out, "pretrain", "ckpt-latest.pt")
+    else:
+        walls["teacher"] = 0.0
+    for stage in ("mid", "post"):
+        t0 = time.time()
+        c = resolve_config(argparse.Namespace(**dict(vars(args), stage=stage)))
+        c.update(outdir=os.path.join(out, stage), teacher=teacher_spec)
+        if stage == "mid" and teacher_spec == "analytic" and c["init"] == "teacher":
+            c["init"] = "random"
+        if stage == "post" and not args.init:
+            c["init"] = os.path.join(out, "mid", "ckpt-latest.pt")
+        nets[stage] = train(c, stage)
+        walls[stage] = time.time() - t0
+    c = resolve_config(argparse.Namespace(**dict(vars(args), stage="mid")))
+    teacher = load_network(teacher_spec, c, "teacher")
+    rows = quality_table(c, toy, teacher, nets, walls)
+    return rows
+
+
+@torch.no_grad()
+def quality_table(cfg, toy, teacher, nets, walls, n=None):
+    """Flow-map error vs the exact class-conditional ODE solution from the same noise, and pixel FD
+    against fresh toy samples, for the teacher (Heun) and the 1-/2-step students."""
+    import fid
+    n = n or cfg["num"]
+    gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+    labels = torch.randint(cfg["label_dim"], (n,), generator=gen)
+    z = torch.randn([n, cfg["img_channels"], cfg["res"], cfg["res"]], generator=gen)
+    exact = toy.flow(z * cfg["s_max"], cfg["s_max"], 0.0, labels)
+    ref = toy.sample(n, generator=gen)[0]
+    mu_ref, sig_ref = fid.mean_cov(ref.flatten(1).double().numpy())
+    rows = []
+
+    def add(name, steps, x, wall):
+        x = x.to(torch.float32)
+        mu, sig = fid.mean_cov(x.flatten(1).double().numpy())
+        rows.append(dict(model=name, steps=steps, flow_map_err=(x - exact).square().mean().item(),
+                         pixel_fd=fid.frechet_distance(mu, sig, mu_ref, sig_ref), wall=wall))
+
+    add("teacher (Heun)", 2 * cfg["heun_steps"] - 1,
+        heun_sampler(teacher, z, labels, cfg["heun_steps"], cfg["s_max"], cfg["s_lo"]), walls["teacher"])
+    for stage, net in nets.items():
+        for steps in (1, 2):
+            x = sample_fewstep(net, z, labels, steps, cfg["mid_t"], cfg["s_max"], torch.Generator().manual_seed(7))
+            add(f"CMT {stage}", steps, x, walls[stage])
+    print(f"\n{'model':<16} {'steps':>5} {'flow-map err':>13} {'pixel FD':>9} {'wall time':>10}")
+    for r in rows:
+        print(f"{r['model']:<16} {r['steps']:>5} {r['flow_map_err']:>13.5f} {r['pixel_fd']:>9.4f} {fmt_time(r['wall']):>10}")
+    return rows
+
+
+# ----------------------------------------------------------------------------- entry point
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--stage", choices=["pretrain", "mid", "post", "sample", "encode", "bench"], default=None,
+      help="what to run (default: the whole tiny pipeline with --preset tiny)")
+    a("--preset", default=DEFAULT_PRESET, help=f"{', '.join(PRESETS)} (default: {DEFAULT_PRESET}, the paper's recipe)")
+    a("--outdir", default="runs/cmt-imagenet", help="output folder (default: runs/cmt-imagenet)")
+    a("--data", help="EDM2 dataset zip/folder (.npy latents or PNGs), 'toy', or the ImageNet folder for encode "
+                     "(default: none; tiny: toy)")
+    a("--teacher", help="EDM2 .pkl path or URL, our .pt checkpoint, or 'analytic' (toy) (default: the preset's EDM2 "
+                        "teacher; tiny: pretrain)")
+    a("--guide", help="guiding network for D_g = D_guide + w (D_teacher - D_guide): .pkl/.pt, 'analytic' (toy: the "
+                      "unconditional mixture) or 'none' (default: the preset's autoguidance net for post)")
+    a("--guidance", type=float, help="guidance weight w; 1 = no guidance (default: preset, 2.05 for img512-xxl post)")
+    a("--init", help="student init: checkpoint .pt (its EMA), EDM2 .pkl, 'teacher' or 'random'; for sample: the "
+                     "checkpoint, or 'teacher' for the Heun reference (default: teacher for mid)")
+    a("--resume", help="checkpoint to resume, or 'auto' = ckpt-latest.pt in --outdir if present (default: none)")
+    a("--batch", type=int, help="global batch in images (mid: 16 states per trajectory) (default: 128)")
+    a("--batch-gpu", type=int, help="per-GPU micro-batch (default: batch / GPUs; sample: 32)")
+    a("--iters", type=int, help="training iterations (default: derived from --mimg)")
+    a("--mimg", type=float, help="training length in million images (default: mid 12.8, post 16)")
+    a("--lr", type=float, help="Adam learning rate (default: mid 2e-4 linear decay, post 1e-6 constant)")
+    a("--ema", type=float, help="EMA decay per iteration (default: mid 0.999, post 0.9999)")
+    a("--seed", type=int, help="random seed (default: 0)")
+    a("--fid-ref", help="reference statistics for FID in stage sample: .npz (mu, sigma) or EDM2 .pkl (default: none)")
+    a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast (default: off)")
+    a("--tf32", action=argparse.BooleanOptionalAction, default=None, help="TF32 matmuls on CUDA (default: on)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the student (default: off)")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last weights (default: off)")
+    a("--ckpt-every", type=int, help="iterations between checkpoints (default: 2000)")
+    a("--sample-every", type=int, help="iterations between sample grids, 0 = only at the end (default: 20000)")
+    a("--log-every", type=int, help="iterations between progress lines / stats.jsonl rows (default: 100)")
+    a("--max-skips", type=int, help="abort after this many non-finite losses (default: 100)")
+    a("--workers", type=int, help="DataLoader worker processes (default: 2)")
+    a("--dropout", type=float, help="student dropout probability (default: 0)")
+    a("--s-min", type=float, help="ECM eval-mode shift s_min (default: 0, as the official EDM2 code)")
+    a("--nfe", type=int, help="teacher DPM-Solver++ steps in mid-training (default: 16)")
+    a("--metric", choices=["huber", "cauchy", "l2"], help="CMT distance (default: huber)")
+    a("--huber-c", type=float, help="Huber/Cauchy constant c (default: 0.06)")
+    a("--post-loss", choices=["ecd", "ect"], help="post-training loss (default: ecd)")
+    a("--solver", choices=["heun", "euler"], help="ECD teacher step (default: heun)")
+    a("--ect-q", type=float, help="ECT/ECD r-mapping: Delta t = 1/q (default: 1024)")
+    a("--ect-double", type=int, help="halve Delta t every this many iterations, 0 = fixed q (default: 0)")
+    a("--p-mean", type=float, help="log-normal t: mean (default: -0.8)")
+    a("--p-std", type=float, help="log-normal t: std (default: 1.6)")
+    a("--mid-t", type=float, help="2-step sampling: intermediate noise level (default: 1.526)")
+    a("--sample-steps", type=int, choices=[1, 2], help="sample stage: student steps (default: 2)")
+    a("--heun-steps", type=int, help="teacher Heun steps for the reference sampler (default: 32)")
+    a("--num", type=int, help="sample stage: number of images (default: 50000)")
+    a("--vae", help="sd-vae-ft-mse weights (.safetensors/.bin or its folder), for latents (default: none)")
+    a("--bench-sizes", help="bench: comma-separated EDM2 sizes (default: xs,s)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.stage is None:
+        if args.preset != "tiny":
+            raise SystemExit("--stage: choose a stage (only --preset tiny runs the whole pipeline by default)")
+        cfg = resolve_config(argparse.Namespace(**dict(vars(args), stage="mid")))
+        return run_tiny(cfg, args)
+    cfg = resolve_config(args)
+    if args.stage in ("pretrain", "mid", "post"):
+        return train(cfg, args.stage)
+    return dict(sample=run_sample, encode=run_encode, bench=run_bench)[args.stage](cfg)
+
+
+if __name__ == "__main__":
+    main()
