@@ -1,0 +1,2754 @@
+"""Tests of the CMT reference implementation: fid.py and the three training scripts.
+
+Run: python -m pytest -q test_cmt.py   (CPU only; about N minutes on 2 cores)
+Every input is generated here; nothing is downloaded and ../shared is never read.
+"""
+
+import collections
+import contextlib
+import copy
+import hashlib
+import importlib
+import io
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import types
+import zipfile
+from pathlib import Path
+
+import PIL.Image
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+import cmt_cifar10 as cc
+import cmt_imagenet as inet
+import fid
+import meanflow_post as mf
+
+torch.set_num_threads(1)  # CI has 2 cores; several tests start worker processes of their own
+
+
+# ==================================================================================================
+# fid.py: Inception features, resize modes, statistics, Frechet distance, CLI
+# ==================================================================================================
+
+def _child_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("FID_WEIGHTS", None)
+    return env
+
+
+def _random_spd(rng, d, eigs):
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (q * eigs) @ q.T, q
+
+
+# ----------------------------------------------------------------------------- Frechet distance
+
+def test_frechet_closed_form_diagonal_and_rotated():
+    rng = np.random.default_rng(0)
+    d = 16
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    # Commuting covariances: FID = |mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
+    exact = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(exact, rel=1e-10)
+    s1, q = _random_spd(rng, d, a)
+    s2 = (q * b) @ q.T  # same eigenvectors, rotated away from the axes
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(exact, rel=1e-10)
+    # Non-commuting 2x2: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M with positive eigenvalues.
+    rot = lambda t: np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])  # noqa: E731
+    s1 = rot(0.3) @ np.diag([2.0, 0.5]) @ rot(0.3).T
+    s2 = rot(1.1) @ np.diag([0.7, 3.0]) @ rot(1.1).T
+    m = s1 @ s2
+    exact = np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m)))
+    assert fid.frechet_distance(np.zeros(2), s1, np.zeros(2), s2) == pytest.approx(exact, rel=1e-12)
+    # The classic sqrtm path agrees on well-conditioned covariances (both float64, ~1e-12 apart).
+    s1, s2 = _random_spd(rng, d, a)[0], _random_spd(rng, d, b)[0]
+    assert fid.frechet_distance_sqrtm(mu1, s1, mu2, s2) == pytest.approx(
+        fid.frechet_distance(mu1, s1, mu2, s2), rel=1e-9)
+
+
+def _rounding_bound(s, t):
+    # Where an eigenvalue of M = S^1/2 T S^1/2 is exactly 0, float64 gives ~eps * |M|; its square
+    # root enters the trace term: at most D * sqrt(eps * |M|) in all (x2 in the distance).
+    d = len(s)
+    return 2 * d * np.sqrt(np.finfo(np.float64).eps * np.linalg.norm(s, 2) * np.linalg.norm(t, 2))
+
+
+def test_frechet_rank_deficient_and_ill_conditioned():
+    rng = np.random.default_rng(1)
+    d = 64
+    a, b = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)
+    a[20:], b[40:] = 0, 0  # ranks 20 and 40, as with fewer samples than feature dims
+    s1, q = _random_spd(rng, d, a)
+    s2 = (q * b) @ q.T
+    exact = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    value = fid.frechet_distance(np.zeros(d), s1, np.zeros(d), s2)
+    assert np.isfinite(value) and value == pytest.approx(exact, abs=_rounding_bound(s1, s2))
+    # Singular and non-commuting: the covariance of 10 samples (rank 9) against itself is 0.
+    x = rng.standard_normal((10, d))
+    s4 = np.cov(x, rowvar=False)
+    assert abs(fid.frechet_distance(np.zeros(d), s4, np.zeros(d), s4)) < _rounding_bound(s4, s4)
+    # Ill-conditioned (eigenvalues over 6 decades), non-commuting, with a known answer: for
+    # T = S^-1/2 Q D Q^T S^-1/2, S T is similar to Q D Q^T, so tr (S T)^1/2 = sum sqrt(D). (Building
+    # T in float64 perturbs M by ~eps * cond(S) ~ 1e-10, far below min(D) = 1e-4: rel 1e-9 holds.)
+    eigs = np.logspace(0, -6, d)
+    s3, q3 = _random_spd(rng, d, eigs)
+    inv_root = (q3 / np.sqrt(eigs)) @ q3.T
+    dd = np.logspace(0.5, -4, d)
+    t3 = inv_root @ _random_spd(rng, d, dd)[0] @ inv_root
+    t3 = (t3 + t3.T) / 2
+    assert fid.trace_sqrt_product(s3, t3) == pytest.approx(np.sqrt(dd).sum(), rel=1e-9)
+    assert fid.frechet_distance_sqrtm(np.zeros(d), s3, np.zeros(d), t3) == pytest.approx(
+        fid.frechet_distance(np.zeros(d), s3, np.zeros(d), t3), rel=1e-9)
+    for s, t in ((s3, s4), (s4, s3)):  # singular against ill-conditioned: finite, real, >= 0
+        value = fid.frechet_distance(np.zeros(d), s, np.zeros(d), t)
+        assert np.isfinite(value) and value > -_rounding_bound(s, t)
+
+
+def test_frechet_rejects_mismatched_or_nonfinite():
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        fid.frechet_distance(np.zeros(4), np.eye(4), np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match=r"sigma1 \[D, D\]"):
+        fid.frechet_distance(np.zeros(4), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="NaN"):
+        fid.frechet_distance(np.zeros(2), np.array([[1, 0], [0, np.nan]]), np.zeros(2), np.eye(2))
+
+
+# ----------------------------------------------------------------------------- streaming statistics
+
+@pytest.mark.parametrize("batch", [1, 3, 7, 50, 1000])
+def test_streaming_stats_equal_np_cov(batch):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((123, 10)) * rng.uniform(0.1, 5, 10) + rng.uniform(-3, 3, 10)
+    x = x.astype(np.float32)  # features arrive as float32; the sums are float64
+    stats = fid.FeatureStats(10)
+    for start in range(0, len(x), batch):
+        stats.update(torch.from_numpy(x[start:start + batch]))
+    x = x.astype(np.float64)
+    mu, sigma = stats.mean_cov()
+    # float64 sums of 123 O(10) values: agreement to ~1e-13 relative.
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
+    assert stats.n == 123
+
+
+def test_mean_cov_identical_sets_give_zero():
+    x = np.random.default_rng(3).integers(0, 256, (300, 48)).astype(np.uint8)
+    mu, sigma = fid.mean_cov(x)
+    # outer-sum minus n mu mu^T cancels terms of size mean^2 ~ 1.6e4: absolute error ~ 1e-16 * 1.6e4.
+    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=0, atol=1e-9)
+    assert abs(fid.frechet_distance(mu, sigma, *fid.mean_cov(x.copy()))) < 1e-8 * np.trace(sigma)
+    with pytest.raises(ValueError, match="at least 2"):
+        fid.mean_cov(x[:1])
+
+
+def test_ref_roundtrip_and_foreign_files(tmp_path):
+    rng = np.random.default_rng(4)
+    mu, sigma = rng.standard_normal(5), _random_spd(rng, 5, rng.uniform(1, 2, 5))[0]
+    fid.save_ref(tmp_path / "ref.npz", mu, sigma)
+    with np.load(tmp_path / "ref.npz") as f:
+        assert sorted(f.files) == ["mu", "sigma"]  # EDM's layout exactly
+    mu2, sigma2 = fid.load_ref(tmp_path / "ref.npz")
+    np.testing.assert_array_equal(mu2, mu)
+    np.testing.assert_array_equal(sigma2, sigma)
+    # ADM's reference files carry extra keys (spatial statistics, activations): ignored.
+    np.savez(tmp_path / "adm.npz", mu=mu.astype(np.float32), sigma=sigma, mu_s=mu, sigma_s=sigma)
+    assert fid.load_ref(tmp_path / "adm.npz")[0].dtype == np.float64
+    # EDM2's reference files are pickles {"fid": {"mu", "sigma"}, "fd_dinov2": {...}}.
+    for protocol in (2, 4, 5):
+        with open(tmp_path / "edm2.pkl", "wb") as f:
+            pickle.dump({"fid": {"mu": mu, "sigma": sigma}, "fd_dinov2": {"mu": mu[:2]}}, f, protocol=protocol)
+        np.testing.assert_array_equal(fid.load_ref(tmp_path / "edm2.pkl")[1], sigma)
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"fid": {"mu": mu, "sigma": sigma, "x": os.system}}, f)  # a global: refused
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        fid.load_ref(tmp_path / "evil.pkl")
+    np.savez(tmp_path / "bad.npz", mean=mu, cov=sigma)
+    with pytest.raises(ValueError, match="expected keys 'mu' and 'sigma'"):
+        fid.load_ref(tmp_path / "bad.npz")
+
+
+# ----------------------------------------------------------------------------- network
+
+# Names and shapes copied from pytorch-fid's state_dict (566 tensors, in this order).
+REFERENCE_KEYS = {
+    0: ("Conv2d_1a_3x3.conv.weight", [32, 3, 3, 3]),
+    5: ("Conv2d_1a_3x3.bn.num_batches_tracked", []),
+    30: ("Mixed_5b.branch1x1.conv.weight", [64, 192, 1, 1]),
+    66: ("Mixed_5b.branch_pool.conv.weight", [32, 192, 1, 1]),
+    192: ("Mixed_6b.branch7x7_2.conv.weight", [128, 128, 1, 7]),
+    450: ("Mixed_7a.branch7x7x3_4.conv.weight", [192, 192, 3, 3]),
+    534: ("Mixed_7c.branch3x3dbl_1.conv.weight", [448, 2048, 1, 1]),
+    562: ("Mixed_7c.branch_pool.bn.running_var", [192]),
+    564: ("fc.weight", [1008, 2048]),
+    565: ("fc.bias", [1008]),
+}
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """A random-weight file in the official layout (FID values meaningless, protocol identical)."""
+    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
+    torch.save(fid.random_inception(seed=0).state_dict(), path)
+    return path
+
+
+def test_state_dict_layout_loads_strictly(weights_file, tmp_path):
+    state = fid.InceptionV3().state_dict()
+    keys = list(state)
+    assert len(keys) == 566
+    for i, (name, shape) in REFERENCE_KEYS.items():
+        assert keys[i] == name and list(state[name].shape) == shape
+    assert state["Conv2d_1a_3x3.bn.num_batches_tracked"].dtype == torch.int64
+    saved = torch.load(weights_file, weights_only=True)  # the random file written by the fixture
+    net = fid.load_inception(weights_file)  # strict=True inside
+    for name, shape in REFERENCE_KEYS.values():
+        assert torch.equal(net.state_dict()[name], saved[name]) and list(saved[name].shape) == shape
+    torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="pytorch-fid's Inception layout"):
+        fid.load_inception(tmp_path / "other.pth")
+
+
+def test_network_gives_2048_features(weights_file):
+    net = fid.load_inception(weights_file)
+    assert not net.official and net.weights_name == "random_inception.pth"
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    with torch.inference_mode():
+        features = net(fid.preprocess(images))
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
+    assert features.std() > 0  # the random network does not collapse to a constant
+
+
+def test_batchnorm_folding_and_pool_quirks():
+    torch.manual_seed(0)
+    block = fid.BasicConv2d(5, 7, 3, padding=1).eval()
+    block.bn.running_mean.normal_()
+    block.bn.running_var.uniform_(0.5, 2)
+    block.bn.weight.data.normal_()
+    block.bn.bias.data.normal_()
+    x = torch.randn(2, 5, 9, 9)
+    reference = F.relu(block.bn(block.conv(x)))  # eval-mode BatchNorm, eps 1e-3
+    assert block.bn.eps == 1e-3
+    torch.testing.assert_close(block(x), reference, rtol=1e-5, atol=1e-5)
+    # TF average pooling ignores padding: a constant image stays constant at the border.
+    ones = torch.ones(1, 1, 4, 4)
+    torch.testing.assert_close(fid.avg_pool_3x3(ones), ones)
+    assert fid.InceptionV3().Mixed_7b.pool == "avg" and fid.InceptionV3().Mixed_7c.pool == "max"
+
+
+# ----------------------------------------------------------------------------- resize
+
+def _bilinear_numpy(img, src_y, src_x):
+    """Bilinear sampling of img [C, H, W] at source coordinates (floor/floor+1, clamped)."""
+    h, w = img.shape[1:]
+    y0 = np.floor(src_y).astype(int)
+    x0 = np.floor(src_x).astype(int)
+    fy, fx = (src_y - y0)[:, None], (src_x - x0)[None, :]
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    y0, x0 = np.minimum(y0, h - 1), np.minimum(x0, w - 1)
+    g = lambda ys, xs: img[:, ys][:, :, xs]  # noqa: E731
+    return ((1 - fy) * (1 - fx) * g(y0, x0) + (1 - fy) * fx * g(y0, x1)
+            + fy * (1 - fx) * g(y1, x0) + fy * fx * g(y1, x1))
+
+
+@pytest.mark.parametrize("size", [(7, 5), (32, 32), (320, 310)])
+def test_resize_modes_match_numpy(size):
+    h, w = size
+    images = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h))
+    j = np.arange(299, dtype=np.float64)
+    for mode in fid.RESIZE_MODES:
+        out = fid.preprocess(images, mode)
+        assert out.shape == (2, 3, 299, 299) and out.dtype == torch.float32
+        for n in range(2):
+            img = images[n].numpy().astype(np.float64)
+            if mode == "tf1":  # source pixel j * W / 299, no half-pixel offset; (x - 128) / 128
+                expected = (_bilinear_numpy(img, j * h / 299, j * w / 299) - 128) / 128
+            else:  # half-pixel centres, negative source clamped to 0; 2 x - 1 on [0, 1]
+                sy = np.maximum((j + 0.5) * h / 299 - 0.5, 0)
+                sx = np.maximum((j + 0.5) * w / 299 - 0.5, 0)
+                expected = 2 * _bilinear_numpy(img / 255, sy, sx) - 1
+            # tf1: float32 lerp of values <= 255, error ~1e-7. pytorch-fid: PyTorch computes the
+            # source coordinate in float32 (error ~300 * 6e-8 px) and the output changes by up to
+            # 2 per px, so ~4e-5; allow 2e-4.
+            tol = 1e-5 if mode == "tf1" else 2e-4
+            np.testing.assert_allclose(out[n].numpy(), expected, rtol=0, atol=tol)
+    # tf1 is what the TorchScript detector of EDM/StyleGAN does with affine_grid + grid_sample
+    # (align_corners=False, border padding, grid shifted by 1/W - 1/299); float32 grid coordinates
+    # put ~1e-5 px of error on outputs that change by up to 2 per px: allow 1e-4.
+    theta = torch.eye(2, 3).repeat(2, 1, 1)
+    theta[:, 0, 2] += 1 / w - 1 / 299
+    theta[:, 1, 2] += 1 / h - 1 / 299
+    grid = F.affine_grid(theta, [2, 3, 299, 299], align_corners=False)
+    sampled = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    torch.testing.assert_close(fid.preprocess(images, "tf1"), (sampled - 128) / 128, rtol=0, atol=1e-4)
+    same = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)
+    torch.testing.assert_close(fid.preprocess(same, "tf1"), (same.float() - 128) / 128)  # identity at 299
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _write_pngs(folder, n, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        sub = folder / f"class{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(image).save(sub / f"{i:05d}.png")
+    return images
+
+
+def test_inputs_folder_npz_zip_cifar(tmp_path):
+    images = _write_pngs(tmp_path / "pngs", 5)
+    folder = fid.open_images(tmp_path / "pngs")
+    # Sorted relative paths: class0/00000, class0/00002, class0/00004, class1/00001, class1/00003.
+    np.testing.assert_array_equal(folder[3], images[1].transpose(2, 0, 1))
+    np.savez(tmp_path / "samples.npz", images=images, labels=np.arange(5))
+    np.savez(tmp_path / "single.npz", x=images)
+    for name in ("samples.npz", "single.npz"):
+        ds = fid.open_images(tmp_path / name)
+        assert len(ds) == 5
+        np.testing.assert_array_equal(ds[4], images[4].transpose(2, 0, 1))
+    with zipfile.ZipFile(tmp_path / "dataset.zip", "w") as z:
+        for i, image in enumerate(images):
+            buf = io.BytesIO()
+            PIL.Image.fromarray(image).save(buf, format="PNG")
+            z.writestr(f"00000/img{i:08d}.png", buf.getvalue())
+        z.writestr("dataset.json", '{"labels": null}')
+    ds = fid.open_images(tmp_path / "dataset.zip")
+    np.testing.assert_array_equal(np.stack([ds[i] for i in range(5)]), images.transpose(0, 3, 1, 2))
+    # CIFAR-10 python tarball: 5 pickled batches (protocol 2, as in the official file).
+    data = np.random.default_rng(5).integers(0, 256, (5, 4, 3072), dtype=np.uint8)
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for i in range(5):
+            blob = pickle.dumps({b"data": data[i], b"labels": [0, 1, 2, 3]}, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/data_batch_{i + 1}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    ds = fid.open_images(tmp_path / "cifar-10-python.tar.gz")
+    assert len(ds) == 20
+    np.testing.assert_array_equal(ds[6], data[1, 2].reshape(3, 32, 32))
+
+
+def test_cifar_unpickler_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    with tarfile.open(tmp_path / "evil.tar.gz", "w:gz") as tar:
+        blob = pickle.dumps({b"data": Evil()}, protocol=2)
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = len(blob)
+        tar.addfile(info, io.BytesIO(blob))
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        fid.open_images(tmp_path / "evil.tar.gz")
+
+
+def test_fid_bad_inputs_give_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no PNG/JPG images found"):
+        fid.open_images(tmp_path / "empty")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ValueError, match=r"bad\.png: cannot read image"):
+        fid.open_images(tmp_path / "corrupt")[0]
+    np.savez(tmp_path / "nchw.npz", images=np.zeros((4, 3, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"expected uint8 images \[N, H, W, 3\]"):
+        fid.open_images(tmp_path / "nchw.npz")
+    np.savez(tmp_path / "float.npz", images=np.zeros((4, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        fid.open_images(tmp_path / "float.npz")
+    np.savez(tmp_path / "two.npz", a=np.zeros(1), b=np.zeros(1))
+    with pytest.raises(ValueError, match="'images' or a single array"):
+        fid.open_images(tmp_path / "two.npz")
+    with pytest.raises(ValueError, match="different sizes"):
+        fid._stack([np.zeros((3, 8, 8), np.uint8), np.zeros((3, 9, 8), np.uint8)])
+    with pytest.raises(ValueError, match="--num 9: only 5 images"):
+        fid.select_indices(5, 9)
+
+
+def test_subset_selection_is_edm_rule():
+    a = fid.select_indices(100, 10, seed=7)
+    assert np.array_equal(a, fid.select_indices(100, 10, seed=7)) and np.all(np.diff(a) > 0)
+    assert not np.array_equal(a, fid.select_indices(100, 10, seed=8))
+    idx = np.arange(100)
+    np.random.RandomState(7).shuffle(idx)
+    assert np.array_equal(a, np.sort(idx[:10]))
+    assert np.array_equal(fid.select_indices(100), np.arange(100))
+
+
+# ----------------------------------------------------------------------------- weights
+
+def test_weights_download_verified_and_offline_error(tmp_path, monkeypatch):
+    source = tmp_path / "source.pth"
+    source.write_bytes(b"weights" * 1000)
+    url = source.as_uri()  # file:// stands in for the release URL on this offline machine
+    good = fid.sha256_file(source)
+    with pytest.raises(RuntimeError, match="has sha256"):
+        fid.download(url, tmp_path / "cache" / "w.pth", "0" * 64)
+    assert not (tmp_path / "cache" / "w.pth").exists() and list((tmp_path / "cache").iterdir()) == []
+    fid.download(url, tmp_path / "cache" / "w.pth", good)
+    assert (tmp_path / "cache" / "w.pth").read_bytes() == source.read_bytes()
+    monkeypatch.delenv("FID_WEIGHTS", raising=False)
+    monkeypatch.setenv("CMT_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(RuntimeError, match="--weights PATH, set FID_WEIGHTS"):
+        fid.resolve_weights(url=(tmp_path / "nowhere.pth").as_uri())
+    with pytest.raises(FileNotFoundError, match="--weights"):
+        fid.resolve_weights(tmp_path / "nowhere.pth")
+    monkeypatch.setenv("FID_WEIGHTS", str(source))
+    assert fid.resolve_weights() == source
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def png_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pngs")
+    _write_pngs(root / "data", 4, size=8, seed=1)
+    _write_pngs(root / "samples", 3, size=8, seed=2)
+    return root
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=_child_env(),
+                          cwd=ROOT, timeout=300)
+
+
+def test_cli_help_ref_calc(png_folders, weights_file, tmp_path):
+    out = _run(str(ROOT / "fid.py"), "--help")
+    assert out.returncode == 0 and "calc" in out.stdout and "bench" in out.stdout
+    ref = tmp_path / "ref.npz"
+    out = _run(str(ROOT / "fid.py"), "ref", "--data", str(png_folders / "data"), "--out", str(ref),
+               "--weights", str(weights_file), "--batch", "4")
+    assert out.returncode == 0, out.stderr
+    assert "4 images (all)" in out.stdout and "resize tf1" in out.stdout and "FID from only 4 images" in out.stderr
+    mu, sigma = fid.load_ref(ref)
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    out = _run(str(ROOT / "fid.py"), "calc", "--images", str(png_folders / "samples"), "--ref", str(ref),
+               "--weights", str(weights_file), "--resize", "pytorch-fid", "--num", "2", "--seed", "1")
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stdout.splitlines() if line.startswith("FID "))
+    for part in ("random_inception.pth (NOT the official weights)", "resize pytorch-fid",
+                 "2 images (subset seed 1)", f"ref {ref}"):
+        assert part in line
+    assert float(line.split()[1]) > 0
+    out = _run(str(ROOT / "fid.py"), "calc", "--images", str(tmp_path / "empty"), "--ref", str(ref))
+    assert out.returncode != 0 and "no such file or folder" in out.stderr
+    out = _run(str(ROOT / "fid.py"), "bench", "--batch", "1", "--iters", "1", "--res", "8")
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.splitlines()[-1].split()  # "[bench] X img/s (median of 1 batches, best X)"
+    assert "random weights" in out.stdout and last[2] == "img/s" and float(last[1]) > 0
+
+
+def test_inception_stats_two_processes_equal_one(png_folders, weights_file, tmp_path):
+    two = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "fid.py"),
+               "ref", "--data", str(png_folders / "data"), "--weights", str(weights_file), "--batch", "1",
+               "--out", str(tmp_path / "two.npz"))
+    assert two.returncode == 0, two.stderr
+    assert "2 process(es)" in two.stdout
+    ds = fid.open_images(png_folders / "data")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the children: oneDNN's float32 kernels depend on the threads
+    try:
+        one = fid.inception_stats([torch.tensor(ds[i][None]) for i in range(len(ds))], weights=weights_file)
+    finally:
+        torch.set_num_threads(threads)
+    (mu1, s1), (mu2, s2) = one[:2], fid.load_ref(tmp_path / "two.npz")
+    # Batches of one image everywhere, so identical float32 features; only the order of the float64
+    # sums differs (~1e-16 relative).
+    np.testing.assert_allclose(mu2, mu1, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(s2, s1, rtol=1e-10, atol=1e-12)
+
+
+def test_inception_stats_in_process_api(png_folders, weights_file):
+    ds = fid.open_images(png_folders / "data")
+    batches = [torch.from_numpy(np.stack([ds[i] for i in range(j, j + 2)])) for j in (0, 2)]
+    with pytest.warns(UserWarning, match="FID from only 3 images"):
+        mu, sigma, n = fid.inception_stats(batches, weights=weights_file, num=3)
+    assert n == 3 and mu.shape == (2048,) and sigma.dtype == np.float64
+    with pytest.raises(ValueError, match="uint8"):
+        fid.inception_stats([batches[0].float()], weights=weights_file)
+
+
+# ==================================================================================================
+# official EDM/EDM2 pickles: restricted unpickler, downloads, copy by name (the section pasted into cmt_cifar10.py and cmt_imagenet.py)
+# ==================================================================================================
+
+PKL_MODULES = ["cmt_cifar10", "cmt_imagenet"]  # the scripts that carry this section verbatim
+
+
+@pytest.fixture(params=PKL_MODULES)
+def pkl(request):
+    return importlib.import_module(request.param)
+
+
+# ----------------------------------------------------------------------------- fake official modules
+def pkl_fake_reconstruct(meta):  # pickled by reference only; loading must never call it
+    raise AssertionError("the real reconstruct function must never run")
+
+
+pkl_fake_reconstruct.__module__ = "torch_utils.persistence"
+pkl_fake_reconstruct.__name__ = pkl_fake_reconstruct.__qualname__ = "_reconstruct_persistent_obj"
+
+
+class PklEasyDict(dict):
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+
+PklEasyDict.__module__, PklEasyDict.__name__, PklEasyDict.__qualname__ = "dnnlib.util", "EasyDict", "EasyDict"
+PKL_FAKE_MODULES = ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util")
+# How the fakes pickle: module_src is set per test to a marker writer; torch1 mimics torch 1.x state dicts.
+PKL_PICKLING = {"module_src": "raise RuntimeError('module_src must never run')", "torch1": False}
+
+
+@contextlib.contextmanager
+def pkl_fake_official_modules():
+    mods = {name: types.ModuleType(name) for name in PKL_FAKE_MODULES}
+    mods["torch_utils.persistence"]._reconstruct_persistent_obj = pkl_fake_reconstruct
+    mods["torch_utils"].persistence = mods["torch_utils.persistence"]
+    mods["dnnlib.util"].EasyDict = PklEasyDict
+    mods["dnnlib"].util = mods["dnnlib.util"]
+    assert not any(name in sys.modules for name in PKL_FAKE_MODULES)
+    sys.modules.update(mods)
+    try:
+        yield
+    finally:
+        for name in PKL_FAKE_MODULES:
+            del sys.modules[name]
+
+
+def pkl_persistent(cls):
+    """What torch_utils.persistence.persistent_class does to a class, minus the source capture."""
+    class Decorator(cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._init_args = copy.deepcopy(args)
+            self._init_kwargs = copy.deepcopy(kwargs)
+
+        def __reduce__(self):
+            fields = list(super().__reduce__())
+            fields += [None] * max(3 - len(fields), 0)
+            if PKL_PICKLING["torch1"] and isinstance(self, torch.nn.Module):  # torch 1.x kept OrderedDicts
+                fields[2] = {k: collections.OrderedDict(v) if k in ("_parameters", "_buffers", "_modules") else v
+                             for k, v in fields[2].items()}
+            meta = dict(type="class", version=6, module_src=PKL_PICKLING["module_src"],
+                        class_name=cls.__name__.removeprefix("Pkl"), state=fields[2])
+            return (pkl_fake_reconstruct, (meta,), None)
+
+    Decorator.__name__ = Decorator.__qualname__ = cls.__name__
+    return Decorator
+
+
+# ----------------------------------------------------------------------------- toy EDM networks
+@pkl_persistent
+class PklLinear(torch.nn.Module):
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = torch.nn.Parameter(torch.randn(out_features)) if bias else None
+
+
+@pkl_persistent
+class PklConv2d(torch.nn.Module):
+    def __init__(self, cin, cout, down=False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(cout, cin, 3, 3))
+        self.bias = torch.nn.Parameter(torch.randn(cout))
+        self.register_buffer("resample_filter", torch.ones(1, 1, 2, 2) / 4 if down else None)  # None like EDM
+        self.register_buffer("cache", torch.randn(4), persistent=False)
+
+
+@pkl_persistent
+class PklSongUNet(torch.nn.Module):
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=8,
+                 channel_mult=(1, 2), dropout=0.1, embedding_type="positional"):
+        super().__init__()
+        self.map_augment = PklLinear(augment_dim, model_channels, bias=False) if augment_dim else None
+        self.map_layer0 = PklLinear(model_channels, 4 * model_channels)
+        self.map_label = None
+        self.enc = torch.nn.ModuleDict()
+        self.enc["8x8_conv"] = PklConv2d(in_channels, model_channels)
+        self.enc["4x4_down"] = PklConv2d(model_channels, model_channels * channel_mult[1], down=True)
+        self.dec = torch.nn.ModuleDict()
+        self.dec["8x8_aux_conv"] = PklConv2d(model_channels, out_channels)
+        self.dropout = dropout
+        self.skip_scale = np.sqrt(0.5)  # numpy scalars in module state, as in EDM's UNetBlock
+
+
+@pkl_persistent
+class PklEDMPrecond(torch.nn.Module):
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_min=0,
+                 sigma_max=float("inf"), sigma_data=0.5, model_type="SongUNet", **model_kwargs):
+        super().__init__()
+        self.sigma_data, self.sigma_max = sigma_data, sigma_max
+        self.model = PklSongUNet(img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
+                              label_dim=label_dim, **model_kwargs)
+
+
+@pkl_persistent
+class PklEDMLoss:
+    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+
+
+@pkl_persistent
+class PklAugmentPipe:
+    def __init__(self, p=0.12):
+        self.p = float(p)
+
+
+PKL_EDM_KWARGS = dict(model_type="SongUNet", embedding_type="positional", model_channels=8, channel_mult=[1, 2],
+                  augment_dim=9, dropout=0.13, use_fp16=False, img_resolution=8, img_channels=3, label_dim=0)
+
+
+def pkl_make_edm(augment_dim=9):
+    torch.manual_seed(0)
+    return PklEDMPrecond(**dict(PKL_EDM_KWARGS, augment_dim=augment_dim)).eval().requires_grad_(False)
+
+
+def pkl_write_edm(path, net, **extra):
+    data = dict(ema=net, loss_fn=PklEDMLoss(), augment_pipe=PklAugmentPipe(), **extra,
+                dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="cifar10.zip", xflip=False))
+    with pkl_fake_official_modules(), open(path, "wb") as f:
+        pickle.dump(data, f)  # the official training_loop uses the default protocol
+    return path
+
+
+# ----------------------------------------------------------------------------- toy EDM2 networks
+@pkl_persistent
+class PklMPFourier(torch.nn.Module):
+    def __init__(self, num_channels):
+        super().__init__()
+        self.register_buffer("freqs", 2 * np.pi * torch.randn(num_channels))
+        self.register_buffer("phases", 2 * np.pi * torch.rand(num_channels))
+
+
+@pkl_persistent
+class PklMPConv(torch.nn.Module):
+    def __init__(self, cin, cout, kernel):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(cout, cin, *kernel))
+
+
+@pkl_persistent
+class PklBlock(torch.nn.Module):
+    def __init__(self, cin, cout, emb):
+        super().__init__()
+        self.emb_gain = torch.nn.Parameter(torch.randn([]))
+        self.conv_res0 = PklMPConv(cin, cout, [3, 3])
+        self.emb_linear = PklMPConv(emb, cout, [])
+        self.conv_skip = PklMPConv(cin, cout, [1, 1]) if cin != cout else None
+        self.register_buffer("counter", torch.arange(3))  # an integer buffer keeps its dtype
+
+
+@pkl_persistent
+class PklUNet(torch.nn.Module):
+    def __init__(self, img_resolution, img_channels, label_dim, model_channels=8, channel_mult=(1, 2), **block_kwargs):
+        super().__init__()
+        c = [model_channels * x for x in channel_mult]
+        self.out_gain = torch.nn.Parameter(torch.randn([]))
+        self.emb_fourier = PklMPFourier(c[0])
+        self.emb_noise = PklMPConv(c[0], max(c), [])
+        self.emb_label = PklMPConv(label_dim, max(c), []) if label_dim else None
+        self.enc = torch.nn.ModuleDict({"8x8_conv": PklMPConv(img_channels + 1, c[0], [3, 3]),
+                                        "8x8_block0": PklBlock(c[0], c[1], max(c))})
+        self.dec = torch.nn.ModuleDict({"8x8_block0": PklBlock(c[1], c[1], max(c))})
+
+
+@pkl_persistent
+class PklPrecond(torch.nn.Module):
+    def __init__(self, img_resolution, img_channels, label_dim, use_fp16=True, sigma_data=0.5, logvar_channels=16,
+                 **unet_kwargs):
+        super().__init__()
+        self.unet = PklUNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                            **unet_kwargs)
+        self.logvar_fourier = PklMPFourier(logvar_channels)
+        self.logvar_linear = PklMPConv(logvar_channels, 1, [])
+
+
+@pkl_persistent
+class PklStabilityVAEEncoder:
+    def __init__(self, raw_mean=(5.81, 3.25, 0.12, -2.15), raw_std=(4.17, 4.62, 3.71, 3.28), final_std=0.5):
+        self.scale = np.float32(final_std) / np.float32(raw_std)  # numpy arrays, as in EDM2's encoders.py
+        self.bias = -np.float32(raw_mean) * self.scale
+        self.final_std = np.float32(final_std)  # a numpy scalar
+        self._vae = None
+
+
+PKL_EDM2_KWARGS = dict(model_channels=8, dropout=0.0, use_fp16=True, img_resolution=8, img_channels=4, label_dim=10)
+
+
+def pkl_make_edm2(dtype=torch.float16):
+    torch.manual_seed(1)
+    return PklPrecond(**PKL_EDM2_KWARGS).eval().requires_grad_(False).to(dtype)
+
+
+def pkl_write_edm2(path, net):
+    dataset_kwargs = PklEasyDict(class_name="training.dataset.ImageFolderDataset", path="sd.zip", use_labels=True)
+    loss_fn = PklEDMLoss(P_mean=-0.4, P_std=1.0)
+    data = PklEasyDict(encoder=PklStabilityVAEEncoder(), dataset_kwargs=dataset_kwargs, loss_fn=loss_fn)
+    data.ema = net  # as EDM2's training_loop: ema added last
+    with pkl_fake_official_modules(), open(path, "wb") as f:
+        pickle.dump(data, f)
+    return path
+
+
+@pytest.fixture
+def pkl_marker(tmp_path):
+    """A file that any executed payload (or module_src) would create; it must never appear."""
+    path = tmp_path / "pwned"
+    PKL_PICKLING["module_src"] = f"open({str(path)!r}, 'w').write('module_src ran')\n"
+    yield path
+    PKL_PICKLING.update(module_src="raise RuntimeError('module_src must never run')", torch1=False)
+
+
+def pkl_bits(t):
+    return t.view({torch.float32: torch.int32, torch.float16: torch.int16}.get(t.dtype, t.dtype))
+
+
+# ----------------------------------------------------------------------------- loading
+@pytest.mark.parametrize("torch1", [False, True])
+def test_pkl_edm_pickle_loads_exactly(pkl, tmp_path, pkl_marker, torch1):
+    PKL_PICKLING["torch1"] = torch1
+    net = pkl_make_edm()
+    path = pkl_write_edm(tmp_path / "edm.pkl", net)
+    assert not any(name in sys.modules for name in PKL_FAKE_MODULES)
+    sd, init_kwargs, class_name = pkl.load_official_pkl(str(path))
+    ref = net.state_dict()
+    assert list(sd) == list(ref)  # same names, same order as module.state_dict()
+    assert "model.map_augment.weight" in sd and "model.enc.4x4_down.resample_filter" in sd
+    assert "model.enc.8x8_conv.resample_filter" not in sd  # a None buffer
+    assert not any(k.endswith(".cache") for k in sd)  # non-persistent buffers are excluded
+    assert any(k.endswith(".cache") for k, _ in net.named_buffers())
+    for k in ref:
+        assert sd[k].dtype == torch.float32 and torch.equal(pkl_bits(sd[k]), pkl_bits(ref[k])), k
+    assert init_kwargs == PKL_EDM_KWARGS
+    assert class_name == "EDMPrecond"
+    state = pkl._pkl_unpickle(str(path))["ema"].state
+    assert type(state["_parameters"]) is (collections.OrderedDict if torch1 else dict)
+    assert not pkl_marker.exists() and not any(name in sys.modules for name in PKL_FAKE_MODULES)
+
+
+def test_pkl_edm2_pickle_float16_to_float32(pkl, tmp_path, pkl_marker):
+    net = pkl_make_edm2()
+    path = pkl_write_edm2(tmp_path / "edm2.pkl", net)
+    sd, init_kwargs, class_name = pkl.load_official_pkl(str(path))
+    ref = net.state_dict()
+    assert list(sd) == list(ref)
+    assert "unet.enc.8x8_block0.conv_skip.weight" in sd and "unet.dec.8x8_block0.conv_skip.weight" not in sd
+    for k in ref:
+        if ref[k].is_floating_point():
+            assert ref[k].dtype == torch.float16 and sd[k].dtype == torch.float32, k
+            assert torch.equal(pkl_bits(sd[k].half()), pkl_bits(ref[k])), k  # float16 -> float32 is exact
+        else:
+            assert sd[k].dtype == ref[k].dtype and torch.equal(sd[k], ref[k]), k
+    assert init_kwargs == PKL_EDM2_KWARGS
+    assert class_name == "Precond"
+    enc = pkl._pkl_unpickle(str(path))["encoder"]  # numpy arrays and scalars come back intact
+    np.testing.assert_array_equal(enc.state["scale"], PklStabilityVAEEncoder().scale)
+    assert enc.state["scale"].dtype == np.float32 and enc.state["final_std"] == np.float32(0.5)
+    assert not pkl_marker.exists()
+
+
+def test_pkl_numpy_core_and_numpy_underscore_core_names(pkl, tmp_path):
+    data = dict(a=np.arange(6, dtype=np.float32).reshape(2, 3), s=np.float64(0.25), i=np.int64(7))
+    raw = pickle.dumps(data, protocol=3)  # protocol 3: names as text (GLOBAL), no length-prefixed frames
+    assert b"cnumpy._core.multiarray\n" in raw or b"cnumpy.core.multiarray\n" in raw
+    for name in (b"numpy._core.multiarray", b"numpy.core.multiarray"):
+        variant = raw.replace(b"cnumpy._core.multiarray\n", b"c" + name + b"\n").replace(
+            b"cnumpy.core.multiarray\n", b"c" + name + b"\n")
+        (tmp_path / "np.pkl").write_bytes(variant)
+        out = pkl._pkl_unpickle(str(tmp_path / "np.pkl"))
+        np.testing.assert_array_equal(out["a"], data["a"])
+        assert out["a"].dtype == np.float32 and out["s"] == 0.25 and out["i"] == 7
+
+
+def test_pkl_missing_key_lists_available(pkl, tmp_path):
+    path = pkl_write_edm(tmp_path / "edm.pkl", pkl_make_edm())
+    with pytest.raises(ValueError, match="no key 'net'") as e:
+        pkl.load_official_pkl(str(path), key="net")
+    for k in ("ema", "loss_fn", "augment_pipe", "dataset_kwargs"):
+        assert k in str(e.value)
+    with pytest.raises(ValueError, match="not a torch module .*EDMLoss"):
+        pkl.load_official_pkl(str(path), key="loss_fn")
+
+
+def test_pkl_bad_files(pkl, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pkl"):
+        pkl.load_official_pkl(str(tmp_path / "nope.pkl"))
+    for seed in range(64):  # garbage, bare and behind a pickle protocol-4 header: always the same clear error
+        junk = random.Random(seed).randbytes(64)
+        (tmp_path / "junk.pkl").write_bytes(junk if seed % 2 else b"\x80\x04" + junk)
+        with pytest.raises(ValueError, match="junk.pkl is not a readable EDM/EDM2 pickle"):
+            pkl.load_official_pkl(str(tmp_path / "junk.pkl"))
+    torch.save({"model": {}}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="zip"):
+        pkl.load_official_pkl(str(tmp_path / "ckpt.pt"))
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps(dict(ema=torch.nn.Linear(2, 2))))  # harmless but not official
+    with pytest.raises(pickle.UnpicklingError, match=r"torch\.nn\.modules\.linear\.Linear"):
+        pkl.load_official_pkl(str(tmp_path / "plain.pkl"))
+
+
+# ----------------------------------------------------------------------------- refused payloads
+class PklPayload:
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def pkl_payloads(marker):
+    touch = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    return {
+        f"{os.system.__module__}.system": PklPayload(os.system, (f"touch '{marker}'",)),
+        "builtins.eval": PklPayload(eval, (f"open({str(marker)!r}, 'w')",)),
+        "subprocess.Popen": PklPayload(subprocess.Popen, (touch,)),
+        "subprocess.check_output": PklPayload(subprocess.check_output, (touch,)),
+    }
+
+
+def test_pkl_payloads_are_live(tmp_path):
+    """Control: with a plain pickle.load each payload really creates its marker (so the test below means something)."""
+    for i, name in enumerate(pkl_payloads(tmp_path / "x")):
+        marker = tmp_path / f"live{i}"
+        obj = pickle.loads(pickle.dumps(pkl_payloads(marker)[name]))
+        if isinstance(obj, subprocess.Popen):
+            obj.wait()
+        assert marker.exists(), name
+
+
+@pytest.mark.parametrize("name", [f"{os.system.__module__}.system", "builtins.eval", "subprocess.Popen",
+                                  "subprocess.check_output"])
+def test_pkl_refuses_code_execution(pkl, tmp_path, pkl_marker, name):
+    payload = pkl_payloads(pkl_marker)[name]
+    net = pkl_make_edm()
+    net.model.evil = payload  # hidden deep inside a persistent object's state
+    path = pkl_write_edm(tmp_path / "evil.pkl", net)
+    (tmp_path / "bare.pkl").write_bytes(pickle.dumps(payload))
+    for p in (path, tmp_path / "bare.pkl"):
+        with pytest.raises(pickle.UnpicklingError, match=name.replace(".", r"\.")):
+            pkl.load_official_pkl(str(p))
+    assert not pkl_marker.exists()
+
+
+def test_pkl_refuses_protocol0_os_system_and_evil_storage_blob(pkl, tmp_path, pkl_marker):
+    (tmp_path / "p0.pkl").write_bytes(b"cos\nsystem\n(S'touch " + str(pkl_marker).encode() + b"'\ntR.")
+    with pytest.raises(pickle.UnpicklingError, match=r"os\.system"):
+        pkl.load_official_pkl(str(tmp_path / "p0.pkl"))
+    buf = io.BytesIO()  # a storage blob is itself a legacy torch.save pickle: it must load weights-only
+    torch.save(pkl_payloads(pkl_marker)["builtins.eval"], buf, _use_new_zipfile_serialization=False)
+    (tmp_path / "blob.pkl").write_bytes(pickle.dumps(PklPayload(torch.storage._load_from_bytes, (buf.getvalue(),))))
+    with pytest.raises(pickle.UnpicklingError, match=r"storage blob was refused .*GLOBAL eval"):
+        pkl.load_official_pkl(str(tmp_path / "blob.pkl"))
+    assert not pkl_marker.exists()
+
+
+# ----------------------------------------------------------------------------- download
+def test_pkl_download_file_url(pkl, tmp_path):
+    src = tmp_path / "src" / "teacher.pkl"
+    src.parent.mkdir()
+    src.write_bytes(os.urandom(3000))
+    sha, md5 = hashlib.sha256(src.read_bytes()).hexdigest(), hashlib.md5(src.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match="hash mismatch"):
+        pkl.download(src.as_uri(), str(cache), sha256="0" * 64)
+    assert not cache.exists() or not list(cache.iterdir())  # nothing left behind, not even the temp file
+    path = pkl.download(src.as_uri(), str(cache), sha256=sha.upper(), md5=md5)
+    assert Path(path) == cache / "teacher.pkl" and Path(path).read_bytes() == src.read_bytes()
+    src.unlink()  # a verified cached copy is reused without touching the URL
+    assert pkl.download(src.as_uri(), str(cache), sha256=sha) == path
+    assert sorted(p.name for p in cache.iterdir()) == ["teacher.pkl"]
+
+
+def test_pkl_download_offline_errors(pkl, tmp_path):
+    for url in ((tmp_path / "missing.pkl").as_uri(), "http://127.0.0.1:9/edm.pkl"):
+        with pytest.raises(RuntimeError, match="cannot download .*--teacher"):
+            pkl.download(url, str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match="pass its path with --data"):
+        pkl.download((tmp_path / "missing.tar.gz").as_uri(), str(tmp_path / "cache"), flag="--data")
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_pkl_load_official_pkl_from_url(pkl, tmp_path):
+    net = pkl_make_edm()
+    path = pkl_write_edm(tmp_path / "edm.pkl", net)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    sd, _, _ = pkl.load_official_pkl(path.as_uri(), cache_dir=str(tmp_path / "cache"), sha256=sha)
+    assert (tmp_path / "cache" / "edm.pkl").is_file() and list(sd) == list(net.state_dict())
+
+
+# ----------------------------------------------------------------------------- init kwargs and copy
+def test_pkl_check_init_kwargs(pkl):
+    recorded = dict(model_type="SongUNet", model_channels=128, channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13)
+    pkl.check_init_kwargs(recorded, dict(model_type="SongUNet", model_channels=128, channel_mult=(2, 2, 2)), "edm.pkl")
+    pkl.check_init_kwargs(recorded, dict(num_blocks=4), "edm.pkl", defaults=dict(num_blocks=4))  # official default
+    with pytest.raises(ValueError) as e:
+        pkl.check_init_kwargs(recorded, dict(model_channels=192, channel_mult=[1, 2, 2, 2], model_type="SongUNet",
+                                           num_blocks=4), "edm.pkl")
+    msg = str(e.value)
+    assert "model_channels: edm.pkl has 128, this model has 192" in msg
+    assert "channel_mult: edm.pkl has [2, 2, 2], this model has [1, 2, 2, 2]" in msg
+    assert "num_blocks: edm.pkl has <not recorded>, this model has 4" in msg and "model_type" not in msg
+
+
+def test_pkl_copy_by_name(pkl, tmp_path):
+    teacher = pkl_make_edm(augment_dim=9)
+    sd, _, _ = pkl.load_official_pkl(str(pkl_write_edm(tmp_path / "edm.pkl", teacher)))
+    torch.manual_seed(123)
+    student = pkl_make_edm(augment_dim=0)
+    for p in student.parameters():
+        p.data.normal_()
+    assert pkl.copy_by_name(sd, student) == ["model.map_augment.weight"]
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    # the same network without the preconditioning wrapper, through prefix_map
+    bare = pkl_make_edm(augment_dim=0).model
+    pkl.copy_by_name(sd, bare, prefix_map={"model.": ""})
+    assert torch.equal(bare.map_layer0.weight, sd["model.map_layer0.weight"])
+    # EDM2: the logvar head is teacher-only
+    t2 = pkl_make_edm2()
+    sd2, _, _ = pkl.load_official_pkl(str(pkl_write_edm2(tmp_path / "edm2.pkl", t2)))
+    s2 = pkl_make_edm2(torch.float32)
+    del s2.logvar_fourier, s2.logvar_linear
+    for p in s2.parameters():
+        p.data.normal_()
+    skipped = pkl.copy_by_name(sd2, s2)
+    assert sorted(skipped) == ["logvar_fourier.freqs", "logvar_fourier.phases", "logvar_linear.weight"]
+    assert torch.equal(s2.unet.out_gain, sd2["unet.out_gain"])
+    # clear errors for anything else
+    broken = {k: v for k, v in sd.items() if k != "model.map_layer0.bias"}
+    broken["model.extra.weight"] = torch.zeros(1)
+    broken["model.map_layer0.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError) as e:
+        pkl.copy_by_name(broken, student)
+    msg = str(e.value)
+    assert "missing in checkpoint (1): model.map_layer0.bias" in msg
+    assert "unexpected in checkpoint (1): model.extra.weight" in msg
+    assert "model.map_layer0.weight: checkpoint (3, 3) vs model (32, 8)" in msg
+
+
+# ==================================================================================================
+# SD-VAE (the section pasted into cmt_imagenet.py and meanflow_post.py)
+# ==================================================================================================
+
+VAE_MODULES = ["cmt_imagenet", "meanflow_post"]  # the scripts that carry this section verbatim
+
+# Facts copied from the diffusers AutoencoderKL key list of stabilityai/sd-vae-ft-mse
+# (diffusers 0.42.1): 248 tensors, 83,653,863 parameters, these names and shapes in this order.
+VAE_NUM_KEYS = 248
+VAE_NUM_PARAMS = 83_653_863
+VAE_FIRST_KEYS = ["encoder.conv_in.weight", "encoder.conv_in.bias",
+                  "encoder.down_blocks.0.resnets.0.norm1.weight"]
+VAE_SHAPES = {
+    "encoder.conv_in.weight": (128, 3, 3, 3),
+    "encoder.down_blocks.0.downsamplers.0.conv.weight": (128, 128, 3, 3),
+    "encoder.down_blocks.1.resnets.0.conv_shortcut.weight": (256, 128, 1, 1),
+    "encoder.mid_block.attentions.0.to_q.weight": (512, 512),
+    "encoder.mid_block.attentions.0.to_out.0.bias": (512,),
+    "encoder.conv_out.weight": (8, 512, 3, 3),
+    "decoder.conv_in.weight": (512, 4, 3, 3),
+    "decoder.up_blocks.0.resnets.2.conv2.weight": (512, 512, 3, 3),
+    "decoder.up_blocks.2.resnets.0.conv_shortcut.weight": (256, 512, 1, 1),
+    "decoder.up_blocks.2.upsamplers.0.conv.weight": (256, 256, 3, 3),
+    "decoder.up_blocks.3.resnets.2.conv2.weight": (128, 128, 3, 3),
+    "decoder.mid_block.attentions.0.group_norm.weight": (512,),
+    "decoder.conv_out.weight": (3, 128, 3, 3),
+    "quant_conv.weight": (8, 8, 1, 1),
+    "post_quant_conv.weight": (4, 4, 1, 1),
+}
+VAE_LAST_KEYS = ["quant_conv.weight", "quant_conv.bias", "post_quant_conv.weight", "post_quant_conv.bias"]
+ATTN_WEIGHTS = [f"{p}.mid_block.attentions.0.{n}.weight" for p in ("encoder", "decoder")
+                for n in ("to_q", "to_k", "to_v", "to_out.0")]
+
+
+@pytest.fixture(params=VAE_MODULES, scope="module")
+def mod(request):
+    return importlib.import_module(request.param)
+
+
+def random_vae_weights(mod):
+    """Random weights in the diffusers layout from numpy's legacy RandomState (its stream is frozen
+    across numpy versions, so the golden values below stay valid), scaled so that the forward pass
+    stays O(1): norm affines near 1, conv/linear weights with variance 1/fan-in, biases 0.1."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in mod.AutoencoderKL().state_dict().items()}
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    flat = (np.random.RandomState(0).random_sample(total).astype(np.float32) * 2 - 1) * np.float32(np.sqrt(3))
+    out, i = {}, 0
+    for k, s in shapes.items():
+        n = int(np.prod(s))
+        t = torch.from_numpy(flat[i:i + n]).reshape(s)
+        i += n
+        if "norm" in k and k.endswith("weight"):
+            t = 1 + 0.1 * t
+        elif len(s) > 1:
+            t = t / float(np.sqrt(np.prod(s[1:])))
+        else:
+            t = 0.1 * t
+        out[k] = t
+    return out
+
+
+_WEIGHTS = {}
+
+
+@pytest.fixture(scope="module")
+def weights(mod):
+    # generated once per session: every module in VAE_MODULES has the same layout (test_vae_layout checks it)
+    if not _WEIGHTS:
+        _WEIGHTS.update(random_vae_weights(mod))
+    return _WEIGHTS
+
+
+def golden_input():
+    return torch.from_numpy(np.random.RandomState(1).random_sample((2, 3, 16, 24)).astype(np.float32) * 2 - 1)
+
+
+def write_safetensors(path, tensors, dtypes=None):
+    """Minimal independent writer: 8-byte little-endian header length, JSON header (padded with spaces
+    to a multiple of 8, with a __metadata__ entry as the official writer adds), raw little-endian data."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        dt = (dtypes or {}).get(name, "F32")
+        if dt == "BF16":
+            raw = t.to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes()
+        else:
+            raw = t.numpy().astype({"F32": "<f4", "F16": "<f2"}[dt]).tobytes()
+        header[name] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h)
+        for b in blobs:
+            f.write(b)
+
+
+def test_vae_layout(mod):
+    with torch.device("meta"):
+        sd = mod.AutoencoderKL().state_dict()
+    keys = list(sd)
+    assert len(keys) == VAE_NUM_KEYS
+    assert sum(v.numel() for v in sd.values()) == VAE_NUM_PARAMS
+    assert keys[:3] == VAE_FIRST_KEYS and keys[-4:] == VAE_LAST_KEYS
+    for k, s in VAE_SHAPES.items():
+        assert tuple(sd[k].shape) == s, k
+
+
+def test_vae_safetensors_mixed_dtypes_load_strictly(mod, weights, tmp_path):
+    # F16 for most tensors (halves the file), BF16 for the attention weights, F32 for the rest of the
+    # encoder's first block: every dtype path is exercised on real layer names.
+    names = list(weights)
+    dtypes = {k: "F16" for k in names[len(names) // 4:]}
+    dtypes.update({k: "BF16" for k in ATTN_WEIGHTS})
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    write_safetensors(path, weights, dtypes)
+
+    raw = mod.read_safetensors(path)
+    assert list(raw) == names
+    assert raw[names[0]].dtype == torch.float32 and raw[names[-1]].dtype == torch.float16
+    assert raw[ATTN_WEIGHTS[0]].dtype == torch.bfloat16
+
+    vae = mod.load_vae(tmp_path)  # the folder, as in the Hugging Face repo layout
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+    sd = vae.state_dict()
+    for k, t in weights.items():
+        want = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtypes.get(k), torch.float32)
+        # exact: the file holds t rounded to its dtype, and widening to float32 is exact
+        assert sd[k].dtype == torch.float32 and torch.equal(sd[k], t.to(want).float()), k
+
+
+def test_vae_bin_with_old_attention_names_and_1x1_convs(mod, weights, tmp_path):
+    old = {}
+    for k, t in weights.items():
+        for new_name, old_name in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            k = k.replace(f".attentions.0.{new_name}.", f".attentions.0.{old_name}.")
+        old[k] = t[:, :, None, None] if k.endswith(("query.weight", "key.weight", "proj_attn.weight")) else t
+    assert sum(".query." in k for k in old) == 4 and old["encoder.mid_block.attentions.0.key.weight"].ndim == 4
+    path = tmp_path / "old.bin"
+    torch.save({k: t.half() for k, t in old.items()}, path)  # fp16 keeps the file small; load casts to fp32
+    sd = mod.load_vae(path).state_dict()
+    for k, t in weights.items():
+        assert torch.equal(sd[k], t.half().float()), k
+
+
+def test_vae_load_errors(mod, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        mod.load_vae(tmp_path / "nowhere.safetensors")
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
+        mod.load_vae(tmp_path)  # a folder without weights
+    (tmp_path / "vae.onnx").write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError, match="unknown VAE weight format"):
+        mod.load_vae(tmp_path / "vae.onnx")
+    torch.save({"encoder.conv_in.weight": torch.zeros(128, 3, 3, 3), "decoder.extra.weight": torch.zeros(1)},
+               tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"247 missing keys.*conv_in\.bias.*1 unexpected keys.*decoder\.extra"):
+        mod.load_vae(tmp_path / "bad.pt")
+    torch.save({"encoder.down.0.block.0.norm1.weight": torch.ones(128)}, tmp_path / "ldm.pth")
+    with pytest.raises(ValueError, match="CompVis/LDM layout"):
+        mod.load_vae(tmp_path / "ldm.pth")
+    torch.save([torch.zeros(1)], tmp_path / "list.bin")
+    with pytest.raises(ValueError, match="flat state_dict"):
+        mod.load_vae(tmp_path / "list.bin")
+
+    # Every key present (zero tensors expanded from one element keep the file tiny), one shape wrong:
+    # a 1x1-conv shape is reshaped only for the attention linears; anywhere else it is a shape error.
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in mod.AutoencoderKL().state_dict().items()}
+    wrong = {k: torch.zeros(1).expand(s) for k, s in shapes.items()}
+    wrong["decoder.conv_out.bias"] = torch.zeros(1).expand(3, 1, 1, 1)
+    torch.save(wrong, tmp_path / "wrong.bin")
+    with pytest.raises(ValueError, match=r"wrong shape.*decoder\.conv_out\.bias"):
+        mod.load_vae(tmp_path / "wrong.bin")
+
+
+def test_safetensors_parser_rejects_bad_files(mod, tmp_path):
+    t = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(5)}
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, t)
+    blob = path.read_bytes()
+    got = mod.read_safetensors(path)
+    assert torch.equal(got["a"], t["a"]) and torch.equal(got["b"], t["b"])
+
+    (tmp_path / "cut.safetensors").write_bytes(blob[:-4])  # last tensor's data cut short
+    with pytest.raises(ValueError, match="truncated"):
+        mod.read_safetensors(tmp_path / "cut.safetensors")
+    (tmp_path / "head.safetensors").write_bytes(blob[:40])  # cut inside the JSON header
+    with pytest.raises(ValueError, match="truncated"):
+        mod.read_safetensors(tmp_path / "head.safetensors")
+    (tmp_path / "tiny.safetensors").write_bytes(blob[:5])
+    with pytest.raises(ValueError, match="truncated"):
+        mod.read_safetensors(tmp_path / "tiny.safetensors")
+    with pytest.raises(ValueError, match="truncated"):
+        mod.load_vae(tmp_path / "cut.safetensors")
+
+    h = json.dumps({"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "int.safetensors").write_bytes(len(h).to_bytes(8, "little") + h + b"\0" * 8)
+    with pytest.raises(ValueError, match="dtype I64"):
+        mod.read_safetensors(tmp_path / "int.safetensors")
+    h = json.dumps({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "off.safetensors").write_bytes(len(h).to_bytes(8, "little") + h + b"\0" * 8)
+    with pytest.raises(ValueError, match="inconsistent"):
+        mod.read_safetensors(tmp_path / "off.safetensors")
+    (tmp_path / "json.safetensors").write_bytes((4).to_bytes(8, "little") + b"{no}")
+    with pytest.raises(ValueError, match="JSON"):
+        mod.read_safetensors(tmp_path / "json.safetensors")
+
+
+@pytest.fixture(scope="module")
+def vae(mod, weights):
+    with torch.device("meta"):  # the loading paths are tested above; here only the forward pass matters
+        model = mod.AutoencoderKL()
+    model.load_state_dict(weights, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def test_vae_encode_decode_shapes(mod, vae):
+    x = golden_input()
+    mean, std = vae.encode(x)
+    assert mean.shape == std.shape == (2, 4, 2, 3)
+    assert torch.isfinite(mean).all() and (std > 0).all()
+    y = vae.decode(mean)
+    assert y.shape == (2, 3, 16, 24) and torch.isfinite(y).all()
+    # micro-batches give the same numbers: GroupNorm is per sample; the tolerance only absorbs float32
+    # summation-order differences between convolution algorithms for different batch sizes
+    m1, s1 = vae.encode(x, batch=1)
+    assert torch.allclose(m1, mean, rtol=1e-4, atol=1e-5) and torch.allclose(s1, std, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(vae.decode(mean, batch=1), y, rtol=1e-4, atol=1e-5)
+
+
+def test_vae_matches_diffusers_golden_values(mod, vae):
+    # Reference numbers from diffusers 0.42.1 AutoencoderKL (sd-vae-ft-mse config) run on the same
+    # random_vae_weights and golden_input (our implementation matched it to 1.4e-5 over all outputs).
+    # atol 2e-4: outputs are O(1) after ~40 float32 layers; BLAS/thread summation order moves them by
+    # ~1e-5, while a layout error (padding side, attention scale, block order, shortcut) moves them by
+    # far more. The corners of the decoded image see the asymmetric down-sampling padding.
+    golden_mean = {(0, 0, 0): [-0.09814418, 0.78986263, -0.08060463, 0.10688864],
+                   (1, 1, 2): [-0.39159381, 0.25092852, 0.11312912, 0.43083647]}
+    golden_std = {(0, 1, 1): [0.63696772, 1.52249944, 1.40819943, 0.79353839]}
+    golden_y = {(0, 0, 0): [-0.06849828, 0.13100138, 0.00899909],
+                (1, 15, 23): [0.34675345, 0.16373211, -0.10224871],
+                (0, 7, 11): [0.74892908, -1.01710355, 1.06585944]}
+    with torch.no_grad():
+        mean, std = vae.encode(golden_input())
+        y = vae.decode(mean)
+    for (n, i, j), want in golden_mean.items():
+        assert torch.allclose(mean[n, :, i, j], torch.tensor(want), rtol=0, atol=2e-4), (n, i, j)
+    for (n, i, j), want in golden_std.items():
+        assert torch.allclose(std[n, :, i, j], torch.tensor(want), rtol=0, atol=2e-4), (n, i, j)
+    for (n, i, j), want in golden_y.items():
+        assert torch.allclose(y[n, :, i, j], torch.tensor(want), rtol=0, atol=2e-4), (n, i, j)
+    assert abs(y.abs().mean().item() - 0.49929106) < 2e-5
+
+
+def test_latent_normalisations_round_trip(mod):
+    z = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(2)) * 4
+    # float32 round trip: a few ulps of |z| ~ 10
+    assert torch.allclose(mod.edm2_unnormalize_latents(mod.edm2_normalize_latents(z)), z, rtol=0, atol=1e-5)
+    assert torch.allclose(mod.sd_unscale_latents(mod.sd_scale_latents(z)), z, rtol=0, atol=1e-5)
+    # EDM2: the assumed raw mean maps to 0 and mean + std to the final std 0.5, channel by channel
+    raw_mean = torch.tensor([5.81, 3.25, 0.12, -2.15]).reshape(1, 4, 1, 1)
+    raw_std = torch.tensor([4.17, 4.62, 3.71, 3.28]).reshape(1, 4, 1, 1)
+    assert torch.allclose(mod.edm2_normalize_latents(raw_mean), torch.zeros(1, 4, 1, 1), atol=1e-6)
+    assert torch.allclose(mod.edm2_normalize_latents(raw_mean + raw_std), torch.full((1, 4, 1, 1), 0.5), atol=1e-6)
+    assert torch.allclose(mod.sd_scale_latents(torch.ones(1)), torch.tensor([0.18215]))
+
+
+def test_latent_draws_from_raw(mod):
+    mean = torch.randn(2, 4, 3, 3)
+    std = torch.rand(2, 4, 3, 3) + 0.1
+    raw = torch.cat([mean, std], dim=1)
+    noise = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(3))
+    z = mean + noise * std
+    assert torch.allclose(mod.edm2_encode_latents(raw, torch.Generator().manual_seed(3)),
+                          mod.edm2_normalize_latents(z), atol=1e-6)
+    assert torch.allclose(mod.sd_encode_latents(raw, torch.Generator().manual_seed(3)), z * 0.18215, atol=1e-6)
+
+
+class _SpyVAE(torch.nn.Module):
+    """Stands in for the VAE to check what the conventions feed it and how they turn its output into
+    uint8 pixels."""
+
+    def __init__(self, out_value=None):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+        self.out_value = out_value
+
+    def encode(self, x, batch=None):
+        self.seen = x
+        mean = x[:, :, ::8, ::8].mean(1, keepdim=True).expand(-1, 4, -1, -1)
+        return mean, torch.ones_like(mean)
+
+    def decode(self, z, batch=None):
+        self.seen = z
+        return self.out_value.reshape(1, 1, 1, -1).expand(len(z), 3, 8 * z.shape[2], -1)
+
+
+def test_pixel_conventions(mod):
+    images = torch.tensor([0, 51, 255], dtype=torch.uint8).reshape(1, 1, 1, 3).expand(2, 3, 8, 3).clone()
+    spy = _SpyVAE()
+    assert mod.edm2_encode_pixels(spy, images).shape == (2, 8, 1, 1)
+    assert torch.allclose(spy.seen[0, 0, 0], torch.tensor([0.0, 0.2, 1.0]))  # EDM2 feeds [0, 1]
+    mod.sd_encode_pixels(spy, images)
+    assert torch.allclose(spy.seen[0, 0, 0], torch.tensor([-1.0, -0.6, 1.0]))  # MeanFlow/DiT feed [-1, 1]
+
+    spy = _SpyVAE(out_value=torch.tensor([-1.0, 0.0, 0.5, 1.0, 2.0]))
+    z = torch.zeros(2, 4, 1, 1)
+    out = mod.edm2_decode(spy, z)
+    assert out.dtype == torch.uint8 and out.shape == (2, 3, 8, 5)
+    assert out[0, 0, 0].tolist() == [0, 0, 127, 255, 255]  # clamp to [0, 1], x255, truncate
+    assert torch.allclose(spy.seen, mod.edm2_unnormalize_latents(z))
+    out = mod.sd_decode(spy, z)
+    assert out[0, 0, 0].tolist() == [0, 128, 191, 255, 255]  # 127.5 x + 128, clip, truncate
+    assert torch.equal(spy.seen, z)
+
+
+def test_conventions_end_to_end_on_random_vae(mod, vae):
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    for encode_pixels, encode_latents, decode in ((mod.edm2_encode_pixels, mod.edm2_encode_latents, mod.edm2_decode),
+                                                  (mod.sd_encode_pixels, mod.sd_encode_latents, mod.sd_decode)):
+        raw = encode_pixels(vae, images)
+        assert raw.shape == (2, 8, 2, 2) and (raw[:, 4:] > 0).all()
+        z = encode_latents(raw, torch.Generator().manual_seed(5))
+        out = decode(vae, z)
+        assert out.shape == images.shape and out.dtype == torch.uint8
+
+
+# ==================================================================================================
+# cmt_cifar10.py
+# ==================================================================================================
+
+# A single Gaussian N(mu, std^2): linear denoiser, closed-form flow map (SPEC 8).
+G_MU, G_STD = 0.3, 0.5
+
+
+def gauss_denoiser(x, s):
+    s = torch.as_tensor(s, dtype=x.dtype).reshape(-1, *[1] * (x.dim() - 1)) if torch.is_tensor(s) else s
+    return G_MU + G_STD ** 2 / (G_STD ** 2 + s ** 2) * (x - G_MU)
+
+
+def gauss_flow(x, s_from, s_to):
+    return cc.gaussian_flow_map(x, s_from, s_to, G_MU, G_STD)
+
+
+def slope(hs, errs):
+    return float(np.polyfit(np.log(hs), np.log(errs), 1)[0])
+
+
+def tiny_cfg(**over):
+    """A resolved tiny-preset config for one stage, without the CLI."""
+    args = cc.parse_args(["--preset", "tiny", "--stage", over.pop("stage", "pretrain"), "--outdir", over.pop("outdir", "x")])
+    for k, v in over.items():
+        setattr(args, k, v)
+    return cc.resolve_config(args)
+
+
+# ----------------------------------------------------------------------------- grid and solvers
+
+def test_logsnr_grid_values():
+    # s_i = 80 (0.002/80)^(i/16) to 6 significant digits. SPEC 2 prints 0.0145851, 0.00752054, 0.00387814
+    # for i = 13..15; those three are typos (the formula and sony/cmt's get_time_steps give the values here).
+    spec = [80, 41.2535, 21.2732, 10.9699, 5.65685, 2.91707, 1.50424, 0.775691, 0.4, 0.206268, 0.106366,
+            0.0548495, 0.0282843, 0.0145853, 0.00752121, 0.00387845, 0.002]
+    grid = cc.logsnr_grid()
+    assert len(grid) == 17
+    np.testing.assert_allclose(grid.numpy(), spec, rtol=6e-6)
+    assert abs(float(grid[7]) - 0.77569) < 1e-5  # the CIFAR-10 two-step mid_t
+
+
+def test_dpm_solver_pp_local_orders():
+    # One update from exact history: local error O(h^(k+1)) for orders 1 and 2. The official third-order
+    # multistep update (sony/cmt training/dpm_solver.py, same as SPEC 2) scales D2 ~ h^2 m''/2 by phi_3
+    # where the Taylor expansion needs h^2 m'', so its local error is O(h^3) as well -- we reproduce it
+    # exactly, and check that doubling D2 would give O(h^4), i.e. that the measurement is sharp.
+    x_ref = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
+    hs = [0.02, 0.01, 0.005, 0.0025]  # small enough to be asymptotic, large enough to stay above roundoff
+
+    def local_error(order, step):
+        errs = []
+        for h in hs:
+            lams = [(j - order + 1) * h for j in range(order)] + [h]
+            sig = [math.exp(-lam) for lam in lams]
+            xs = [gauss_flow(x_ref, 2.0, s) for s in sig[:-1]]
+            x1 = step(xs[-1], [gauss_denoiser(x, s) for x, s in zip(xs, sig)], lams, order)
+            errs.append(float((x1 - gauss_flow(x_ref, 2.0, sig[-1])).abs().max()))
+        return slope(hs, errs)
+
+    assert abs(local_error(1, cc.dpm_solver_pp_step) - 2) < 0.1
+    assert abs(local_error(2, cc.dpm_solver_pp_step) - 3) < 0.1
+    assert abs(local_error(3, cc.dpm_solver_pp_step) - 3) < 0.1
+
+    def doubled_d2(x, ms, lams, order):  # the Taylor-consistent variant, for contrast only
+        h = lams[-1] - lams[-2]
+        r0, r1 = (lams[-2] - lams[-3]) / h, (lams[-3] - lams[-4]) / h
+        d1_0, d1_1 = (ms[-1] - ms[-2]) / r0, (ms[-2] - ms[-3]) / r1
+        extra = -((math.expm1(-h) / h + 1) / h - 0.5) * (d1_0 - d1_1) / (r0 + r1)
+        return cc.dpm_solver_pp_step(x, ms, lams, order) + extra
+    assert local_error(3, doubled_d2) > 3.7
+
+
+def test_solvers_global_orders():
+    # Whole trajectories 10 -> 0.05 against the exact flow map, float64, N = 16..128 steps.
+    x0 = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 10
+    exact = gauss_flow(x0, 10.0, 0.05)
+    ns = [16, 32, 64, 128]
+    err = lambda f: [float((f(n) - exact).abs().max()) for n in ns]
+    dpm = {o: err(lambda n: cc.dpm_solver_pp(gauss_denoiser, x0, cc.logsnr_grid(n, 10.0, 0.05), o)[-1]) for o in (1, 2, 3)}
+    heun = err(lambda n: cc.heun_sampler(gauss_denoiser, x0, cc.logsnr_grid(n, 10.0, 0.05)))
+    assert abs(-slope(ns, dpm[1]) - 1) < 0.1
+    assert abs(-slope(ns, dpm[2]) - 2) < 0.15
+    assert abs(-slope(ns, heun) - 2) < 0.1
+    # Order 3 with first-order warm-up/final steps: asymptotically O(h^2) but 3-4x more accurate from N = 32.
+    assert -slope(ns, dpm[3]) > 1.9 and all(e3 < 0.4 * e2 for e3, e2 in zip(dpm[3][1:], dpm[2][1:]))
+
+
+def test_dpm_solver_orders_schedule_and_nfe():
+    calls = []
+    x = torch.zeros(1, dtype=torch.float64)
+
+    def denoise(x, s):
+        calls.append(s)
+        return x
+    states = cc.dpm_solver_pp(denoise, x, cc.logsnr_grid())
+    assert len(states) == 17 and len(calls) == 16  # the state at s_min is never denoised
+    np.testing.assert_allclose(calls, cc.logsnr_grid()[:16].numpy())
+
+
+def test_heun_nfe_and_karras_grid():
+    calls = []
+    g = cc.karras_grid(18)
+    cc.heun_sampler(lambda x, s: calls.append(s) or x, torch.zeros(1, dtype=torch.float64), g)
+    assert len(calls) == 35 and float(g[0]) == 80 and float(g[-1]) == 0 and abs(float(g[-2]) - 0.002) < 1e-12
+
+
+# ----------------------------------------------------------------------------- CMT pairs and loss
+
+def test_cmt_pair_layout():
+    steps, b = 16, 3
+    states = torch.arange(steps * b, dtype=torch.float32).view(steps, b, 1, 1, 1).expand(steps, b, 3, 2, 2)
+    target = 1000 + torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, 2, 2)
+    labels = torch.eye(b)
+    x, sigmas, targets, lab = cc.cmt_pairs(states, target, labels)
+    grid = cc.logsnr_grid().float()
+    for i in range(steps):
+        for j in range(b):
+            row = i * b + j  # step-major
+            assert x[row, 0, 0, 0] == i * b + j and targets[row, 0, 0, 0] == 1000 + j
+            assert sigmas[row] == grid[i] and lab[row].argmax() == j
+
+
+def gaussian_teacher():
+    toy = cc.ToyMixture(resolution=2, components=1)
+    toy.means.fill_(G_MU)
+    toy.stds = torch.tensor([G_STD])
+    return toy
+
+
+def test_cmt_trajectories_match_exact_flow():
+    toy = gaussian_teacher()
+    torch.manual_seed(0)
+    states, target = cc.cmt_trajectories(toy, torch.full((4, 3, 2, 2), G_MU), None)
+    assert states.shape == (16, 4, 3, 2, 2) and target.shape == (4, 3, 2, 2)
+    # Every state lies on the exact trajectory up to the 16-step solver's error: measured max 4.2e-2 along
+    # the way and 1.9e-2 at the end, against starting points of size ~80 (data std 0.5).
+    for i, s in enumerate(cc.logsnr_grid()[:16].tolist()):
+        assert float((states[i] - gauss_flow(states[0].double(), 80.0, s)).abs().max()) < 6e-2
+    assert float((target - gauss_flow(states[0].double(), 80.0, 0.002)).abs().max()) < 3e-2
+
+
+def test_cmt_loss_zero_for_exact_flow_map_and_grows():
+    # Exact trajectories (the limit of a perfect teacher solver) and a student that is the exact flow map.
+    x_T = G_MU + 80 * torch.randn(8, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    states = torch.stack([gauss_flow(x_T, 80.0, s) for s in cc.logsnr_grid()[:16].tolist()])
+    target = gauss_flow(x_T, 80.0, 0.002)
+
+    def student(eps):
+        def f(x, s, labels=None, train=True):
+            s = s.double().view(-1, 1, 1, 1)
+            return gauss_flow(x.double(), s, 0.002) * (1 + eps)
+        return f
+    losses = [float(cc.cmt_loss(student(e), states, target, None, "l2").mean()) for e in (0, 0.01, 0.1)]
+    assert losses[0] < 1e-12  # float64 roundoff only (measured 5e-16)
+    # l2 is quadratic in the perturbation: 10x larger eps -> 100x larger loss.
+    assert losses[1] > 1e-6 and abs(losses[2] / losses[1] - 100) < 1
+
+
+def test_traj_reuse_solves_once_per_k_iterations(monkeypatch):
+    solves = []
+    real = cc.cmt_trajectories
+    monkeypatch.setattr(cc, "cmt_trajectories", lambda *a: solves.append(1) or real(*a))
+    stream = cc.DataStream(cc.ToyMixture(), 0)
+    pairs = cc.TeacherPairs(cc.ToyMixture(), stream, trajectories=2, reuse=3, rounds=2, device="cpu")
+    got = [[pairs.get(it, r)[1] for r in range(2)] for it in range(6)]
+    assert len(solves) == 4  # iterations 0 and 3, two micro-batches each
+    assert torch.equal(got[0][0], got[2][0]) and not torch.equal(got[0][0], got[3][0])
+    assert not torch.equal(got[0][0], got[0][1])  # micro-batches keep their own trajectories
+
+
+def test_distances():
+    a, b = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.1)
+    sq = 48 * 0.01
+    assert torch.allclose(cc.distance(a, b, "l2"), torch.tensor([sq, sq]))
+    c = 0.00054 * math.sqrt(48)
+    assert torch.allclose(cc.distance(a, b, "huber"), torch.tensor(math.sqrt(sq + c * c) - c))
+    assert torch.allclose(cc.distance(a, b, "cauchy", c=0.1), torch.tensor(math.log1p(sq / 0.02)))
+
+
+def test_lpips_needs_weights_and_runs_with_them(tmp_path):
+    with pytest.raises(SystemExit, match="--lpips-weights"):
+        cc.make_lpips({"metric": "lpips", "lpips_weights": None}, "cpu")
+    # Synthetic weights in the published layouts: torchvision vgg16 features.* and LPIPS lin{i}.model.1.
+    torch.manual_seed(0)
+    vgg = cc.LPIPS.__new__(cc.LPIPS)
+    torch.nn.Module.__init__(vgg)
+    feats, cin = [], 3
+    for v in cc.LPIPS.CFG:
+        feats += [torch.nn.MaxPool2d(2)] if v == "M" else [torch.nn.Conv2d(cin, v, 3, padding=1), torch.nn.ReLU()]
+        cin = v if v != "M" else cin
+    torch.save({f"features.{k}": t for k, t in torch.nn.Sequential(*feats).state_dict().items()}, tmp_path / "vgg.pth")
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))},
+               tmp_path / "lin.pth")
+    lp = cc.make_lpips({"metric": "lpips", "lpips_weights": f"{tmp_path}/vgg.pth,{tmp_path}/lin.pth"}, "cpu")
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(lp(a, a), torch.zeros(2)) and (lp(a, b) > 0).all()
+
+
+# ----------------------------------------------------------------------------- preconditioning
+
+def test_edm_and_ecm_coefficients():
+    s = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    c_skip, c_out, c_in, c_noise = cc.edm_precond(s)
+    np.testing.assert_allclose(c_skip, [0.5, 0.25 / 4.25], rtol=1e-12)
+    np.testing.assert_allclose(c_out, [0.25 / math.sqrt(0.5), 1.0 / math.sqrt(4.25)], rtol=1e-12)
+    np.testing.assert_allclose(c_in, [1 / math.sqrt(0.5), 1 / math.sqrt(4.25)], rtol=1e-12)
+    np.testing.assert_allclose(c_noise, [math.log(0.5) / 4, math.log(2.0) / 4], rtol=1e-12)
+    train = cc.ecm_precond(s, train=True)
+    assert all(torch.equal(a, b) for a, b in zip(train, (c_skip, c_out, c_in, c_noise)))
+    e_skip, e_out, e_in, _ = cc.ecm_precond(s, train=False)
+    np.testing.assert_allclose(e_skip, 0.25 / ((s - 0.003) ** 2 + 0.25), rtol=1e-12)
+    np.testing.assert_allclose(e_out, (s - 0.003) * 0.5 / (s ** 2 + 0.25).sqrt(), rtol=1e-12)
+
+
+def test_ecm_boundary_condition():
+    cfg = tiny_cfg(stage="mid")
+    net = cc.build_net(cfg, "ecm", dropout=0.3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)  # no zero-initialised output layer hides the network's contribution
+        x = torch.randn(3, 3, 8, 8)
+        assert torch.equal(net(x, torch.full((3,), 0.003), train=False), x)   # f(x, s_min) = x exactly
+        assert not torch.allclose(net(x, torch.full((3,), 0.003), train=True), x)
+
+
+# ----------------------------------------------------------------------------- ECT
+
+def test_ect_t_to_r_values():
+    t = torch.tensor([0.01, 1.0, 10.0], dtype=torch.float64)
+    sig = torch.sigmoid(-t)
+    r = cc.ect_t_to_r(t, q=4096.0)                      # CMT's fixed q, stage 0
+    np.testing.assert_allclose(r, t * (1 - (1 + 8 * sig) / 4096), rtol=1e-12)
+    np.testing.assert_allclose(float(r[1]), 1 - (1 + 8 / (1 + math.e)) / 4096, rtol=1e-12)  # 0.99923058
+    # Plain ECT: q = 2, Delta t halves each stage; early stages clamp r to 0 for small t.
+    assert float(cc.ect_t_to_r(torch.tensor(0.01), 2.0, stage=0)) == 0.0
+    np.testing.assert_allclose(cc.ect_t_to_r(t, 2.0, stage=3), (t * (1 - (1 + 8 * sig) / 16)).clamp(min=0), rtol=1e-12)
+
+
+def test_ect_stage_follows_halving_schedule(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cc, "ect_loss", lambda net, y, labels, q, stage, c: seen.append((q, stage)) or y.flatten(1).sum(1))
+    cfg = tiny_cfg(stage="post", ect_double=100, ect_q=2.0)
+    loss, _ = cc.make_loss(cfg, cc.DataStream(cc.ToyMixture(), 0), None, 4, 1, torch.device("cpu"))
+    for it in (0, 99, 100, 250):
+        loss(None, it, 0)
+    assert seen == [(2.0, 0), (2.0, 0), (2.0, 1), (2.0, 2)]
+
+
+class MaskRecorder(torch.nn.Module):
+    """f(x, s) = x * dropout-mask: records each call's mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def forward(self, x, s, labels=None, train=True):
+        m = torch.nn.functional.dropout(torch.ones_like(x), 0.5, training=train)
+        self.masks.append(m)
+        return x * m
+
+
+def test_ect_same_dropout_mask_in_both_passes():
+    net = MaskRecorder()
+    torch.manual_seed(0)
+    cc.ect_loss(net, torch.randn(4, 3, 8, 8), None, q=4096.0, stage=0)
+    assert len(net.masks) == 2 and torch.equal(net.masks[0], net.masks[1])
+    net(torch.ones(4, 3, 8, 8), None)  # control: a plain second call draws a different mask
+    assert not torch.equal(net.masks[1], net.masks[2])
+
+
+def test_ect_loss_weighting_is_one_over_t_minus_r():
+    # f(x) = x and y = 0: f_t - f_r = (t - r) eps, so loss = |eps|_2 for every t, including r = 0.
+    identity = lambda x, s, labels=None, train=True: x
+    torch.manual_seed(0)
+    loss = cc.ect_loss(identity, torch.zeros(64, 3, 8, 8), None, q=2.0, stage=0)
+    torch.manual_seed(0)
+    torch.randn(64, 1, 1, 1)
+    eps = torch.randn(64, 3, 8, 8)
+    np.testing.assert_allclose(loss.numpy(), eps.flatten(1).norm(dim=1).numpy(), rtol=1e-4)  # float32 cancellation
+
+
+# ----------------------------------------------------------------------------- network
+
+STUDENT_KEYS = [  # from the official ECT/CMT student (ECMPrecond, SongUNet DDPM++ CIFAR-10)
+    (0, "model.map_layer0.weight", (512, 128)),
+    (4, "model.enc.32x32_conv.weight", (128, 3, 3, 3)),
+    (52, "model.enc.16x16_down.conv0.resample_filter", (1, 1, 2, 2)),
+    (61, "model.enc.16x16_down.skip.resample_filter", (1, 1, 2, 2)),
+    (216, "model.dec.8x8_block0.skip.weight", (256, 512, 1, 1)),
+    (270, "model.dec.16x16_up.conv0.resample_filter", (1, 1, 2, 2)),
+]
+
+
+def test_student_and_teacher_layout_and_parameter_count():
+    cfg = cc.resolve_config(cc.parse_args(["--stage", "mid", "--outdir", "x"]))
+    student = cc.build_net(cfg, "ecm")
+    sd = student.state_dict()
+    keys = list(sd)
+    assert len(keys) == 424 and sum(p.numel() for p in student.parameters()) == 55_732_739
+    for idx, name, shape in STUDENT_KEYS:
+        assert keys[idx] == name and tuple(sd[name].shape) == shape
+    assert keys[-2:] == ["model.dec.32x32_aux_conv.weight", "model.dec.32x32_aux_conv.bias"]
+    assert any(".qkv.weight" in k for k in keys) and tuple(sd["model.enc.16x16_block0.qkv.weight"].shape) == (768, 256, 1, 1)
+    teacher = cc.build_net(cfg, "edm", augment_dim=9)
+    tkeys = list(teacher.state_dict())
+    assert len(tkeys) == 425 and tkeys[0] == "model.map_augment.weight" and tkeys[1:] == keys
+    assert teacher.state_dict()["model.map_augment.weight"].shape == (128, 9)
+    assert sum(p.numel() for p in teacher.parameters()) == 55_733_891
+    ffhq = cc.build_net(cc.resolve_config(cc.parse_args(["--stage", "mid", "--preset", "ffhq64", "--data", "x",
+                                                         "--outdir", "x"])), "edm", augment_dim=9)
+    assert len(ffhq.state_dict()) == 553
+
+
+def test_real_size_forward_backward_cpu():
+    cfg = cc.resolve_config(cc.parse_args(["--stage", "mid", "--outdir", "x"]))
+    net = cc.build_net(cfg, "ecm")
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    out = net(x, torch.tensor([2.0]), train=True)
+    out.square().mean().backward()
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    grads = [p.grad for p in net.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert net.model.dec["32x32_aux_conv"].weight.grad.abs().sum() > 0
+
+
+def test_teacher_state_with_map_augment_copies_by_name(tmp_path):
+    cfg = tiny_cfg(stage="mid")
+    torch.manual_seed(0)
+    official = cc.build_net(cfg, "edm", augment_dim=9)
+    with torch.no_grad():
+        for p in official.parameters():
+            p.normal_()
+    state = official.state_dict()                            # EDM layout incl. model.map_augment.weight
+    teacher = cc.build_net(cfg, "edm", augment_dim=9, dropout=0.0)
+    cc.copy_by_name(state, teacher, ignore=())
+    student = cc.build_net(cfg, "ecm")
+    cc.init_weights(student, dict(cfg, init="teacher"), teacher)
+    ema = copy.deepcopy(student)
+    for name, t in student.state_dict().items():
+        assert torch.equal(t, state[name]) and torch.equal(ema.state_dict()[name], state[name])
+    assert all(torch.equal(t, state[n]) for n, t in teacher.state_dict().items())
+    assert "model.map_augment.weight" not in student.state_dict()
+    # Our own checkpoints feed --teacher/--init through torch.load(weights_only=True).
+    torch.save({"ema": cc.build_net(cfg, "edm").state_dict()}, tmp_path / "t.pt")
+    assert isinstance(cc.load_teacher(dict(cfg, teacher=str(tmp_path / "t.pt")), "cpu", 0), cc.Precond)
+    # An official pickle's recorded architecture is checked against ours.
+    expected, defaults = cc.official_kwargs(cfg, 0)
+    with pytest.raises(ValueError, match="channel_mult"):
+        cc.check_init_kwargs(dict(expected, channel_mult=[2, 2, 2]), expected, "x.pkl", defaults)
+
+
+def write_edm_pickle(path, net, init_kwargs):
+    """A synthetic official EDM network pickle: every module is the persistence call
+    torch_utils.persistence._reconstruct_persistent_obj(meta) of SPEC 7, tensors pickled natively."""
+    import types
+    persistence = types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):  # pickled by reference only; loading must never call it
+        raise AssertionError("official-pickle code executed")
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+
+    class Record:
+        def __init__(self, module, extra=None):
+            self.state = {"_parameters": dict(module._parameters), "_buffers": dict(module._buffers),
+                          "_non_persistent_buffers_set": set(), "training": False,
+                          "_modules": {k: Record(m) for k, m in module._modules.items()}, **(extra or {})}
+            self.name = "EDMPrecond" if extra else type(module).__name__
+
+        def __reduce__(self):
+            return _reconstruct_persistent_obj, (dict(type="class", version=6, module_src="import os", class_name=self.name,
+                                                      state=self.state),)
+    sys.modules.update({"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence})
+    try:
+        with open(path, "wb") as f:
+            pickle.dump(dict(ema=Record(net, {"_init_kwargs": init_kwargs}), loss_fn=None, augment_pipe=None,
+                             dataset_kwargs={}), f, protocol=4)
+    finally:
+        del sys.modules["torch_utils"], sys.modules["torch_utils.persistence"]
+
+
+def test_teacher_from_official_pickle(tmp_path):
+    cfg = tiny_cfg(stage="mid")
+    torch.manual_seed(0)
+    official = cc.build_net(cfg, "edm", augment_dim=9)
+    with torch.no_grad():
+        for p in official.parameters():
+            p.normal_()
+    kwargs = dict(img_resolution=8, img_channels=3, label_dim=0, use_fp16=False, model_type="SongUNet",
+                  embedding_type="positional", encoder_type="standard", decoder_type="standard", channel_mult_noise=1,
+                  resample_filter=[1, 1], model_channels=16, channel_mult=[1, 2], augment_dim=9, dropout=0.13,
+                  num_blocks=1, attn_resolutions=[4])
+    write_edm_pickle(tmp_path / "edm.pkl", official, kwargs)
+    teacher = cc.load_teacher(dict(cfg, teacher=str(tmp_path / "edm.pkl")), "cpu", 0)
+    assert list(teacher.state_dict()) == list(official.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), official.state_dict().values()))
+    student = cc.build_net(cfg, "ecm")
+    cc.init_weights(student, dict(cfg, init="teacher"), teacher)
+    assert all(torch.equal(t, official.state_dict()[n]) for n, t in student.state_dict().items())
+    write_edm_pickle(tmp_path / "wide.pkl", official, dict(kwargs, model_channels=32))  # not our architecture
+    with pytest.raises(ValueError, match="model_channels"):
+        cc.load_teacher(dict(cfg, teacher=str(tmp_path / "wide.pkl")), "cpu", 0)
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_cifar10_tarball_and_edm_folder(tmp_path):
+    buf = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(buf, "w:gz") as tar:
+        for i in range(1, 6):
+            data = pickle.dumps({b"data": np.full((2, 3072), i, np.uint8), b"labels": [i, i + 1]})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/data_batch_{i}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    images, labels = cc.open_data(str(buf))
+    assert images.shape == (10, 3, 32, 32) and images.dtype == torch.uint8 and labels.tolist()[:2] == [1, 2]
+    evil = tmp_path / "evil.tar.gz"  # a batch whose unpickling would call os.system
+    with tarfile.open(evil, "w:gz") as tar:
+        data = b"cos\nsystem\n(S'echo pwned'\ntR."
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(pickle.UnpicklingError, match="os.system"):
+        cc.open_data(str(evil))
+    folder = tmp_path / "ds"
+    (folder / "00000").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / "00000" / f"img{i}.png")
+    (folder / "dataset.json").write_text(json.dumps({"labels": [[f"00000/img{i}.png", i % 2] for i in range(3)]}))
+    images, labels = cc.open_data(str(folder))
+    assert images.shape == (3, 3, 8, 8) and int(images[2, 0, 0, 0]) == 80 and labels.tolist() == [0, 1, 0]
+    zpath = tmp_path / "ds.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                zf.write(f, f.relative_to(folder).as_posix())
+    zimages, zlabels = cc.open_data(str(zpath))
+    assert torch.equal(zimages, images) and zlabels.tolist() == [0, 1, 0]
+    stream = cc.DataStream((images, labels), seed=0, cond=True)
+    y, lab = stream.next(2)
+    assert y.min() >= -1 and y.max() <= 1 and lab.shape == (2, 2)
+    with pytest.raises(SystemExit, match="--data"):
+        cc.open_data(str(tmp_path / "missing"))
+
+
+def test_cifar10_download_is_md5_checked(tmp_path, monkeypatch):
+    src = tmp_path / "src" / "cifar-10-python.tar.gz"
+    src.parent.mkdir()
+    with tarfile.open(src, "w:gz") as tar:
+        for i in range(1, 6):
+            data = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/data_batch_{i}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(cc, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(cc, "CIFAR10_URL", src.as_uri())
+    with pytest.raises(ValueError, match="hash mismatch"):  # the real md5 is that of the official archive
+        cc.open_data("cifar10")
+    assert not (tmp_path / "cache" / "cifar-10-python.tar.gz").exists()
+    monkeypatch.setattr(cc, "CIFAR10_MD5", hashlib.md5(src.read_bytes()).hexdigest())
+    images, _ = cc.open_data("cifar10")
+    assert images.shape == (5, 3, 32, 32) and (tmp_path / "cache" / "cifar-10-python.tar.gz").exists()
+    monkeypatch.setattr(cc, "CIFAR10_URL", (tmp_path / "nowhere.tar.gz").as_uri())
+    monkeypatch.setattr(cc, "CACHE_DIR", tmp_path / "empty")
+    with pytest.raises(RuntimeError, match="--data"):  # offline: the error names the flag to use instead
+        cc.open_data("cifar10")
+
+
+def test_data_stream_resume_and_shards():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous()
+    a, b = cc.DataStream((images, None), 0, rank=0, world_size=2), cc.DataStream((images, None), 0, rank=1, world_size=2)
+    first = set(a.next(5)[0][:, 0, 0, 0].tolist()) | set(b.next(5)[0][:, 0, 0, 0].tolist())
+    assert len(first) == 10  # the two ranks' shards of one epoch are disjoint
+    state = a.state_dict()
+    expected = a.next(7)[0]
+    c = cc.DataStream((images, None), 0, rank=0, world_size=2)
+    c.load_state_dict(state)
+    assert torch.equal(c.next(7)[0], expected)
+
+
+def test_toy_denoiser_is_exact_posterior_mean():
+    toy = cc.ToyMixture()
+    x = toy.sample(4, torch.Generator().manual_seed(0)).double()
+    # sigma -> 0 returns x; sigma -> inf returns the mixture mean.
+    assert torch.allclose(toy.denoise(x, 1e-6), x, atol=1e-6)
+    mean = (toy.weights.double().view(-1, 1, 1, 1) * toy.means.double()).sum(0)
+    assert torch.allclose(toy.denoise(x, 1e4), mean.expand_as(x), atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- training mechanics
+
+def run_stage(tmp_path, **over):
+    cfg = tiny_cfg(outdir=str(tmp_path), **{"batch": 32, "iters": 6, "log_every": 2, "ckpt_every": 3, **over})
+    return cfg, cc.train(cfg)
+
+
+@pytest.mark.parametrize("stage", ["mid", "post"])
+def test_cifar10_resume_is_bit_exact(tmp_path, monkeypatch, stage):
+    over = dict(stage=stage, teacher="analytic", init="random", traj_reuse=2, dropout=0.1)
+    _, (net_a, ema_a) = run_stage(tmp_path / "a", **over)
+    real_update, calls = cc.apply_update, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 5:  # die in iteration 5, after the checkpoint at iteration 3
+            raise KeyboardInterrupt
+        return real_update(*args)
+    monkeypatch.setattr(cc, "apply_update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path / "b", **over)
+    monkeypatch.setattr(cc, "apply_update", real_update)
+    _, (net_b, ema_b) = run_stage(tmp_path / "b", resume="auto", **over)
+    for a, b in zip(list(net_a.state_dict().values()) + list(ema_a.state_dict().values()),
+                    list(net_b.state_dict().values()) + list(ema_b.state_dict().values())):
+        assert torch.equal(a, b)
+    ckpt = torch.load(tmp_path / "b" / "ckpt-latest.pt", weights_only=True)
+    assert set(ckpt) == {"model", "ema", "optimizer", "iter", "rng", "data_state", "config", "stage"}
+    assert ckpt["iter"] == 6 and ckpt["stage"] == stage and (tmp_path / "b" / "ckpt-0000006.pt").exists()
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+
+
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
+    real, calls = cc.edm_loss, []
+
+    def flaky(net, y, labels):
+        calls.append(1)
+        loss = real(net, y, labels)
+        return loss * float("nan") if len(calls) == 2 else loss
+    monkeypatch.setattr(cc, "edm_loss", flaky)
+    _, (net, ema) = run_stage(tmp_path, stage="pretrain", iters=4)
+    rows = [json.loads(l) for l in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped"] == 1 and all(math.isfinite(r["loss"]) for r in rows)
+    assert all(torch.isfinite(p).all() for p in list(net.parameters()) + list(ema.parameters()))
+    calls.clear()
+    monkeypatch.setattr(cc, "edm_loss", lambda net, y, labels: real(net, y, labels) * float("nan"))
+    with pytest.raises(SystemExit, match="non-finite"):
+        run_stage(tmp_path / "abort", stage="pretrain", iters=4, max_skips=2)
+
+
+CIFAR10_DDP_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import cmt_cifar10 as cc
+torch.set_num_threads(1)
+rank, world, device = cc.init_distributed()
+rounds = int(sys.argv[2])
+cfg = cc.resolve_config(cc.parse_args(["--preset", "tiny", "--stage", "mid", "--outdir", "x"]))
+torch.manual_seed(0)
+net = cc.build_net(cfg, "ecm", dropout=0.0)
+g = torch.Generator().manual_seed(1)
+y, noise = torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 3, 8, 8, generator=g)
+sigma = torch.linspace(0.1, 5, 8)
+per = 8 // (world * rounds)
+def micro_loss(m, it, r):  # micro-batch r of this rank: a fixed, deterministic slice of the global batch
+    i = (rank * rounds + r) * per
+    return (m(y[i:i+per] + sigma[i:i+per].view(-1, 1, 1, 1) * noise[i:i+per], sigma[i:i+per], train=True)
+            - y[i:i+per]).square().flatten(1).sum(1)
+ddp = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+cc.accumulate_gradients(ddp, micro_loss, 0, rounds)
+if rank == 0:
+    torch.save([p.grad for p in net.parameters()], sys.argv[3])
+if world > 1:
+    torch.distributed.destroy_process_group()
+"""
+
+
+def test_ddp_accumulation_equivalence(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(CIFAR10_DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(script), str(ROOT), "4", str(tmp_path / "g1.pt")], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(script), str(ROOT), "2", str(tmp_path / "g2.pt")], check=True, env=env,
+                   capture_output=True)
+    g1, g2 = torch.load(tmp_path / "g1.pt"), torch.load(tmp_path / "g2.pt")
+    for a, b in zip(g1, g2):
+        # Same sums in a different order (micro-batch grouping, all-reduce): float32 rounding only.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert sum(float(a.abs().sum()) for a in g1) > 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # fid.py warns that 4 images make a biased FID
+def test_fid_during_training(tmp_path, monkeypatch):
+    # The plumbing generation -> fid.inception_stats -> fid.load_ref -> fid.frechet_distance, with a
+    # random-weight Inception and the 2048-d matrix square root (tens of seconds on CI) replaced by the
+    # mean term, which is enough to see that our 4 images and the reference reached it.
+    import fid
+    monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": fid.random_inception())
+    seen = []
+    monkeypatch.setattr(fid, "frechet_distance", lambda m1, s1, m2, s2: seen.append((m1, s1, m2, s2)) or
+                        float(((np.asarray(m1) - m2) ** 2).sum()))
+    np.savez(tmp_path / "ref.npz", mu=np.full(2048, 0.5), sigma=np.eye(2048))
+    run_stage(tmp_path / "run", stage="post", init="random", iters=2, fid_ref=str(tmp_path / "ref.npz"), fid_num=4)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert rows[-1]["iter"] == 2 and all(math.isfinite(rows[-1][k]) and rows[-1][k] > 0 for k in ("fid_1step", "fid_2step"))
+    assert len(seen) == 2 and rows[-1]["fid_1step"] != rows[-1]["fid_2step"]
+    m1, s1, m2, s2 = seen[0]
+    assert np.shape(s1) == (2048, 2048) and np.all(np.asarray(m2) == 0.5) and np.any(np.asarray(m1) != 0)
+
+
+def test_batch_split_error(tmp_path):
+    with pytest.raises(SystemExit, match="--batch"):
+        run_stage(tmp_path, batch=30, batch_gpu=8)
+    with pytest.raises(SystemExit, match="--batch-gpu"):
+        run_stage(tmp_path, stage="mid", teacher="analytic", init="random", batch=24, batch_gpu=24)
+
+
+def test_cifar10_tiny_preset_end_to_end(tmp_path, capsys):
+    cc.main(["--preset", "tiny", "--iters", "4", "--outdir", str(tmp_path), "--eval-num", "300"])
+    out = capsys.readouterr().out
+    for row in ("teacher (EDM)", "mid (CMT)", "post (CMT -> ECT)", "baseline ECT, teacher init", "baseline ECT, random init"):
+        assert row in out
+    for sub in ("teacher", "mid", "post"):
+        assert (tmp_path / sub / "ckpt-latest.pt").exists() and (tmp_path / sub / "config.json").exists()
+        row = json.loads((tmp_path / sub / "stats.jsonl").read_text().splitlines()[-1])
+        assert {"iter", "kimg", "loss", "grad_norm", "lr", "it_per_s", "img_per_s", "skipped", "sec"} <= set(row)
+    table = (tmp_path / "quality.txt").read_text()
+    assert "nan" not in table.split("\n", 2)[2]  # every model row has real numbers
+    cc.main(["--stage", "sample", "--init", str(tmp_path / "post" / "ckpt-latest.pt"),
+             "--outdir", str(tmp_path / "s"), "--num", "16"])
+    data = np.load(tmp_path / "s" / "samples-2step.npz")["images"]
+    assert data.shape == (16, 8, 8, 3) and data.dtype == np.uint8 and (tmp_path / "s" / "samples-1step.png").exists()
+
+
+# ==================================================================================================
+# cmt_imagenet.py
+# ==================================================================================================
+
+@pytest.fixture
+def inet_one_thread():
+    """Tiny 8x8 networks run fastest single-threaded (and a busy CI core makes 2 threads spin)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def inet_cfg(*argv):
+    return inet.resolve_config(inet.parse_args(list(argv)))
+
+
+# ----------------------------------------------------------------------------- network
+def test_imagenet_mp_primitives_unit_magnitude():
+    torch.manual_seed(0)
+    rms = lambda t: t.square().mean().sqrt().item()  # noqa: E731
+    a, b = torch.randn(64, 256, 8, 8), torch.randn(64, 128, 8, 8)
+    # 1e-2: statistical error of an RMS over ~1e6 (or 2.6e5) unit-variance samples is ~1e-3.
+    assert rms(inet.normalize(3 * a)) == pytest.approx(1, abs=1e-3)
+    assert rms(inet.mp_silu(a)) == pytest.approx(1, abs=1e-2)
+    assert rms(inet.mp_sum(a, torch.randn_like(a), t=0.3)) == pytest.approx(1, abs=1e-2)
+    assert rms(inet.mp_cat(a, b, t=0.5)) == pytest.approx(1, abs=1e-2)
+    assert rms(inet.MPFourier(4096)(torch.randn(256))) == pytest.approx(1, abs=2e-2)
+    conv, lin = inet.MPConv(256, 64, [3, 3]), inet.MPConv(256, 512, [])
+    # zero padding: a border pixel sees 2 of 3 taps per axis, so on 8x8 maps the expected RMS is
+    # (6/8 + 2/8 * 2/3) = 0.9167 instead of 1
+    assert rms(conv(a)) == pytest.approx((6 + 2 * 2 / 3) / 8, abs=1e-2)
+    assert rms(lin(torch.randn(512, 256))) == pytest.approx(1, abs=2e-2)
+    assert rms(lin(torch.randn(512, 256), gain=0.5)) == pytest.approx(0.5, abs=1e-2)
+    blk = inet.Block(128, 256, 512, "enc", "down", attention=True).eval()
+    with torch.no_grad():
+        blk.emb_gain.fill_(1.0)
+        out = blk(b, torch.randn(64, 512))
+    assert out.shape == (64, 256, 4, 4) and 0.7 < rms(out) < 1.3  # a whole block stays O(1) by design
+
+
+def test_imagenet_forced_weight_normalisation():
+    torch.manual_seed(0)
+    conv = inet.MPConv(16, 8, [3, 3])
+    with torch.no_grad():
+        conv.weight.mul_(torch.linspace(0.1, 5, 8).reshape(-1, 1, 1, 1))
+    x = torch.randn(2, 16, 5, 5)
+    before = conv.weight.detach().clone()
+    y_eval = conv.eval()(x)
+    assert torch.equal(conv.weight, before)  # eval mode never writes the weights
+    y_train = conv.train()(x)
+    norms = conv.weight.detach().flatten(1).norm(dim=1)
+    # each output row now has unit RMS (norm sqrt(fan_in)); eps 1e-4 in normalize gives ~1e-4 relative error
+    torch.testing.assert_close(norms, torch.full([8], math.sqrt(16 * 9)), rtol=1e-3, atol=0)
+    # the function is unchanged up to normalize's eps: 1e-4 against a row RMS >= 0.1 is <= 1e-3 relative
+    torch.testing.assert_close(y_train, y_eval, rtol=2e-3, atol=2e-3)
+    with inet.no_forced_wn(conv):
+        with torch.no_grad():
+            conv.weight.mul_(2)
+        conv(x)
+        assert conv.weight.detach().flatten(1).norm(dim=1).mean() > 2 * math.sqrt(16 * 9) * 0.99
+
+
+def test_imagenet_official_key_layout():
+    # Facts copied from the official EDM2 Precond key lists (img512 / img64, size S): 203 tensors.
+    with torch.device("meta"):
+        net512 = inet.build_net(inet_cfg("--stage", "mid", "--preset", "img512-s"), logvar=True)
+        net64 = inet.build_net(inet_cfg("--stage", "mid", "--preset", "img64-s"), logvar=True)
+    sd = {k: tuple(v.shape) for k, v in net512.state_dict().items()}
+    assert len(sd) == 203
+    names = list(sd)
+    assert names[:5] == ["unet.out_gain", "unet.emb_fourier.freqs", "unet.emb_fourier.phases",
+                         "unet.emb_noise.weight", "unet.emb_label.weight"]
+    assert names[-4:] == ["unet.out_conv.weight", "logvar_fourier.freqs", "logvar_fourier.phases",
+                          "logvar_linear.weight"]
+    expect = {"unet.out_gain": (), "unet.emb_noise.weight": (768, 192), "unet.emb_label.weight": (768, 1000),
+              "unet.enc.64x64_conv.weight": (192, 5, 3, 3), "unet.enc.32x32_block0.conv_skip.weight": (384, 192, 1, 1),
+              "unet.enc.16x16_block0.attn_qkv.weight": (1728, 576, 1, 1),
+              "unet.enc.8x8_block2.attn_proj.weight": (768, 768, 1, 1),
+              "unet.dec.8x8_in0.attn_qkv.weight": (2304, 768, 1, 1), "unet.dec.8x8_block3.conv_res0.weight": (768, 1344, 3, 3),
+              "unet.dec.16x16_block0.conv_skip.weight": (576, 1344, 1, 1),
+              "unet.dec.64x64_block3.conv_skip.weight": (192, 384, 1, 1), "unet.out_conv.weight": (4, 192, 3, 3),
+              "logvar_linear.weight": (1, 128)}
+    for k, shape in expect.items():
+        assert sd[k] == shape, k
+    sd64 = {k: tuple(v.shape) for k, v in net64.state_dict().items()}
+    assert len(sd64) == 203 and list(sd64) == names
+    assert sd64["unet.enc.64x64_conv.weight"] == (192, 4, 3, 3) and sd64["unet.out_conv.weight"] == (3, 192, 3, 3)
+    with torch.device("meta"):  # the CMT student drops the logvar head: 200 tensors
+        assert len(inet.build_net(inet_cfg("--stage", "mid", "--preset", "img512-xxl")).state_dict()) == 200
+
+
+# ----------------------------------------------------------------------------- official pickle
+def inet_fake_reconstruct(meta):  # pickled by reference only; loading must never call it
+    raise AssertionError("the real reconstruct function must never run")
+
+
+inet_fake_reconstruct.__module__ = "torch_utils.persistence"
+inet_fake_reconstruct.__name__ = inet_fake_reconstruct.__qualname__ = "_reconstruct_persistent_obj"
+
+
+class InetEasyDict(dict):
+    pass
+
+
+InetEasyDict.__module__, InetEasyDict.__name__, InetEasyDict.__qualname__ = "dnnlib.util", "EasyDict", "EasyDict"
+
+
+@contextlib.contextmanager
+def inet_fake_official_modules():
+    """torch_utils.persistence / dnnlib.util exist only while pickling (as on a machine with EDM2)."""
+    names = ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util")
+    mods = {n: types.ModuleType(n) for n in names}
+    mods["torch_utils.persistence"]._reconstruct_persistent_obj = inet_fake_reconstruct
+    mods["torch_utils"].persistence = mods["torch_utils.persistence"]
+    mods["dnnlib.util"].EasyDict = InetEasyDict
+    mods["dnnlib"].util = mods["dnnlib.util"]
+    assert not any(n in sys.modules for n in names)
+    sys.modules.update(mods)
+    try:
+        yield
+    finally:
+        for n in names:
+            del sys.modules[n]
+
+
+def inet_persistent_reduce(self):
+    """What torch_utils.persistence.persistent_class pickles: a call with meta = {type, version,
+    module_src, class_name, state}; state is the object's __dict__."""
+    meta = dict(type="class", version=6, module_src="raise RuntimeError('module_src must never run')",
+                class_name=type(self).__name__, state=dict(self.__dict__))
+    return inet_fake_reconstruct, (meta,)
+
+
+def test_imagenet_edm2_pickle_loads_float32(tmp_path):
+    cfg = inet_cfg("--stage", "mid", "--preset", "tiny")
+    torch.manual_seed(3)
+    net = inet.build_net(cfg, logvar=True).half().eval()
+    ref = {k: v.clone() for k, v in net.state_dict().items()}
+    fake = copy.deepcopy(net)
+    for m in fake.modules():  # every EDM2 class is persistent; ModuleDict pickles normally
+        if type(m) is not torch.nn.ModuleDict:
+            m.__class__ = type(type(m).__name__, (type(m),), {"__reduce__": inet_persistent_reduce})
+    fake._init_kwargs = dict(img_resolution=8, img_channels=3, label_dim=6, model_channels=16, channel_mult=[1, 2],
+                             num_blocks=1, attn_resolutions=[4], dropout=0.0, use_fp16=True)
+    path = tmp_path / "edm2-toy.pkl"
+    with inet_fake_official_modules(), open(path, "wb") as f:
+        pickle.dump(InetEasyDict(dataset_kwargs=InetEasyDict(path="x.zip"), loss_fn=None, ema=fake), f)
+    teacher = inet.load_network(str(path), cfg, "teacher")  # strict: every name and shape must match
+    got = teacher.state_dict()
+    assert list(got) == list(ref)
+    for k, v in ref.items():
+        assert got[k].dtype == torch.float32 and torch.equal(got[k].half(), v), k  # float16 -> float32 is exact
+    bad = dict(cfg, model_channels=32)
+    with pytest.raises(ValueError, match="model_channels"):
+        inet.load_network(str(path), bad, "teacher")
+
+
+# ----------------------------------------------------------------------------- teacher and solver
+def test_imagenet_guided_teacher_formula():
+    x = torch.zeros(3, 2, 4, 4)
+    net = lambda x, s, labels: torch.full_like(x, 3.0)  # noqa: E731
+    gnet = lambda x, s, labels: torch.full_like(x, 1.0)  # noqa: E731
+    d = inet.guided_denoiser(net, gnet, 2.05)(x, torch.ones(3), None)
+    torch.testing.assert_close(d, torch.full_like(x, 1.0 + 2.05 * (3.0 - 1.0)))
+    assert inet.guided_denoiser(net, gnet, 1.0) is net and inet.guided_denoiser(net, None, 2.0) is net
+
+
+def inet_gaussian():
+    toy = inet.ToyMixture(num_classes=2, res=4, channels=2)
+    return toy, (lambda x, s, labels: toy.denoise(x, s, labels))
+
+
+def test_imagenet_ecd_step_matches_exact_ode_to_heun_order():
+    toy, denoise = inet_gaussian()
+    labels = torch.tensor([0, 1, 1, 0])
+    gen = torch.Generator().manual_seed(0)
+    t = 1.2
+    spread = torch.sqrt(toy.std[labels] ** 2 + t ** 2).reshape(-1, 1, 1, 1)  # x_t ~ N(mu, (s_k^2 + t^2) I)
+    x_t = toy.mu[labels] + spread * torch.randn(4, 2, 4, 4, generator=gen, dtype=torch.float64)
+    hs = np.array([0.1, 0.05, 0.025, 0.0125])  # asymptotic regime h << t; float64 keeps round-off far below
+    for solver, order in (("heun", 3), ("euler", 2)):  # local error O(h^(p+1)): Heun p = 2, Euler p = 1
+        errs = [(inet.teacher_step(denoise, x_t, t, t - h, labels, solver) - toy.flow(x_t, t, t - h, labels))
+                .abs().max().item() for h in hs]
+        slope = np.polyfit(np.log(hs), np.log(errs), 1)[0]
+        assert abs(slope - order) < 0.3, (solver, slope, errs)
+
+
+def test_imagenet_dpm_solver_converges():
+    toy, denoise = inet_gaussian()
+    labels = torch.tensor([0, 1, 0])
+    z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    errs = []
+    for n in (16, 32, 64):
+        sig = inet.cmt_sigmas(n, 80.0, 0.002, dtype=torch.float64)
+        errs.append((inet.dpm_solver_pp(denoise, 80 * z, labels, sig)[-1] - toy.flow(80 * z, 80.0, 0.002, labels))
+                    .abs().max().item())
+    # doubling the steps divides the error by >= 4 here (first order would give 2): a multistep solver of order >= 2
+    assert errs[1] < errs[0] / 3.5 and errs[2] < errs[1] / 3.5, errs
+
+
+def test_imagenet_data_free_batch_layout():
+    sig = inet.cmt_sigmas(16)
+    np.testing.assert_allclose(sig[[0, 1, 7, 8, 16]].numpy(), [80, 41.2535, 0.775691, 0.4, 0.002], rtol=1e-5)
+    b = 3
+    noise = torch.randn(b, 4, 2, 2)
+    labels = torch.tensor([5, 7, 999])
+    zero = lambda x, s, lab: torch.zeros_like(x)  # noqa: E731  (then every solver step is x * s_next / s_cur)
+    x, s, lab, target = inet.cmt_batch(zero, noise, labels, sig)
+    assert x.shape == (16 * b, 4, 2, 2) and s.shape == lab.shape == (16 * b,)
+    for i in range(16):  # step-major: rows i*b..(i+1)*b hold state s_i of every trajectory
+        torch.testing.assert_close(x[i * b:(i + 1) * b], sig[i] * noise, rtol=1e-5, atol=1e-6)
+        assert torch.equal(s[i * b:(i + 1) * b], sig[i].expand(b)) and torch.equal(lab[i * b:(i + 1) * b], labels)
+        torch.testing.assert_close(target[i * b:(i + 1) * b], sig[16] * noise, rtol=1e-4, atol=1e-6)
+    cfg = inet_cfg("--stage", "mid", "--preset", "img512-xs", "--batch-gpu", "64")
+    src = inet.BatchSource(cfg, "labels", torch.device("cpu"), 0, 1, 1, 0)
+    y, lab = src.next(torch.Generator().manual_seed(0))
+    assert y is None and lab.shape == (64,) and lab.min() >= 0 and lab.max() < 1000 and len(set(lab.tolist())) > 50
+
+
+def test_imagenet_ecm_precond_boundary(inet_one_thread):
+    cfg = inet_cfg("--stage", "mid", "--preset", "tiny", "--s-min", "0.003")
+    net = inet.build_net(cfg).eval()
+    with torch.no_grad():
+        net.unet.out_gain.fill_(1.0)  # a non-zero raw output, so that only c_skip/c_out can make f = x
+        x = torch.randn(4, 3, 8, 8)
+        torch.testing.assert_close(net(x, torch.full([4], 0.003), None, eval_mode=True), x, rtol=0, atol=1e-6)
+        assert not torch.allclose(net(x, torch.full([4], 0.003), None), x, atol=1e-4)  # train mode: plain EDM
+        c = inet.ecm_precond(torch.tensor(2.0), 0.5, 0.003, train=True)
+        assert all(torch.equal(a, e) for a, e in zip(c, inet.edm_precond(torch.tensor(2.0), 0.5)))
+
+
+def test_imagenet_latent_dataset_checks(tmp_path):
+    rng = np.random.default_rng(0)
+    raw_mean, raw_std = np.array(inet.EDM2_RAW_MEAN), np.array(inet.EDM2_RAW_STD)
+
+    def write(folder, scale, shape=(8, 64, 64)):
+        os.makedirs(folder / "00000")
+        labels = []
+        for i in range(3):
+            mean = (raw_mean.reshape(4, 1, 1) + raw_std.reshape(4, 1, 1) * rng.standard_normal((4, 64, 64))) * scale
+            arr = np.concatenate([mean, np.full((4, 64, 64), 0.01)])[:shape[0]].astype(np.float32)
+            np.save(folder / f"00000/img-mean-std-{i:08d}.npy", arr)
+            labels.append([f"00000/img-mean-std-{i:08d}.npy", i])
+        (folder / "dataset.json").write_text(json.dumps(dict(labels=labels)))
+        return str(folder)
+
+    cfg = inet_cfg("--stage", "post", "--preset", "img512-xs", "--batch-gpu", "2", "--workers", "0")
+    cfg["data"] = write(tmp_path / "good", 1.0)
+    mean, rms = inet.check_latent_stats(cfg)
+    assert mean.abs().max() < 0.1 and (rms - 0.5).abs().max() < 0.05
+    y, labels = inet.BatchSource(cfg, "dataset", torch.device("cpu"), 0, 1, 1, 0).next(torch.Generator())
+    assert y.shape == (2, 4, 64, 64) and labels.tolist() in ([0, 1], [0, 2], [1, 0], [1, 2], [2, 0], [2, 1])
+    with pytest.raises(SystemExit, match="do not look like EDM2"):
+        inet.check_latent_stats(dict(cfg, data=write(tmp_path / "sd-scaled", 0.18215)))
+    with pytest.raises(SystemExit, match=r"expected \(8, 64, 64\)"):
+        inet.check_latent_stats(dict(cfg, data=write(tmp_path / "four", 1.0, shape=(4, 64, 64))))
+
+
+# ----------------------------------------------------------------------------- training loop
+def inet_train_args(outdir, *extra):
+    return ["--preset", "tiny", "--teacher", "analytic", "--init", "random", "--outdir", str(outdir),
+            "--log-every", "1", *extra]
+
+
+def test_imagenet_resume_bit_exact(tmp_path, inet_one_thread):
+    # Guided ECD post stage on the toy: exercises data noise (micro_seed), dropout RNG (saved and restored)
+    # and the same-dropout-mask replay of the second student call.
+    args = ["--stage", "post", "--batch", "32", "--iters", "4", "--ckpt-every", "2", "--dropout", "0.1",
+            "--guide", "analytic", "--guidance", "1.5"]  # autoguided by the unconditional mixture
+    inet.main(inet_train_args(tmp_path / "a", *args))
+    inet.main(inet_train_args(tmp_path / "b", *args, "--resume", str(tmp_path / "a" / "ckpt-0000002.pt")))
+    full = torch.load(tmp_path / "a" / "ckpt-0000004.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "b" / "ckpt-0000004.pt", weights_only=True)
+    for key in ("model", "ema"):
+        assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key]), key
+    opt_a, opt_b = full["optimizer"]["state"], resumed["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i][s], opt_b[i][s]) for i in opt_a for s in opt_a[i])
+    assert full["iter"] == resumed["iter"] == 4 and full["stage"] == "post"
+    rows = [json.loads(line) for line in (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    assert set(rows[0]) >= {"iter", "kimg", "loss", "grad_norm", "lr", "it_per_s", "img_per_s", "skipped", "sec"}
+
+
+def test_imagenet_ddp_matches_accumulation(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = ["--stage", "mid", "--batch", "64", "--batch-gpu", "16", "--iters", "1"]
+    script = str(ROOT / "cmt_imagenet.py")
+    subprocess.run([sys.executable, script, *inet_train_args(tmp_path / "one", *common)], check=True, env=env,
+                   cwd=tmp_path, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+                    *inet_train_args(tmp_path / "two", *common)], check=True, env=env, cwd=tmp_path, capture_output=True)
+    one, two = [json.loads((tmp_path / d / "stats.jsonl").read_text()) for d in ("one", "two")]
+    # Same global batch (noise keyed by micro-batch slot = micro_step * world + rank); only the
+    # summation order of the gradient differs: float32 round-off, ~1e-7 relative.
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+    assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-5)
+    a = torch.load(tmp_path / "one" / "ckpt-latest.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "ckpt-latest.pt", weights_only=True)["model"]
+    lr = inet.PRESETS["tiny"]["mid"]["lr"]
+    for k in a:  # Adam's first step is ~lr * sign(g): round-off in g moves a weight by << lr
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-3 * lr)
+
+
+def test_imagenet_tiny_end_to_end(tmp_path, inet_one_thread, capsys, monkeypatch):
+    rows = inet.main(["--preset", "tiny", "--iters", "3", "--num", "64", "--outdir", str(tmp_path)])
+    assert [(r["model"], r["steps"]) for r in rows] == [("teacher (Heun)", 35), ("CMT mid", 1), ("CMT mid", 2),
+                                                         ("CMT post", 1), ("CMT post", 2)]
+    assert all(math.isfinite(r["flow_map_err"]) and math.isfinite(r["pixel_fd"]) for r in rows)
+    for stage in ("pretrain", "mid", "post"):
+        for name in ("config.json", "stats.jsonl", "ckpt-latest.pt", "ckpt-0000003.pt"):
+            assert (tmp_path / stage / name).is_file(), (stage, name)
+    assert (tmp_path / "mid" / "samples-0000003.png").is_file()
+    out = capsys.readouterr().out
+    assert "flow-map err" in out and "pixel FD" in out and "[mid] it 3/3" in out
+    # stage sample: the 2-step student (from its checkpoint, with FID through fid.py on random
+    # Inception weights: checks the plumbing, not the value) and the teacher's Heun reference
+    import fid
+    torch.save(fid.random_inception().state_dict(), tmp_path / "inception.pth")
+    monkeypatch.setenv("FID_WEIGHTS", str(tmp_path / "inception.pth"))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    base = ["--preset", "tiny", "--stage", "sample", "--num", "10", "--batch-gpu", "4", "--outdir", str(tmp_path / "s")]
+    inet.main([*base, "--init", str(tmp_path / "post" / "ckpt-latest.pt"), "--fid-ref", str(tmp_path / "ref.npz"),
+               "--num", "4", "--outdir", str(tmp_path / "f")])
+    metrics = json.loads((tmp_path / "f" / "metrics.jsonl").read_text())
+    assert metrics["tag"] == "2step" and metrics["num"] == 4 and math.isfinite(metrics["fid"]) and metrics["fid"] > 0
+    inet.main([*base, "--init", str(tmp_path / "post" / "ckpt-latest.pt")])
+    inet.main([*base, "--init", "teacher", "--teacher", "analytic", "--heun-steps", "4"])
+    for tag in ("2step", "heun4"):
+        images = np.load(tmp_path / "s" / f"samples-{tag}.npz")["images"]
+        assert images.shape == (10, 8, 8, 3) and images.dtype == np.uint8
+        assert (tmp_path / "s" / f"samples-{tag}.png").is_file()
+
+
+def test_imagenet_xs_real_size_forward():
+    cfg = inet_cfg("--stage", "mid", "--preset", "img64-xs")
+    torch.manual_seed(0)
+    net = inet.build_net(cfg).eval()
+    with torch.no_grad():
+        net.unet.out_gain.fill_(1.0)
+        x = 0.5 * torch.randn(1, 3, 64, 64) + 2.0 * torch.randn(1, 3, 64, 64)
+        d = net(x, torch.tensor([2.0]), torch.tensor([207]))
+    assert d.shape == (1, 3, 64, 64) and torch.isfinite(d).all()
+
+
+def test_imagenet_encode_folder(tmp_path, inet_one_thread):
+    src = tmp_path / "imagenet"
+    rng = np.random.default_rng(0)
+    for c, synset in enumerate(["n01440764", "n01443537"]):
+        os.makedirs(src / synset)
+        for i in range(2):
+            h, w = (90, 120) if i else (130, 70)  # landscape and portrait: the ADM crop takes the centre square
+            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            PIL.Image.fromarray(arr).save(src / synset / f"{synset}_{i}.JPEG")
+    # pixel preset: 64x64 PNGs + labels from the sorted class folders
+    cfg = inet_cfg("--stage", "encode", "--preset", "img64-s", "--data", str(src), "--outdir", str(tmp_path / "px"))
+    inet.run_encode(cfg)
+    ds = inet.ImageFolderDataset(str(tmp_path / "px"), False, 64, 3)
+    assert len(ds) == 4 and ds.labels.tolist() == [0, 0, 1, 1] and ds[3][0].shape == (3, 64, 64)
+    # latent preset at a reduced size (8x8 latents of 64x64 crops) with a random VAE in the diffusers layout
+    torch.manual_seed(0)
+    torch.save(inet.AutoencoderKL().state_dict(), tmp_path / "vae.bin")
+    cfg = inet_cfg("--stage", "encode", "--preset", "img512-xs", "--data", str(src), "--outdir", str(tmp_path / "lat"),
+                   "--vae", str(tmp_path / "vae.bin"))
+    inet.run_encode(dict(cfg, res=8))
+    ds = inet.ImageFolderDataset(str(tmp_path / "lat"), True, 8, 4)
+    raw, label = ds[2]
+    assert len(ds) == 4 and label == 1 and raw.shape == (8, 8, 8) and raw.dtype == torch.float32
+    assert (raw[4:] > 0).all()  # the second half holds the posterior std
+
+
+def test_imagenet_nonfinite_guard(tmp_path, inet_one_thread, monkeypatch):
+    real = inet.cmt_loss
+    monkeypatch.setattr(inet, "cmt_loss", lambda *a: real(*a) * float("nan"))
+    args = inet_train_args(tmp_path / "a", "--stage", "mid", "--batch", "16", "--iters", "3", "--max-skips", "5")
+    inet.main(args)
+    ckpt = torch.load(tmp_path / "a" / "ckpt-latest.pt", weights_only=True)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [1, 2, 3] and all(r["loss"] is None for r in rows)
+    torch.manual_seed(0)  # the student's construction in train(): seed, then build
+    init = inet.build_net(inet.resolve_config(inet.parse_args(args))).state_dict()
+    assert all(torch.equal(ckpt["ema"][k], init[k]) for k in init)  # no step, no EMA update
+    assert not ckpt["optimizer"]["state"]  # Adam never stepped
+    with pytest.raises(SystemExit, match="--max-skips 1"):
+        inet.main(inet_train_args(tmp_path / "b", "--stage", "mid", "--batch", "16", "--iters", "3", "--max-skips", "1"))
+
+
+def test_imagenet_post_on_latent_dataset(tmp_path, inet_one_thread):
+    # The ECD loop on an EDM2-style latent dataset (8-channel [mean, std] .npy + dataset.json), read by
+    # DataLoader workers, with a network teacher from one of our .pt files; small 8x8 latents.
+    rng = np.random.default_rng(0)
+    raw_mean, raw_std = np.array(inet.EDM2_RAW_MEAN).reshape(4, 1, 1), np.array(inet.EDM2_RAW_STD).reshape(4, 1, 1)
+    os.makedirs(tmp_path / "lat" / "00000")
+    labels = []
+    for i in range(24):
+        mean = raw_mean + raw_std * rng.standard_normal((4, 8, 8))
+        np.save(tmp_path / "lat" / f"00000/img-mean-std-{i:08d}.npy",
+                np.concatenate([mean, np.full((4, 8, 8), 0.05)]).astype(np.float32))
+        labels.append([f"00000/img-mean-std-{i:08d}.npy", i % 6])
+    (tmp_path / "lat" / "dataset.json").write_text(json.dumps(dict(labels=labels)))
+    cfg = inet_cfg("--stage", "post", "--preset", "tiny", "--iters", "2", "--batch", "8", "--workers", "1",
+                   "--outdir", str(tmp_path / "run"), "--init", "teacher")
+    cfg.update(latent=True, img_channels=4, data=str(tmp_path / "lat"), teacher=str(tmp_path / "teacher.pt"))
+    torch.manual_seed(5)
+    torch.save(dict(ema=inet.build_net(cfg).state_dict()), tmp_path / "teacher.pt")
+    inet.train(cfg, "post")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert rows[-1]["iter"] == 2 and math.isfinite(rows[-1]["loss"]) and rows[-1]["skipped"] == 0
+
+
+# ==================================================================================================
+# meanflow_post.py
+# ==================================================================================================
+
+class ExactU(torch.nn.Module):
+    """The exact average velocity of class-conditional Gaussian data (SPEC §8) behind the network
+    interface net(z, t, h, y): class k is N(mu_k, s_k^2 I)."""
+
+    def __init__(self, mu, s):
+        super().__init__()
+        self.mu, self.s, self.num_classes = mu, s, mu.shape[0]
+        self.calls = []
+
+    def forward(self, z, t, h, y):
+        self.calls.append((t.clone(), h.clone(), y.clone()))
+        b = lambda a: a.view(-1, 1, 1, 1)
+        return mf.gaussian_average_velocity(z, b(t - h), b(t), self.mu[y], b(self.s[y]))
+
+
+def exact_setup(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    s = torch.tensor([0.3, 0.7, 1.2], dtype=torch.float64)
+    y = torch.arange(n) % 3
+    return ExactU(mu, s), mu, s, y, g
+
+
+def random_dit(dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    net = mf.DiTMF(input_size=8, in_channels=4, num_classes=5, depth=2, hidden_size=32, num_heads=4, patch_size=2, **kw)
+    with torch.no_grad():  # non-zero adaLN/final layers, otherwise u == 0 and the tests would be vacuous
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.to(dtype)
+
+
+def test_meanflow_identity_on_exact_gaussian_flow():
+    # u_tgt = v - (t - r) du/dt built by our jvp target must reproduce the exact u (float64).
+    net, mu, s, y, g = exact_setup()
+    z = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.9, 0.5, 0.3, 0.99, 0.2, 0.7], dtype=torch.float64)
+    r = torch.tensor([0.1, 0.5, 0.0, 0.01, 0.15, 0.35], dtype=torch.float64)
+    b = lambda a: a.view(-1, 1, 1, 1)
+    v = net(z, t, torch.zeros_like(t), y)  # u(z, t, t) = v: the exact marginal velocity of the class
+    # Through meanflow_loss itself: pick (x, e) on the exact trajectory so that e - x = v(z_t, t).
+    x, e = z - b(t) * v, z + (1 - b(t)) * v
+    cfg = dict(omega=1.0, kappa=0.0, t_start=0.0, t_end=1.0, norm_p=1.0, norm_eps=0.01)
+    loss, l = mf.meanflow_loss(net, x, y, e, t, r, torch.zeros(6, dtype=torch.bool), cfg)
+    u = mf.gaussian_average_velocity(z, b(r), b(t), mu[y], b(s[y]))
+    # float64 roundoff of O(1) quantities is ~1e-15; 1e-5 per element bounds l by 1e-10 * 32 elements.
+    assert l.max().item() < 1e-10 * 32 and l.max().item() >= 0
+    u_jvp, dudt = torch.func.jvp(lambda z_, r_, t_: mf.average_velocity(net, z_, r_, t_, y), (z, r, t),
+                                 (v, torch.zeros_like(r), torch.ones_like(t)))
+    torch.testing.assert_close(mf.meanflow_target(v, dudt, t, r), u, rtol=0, atol=1e-5)
+    torch.testing.assert_close(u_jvp, u, rtol=0, atol=1e-12)
+    # A wrong tangent (du/dt without the t-derivative) must break it: the test can fail.
+    _, dudz = torch.func.jvp(lambda z_: mf.average_velocity(net, z_, r, t, y), (z,), (v,))
+    assert (mf.meanflow_target(v, dudz, t, r) - u).abs().max() > 1e-3
+
+
+def test_jvp_equals_central_finite_differences():
+    net = random_dit(torch.float64)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.8, 0.5, 0.3], dtype=torch.float64)
+    r = torch.tensor([0.2, 0.5, 0.1], dtype=torch.float64)
+    y = torch.tensor([0, 3, 5])  # 5 = null class
+    f = lambda z_, r_, t_: mf.average_velocity(net, z_, r_, t_, y)
+    _, dudt = torch.func.jvp(f, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    h = 1e-5  # central differences: O(h^2) ~ 1e-10 truncation, ~1e-16/h ~ 1e-11 roundoff in float64
+    fd = (f(z + h * v, r, t + h) - f(z - h * v, r, t - h)) / (2 * h)
+    assert dudt.abs().max() > 1e-2
+    torch.testing.assert_close(dudt, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_u_at_r_equals_t_is_the_velocity():
+    net, mu, s, y, g = exact_setup()
+    z = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.linspace(0.05, 0.95, 6, dtype=torch.float64)
+    b = lambda a: a.view(-1, 1, 1, 1)
+    sig2 = mf.gaussian_sigma(b(t), b(s[y])) ** 2
+    v_closed = -mu[y] + ((1 + b(s[y]) ** 2) * b(t) - b(s[y]) ** 2) / sig2 * (z - (1 - b(t)) * mu[y])  # SPEC §8
+    torch.testing.assert_close(mf.average_velocity(net, z, t, t, y), v_closed, rtol=1e-12, atol=1e-12)
+    # and it is the limit r -> t of the finite-interval formula: error (t - r)/2 |du/dr| <= 1e-6 * O(10)
+    d = 1e-6
+    torch.testing.assert_close(mf.average_velocity(net, z, t - d, t, y), v_closed, rtol=0, atol=1e-4)
+    # the network is fed h = t - r: 0 on the first call, d on the second
+    assert (net.calls[0][1] == 0).all() and torch.allclose(net.calls[1][1], torch.full((6,), d, dtype=torch.float64))
+
+
+def test_fewstep_sampler_with_exact_u_hits_the_exact_endpoint():
+    net, mu, s, y, g = exact_setup()
+    e = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
+    # z_1 = e, so xi = e and the trajectory ends at mu + s e.
+    end = mu[y] + s[y].view(-1, 1, 1, 1) * e
+    for steps in (1, 2, 4):
+        torch.testing.assert_close(mf.sample_fewstep(net, e, y, steps), end, rtol=0, atol=1e-12)
+    t, h, _ = net.calls[0]
+    assert (t == 1).all() and (h == 1).all()  # 1 NFE: u(e, r=0, t=1)
+
+
+def test_cmt_mf_targets_on_exact_trajectories_are_the_exact_u():
+    net, mu, s, y, g = exact_setup()
+    e = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
+    M = 4
+    states, grid = mf.teacher_trajectory(net, e, y, M, "meanflow")
+    b = lambda a: a.view(-1, 1, 1, 1)
+    exact = torch.stack([(1 - tk) * mu[y] + mf.gaussian_sigma(tk, b(s[y])) * e for tk in grid])
+    torch.testing.assert_close(states, exact, rtol=0, atol=1e-12)
+    assert grid[0] == 0 and grid[-1] == 1
+    pairs = M * (M + 1) // 2  # all of them
+    z, r, t, u_tgt, n = mf.cmt_mf_pairs(states, grid, pairs, torch.Generator().manual_seed(0))
+    assert (t > r).all() and z.shape[0] == 6 * pairs
+    assert len({(a, c, k) for a, c, k in zip(t.tolist(), r.tolist(), n.tolist())}) == 6 * pairs  # distinct pairs
+    u = mf.gaussian_average_velocity(z, b(r), b(t), mu[y[n]], b(s[y[n]]))
+    torch.testing.assert_close(u_tgt, u, rtol=0, atol=1e-10)
+    # and the CMT-MF loss of the exact model is zero
+    assert mf.cmt_mf_loss(net, z, r, t, y[n], u_tgt).item() < 1e-20
+    with pytest.raises(ValueError, match="--pairs"):
+        mf.cmt_mf_pairs(states, grid, pairs + 1, torch.Generator())
+
+
+def test_time_sampler_statistics():
+    n = 100_000
+    g = torch.Generator().manual_seed(0)
+    t, r = mf.sample_t_r(n, -0.4, 1.0, 0.25, g, "cpu")
+    assert (r <= t).all() and (t > 0).all() and (t < 1).all()
+    neq = r != t
+    assert neq.sum().item() == n - int(n * 0.75)  # exactly 25%, the last rows (official data_proportion)
+    assert not neq[: int(n * 0.75)].any()
+    logit = lambda a: torch.log(a / (1 - a))
+    # {t, r} is a pair of i.i.d. N(-0.4, 1) logits: their mean is N(-0.4, 1/2); 25k rows -> sd 0.0045
+    assert abs((logit(t[neq]) + logit(r[neq])).mean().item() / 2 + 0.4) < 0.03
+    # r = t rows hold the max of two draws: E = -0.4 + 1/sqrt(pi) = 0.164; sd 0.83/sqrt(75k) = 0.003
+    assert abs(logit(t[~neq]).mean().item() - (-0.4 + 1 / torch.pi ** 0.5)) < 0.02
+    drop = mf.label_drop_mask(n, 0.1, g, "cpu")
+    k = drop.sum().item()
+    assert abs(k / n - 0.1) < 0.005 and drop[:k].all()  # binomial sd 0.001; the first k rows
+
+
+def test_cfg_target_formula():
+    class Const(torch.nn.Module):
+        """u(z, t, t | y) = 3 for the null class, 5 for a label; records the calls."""
+        num_classes = 4
+
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def forward(self, z, t, h, y):
+            self.calls.append(h.clone())
+            return torch.where(y == 4, 3.0, 5.0).view(-1, 1, 1, 1).expand_as(z)
+
+    net = Const()
+    z, v = torch.zeros(4, 1, 2, 2), torch.full((4, 1, 2, 2), 7.0)
+    y = torch.tensor([0, 1, 2, 3])
+    t = torch.tensor([0.1, 0.5, 0.75, 0.9])
+    vg = mf.guided_velocity(net, z, t, v, y, 4, omega=0.2, kappa=0.92, t_start=0.0, t_end=0.75)
+    inside = 0.2 * 7 + 0.92 * 5 + (1 - 0.2 - 0.92) * 3
+    torch.testing.assert_close(vg[:, 0, 0, 0], torch.tensor([inside, inside, inside, 7.0]))
+    assert all((h == 0).all() for h in net.calls)  # guidance uses u(z, t, t) = v
+    vg = mf.guided_velocity(net, z, t, v, y, 4, omega=2.0, kappa=0.0, t_start=0.0, t_end=1.0)
+    torch.testing.assert_close(vg[:, 0, 0, 0], torch.full((4,), 2.0 * 7 + (1 - 2.0) * 3))  # kappa 0: classic CFG
+
+
+def test_dropped_labels_use_the_null_class_and_the_plain_velocity():
+    net, mu, s, y, g = exact_setup(n=4)
+    seen = []
+    orig = net.forward
+    net.forward = lambda z, t, h, y_: (seen.append(y_.clone()), orig(z, t, h, y_))[1]
+    x = torch.randn(4, 2, 4, 4, generator=g, dtype=torch.float64)
+    e = torch.randn(4, 2, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.full((4,), 0.5, dtype=torch.float64)
+    drop = torch.tensor([True, False, False, False])
+    null_mu = torch.cat([mu, torch.zeros(1, 2, 4, 4, dtype=torch.float64)])  # a row for the null class
+    net.mu, net.s = null_mu, torch.cat([s, torch.ones(1, dtype=torch.float64)])
+    cfg = dict(omega=0.5, kappa=0.3, t_start=0.0, t_end=1.0, norm_p=1.0, norm_eps=0.01)
+    mf.meanflow_loss(net, x, y, e, t, t, drop, cfg)
+    assert seen[-1].tolist() == [3, y[1].item(), y[2].item(), y[3].item()]  # jvp call: null for the dropped row
+
+
+def test_meanflow_target_reduces_to_flow_matching_at_r_equals_t():
+    net = random_dit()
+    g = torch.Generator().manual_seed(2)
+    x, e = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)
+    y, t = torch.tensor([0, 1, 2, 3, 4]), torch.rand(5, generator=g)
+    cfg = dict(omega=1.0, kappa=0.0, t_start=0.0, t_end=1.0, norm_p=1.0, norm_eps=0.01)
+    _, l = mf.meanflow_loss(net, x, y, e, t, t, torch.zeros(5, dtype=torch.bool), cfg)
+    z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * e
+    fm = (mf.average_velocity(net, z, t, t, y) - (e - x)).square().sum(dim=(1, 2, 3))
+    torch.testing.assert_close(l, fm.detach(), rtol=1e-5, atol=1e-6)  # float32 sums of 256 terms
+    dudt = torch.randn(5, 4, 8, 8, generator=g)
+    torch.testing.assert_close(mf.meanflow_target(e - x, dudt, t, t), e - x, rtol=0, atol=0)
+
+
+def test_adaptive_weight_formula():
+    l = torch.tensor([0.0, 0.5, 3.0, 100.0], requires_grad=True)
+    for p, c in ((1.0, 0.01), (0.5, 1e-3), (0.0, 0.01)):
+        w = mf.adaptive_weight(l, p, c)
+        torch.testing.assert_close(w, 1 / (l.detach() + c) ** p)
+        (g,) = torch.autograd.grad((l * w).sum(), l)
+        torch.testing.assert_close(g, w.detach())  # the weight is stop-gradient
+
+
+MEANFLOW_DDP_SCRIPT = r"""
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import meanflow_post as mf
+torch.set_num_threads(1)
+rank, world, device = mf.setup_dist()
+cfg = mf.resolve_config(mf.parse_args(["--preset", "tiny", "--stage", "post", "--batch", "8", "--batch-gpu", "4",
+                                        "--model", "tiny-teacher", "--kappa", "0.5", "--omega", "0.7"]), "post")
+tr = mf.Trainer(cfg, "post", {out!r}, rank, world, device)
+gen = torch.Generator().manual_seed(3)
+with torch.no_grad():
+    for p in tr.net.parameters():
+        p.add_(0.05 * torch.randn(p.shape, generator=gen))
+tr.step_gradients(0)
+if rank == 0:
+    torch.save([p.grad for p in tr.params], {out!r} + "/grads.pt")
+"""
+
+
+def test_ddp_gradient_equals_single_process_gradient_on_joined_batch(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(MEANFLOW_DDP_SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(tmp_path / "grads.pt", weights_only=True)
+    # Single process: the same two micro-batches (slots 0 and 1) joined into one batch of 8.
+    cfg = mf.resolve_config(mf.parse_args(["--preset", "tiny", "--stage", "post", "--batch", "8", "--batch-gpu", "4",
+                                           "--model", "tiny-teacher", "--kappa", "0.5", "--omega", "0.7"]), "post")
+    tr = mf.Trainer(cfg, "post", tmp_path / "single")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in tr.net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    parts = [tr.mf_inputs(0, slot) for slot in (0, 1)]
+    joined = [torch.cat(f) for f in zip(*parts)]
+    loss, _ = mf.meanflow_loss(tr.net, *joined, cfg)
+    grads = torch.autograd.grad(loss, tr.params)
+    assert sum(g.abs().sum() for g in grads) > 0
+    for a, b in zip(ddp, grads):  # float32, different summation order: agreement to ~1e-6 relative
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    tr.step_gradients(0)  # one process, 2 accumulation steps over the same two slots: the same gradient
+    for p, b in zip(tr.params, grads):
+        torch.testing.assert_close(p.grad, b, rtol=1e-4, atol=1e-6)
+
+
+def run_main(*args):
+    return mf.main([str(a) for a in args])
+
+
+def test_meanflow_resume_is_bit_exact(tmp_path):
+    common = ["--preset", "tiny", "--model", "tiny-teacher", "--batch", "16", "--log-every", "2", "--ckpt-every", "3"]
+    for stage in ("pretrain", "mid"):
+        extra = ["--teacher", tmp_path / "pretrain-a" / "ckpt-latest.pt"] if stage == "mid" else []
+        run_main("--stage", stage, "--iters", 6, "--outdir", tmp_path / f"{stage}-a", *common, *extra)
+        (tmp_path / f"{stage}-b").mkdir()
+        shutil.copy(tmp_path / f"{stage}-a" / "ckpt-0000003.pt", tmp_path / f"{stage}-b" / "ckpt-latest.pt")
+        run_main("--stage", stage, "--iters", 6, "--outdir", tmp_path / f"{stage}-b", "--resume", "auto", *common, *extra)
+        a = torch.load(tmp_path / f"{stage}-a" / "ckpt-latest.pt", weights_only=True)
+        b = torch.load(tmp_path / f"{stage}-b" / "ckpt-latest.pt", weights_only=True)
+        assert a["iter"] == b["iter"] == 6 and a["stage"] == stage
+        for key in ("model", "ema"):
+            for k in a[key]:
+                assert torch.equal(a[key][k], b[key][k]), (stage, key, k)
+        for k, sa in a["optimizer"]["state"].items():
+            assert all(torch.equal(sa[n], b["optimizer"]["state"][k][n]) for n in sa)
+        assert not torch.equal(a["model"]["final_layer.linear.weight"], torch.zeros_like(a["model"]["final_layer.linear.weight"]))
+
+
+def test_200_steps_finite_and_injected_nan_is_skipped(tmp_path, monkeypatch, capsys):
+    orig = mf.Trainer.micro_loss
+
+    def poisoned(trainer, it, slot):
+        loss = orig(trainer, it, slot)
+        return loss * float("nan") if it == 50 else loss
+
+    monkeypatch.setattr(mf.Trainer, "micro_loss", poisoned)
+    tr = run_main("--preset", "tiny", "--stage", "pretrain", "--model", "tiny-teacher", "--batch", "8", "--iters", 200,
+                  "--log-every", 50, "--ckpt-every", 200, "--outdir", tmp_path)
+    assert tr.skipped == 1 and "non-finite loss, step skipped" in capsys.readouterr().out
+    stats = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [s["iter"] for s in stats] == [50, 100, 150, 200] and stats[-1]["skipped"] == 1
+    assert all(torch.isfinite(torch.tensor(s["loss"])) and torch.isfinite(torch.tensor(s["grad_norm"])) for s in stats)
+    for net in (tr.net, tr.ema):
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+    keys = {"iter", "kimg", "loss", "grad_norm", "lr", "it_per_s", "img_per_s", "skipped", "sec"}
+    assert keys <= set(stats[0])
+
+
+def test_meanflow_tiny_preset_end_to_end(tmp_path, capsys):
+    table = run_main("--preset", "tiny", "--iters", 10, "--num-eval", 300, "--outdir", tmp_path)
+    out = capsys.readouterr().out
+    rows = table.splitlines()[1:]
+    assert "flow-map err" in out and "pixel FD" in out and len(rows) == 7
+    for row in rows[:-1]:
+        err, fd = float(row.split()[-3]), float(row.split()[-2])
+        assert 0 < err < 10 and 0 < fd < 1e4
+    for stage in ("teacher", "mid", "post", "post-random"):
+        assert (tmp_path / stage / "ckpt-latest.pt").is_file() and (tmp_path / stage / "config.json").is_file()
+    ckpt = torch.load(tmp_path / "post" / "ckpt-latest.pt", weights_only=True)
+    assert set(ckpt) == {"model", "ema", "optimizer", "iter", "rng", "data_state", "config", "stage"}
+
+
+def test_sample_stage_writes_npz_and_grid(tmp_path):
+    run_main("--preset", "tiny", "--stage", "pretrain", "--iters", 2, "--batch", 8, "--outdir", tmp_path)
+    run_main("--preset", "tiny", "--stage", "sample", "--ckpt", tmp_path / "ckpt-latest.pt", "--num-samples", 10,
+             "--nfe", "1,2", "--outdir", tmp_path / "s")
+    import numpy as np
+    for nfe in (1, 2):
+        images = np.load(tmp_path / "s" / f"samples-{nfe}nfe.npz")["images"]
+        assert images.shape == (10, 8, 8, 3) and images.dtype == np.uint8
+        assert (tmp_path / "s" / f"samples-{nfe}nfe.png").is_file()
+
+
+def test_meanflow_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="--teacher"):
+        run_main("--preset", "tiny", "--stage", "mid", "--outdir", tmp_path)
+    with pytest.raises(ValueError, match="--batch-gpu"):
+        run_main("--preset", "tiny", "--stage", "post", "--batch", "10", "--batch-gpu", "4", "--outdir", tmp_path)
+    with pytest.raises(FileNotFoundError, match="--data"):
+        run_main("--preset", "b4", "--stage", "post", "--data", tmp_path / "nothing", "--model", "tiny", "--outdir", tmp_path)
+    with pytest.raises(FileNotFoundError, match="--init"):
+        run_main("--preset", "tiny", "--stage", "post", "--init", tmp_path / "no.pt", "--outdir", tmp_path)
+
+
+def test_bf16_forward_keeps_loss_close_to_fp32():
+    net = random_dit()
+    g = torch.Generator().manual_seed(4)
+    x, e = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    y, t = torch.tensor([0, 1, 2, 5]), torch.rand(4, generator=g)
+    r = t * 0.5
+    cfg = dict(omega=1.0, kappa=0.5, t_start=0.0, t_end=1.0, norm_p=1.0, norm_eps=0.01)
+    drop = torch.zeros(4, dtype=torch.bool)
+    _, l32 = mf.meanflow_loss(net, x, y, e, t, r, drop, cfg)
+    loss, l16 = mf.meanflow_loss(net, x, y, e, t, r, drop, cfg, autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert l16.dtype == torch.float32 and loss.dtype == torch.float32
+    torch.testing.assert_close(l16, l32, rtol=5e-2, atol=1e-2)  # bf16 has 8 mantissa bits (~4e-3 relative per op)
+
+
+def test_dit_mf_key_names_and_sizes():
+    with torch.device("meta"):
+        nets = {name: mf.DiTMF(**mf.MODELS[name]) for name in ("B/4", "B/2", "M/2", "L/2", "XL/2")}
+    # MeanFlow paper parameter counts: B/2 131M, M/2 308M, L/2 459M, XL/2 676M (pos_embed is a buffer).
+    counts = {n: sum(p.numel() for p in net.parameters()) for n, net in nets.items()}
+    assert counts == {"B/4": 131165248, "B/2": 131091472, "M/2": 308019216, "L/2": 459137040, "XL/2": 676440592}
+    sd = nets["XL/2"].state_dict()
+    assert len(sd) == 296
+    expected_head = [("pos_embed", (1, 256, 1152)), ("x_embedder.proj.weight", (1152, 4, 2, 2)), ("x_embedder.proj.bias", (1152,)),
+                     ("t_embedder.mlp.0.weight", (1152, 256)), ("t_embedder.mlp.0.bias", (1152,)),
+                     ("t_embedder.mlp.2.weight", (1152, 1152)), ("t_embedder.mlp.2.bias", (1152,)),
+                     ("h_embedder.mlp.0.weight", (1152, 256)), ("h_embedder.mlp.0.bias", (1152,)),
+                     ("h_embedder.mlp.2.weight", (1152, 1152)), ("h_embedder.mlp.2.bias", (1152,)),
+                     ("y_embedder.embedding_table.weight", (1001, 1152)),
+                     ("blocks.0.attn.qkv.weight", (3456, 1152)), ("blocks.0.attn.qkv.bias", (3456,)),
+                     ("blocks.0.attn.proj.weight", (1152, 1152)), ("blocks.0.attn.proj.bias", (1152,)),
+                     ("blocks.0.mlp.fc1.weight", (4608, 1152)), ("blocks.0.mlp.fc1.bias", (4608,)),
+                     ("blocks.0.mlp.fc2.weight", (1152, 4608)), ("blocks.0.mlp.fc2.bias", (1152,)),
+                     ("blocks.0.adaLN_modulation.1.weight", (6912, 1152)), ("blocks.0.adaLN_modulation.1.bias", (6912,))]
+    assert [(k, tuple(v.shape)) for k, v in list(sd.items())[:22]] == expected_head
+    assert [(k, tuple(v.shape)) for k, v in list(sd.items())[-4:]] == [
+        ("final_layer.linear.weight", (16, 1152)), ("final_layer.linear.bias", (16,)),
+        ("final_layer.adaLN_modulation.1.weight", (2304, 1152)), ("final_layer.adaLN_modulation.1.bias", (2304,))]
+    assert nets["B/4"].state_dict()["pos_embed"].shape == (1, 64, 768)
+    # zero-init (adaLN-Zero): a fresh model outputs exactly 0; pos_embed is the fixed sin-cos table
+    net = mf.DiTMF(input_size=8, num_classes=3, depth=2, hidden_size=32, num_heads=4, patch_size=2)
+    for name, p in net.named_parameters():
+        if "adaLN_modulation" in name or name.startswith("final_layer.linear"):
+            assert (p == 0).all(), name
+    assert (net(torch.randn(2, 4, 8, 8), torch.rand(2), torch.rand(2), torch.tensor([0, 3])) == 0).all()
+    pe = net.pos_embed[0]
+    assert torch.allclose(pe[1, :8], torch.sin(torch.ones(8) / 10000 ** (torch.arange(8) / 8.0)), atol=1e-6)  # w = 1
+
+
+def test_encode_folder_to_shards_then_train_on_them(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    class FakeVAE(torch.nn.Module):
+        """Stands in for sd-vae-ft-mse (83M parameters, too slow for CI): mean = 8x8 average pool."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def encode(self, x, batch=None):
+            self.seen = x
+            m = torch.nn.functional.avg_pool2d(x, 8)
+            return torch.cat([m, m[:, :1]], dim=1), torch.full_like(torch.cat([m, m[:, :1]], dim=1), 0.01)
+
+    vae = FakeVAE()
+    monkeypatch.setattr(mf, "load_vae", lambda path, device="cpu": vae)
+    monkeypatch.setattr(mf, "SHARD_SIZE", 4)
+    rng = np.random.RandomState(0)
+    for c, name in enumerate(["n01", "n02"]):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(rng.randint(0, 256, (70 + 10 * k, 90, 3), dtype=np.uint8)).save(tmp_path / "imgs" / name / f"{k}.png")
+    run_main("--preset", "tiny", "--stage", "encode", "--data", tmp_path / "imgs", "--vae", "fake", "--outdir", tmp_path / "lat")
+    assert sorted(p.name for p in (tmp_path / "lat").glob("*.npy")) == [
+        "labels-00000.npy", "labels-00001.npy", "latents-00000.npy", "latents-00001.npy"]
+    lat = np.concatenate([np.load(tmp_path / "lat" / f"latents-0000{i}.npy") for i in (0, 1)])
+    labels = np.concatenate([np.load(tmp_path / "lat" / f"labels-0000{i}.npy") for i in (0, 1)])
+    assert lat.shape == (6, 8, 8, 8) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert vae.seen.shape[-2:] == (64, 64) and vae.seen.min() >= -1 and vae.seen.max() <= 1  # crop of res*8 px in [-1, 1]
+    data = mf.LatentShards(tmp_path / "lat")
+    x, y = data.batch(0, 6, 0, torch.Generator().manual_seed(0), "cpu")
+    assert sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]  # one epoch = a permutation of all images
+    # latent = (mean + 0.01 noise) * 0.18215
+    idx = [int(np.flatnonzero((np.abs(lat[:, :4] * 0.18215 - xi.numpy()) < 0.01).all(axis=(1, 2, 3)))[0]) for xi in x]
+    assert sorted(idx) == list(range(6))
+    tr = run_main("--preset", "tiny", "--stage", "post", "--data", tmp_path / "lat", "--iters", 2, "--batch", 4,
+                  "--outdir", tmp_path / "run")
+    assert tr.it == 2 and all(torch.isfinite(p).all() for p in tr.net.parameters())
+
+
+def test_bench_stage_runs(capsys):
+    lines = run_main("--stage", "bench", "--bench-models", "tiny", "--batch-gpu", 8, "--bench-reps", 1)
+    ratios = [float(v) for v in lines[-1].split()[-4:]]
+    assert len(lines) == 2 and all(r > 0 for r in ratios) and "ratios to plain" in capsys.readouterr().out
+
+
+def test_flow_matching_teacher_solvers_converge_at_their_order():
+    # Euler is first order, Heun second order: doubling the steps divides the error by ~2 and ~4.
+    net, mu, s, y, g = exact_setup()
+    e = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
+    end = mu[y] + s[y].view(-1, 1, 1, 1) * e
+    for solver, order in (("euler", 1), ("heun", 2)):
+        errs = [(mf.teacher_trajectory(net, e, y, m, solver)[0][0] - end).abs().max().item() for m in (16, 32, 64)]
+        rates = [errs[k] / errs[k + 1] for k in range(2)]
+        assert all(abs(rate - 2 ** order) < 0.35 * 2 ** order for rate in rates), (solver, errs)
+    with pytest.raises(ValueError, match="--teacher-solver"):
+        mf.teacher_trajectory(net, e, y, 2, "rk4")
