@@ -1637,6 +1637,7 @@ def main(argv=None):
         cfg = resolve_config(args)
         {"bench": bench, "sample": sample_stage}.get(args.stage, train)(cfg)
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # a rank that tears gloo down while a peer is still talking aborts
         torch.distributed.destroy_process_group()
 
 

@@ -1977,3 +1977,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # a rank that tears gloo down while a peer is still talking aborts
+        torch.distributed.destroy_process_group()

@@ -888,6 +888,8 @@ def main(argv=None):
             parser.error(f"--{name} must be >= {low}")
     try:
         args.func(args)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # a rank that tears gloo down while a peer is still talking aborts
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"fid.py {args.command}: error: {e}")
     finally:

@@ -1519,4 +1519,5 @@ def main(argv=None):
 if __name__ == "__main__":
     main()
     if dist.is_initialized():
+        dist.barrier()  # a rank that tears gloo down while a peer is still talking aborts
         dist.destroy_process_group()

@@ -1842,6 +1842,7 @@ cc.accumulate_gradients(ddp, micro_loss, 0, rounds)
 if rank == 0:
     torch.save([p.grad for p in net.parameters()], sys.argv[3])
 if world > 1:
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 """
 
@@ -2535,6 +2536,9 @@ with torch.no_grad():
 tr.step_gradients(0)
 if rank == 0:
     torch.save([p.grad for p in tr.params], {out!r} + "/grads.pt")
+if world > 1:
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
