@@ -31,7 +31,17 @@ Usage (every output goes under --outdir; one process or `torchrun --nproc_per_no
       --init runs/mid/ckpt-latest.pt --data img512-sd
   torchrun --nproc_per_node=8 cmt_imagenet.py --stage sample --preset img512-xxl --outdir runs/fid \\
       --init runs/post/ckpt-latest.pt --sample-steps 2 --vae VAE --fid-ref img512.pkl
+  python cmt_imagenet.py --stage encode --preset img64-s --data ~/ILSVRC/train --outdir img64   # 64x64 PNGs
+  torchrun --nproc_per_node=8 cmt_imagenet.py --stage mid  --preset img64-s --outdir runs/mid64
+  torchrun --nproc_per_node=8 cmt_imagenet.py --stage post --preset img64-s --outdir runs/post64 \\
+      --init runs/mid64/ckpt-latest.pt --data img64
   python cmt_imagenet.py --stage bench --preset img512-xs --batch-gpu 16   # CPU/GPU time per step
+
+Outputs in --outdir: config.json (the resolved config), stats.jsonl (one JSON line per --log-every),
+ckpt-latest.pt and ckpt-NNNNNNN.pt (a dict {model, ema, optimizer, iter, rng, data_state, config,
+stage}, written atomically, read with torch.load(weights_only=True)), samples-NNNNNNN.png grids (one
+row per class: 1-step left, 2-step right), samples-*.npz (uint8 NHWC) for fid.py, and for --preset
+tiny the subfolders pretrain/ mid/ post/ plus quality.txt.
 
 Stages: `pretrain` (EDM2 denoising loss with the logvar head; used by the tiny demo to make its
 teacher), `mid`, `post`, `sample`, `encode` (ImageNet folder -> EDM2 latent dataset of [mean, std]
@@ -137,8 +147,8 @@ def resolve_config(args):
         raise SystemExit(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
     preset = PRESETS[args.preset]
     cfg = dict(COMMON)
-    cfg.update(STAGES.get(args.stage, STAGES["mid"]))
-    cfg.update({k: v for k, v in preset.items() if k not in STAGES})
+    cfg.update(STAGES.get(args.stage, dict(STAGES["mid"], init=None)))  # sample/encode/bench: no default --init
+    cfg.update({k: v for k, v in preset.items() if not isinstance(v, dict)})  # dict values: per-stage overrides
     cfg.update(preset.get(args.stage, {}))
     cfg.update({k: v for k, v in vars(args).items() if v is not None})
     if args.iters is not None and args.mimg is not None:
@@ -1708,8 +1718,9 @@ def train(cfg, stage):
                     f.write(json.dumps(row) + "\n")
                 eta = (cfg["iters"] - it - 1) / max(its, 1e-9)
                 shown = f"loss {loss_v:.4f} gnorm {gnorm_v:.3g}" if log_n else "loss - gnorm - (all skipped)"
-                print(f"[{stage}] it {it + 1}/{cfg['iters']} ({100 * (it + 1) / cfg['iters']:.1f}%) {shown} | {its:.1f} it/s {its * cfg['batch']:.0f} img/s | lr {row['lr']:.1e} "
-                      f"skipped {skipped} | ETA {fmt_time(eta)}", flush=True)
+                print(f"[{stage}] it {it + 1}/{cfg['iters']} ({100 * (it + 1) / cfg['iters']:.1f}%) {shown} | "
+                      f"{its:.3g} it/s {its * cfg['batch']:.3g} img/s | lr {row['lr']:.1e} skipped {skipped} | "
+                      f"ETA {fmt_time(eta)}", flush=True)
             log_loss.zero_(), log_gnorm.zero_()
             log_n, t_log, it_log = 0, time.time(), it + 1
         if (it + 1) % cfg["ckpt_every"] == 0 or done:
@@ -1877,38 +1888,49 @@ def run_tiny(cfg_base, args):
 
 @torch.no_grad()
 def quality_table(cfg, toy, teacher, nets, walls, n=None):
-    """Flow-map error vs the exact class-conditional ODE solution from the same noise, and pixel FD
-    against fresh toy samples, for the teacher (Heun) and the 1-/2-step students."""
+    """Flow-map error (MSE per element) vs the exact class-conditional ODE solution from the same
+    noise, and pixel FD (Frechet distance of raw pixel vectors) vs fresh toy samples, for the
+    teacher (Heun) and the 1-/2-step students; the 'data' row is FD's finite-sample floor.
+    Prints the table, writes it to --outdir/quality.txt and returns its rows."""
     import fid
     n = n or cfg["num"]
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
     labels = torch.randint(cfg["label_dim"], (n,), generator=gen)
     z = torch.randn([n, cfg["img_channels"], cfg["res"], cfg["res"]], generator=gen)
     exact = toy.flow(z * cfg["s_max"], cfg["s_max"], 0.0, labels)
-    ref = toy.sample(n, generator=gen)[0]
-    mu_ref, sig_ref = fid.mean_cov(ref.flatten(1).double().numpy())
+    mu_ref, sig_ref = fid.mean_cov(toy.sample(n, generator=gen)[0].flatten(1).double().numpy())
     rows = []
 
-    def add(name, steps, x, wall):
+    def add(name, steps, x, wall, err=None):
         x = x.to(torch.float32)
         mu, sig = fid.mean_cov(x.flatten(1).double().numpy())
-        rows.append(dict(model=name, steps=steps, flow_map_err=(x - exact).square().mean().item(),
-                         pixel_fd=fid.frechet_distance(mu, sig, mu_ref, sig_ref), wall=wall))
+        rows.append(dict(model=name, steps=steps, wall=wall,
+                         flow_map_err=(x - exact).square().mean().item() if err is None else err,
+                         pixel_fd=fid.frechet_distance(mu, sig, mu_ref, sig_ref)))
 
+    add("data (FD floor)", "-", toy.sample(n, generator=gen)[0], 0.0, err=float("nan"))
     add("teacher (Heun)", 2 * cfg["heun_steps"] - 1,
         heun_sampler(teacher, z, labels, cfg["heun_steps"], cfg["s_max"], cfg["s_lo"]), walls["teacher"])
+    names = dict(mid="mid (CMT)", post=f"post (CMT -> {cfg['post_loss'].upper()})")
     for stage, net in nets.items():
         for steps in (1, 2):
             x = sample_fewstep(net, z, labels, steps, cfg["mid_t"], cfg["s_max"], torch.Generator().manual_seed(7))
-            add(f"CMT {stage}", steps, x, walls[stage])
-    print(f"\n{'model':<16} {'steps':>5} {'flow-map err':>13} {'pixel FD':>9} {'wall time':>10}")
+            add(names[stage], steps, x, walls[stage])
+    lines = [f"{'model':<26} {'steps':>10} {'flow-map err':>13} {'pixel FD':>10} {'wall time':>10}"]
     for r in rows:
-        print(f"{r['model']:<16} {r['steps']:>5} {r['flow_map_err']:>13.5f} {r['pixel_fd']:>9.4f} {fmt_time(r['wall']):>10}")
+        lines.append(f"{r['model']:<26} {r['steps']:>10} {r['flow_map_err']:>13.5f} {r['pixel_fd']:>10.4f} "
+                     f"{r['wall']:>9.1f}s")
+    table = "\n".join(lines)
+    print(f"\nQuality on the toy mixture ({n} samples; flow-map err: MSE per element vs the exact ODE solution "
+          "from the same noise and class; pixel FD vs fresh data; wall time of the stage that made the model):\n"
+          + table, flush=True)
+    with open(os.path.join(cfg["outdir"], "quality.txt"), "w") as f:
+        f.write(table + "\n")
     return rows
 
 
 # ----------------------------------------------------------------------------- entry point
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--stage", choices=["pretrain", "mid", "post", "sample", "encode", "bench"], default=None,
@@ -1923,7 +1945,7 @@ def parse_args(argv=None):
                       "unconditional mixture) or 'none' (default: the preset's autoguidance net for post)")
     a("--guidance", type=float, help="guidance weight w; 1 = no guidance (default: preset, 2.05 for img512-xxl post)")
     a("--init", help="student init: checkpoint .pt (its EMA), EDM2 .pkl, 'teacher' or 'random'; for sample: the "
-                     "checkpoint, or 'teacher' for the Heun reference (default: teacher for mid)")
+                     "checkpoint, or 'teacher' for the Heun reference (default: mid teacher; post and sample: none, give one)")
     a("--resume", help="checkpoint to resume, or 'auto' = ckpt-latest.pt in --outdir if present (default: none)")
     a("--batch", type=int, help="global batch in images (mid: 16 states per trajectory) (default: 128)")
     a("--batch-gpu", type=int, help="per-GPU micro-batch (default: batch / GPUs; sample: 32)")
@@ -1943,23 +1965,28 @@ def parse_args(argv=None):
     a("--max-skips", type=int, help="abort after this many non-finite losses (default: 100)")
     a("--workers", type=int, help="DataLoader worker processes (default: 2)")
     a("--dropout", type=float, help="student dropout probability (default: 0)")
-    a("--s-min", type=float, help="ECM eval-mode shift s_min (default: 0, as the official EDM2 code)")
+    a("--s-min", type=float, help="ECM eval-mode shift s_min, a noise level (default: 0, as the official EDM2 code)")
     a("--nfe", type=int, help="teacher DPM-Solver++ steps in mid-training (default: 16)")
     a("--metric", choices=["huber", "cauchy", "l2"], help="CMT distance (default: huber)")
-    a("--huber-c", type=float, help="Huber/Cauchy constant c (default: 0.06)")
+    a("--huber-c", type=float, help="Huber/Cauchy constant c, in data units (latent or [-1, 1] pixel values) "
+                                    "(default: 0.06; tiny: 0.00054 sqrt(dim))")
     a("--post-loss", choices=["ecd", "ect"], help="post-training loss (default: ecd)")
     a("--solver", choices=["heun", "euler"], help="ECD teacher step (default: heun)")
     a("--ect-q", type=float, help="ECT/ECD r-mapping: Delta t = 1/q (default: 1024)")
     a("--ect-double", type=int, help="halve Delta t every this many iterations, 0 = fixed q (default: 0)")
-    a("--p-mean", type=float, help="log-normal t: mean (default: -0.8)")
-    a("--p-std", type=float, help="log-normal t: std (default: 1.6)")
+    a("--p-mean", type=float, help="post: mean of ln t (default: -0.8)")
+    a("--p-std", type=float, help="post: std of ln t (default: 1.6)")
     a("--mid-t", type=float, help="2-step sampling: intermediate noise level (default: 1.526)")
     a("--sample-steps", type=int, choices=[1, 2], help="sample stage: student steps (default: 2)")
     a("--heun-steps", type=int, help="teacher Heun steps for the reference sampler (default: 32)")
     a("--num", type=int, help="sample stage: number of images (default: 50000)")
     a("--vae", help="sd-vae-ft-mse weights (.safetensors/.bin or its folder), for latents (default: none)")
     a("--bench-sizes", help="bench: comma-separated EDM2 sizes (default: xs,s)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):

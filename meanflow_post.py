@@ -39,27 +39,38 @@ Stages (`--stage`):
     pretrain  MeanFlow from scratch (the small CMT teacher, e.g. MF-B/4; or a from-scratch baseline)
     mid       CMT-MF: --teacher PATH (a checkpoint of this script), --teacher-solver, --teacher-steps, --pairs
     post      MeanFlow from --init PATH (a mid checkpoint: its EMA weights) or --init random
-    sample    1-NFE and 2-NFE samples -> samples-*.png grid and samples-*.npz (uint8 NHWC) for fid.py
+    sample    1-NFE and 2-NFE samples of --init PATH -> samples-*.png grid and samples-*.npz (uint8 NHWC) for fid.py
     encode    ImageNet folder (class subfolders) -> latent shards of the SD-VAE posterior (mean, std)
     bench     measurement: one MeanFlow (jvp) step and one CMT-MF step relative to a plain
-              forward+backward at the same batch (--bench-models, --batch-gpu); prints a table
+              forward+backward at the same batch (--bench-models, --batch-gpu, --pairs); prints a table
 
 Usage (8 GPUs; the `xl2` preset is the paper's recipe, `b4` the MeanFlow B/4 recipe):
     python meanflow_post.py --stage encode --data /data/imagenet/train --vae sd-vae-ft-mse.safetensors --outdir latents
     torchrun --nproc_per_node=8 meanflow_post.py --preset b4 --stage pretrain --data latents --outdir runs/teacher-b4
     torchrun --nproc_per_node=8 meanflow_post.py --stage mid --teacher runs/teacher-b4/ckpt-latest.pt --outdir runs/mid-xl2
     torchrun --nproc_per_node=8 meanflow_post.py --stage post --data latents --init runs/mid-xl2/ckpt-latest.pt --outdir runs/post-xl2
-    torchrun --nproc_per_node=8 meanflow_post.py --stage sample --ckpt runs/post-xl2/ckpt-latest.pt --vae VAE --num-samples 50000 --outdir runs/post-xl2
+    torchrun --nproc_per_node=8 meanflow_post.py --stage sample --init runs/post-xl2/ckpt-latest.pt --vae VAE --num 50000 --outdir runs/post-xl2
     python meanflow_post.py --preset tiny          # CPU demo: teacher -> mid -> post (+ baseline) -> quality table
     python meanflow_post.py --stage bench --batch-gpu 32 --bench-models B/4,XL/2
 
-Notes. The mid stage needs no data: it starts from noise and uniformly drawn labels. The randomness of
-every micro-batch derives from (seed, iteration, global micro-batch slot), so resume is exact and a 2-GPU run computes the same step as a 1-GPU run with 2 accumulation steps.
+Notes. --teacher takes a checkpoint PATH of this script only (the family's URL and `analytic` forms are
+left out: no official PyTorch MeanFlow checkpoint exists to download, and the tiny preset trains its own
+teacher, as the paper does). --fid-ref is used by --stage sample. The mid stage needs no data: it
+starts from noise and uniformly drawn labels. The randomness of every micro-batch derives from (seed,
+iteration, global micro-batch slot), so resume is exact and a 2-GPU run computes the same step as a
+1-GPU run with 2 accumulation steps.
 DDP: torch.func.jvp does not work through a DistributedDataParallel wrapper, so every rank runs the
 unwrapped module and the gradients (plus the loss, for the non-finite guard) are all-reduced in
 buckets after the last micro-step (that is what DDP's no_sync + final reduction does).
 --compile compiles plain forwards only (teacher, CFG forwards, CMT-MF student); the JVP path is
-always eager. --bf16 autocasts the network; JVP tangents, targets and loss reductions stay float32.
+always eager. --bf16 autocasts the network forwards (the jvp's primal and tangent go through the same
+bf16 matmuls); the tangent inputs (v_g, 0, 1), the returned u and du/dt, the target and the loss
+reductions are float32. Default: float32 throughout.
+
+Outputs in --outdir: config.json (resolved config), stats.jsonl (one line per --log-every), ckpt-latest.pt
+(every --ckpt-every) and ckpt-NNNNNNN.pt snapshots (every --snap-every and at the end), samples-NNNNNNN.png
+(every --sample-every), and for --stage sample samples-<steps>step.{png,npz}; a checkpoint is a plain dict
+{model, ema, optimizer, iter, rng, data_state, config, stage} read with torch.load(weights_only=True).
 Details taken from the official MeanFlow code (Gsunshine/meanflow): r = t on exactly the first 75% of
 each per-device batch; the dropped labels are the first k ~ Binomial(B, 0.1) rows; the CFG forwards use
 the undropped labels; the per-sample loss sums over latent elements. Our choices where the papers are
@@ -106,7 +117,7 @@ BASE = dict(
     p_mean=-0.4, p_std=1.0, ratio_neq=0.25, label_drop=0.1, norm_p=1.0, norm_eps=0.01,
     omega=1.0, kappa=0.5, t_start=0.0, t_end=1.0,
     teacher=None, teacher_solver="meanflow", teacher_steps=8, pairs=8,
-    init="random", log_every=100, ckpt_every=5000, sample_every=20000, max_skips=100,
+    init="random", log_every=100, ckpt_every=5000, snap_every=50000, sample_every=20000, max_skips=100,
 )
 
 # Per preset, per stage. Iteration counts marked * are our estimates (not published); see README.
@@ -125,7 +136,7 @@ PRESETS = {
     # CPU demo on the built-in class-conditional Gaussian mixture (4x8x8 "latents", 8 classes).
     # No guidance (omega 1, kappa 0), so every model targets the exact class-conditional flow map.
     "tiny": dict(BASE, model="tiny", data="toy", res=8, channels=4, num_classes=8, batch=64, lr=1e-3,
-                 ema=0.995, omega=1.0, kappa=0.0, teacher_steps=4, pairs=4, log_every=100, ckpt_every=500,
+                 ema=0.995, omega=1.0, kappa=0.0, teacher_steps=4, pairs=4, log_every=100, ckpt_every=500, snap_every=0,
                  sample_every=0, num_eval=2000, stages=dict(
         pretrain=dict(model="tiny-teacher", iters=1000),
         mid=dict(iters=600),
@@ -848,9 +859,8 @@ def meanflow_loss(net, x, y, e, t, r, drop, cfg, eager_net=None, autocast=None):
         v_g = guided_velocity(net, z, t, v, y, eager_net.num_classes, cfg["omega"], cfg["kappa"], cfg["t_start"], cfg["t_end"])
         y_in = torch.where(drop, eager_net.num_classes, y)
         v_g = torch.where(drop.view(-1, 1, 1, 1), v, v_g)
-        # One jvp gives u and du/dt (tangents v_g, 0, 1 for z, r, t); no second forward.
-        u, dudt = torch.func.jvp(lambda z_, r_, t_: average_velocity(eager_net, z_, r_, t_, y_in),
-                                 (z, r, t), (v_g, torch.zeros_like(r), torch.ones_like(t)))
+        # One jvp gives u and du/dt; tangents (v_g, 0, 1) in (z, r, t), the zero one by holding r fixed.
+        u, dudt = torch.func.jvp(lambda z_, t_: average_velocity(eager_net, z_, r, t_, y_in), (z, t), (v_g, torch.ones_like(t)))
     dudt = dudt.detach().to(x.dtype)  # free the tangent graph at once: it is never backpropagated
     u_tgt = meanflow_target(v_g, dudt, t, r)
     l = (u.to(x.dtype) - u_tgt).square().sum(dim=(1, 2, 3))
@@ -1146,8 +1156,9 @@ class Trainer:
                 t_log, it_log, n_log = now, self.it, 0
                 loss_sum.zero_(); gnorm_sum.zero_()
             if is0 and (self.it % cfg["ckpt_every"] == 0 or self.it == iters):
-                self.save(f"ckpt-{self.it:07d}.pt")
                 self.save("ckpt-latest.pt")
+            if is0 and ((cfg["snap_every"] and self.it % cfg["snap_every"] == 0) or self.it == iters):
+                self.save(f"ckpt-{self.it:07d}.pt")  # kept: an XL/2 checkpoint with Adam state is ~11 GB
             if is0 and cfg["sample_every"] and self.it % cfg["sample_every"] == 0:
                 self.sample_grid()
         return self
@@ -1239,12 +1250,15 @@ def quality_reference(cfg, num):
 
 @torch.no_grad()
 def run_sample(cfg, outdir, rank, world, device):
-    """1- and 2-NFE samples of a checkpoint's EMA model: samples-<nfe>nfe.npz (uint8 NHWC, key images) and a
-    grid. Each rank samples its own chunks and writes them to a part file that rank 0 merges; with
-    --fid-ref every rank feeds its own images to fid.inception_stats, which all-reduces the statistics."""
-    if not cfg.get("ckpt"):
-        raise ValueError("--stage sample needs --ckpt PATH (a checkpoint of this script)")
-    net, ncfg = load_ema_net(cfg["ckpt"], "--ckpt")
+    """--stage sample: 1- and 2-step samples of the EMA model of --init PATH (a checkpoint of any stage) or
+    --init teacher (= --teacher PATH): samples-<steps>step.npz (uint8 NHWC, key images) and a grid. Each
+    rank samples its own chunks and writes them to a part file that rank 0 merges; with --fid-ref every rank
+    feeds its own images to fid.inception_stats, which all-reduces the statistics."""
+    init = cfg["teacher"] if cfg["init"] == "teacher" else cfg["init"]
+    if not init or init == "random":
+        raise ValueError(f"--stage sample needs --init PATH (a checkpoint of this script) or --init teacher with "
+                         f"--teacher PATH; got --init {cfg['init']}" + (" and no --teacher" if cfg["init"] == "teacher" else ""))
+    net, ncfg = load_ema_net(init, "--init")
     net = net.to(device).eval()
     vae = None
     if ncfg["data"] != "toy":
@@ -1253,8 +1267,8 @@ def run_sample(cfg, outdir, rank, world, device):
         vae = load_vae(cfg["vae"], device)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    num, bs = cfg["num_samples"], cfg["batch_gpu"] or 64
-    for steps in cfg["nfe"]:
+    num, bs = cfg["num"], cfg["batch_gpu"] or 64
+    for steps in cfg["sample_steps"]:
         starts, chunks = [], []
         for start in range(rank * bs, num, world * bs):
             n = min(bs, num - start)
@@ -1266,26 +1280,26 @@ def run_sample(cfg, outdir, rank, world, device):
             starts.append(start)
             chunks.append(latents_to_uint8(x.float(), vae))
         mine = np.concatenate(chunks) if chunks else np.zeros((0,), np.uint8)
-        part = outdir / f"samples-{steps}nfe.part{rank}.npz"
+        part = outdir / f"samples-{steps}step.part{rank}.npz"
         np.savez(part, images=mine, starts=np.array(starts, np.int64), sizes=np.array([len(c) for c in chunks], np.int64))
         if world > 1:
             dist.barrier()
         if rank == 0:
             pieces = []
             for r in range(world):
-                p = np.load(outdir / f"samples-{steps}nfe.part{r}.npz")
+                p = np.load(outdir / f"samples-{steps}step.part{r}.npz")
                 offsets = np.cumsum(np.concatenate([[0], p["sizes"]]))
                 pieces += [(s, p["images"][offsets[k]:offsets[k + 1]]) for k, s in enumerate(p["starts"])]
             images = np.concatenate([img for _, img in sorted(pieces, key=lambda c: c[0])])
-            np.savez(outdir / f"samples-{steps}nfe.npz", images=images)
-            save_grid(outdir / f"samples-{steps}nfe.png", images[:64], cols=8)
+            np.savez(outdir / f"samples-{steps}step.npz", images=images)
+            save_grid(outdir / f"samples-{steps}step.png", images[:64], cols=8)
             for r in range(world):
-                (outdir / f"samples-{steps}nfe.part{r}.npz").unlink()
-            print(f"[sample] {num} images at {steps} NFE -> {outdir}/samples-{steps}nfe.npz", flush=True)
+                (outdir / f"samples-{steps}step.part{r}.npz").unlink()
+            print(f"[sample] {num} images at {steps} steps (NFE) -> {outdir}/samples-{steps}step.npz", flush=True)
         if cfg.get("fid_ref"):
             score = _fid(mine, cfg["fid_ref"], device)
             if rank == 0:
-                print(f"[sample] FID ({steps} NFE, {num} images): {score:.3f}", flush=True)
+                print(f"[sample] FID ({steps} steps, {num} images): {score:.3f}", flush=True)
 
 
 def _fid(images, ref_path, device):
@@ -1357,8 +1371,11 @@ def run_bench(cfg, device):
     step including its teacher (MF-B/4 teacher, cfg teacher_steps), each relative to a plain
     forward+backward of the same network at the same batch. Prints a table; run on a quiet machine."""
     bs = cfg["batch_gpu"] or 32
+    if bs % cfg["pairs"]:  # CMT-MF rows = trajectories x pairs must equal the plain step's batch
+        raise ValueError(f"--batch-gpu {bs} must be a multiple of --pairs {cfg['pairs']} for --stage bench")
     res, ch = 32, 4
-    lines = [f"{'model':<6} {'batch':>5} {'plain f+b':>10} {'MF jvp':>8} {'MF+CFG':>8} {'CMT-MF':>8} {'CMT+teach':>9}  (ratios to plain)"]
+    lines = [f"{'model':<6} {'batch':>5} {'plain f+b':>10} {'MF jvp':>8} {'MF+CFG':>8} {'CMT-MF':>8} {'CMT+teach':>9}  (ratios to "
+             f"plain; CMT-MF: {bs // cfg['pairs']} trajectories x {cfg['pairs']} pairs, B/4 teacher {cfg['teacher_steps']} steps)"]
     for name in cfg["bench_models"]:
         mcfg = dict(cfg, model=name, res=res, channels=ch, num_classes=1000)
         net = build_net(mcfg).to(device).train()
@@ -1387,7 +1404,7 @@ def run_bench(cfg, device):
         def cmt(with_teacher):
             def step():
                 g = torch.Generator(device).manual_seed(1)
-                b = max(bs // pairs, 1)
+                b = bs // pairs
                 if with_teacher:
                     with autocast():
                         states, grid = teacher_trajectory(teacher, e[:b], y[:b], steps, "meanflow")
@@ -1435,7 +1452,8 @@ def parse_args(argv=None):
     a("--teacher-solver", choices=["meanflow", "euler", "heun"], default=None, help="mid: teacher sampler; default: preset (meanflow)")
     a("--teacher-steps", type=int, default=None, help="mid: teacher steps M; default: preset (8; tiny 4)")
     a("--pairs", type=int, default=None, help="mid: ordered pairs (i > j) per trajectory per step; default: preset (8)")
-    a("--init", default=None, help="PATH (a checkpoint: its EMA weights) | teacher | random; default: random")
+    a("--init", default=None, help="post: PATH (a checkpoint: its EMA weights) | teacher | random; sample: the "
+      "checkpoint PATH to sample, or teacher; default: random")
     a("--resume", default=None, help="PATH | auto (= outdir/ckpt-latest.pt if present)")
     a("--batch", type=int, default=None, help="global batch (images); default: preset (256)")
     a("--batch-gpu", type=int, default=None, help="per-GPU micro-batch; default: batch / world size")
@@ -1454,16 +1472,17 @@ def parse_args(argv=None):
     a("--norm-eps", type=float, default=None, help="adaptive weight constant c (default 0.01)")
     a("--fid-ref", default=None, help="sample: reference .npz (mu, sigma) -> print FID via fid.py")
     a("--vae", default=None, help="SD-VAE weights (sd-vae-ft-mse, diffusers layout; .safetensors/.bin/.pt)")
-    a("--ckpt", default=None, help="sample: checkpoint to sample from")
-    a("--num-samples", type=int, default=50000, help="sample: number of images")
-    a("--nfe", default="1,2", help="sample: comma-separated step counts")
+    a("--num", type=int, default=50000, help="sample: number of images")
+    a("--sample-steps", default="1,2", help="sample: comma-separated step counts (1 step = 1 NFE)")
     a("--num-eval", type=int, default=None, help="tiny: samples per quality-table row (default 2000)")
     a("--bench-models", default="B/4,XL/2", help="bench: comma-separated DiT-MF sizes")
     a("--bench-reps", type=int, default=5, help="bench: timed repetitions per step kind (after 2 warm-up steps)")
     a("--bf16", action="store_true", help="bfloat16 autocast for network forwards (tangents/targets/loss in fp32)")
     a("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     a("--compile", action="store_true", help="torch.compile plain forwards (never the jvp path)")
-    a("--ckpt-every", type=int, default=None, help="checkpoint interval in iterations (default 5000)")
+    a("--ckpt-every", type=int, default=None, help="ckpt-latest.pt interval in iterations (default 5000)")
+    a("--snap-every", type=int, default=None, help="ckpt-NNNNNNN.pt snapshot interval in iterations, 0 = end only "
+      "(default 50000; tiny 0)")
     a("--sample-every", type=int, default=None, help="sample-grid interval in iterations, 0 = off (default 20000)")
     a("--log-every", type=int, default=None, help="log interval in iterations (default 100)")
     a("--max-skips", type=int, default=None, help="abort after this many non-finite steps (default 100)")
@@ -1472,7 +1491,17 @@ def parse_args(argv=None):
 
 FLAG_KEYS = ["data", "model", "teacher", "teacher_solver", "teacher_steps", "pairs", "init", "batch", "batch_gpu",
              "iters", "lr", "ema", "seed", "omega", "kappa", "t_start", "t_end", "ratio_neq", "label_drop", "norm_p",
-             "norm_eps", "ckpt_every", "sample_every", "log_every", "max_skips", "num_eval"]
+             "norm_eps", "ckpt_every", "snap_every", "sample_every", "log_every", "max_skips", "num_eval"]
+
+
+def _int_list(text, flag):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text}: expected comma-separated positive integers, e.g. 1,2") from None
+    if not all(v > 0 for v in values):
+        raise ValueError(f"{flag} {text}: step counts must be positive")
+    return values
 
 
 def resolve_config(args, stage):
@@ -1486,8 +1515,8 @@ def resolve_config(args, stage):
     if args.mimg is not None:
         cfg["iters"] = int(round(args.mimg * 1e6 / cfg["batch"]))
     cfg.update(resume=args.resume, bf16=args.bf16, tf32=args.tf32, compile=args.compile, vae=args.vae,
-               fid_ref=args.fid_ref, ckpt=args.ckpt, num_samples=args.num_samples,
-               nfe=[int(s) for s in args.nfe.split(",")], bench_models=args.bench_models.split(","),
+               fid_ref=args.fid_ref, num=args.num,
+               sample_steps=_int_list(args.sample_steps, "--sample-steps"), bench_models=args.bench_models.split(","),
                bench_reps=args.bench_reps)
     cfg["adam_betas"] = list(cfg["adam_betas"])
     cfg["mimg"] = cfg.get("iters", 0) * cfg["batch"] / 1e6
