@@ -1068,7 +1068,7 @@ def load_teacher(cfg, device, label_dim):
             raise SystemExit("--teacher analytic: only the built-in toy data has an exact denoiser (--data toy)")
         return ToyMixture(cfg["resolution"])
     if spec.endswith(".pkl") or "://" in spec:
-        state, init_kwargs, _ = load_official_pkl(spec, cache_dir=CACHE_DIR)
+        state, init_kwargs, _ = load_official_pkl(spec, cache_dir=CACHE_DIR, sha256=cfg["teacher_sha256"])
         expected, defaults = official_kwargs(cfg, label_dim)
         check_init_kwargs(init_kwargs, expected, source=spec, defaults=defaults)
         augment_dim = init_kwargs.get("augment_dim", 0)
@@ -1852,6 +1852,8 @@ def parse_args(argv=None):
     a("--cond", action="store_true", help="class-conditional: labels from dataset.json / CIFAR (default: off)")
     a("--teacher", help="EDM .pkl path or URL, our pretrain checkpoint, or 'analytic' for toy data "
                         "(default: EDM's edm-cifar10-32x32-uncond-vp.pkl)")
+    a("--teacher-sha256", help="expected SHA-256 of a --teacher URL's download (NVIDIA publishes none; the "
+                               "restricted unpickler runs no code either way) (default: no check)")
     a("--init", help="student weights: PATH (checkpoint EMA), 'teacher' or 'random' (default: mid 'teacher', "
                      "pretrain 'random', post: required)")
     a("--resume", help="'auto' (= outdir/ckpt-latest.pt if present) or a checkpoint PATH (default: none)")

@@ -1661,7 +1661,7 @@ def write_edm_pickle(path, net, init_kwargs):
         del sys.modules["torch_utils"], sys.modules["torch_utils.persistence"]
 
 
-def test_teacher_from_official_pickle(tmp_path):
+def test_teacher_from_official_pickle(tmp_path, monkeypatch):
     cfg = tiny_cfg(stage="mid")
     torch.manual_seed(0)
     official = cc.build_net(cfg, "edm", augment_dim=9)
@@ -1682,6 +1682,12 @@ def test_teacher_from_official_pickle(tmp_path):
     write_edm_pickle(tmp_path / "wide.pkl", official, dict(kwargs, model_channels=32))  # not our architecture
     with pytest.raises(ValueError, match="model_channels"):
         cc.load_teacher(dict(cfg, teacher=str(tmp_path / "wide.pkl")), "cpu", 0)
+    url, sha = (tmp_path / "edm.pkl").as_uri(), hashlib.sha256((tmp_path / "edm.pkl").read_bytes()).hexdigest()
+    monkeypatch.setattr(cc, "CACHE_DIR", tmp_path / "cache")  # a URL teacher: downloaded, then checked by --teacher-sha256
+    with pytest.raises(ValueError, match="hash mismatch"):
+        cc.load_teacher(dict(cfg, teacher=url, teacher_sha256="0" * 64), "cpu", 0)
+    fetched = cc.load_teacher(dict(cfg, teacher=url, teacher_sha256=sha), "cpu", 0)
+    assert all(torch.equal(a, b) for a, b in zip(fetched.state_dict().values(), official.state_dict().values()))
 
 
 # ----------------------------------------------------------------------------- data
