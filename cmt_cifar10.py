@@ -1813,12 +1813,25 @@ def study_report(results):
             else:
                 row.append("-")
             rows.append(row)
+    # The same curves by post-training iterations alone (the mid stage not charged): the paper's view.
+    post_its = budget - mid_iters
+    at_post = lambda arm, s, k, key: at(arm, s, k + (marks[0] if arm == "CMT -> ECT" else 0), key)
+    prow = []
+    for arm in q1:
+        for key in ("err1", "err2"):
+            row = [arm, f"{key[-1]}-step"] + [mean_std([at_post(arm, s, k, key) for s in seeds])
+                                              for k in (0, post_its // 2, post_its)]
+            wins = sum(at_post("CMT -> ECT", s, post_its, key) < at_post(arm, s, post_its, key) for s in seeds)
+            prow.append(row + (["-"] if arm == "CMT -> ECT" else [f"{wins}/{len(seeds)}"]))
     fds = [[arm, f"{k}-step", mean_std([q1[arm][s][-1][1][f"fd{k}"] for s in seeds], "{:.3f}")]
            for arm in q1 for k in (1, 2)]
     out = study_table(f"Q1: flow-map error over post-training at equal compute (budget {budget} ECT-iteration "
                       f"equivalents; CMT spends {marks[0]:.0f} of them on mid-training)",
                       ["initialisation", "sampler", "at init", f"at {marks[0]:.0f}", f"at {marks[1]:.0f}",
                        f"at {marks[2]:.0f} (end)", "CMT better at end (seeds)"], rows)
+    out += "\n" + study_table("Q1: the same runs at equal post-training iterations (mid-training not charged)",
+                              ["initialisation", "sampler", "post it 0", f"post it {post_its // 2}", f"post it {post_its}",
+                               f"CMT better at it {post_its} (seeds)"], prow)
     out += "\n" + study_table("Q1: pixel FD at the end of the budget", ["initialisation", "sampler", "pixel FD"], fds)
     wall = results["wall"]
     out += "\n" + study_table("Q1: wall time per arm (2-core CPU)", ["arm", "seconds (mean ± std)"],

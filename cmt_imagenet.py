@@ -1945,7 +1945,8 @@ def build_parser():
                       "unconditional mixture) or 'none' (default: the preset's autoguidance net for post)")
     a("--guidance", type=float, help="guidance weight w; 1 = no guidance (default: preset, 2.05 for img512-xxl post)")
     a("--init", help="student init: checkpoint .pt (its EMA), EDM2 .pkl, 'teacher' or 'random'; for sample: the "
-                     "checkpoint, or 'teacher' for the Heun reference (default: mid teacher; post and sample: none, give one)")
+                     "checkpoint, or 'teacher' for the Heun reference (default: mid teacher; post and sample: "
+                     "none, give one)")
     a("--resume", help="checkpoint to resume, or 'auto' = ckpt-latest.pt in --outdir if present (default: none)")
     a("--batch", type=int, help="global batch in images (mid: 16 states per trajectory) (default: 128)")
     a("--batch-gpu", type=int, help="per-GPU micro-batch (default: batch / GPUs; sample: 32)")

@@ -817,11 +817,12 @@ def cmd_ref(args):
 
 def cmd_calc(args):
     ref_mu, ref_sigma = load_ref(args.ref)  # fail on a bad reference before computing anything
+    if ref_mu.size != FEATURE_DIM:
+        raise ValueError(f"--ref {args.ref}: {ref_mu.size}-d statistics, expected the {FEATURE_DIM}-d "
+                         "Inception pool features")
     rank, net, mu, sigma, n, seed = _dataset_stats(args, args.images, "calc")
     if rank != 0:
         return
-    if ref_mu.size != mu.size:
-        raise ValueError(f"--ref {args.ref}: {ref_mu.size}-d statistics, the images give {mu.size}-d")
     fid = frechet_distance(mu, sigma, ref_mu, ref_sigma)
     print(f"FID {fid:.4f} | {describe(net, args.resize, n, seed, args.ref)}")
     if args.crosscheck:
@@ -848,9 +849,19 @@ def cmd_bench(args):
           f"best {args.batch / min(times[1:]):.2f})")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring's layout and appends real defaults (not None/False) to the help."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__[:__doc__.index("\n\n")],
+                                     epilog=__doc__[__doc__.index("Usage:"):__doc__.index("In-process API")],
+                                     formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--weights", help="pt_inception-2015-12-05-6726825d.pth (default: $FID_WEIGHTS, "
@@ -865,20 +876,25 @@ def main(argv=None):
     data.add_argument("--workers", type=int, default=2 if torch.cuda.is_available() else 0,
                       help="DataLoader worker processes per rank")
 
-    p = sub.add_parser("ref", parents=[common, data], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="reference statistics (mu, sigma) of a dataset -> .npz")
+    p = sub.add_parser("ref", parents=[common, data], formatter_class=_HelpFormatter,
+                       help="reference statistics (mu, sigma) of a dataset -> .npz",
+                       description="Inception statistics (mu, sigma) of a dataset, saved as .npz.")
     p.add_argument("--data", required=True, help="folder / .npz / cifar-10-python.tar.gz / EDM .zip")
     p.add_argument("--out", required=True, help="output .npz with keys mu, sigma")
     p.set_defaults(func=cmd_ref)
-    p = sub.add_parser("calc", parents=[common, data], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="FID of generated images against reference statistics")
+    p = sub.add_parser("calc", parents=[common, data], formatter_class=_HelpFormatter,
+                       help="FID of generated images against reference statistics",
+                       description="FID of generated images against reference statistics; the printed "
+                       "line states the protocol (weights, resize, number of images, seed, reference).")
     p.add_argument("--images", required=True, help="folder / .npz / EDM .zip of generated images")
     p.add_argument("--ref", required=True, help=".npz with keys mu, sigma (ours, EDM's, ADM's); EDM2's .pkl")
     p.add_argument("--crosscheck", action="store_true",
                    help="also print the classic scipy sqrtm value (slow: minutes on a CPU)")
     p.set_defaults(func=cmd_calc)
-    p = sub.add_parser("bench", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="img/s of resize + network (random weights unless --weights)")
+    p = sub.add_parser("bench", parents=[common], formatter_class=_HelpFormatter,
+                       help="img/s of resize + network (random weights unless --weights)",
+                       description="img/s of resize + network on random uint8 images (random weights "
+                       "unless --weights; the speed does not depend on the weight values).")
     p.add_argument("--res", type=int, default=32, help="input resolution in pixels")
     p.add_argument("--iters", type=int, default=3, help="timed batches after one warm-up batch")
     p.set_defaults(func=cmd_bench)

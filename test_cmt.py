@@ -157,7 +157,7 @@ def test_mean_cov_identical_sets_give_zero():
         fid.mean_cov(x[:1])
 
 
-def test_ref_roundtrip_and_foreign_files(tmp_path):
+def test_ref_roundtrip_and_foreign_files(tmp_path, recwarn):
     rng = np.random.default_rng(4)
     mu, sigma = rng.standard_normal(5), _random_spd(rng, 5, rng.uniform(1, 2, 5))[0]
     fid.save_ref(tmp_path / "ref.npz", mu, sigma)
@@ -169,11 +169,23 @@ def test_ref_roundtrip_and_foreign_files(tmp_path):
     # ADM's reference files carry extra keys (spatial statistics, activations): ignored.
     np.savez(tmp_path / "adm.npz", mu=mu.astype(np.float32), sigma=sigma, mu_s=mu, sigma_s=sigma)
     assert fid.load_ref(tmp_path / "adm.npz")[0].dtype == np.float64
-    # EDM2's reference files are pickles {"fid": {"mu", "sigma"}, "fd_dinov2": {...}}.
+    # EDM2's reference files are pickles {"num_images": int, "fid": {"mu", "sigma"}, "fd_dinov2": {...}}
+    # (its calculate_metrics.py), written by numpy 1.x: names numpy.core.*, where numpy 2 writes numpy._core.*.
+    edm2 = {"num_images": 50000, "fid": {"mu": mu, "sigma": sigma}, "fd_dinov2": {"mu": mu[:2], "sigma": sigma[:2, :2]}}
     for protocol in (2, 4, 5):
-        with open(tmp_path / "edm2.pkl", "wb") as f:
-            pickle.dump({"fid": {"mu": mu, "sigma": sigma}, "fd_dinov2": {"mu": mu[:2]}}, f, protocol=protocol)
+        (tmp_path / "edm2.pkl").write_bytes(pickle.dumps(edm2, protocol=protocol))
         np.testing.assert_array_equal(fid.load_ref(tmp_path / "edm2.pkl")[1], sigma)
+    raw = pickle.dumps(edm2, protocol=2)  # protocol 2: module names as plain text (GLOBAL opcodes)
+    for name in (b"numpy.core.multiarray", b"numpy._core.multiarray"):
+        variant = raw.replace(b"cnumpy._core.multiarray\n", b"c" + name + b"\n").replace(
+            b"cnumpy.core.multiarray\n", b"c" + name + b"\n")
+        assert b"c" + name + b"\n_reconstruct\n" in variant
+        (tmp_path / "edm2.pkl").write_bytes(variant)
+        recwarn.clear()
+        mu2, sigma2 = fid.load_ref(tmp_path / "edm2.pkl")
+        assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]  # numpy 2's numpy.core shim warns
+        np.testing.assert_array_equal(mu2, mu)
+        np.testing.assert_array_equal(sigma2, sigma)
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump({"fid": {"mu": mu, "sigma": sigma, "x": os.system}}, f)  # a global: refused
     with pytest.raises(ValueError, match="refusing to unpickle"):
@@ -215,6 +227,12 @@ def test_state_dict_layout_loads_strictly(weights_file, tmp_path):
     for i, (name, shape) in REFERENCE_KEYS.items():
         assert keys[i] == name and list(state[name].shape) == shape
     assert state["Conv2d_1a_3x3.bn.num_batches_tracked"].dtype == torch.int64
+    # The whole layout: this is the `sha256sum` of ../shared/ref/keys/pytorch_fid_inception.txt, the
+    # key list built from pytorch-fid's FIDInceptionA/C/E network (one "name<TAB>shape<TAB>dtype"
+    # line per tensor, in order). Tests may not read ../shared, so its digest is pinned here.
+    listing = "".join(f"{k}\t{list(v.shape)}\t{v.dtype}\n" for k, v in state.items())
+    assert hashlib.sha256(listing.encode()).hexdigest() == \
+        "27dd36ee3db4c3a51a399f94d6c708d5d233e35d5aebb187ee55a8dd7369d1c5"
     saved = torch.load(weights_file, weights_only=True)  # the random file written by the fixture
     net = fid.load_inception(weights_file)  # strict=True inside
     for name, shape in REFERENCE_KEYS.values():
@@ -317,12 +335,26 @@ def test_inputs_folder_npz_zip_cifar(tmp_path):
     folder = fid.open_images(tmp_path / "pngs")
     # Sorted relative paths: class0/00000, class0/00002, class0/00004, class1/00001, class1/00003.
     np.testing.assert_array_equal(folder[3], images[1].transpose(2, 0, 1))
+    # JPEG (any case of the extension) at any depth; other files are skipped.
+    (tmp_path / "mixed" / "a" / "b").mkdir(parents=True)
+    PIL.Image.fromarray(images[0]).save(tmp_path / "mixed" / "a" / "b" / "photo.JPG", format="JPEG")
+    PIL.Image.fromarray(images[1]).save(tmp_path / "mixed" / "z.jpeg", format="JPEG")
+    (tmp_path / "mixed" / "notes.txt").write_text("not an image")
+    mixed = fid.open_images(tmp_path / "mixed")
+    assert mixed.names == ["a/b/photo.JPG", "z.jpeg"]
+    with PIL.Image.open(tmp_path / "mixed" / "a" / "b" / "photo.JPG") as im:
+        np.testing.assert_array_equal(mixed[0], np.asarray(im.convert("RGB")).transpose(2, 0, 1))
     np.savez(tmp_path / "samples.npz", images=images, labels=np.arange(5))
     np.savez(tmp_path / "single.npz", x=images)
-    for name in ("samples.npz", "single.npz"):
+    np.savez_compressed(tmp_path / "compressed.npz", images=images)
+    for name in ("samples.npz", "single.npz", "compressed.npz"):
         ds = fid.open_images(tmp_path / name)
         assert len(ds) == 5
         np.testing.assert_array_equal(ds[4], images[4].transpose(2, 0, 1))
+        np.testing.assert_array_equal(ds[1], images[1].transpose(2, 0, 1))
+    np.savez(tmp_path / "gray.npz", images=images[..., :1])  # [N, H, W, 1]: repeated to RGB
+    np.testing.assert_array_equal(fid.open_images(tmp_path / "gray.npz")[2],
+                                  np.repeat(images[2, :, :, :1], 3, axis=2).transpose(2, 0, 1))
     with zipfile.ZipFile(tmp_path / "dataset.zip", "w") as z:
         for i, image in enumerate(images):
             buf = io.BytesIO()
@@ -412,6 +444,27 @@ def test_weights_download_verified_and_offline_error(tmp_path, monkeypatch):
     assert fid.resolve_weights() == source
 
 
+def test_weights_cache_filled_once_and_corrupt_cache_refused(weights_file, tmp_path, monkeypatch):
+    # The random-weight file plays the release file: its digest stands in for the official one.
+    monkeypatch.setattr(fid, "WEIGHTS_SHA256", fid.sha256_file(weights_file))
+    monkeypatch.delenv("FID_WEIGHTS", raising=False)
+    monkeypatch.setenv("CMT_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / fid.WEIGHTS_FILE
+    assert fid.resolve_weights(url=weights_file.as_uri()) == cached
+    assert cached.read_bytes() == weights_file.read_bytes()
+    assert fid.resolve_weights(url=(tmp_path / "gone.pth").as_uri()) == cached  # no second download
+    fid._load_inception.cache_clear()
+    try:
+        net = fid.load_inception()
+        assert net.weights_name == fid.WEIGHTS_FILE and net.official
+        cached.write_bytes(b"truncated download")
+        fid._load_inception.cache_clear()
+        with pytest.raises(RuntimeError, match="is corrupt .* delete it"):
+            fid.load_inception()
+    finally:
+        fid._load_inception.cache_clear()  # the entries above depend on the patched digest
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
@@ -481,6 +534,41 @@ def test_inception_stats_in_process_api(png_folders, weights_file):
     assert n == 3 and mu.shape == (2048,) and sigma.dtype == np.float64
     with pytest.raises(ValueError, match="uint8"):
         fid.inception_stats([batches[0].float()], weights=weights_file)
+
+
+def test_progress_line_reports_rate_and_eta(png_folders, weights_file, monkeypatch, capsys):
+    monkeypatch.setattr(fid, "LOG_EVERY_S", 0.0)  # a line per batch instead of one per 10 s
+    ds = fid.open_images(png_folders / "data")
+    batches = fid.image_batches(ds, np.arange(len(ds)), batch=1)
+    with pytest.warns(UserWarning, match="FID from only 4 images"):
+        fid.inception_stats(batches, weights=weights_file, total=4, progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[fid] 1/4 img (25.0%) | ") and " img/s | ETA " in lines[0]
+    assert float(lines[0].split(" | ")[1].split()[0]) > 0
+    assert lines[-1].startswith("[fid] 4/4 img (100.0%) | ") and " img/s | done in " in lines[-1]
+
+
+def test_cli_errors_name_the_file(png_folders, weights_file, tmp_path):
+    def error(*argv):
+        with pytest.raises(SystemExit) as e:
+            fid.main([*argv, "--weights", str(weights_file)])
+        return str(e.value.code)
+    fid.save_ref(tmp_path / "small.npz", np.zeros(5), np.eye(5))
+    message = error("calc", "--images", str(png_folders / "samples"), "--ref", str(tmp_path / "small.npz"))
+    assert message.startswith("fid.py calc: error: --ref") and "5-d statistics" in message
+    (tmp_path / "corrupt").mkdir()
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "corrupt" / "good.png")
+    (tmp_path / "corrupt" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    message = error("ref", "--data", str(tmp_path / "corrupt"), "--out", str(tmp_path / "r.npz"))
+    assert "bad.png: cannot read image" in message and not (tmp_path / "r.npz").exists()
+    np.savez(tmp_path / "nchw.npz", images=np.zeros((4, 3, 8, 8), np.uint8))
+    message = error("calc", "--images", str(tmp_path / "nchw.npz"), "--ref", str(tmp_path / "small.npz"))
+    assert "--ref" in message  # the reference is checked first: no features computed for nothing
+    message = error("ref", "--data", str(tmp_path / "nchw.npz"), "--out", str(tmp_path / "r.npz"))
+    assert "nchw.npz: expected uint8 images [N, H, W, 3]" in message
+    (tmp_path / "empty").mkdir()
+    message = error("ref", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r.npz"))
+    assert "empty: no PNG/JPG images found" in message
 
 
 # ==================================================================================================
