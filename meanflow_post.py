@@ -1439,8 +1439,17 @@ def _time_it(fn, device, reps, warmup=2):
 # ----------------------------------------------------------------------------- entry point
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' only where the help text does not already state the default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
     a("--stage", choices=["pretrain", "mid", "post", "sample", "encode", "bench"], default=None,
       help="stage to run; none with --preset tiny = the whole CPU pipeline")

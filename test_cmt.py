@@ -608,11 +608,12 @@ PKL_PICKLING = {"module_src": "raise RuntimeError('module_src must never run')",
 
 
 @contextlib.contextmanager
-def pkl_fake_official_modules():
+def pkl_fake_official_modules(reconstruct=None, easydict=None):
+    """torch_utils.persistence / dnnlib.util exist only while pickling (as on a machine with EDM/EDM2)."""
     mods = {name: types.ModuleType(name) for name in PKL_FAKE_MODULES}
-    mods["torch_utils.persistence"]._reconstruct_persistent_obj = pkl_fake_reconstruct
+    mods["torch_utils.persistence"]._reconstruct_persistent_obj = reconstruct or pkl_fake_reconstruct
     mods["torch_utils"].persistence = mods["torch_utils.persistence"]
-    mods["dnnlib.util"].EasyDict = PklEasyDict
+    mods["dnnlib.util"].EasyDict = easydict or PklEasyDict
     mods["dnnlib"].util = mods["dnnlib.util"]
     assert not any(name in sys.modules for name in PKL_FAKE_MODULES)
     sys.modules.update(mods)
@@ -2219,22 +2220,8 @@ class InetEasyDict(dict):
 InetEasyDict.__module__, InetEasyDict.__name__, InetEasyDict.__qualname__ = "dnnlib.util", "EasyDict", "EasyDict"
 
 
-@contextlib.contextmanager
 def inet_fake_official_modules():
-    """torch_utils.persistence / dnnlib.util exist only while pickling (as on a machine with EDM2)."""
-    names = ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util")
-    mods = {n: types.ModuleType(n) for n in names}
-    mods["torch_utils.persistence"]._reconstruct_persistent_obj = inet_fake_reconstruct
-    mods["torch_utils"].persistence = mods["torch_utils.persistence"]
-    mods["dnnlib.util"].EasyDict = InetEasyDict
-    mods["dnnlib"].util = mods["dnnlib.util"]
-    assert not any(n in sys.modules for n in names)
-    sys.modules.update(mods)
-    try:
-        yield
-    finally:
-        for n in names:
-            del sys.modules[n]
+    return pkl_fake_official_modules(inet_fake_reconstruct, InetEasyDict)
 
 
 def inet_persistent_reduce(self):
