@@ -30,6 +30,7 @@ Usage (all outputs under --outdir; `torchrun --nproc_per_node=N cmt_cifar10.py .
       --init runs/mid/ckpt-latest.pt --outdir runs/post --fid-ref cifar10-32x32.npz
   python cmt_cifar10.py --stage sample --init runs/post/ckpt-latest.pt --num 50000 --outdir runs/s
   python cmt_cifar10.py --stage bench --batch-gpu 16   # speed: GFLOP/s vs matmul peak, mid/plain
+  python cmt_cifar10.py --stage study --outdir runs/study   # CMT vs teacher vs random init, toy data, 3 seeds
 FFHQ/AFHQv2 64x64: add `--preset ffhq64` / `--preset afhq64` and `--data ffhq-64x64.zip`.
 `--resume auto` continues a stage exactly where its ckpt-latest.pt left off. `--stage bench` trains
 nothing: it measures the network's FLOP rate against this machine's matmul peak and the cost of a
@@ -1699,7 +1700,7 @@ def draw_curves(panels, path, marker_x=None):
 
 
 def run_study(args):
-    """--stage study: the evidence study of the README (issue 5) on the toy mixture, all seeds.
+    """--stage study: the README's evidence study on the toy mixture, every arm for every seed.
 
     Q1: post-training from CMT vs teacher (diffusion) vs random initialisation at equal compute counted
         from the teacher on (the CMT arm spends part of the budget on mid-training), curves over time.

@@ -1691,13 +1691,19 @@ def test_real_size_forward_backward_cpu():
     assert net.model.dec["32x32_aux_conv"].weight.grad.abs().sum() > 0
 
 
-def test_teacher_state_with_map_augment_copies_by_name(tmp_path):
-    cfg = tiny_cfg(stage="mid")
+def random_edm_teacher(cfg):
+    """An EDM teacher in the official layout (map_augment included) with N(0, 1) weights."""
     torch.manual_seed(0)
     official = cc.build_net(cfg, "edm", augment_dim=9)
     with torch.no_grad():
         for p in official.parameters():
             p.normal_()
+    return official
+
+
+def test_teacher_state_with_map_augment_copies_by_name(tmp_path):
+    cfg = tiny_cfg(stage="mid")
+    official = random_edm_teacher(cfg)
     state = official.state_dict()                            # EDM layout incl. model.map_augment.weight
     teacher = cc.build_net(cfg, "edm", augment_dim=9, dropout=0.0)
     cc.copy_by_name(state, teacher, ignore=())
@@ -1750,11 +1756,7 @@ def write_edm_pickle(path, net, init_kwargs):
 
 def test_teacher_from_official_pickle(tmp_path, monkeypatch):
     cfg = tiny_cfg(stage="mid")
-    torch.manual_seed(0)
-    official = cc.build_net(cfg, "edm", augment_dim=9)
-    with torch.no_grad():
-        for p in official.parameters():
-            p.normal_()
+    official = random_edm_teacher(cfg)
     kwargs = dict(img_resolution=8, img_channels=3, label_dim=0, use_fp16=False, model_type="SongUNet",
                   embedding_type="positional", encoder_type="standard", decoder_type="standard", channel_mult_noise=1,
                   resample_filter=[1, 1], model_channels=16, channel_mult=[1, 2], augment_dim=9, dropout=0.13,
