@@ -1655,7 +1655,7 @@ def mean_std(values, fmt="{:.4f}"):
     return (fmt + " ± " + fmt).format(a.mean(), a.std(ddof=1) if len(a) > 1 else 0.0)
 
 
-def draw_curves(panels, path, marker_x=None):
+def draw_curves(panels, path, marker_x=None, xlabel="compute since the teacher (ECT-iteration equivalents)"):
     """A PNG (pillow only) of convergence curves: one panel per (title, {arm: [[x, y_seed0, y_seed1, ...]]}),
     log-scale y, the mean line with the min-max band over seeds, and a dashed line at `marker_x`."""
     from PIL import ImageDraw, ImageFont
@@ -1682,8 +1682,7 @@ def draw_curves(panels, path, marker_x=None):
         for i in range(6):
             x = x0 + i * (x1 - x0) / 5
             draw.text((X(x), Y(10 ** ly0) + 6), f"{x:.0f}", fill="black", font=font, anchor="mt")
-        draw.text((X((x0 + x1) / 2), ph - 22), "compute since the teacher (ECT-iteration equivalents)",
-                  fill="black", font=font, anchor="mt")
+        draw.text((X((x0 + x1) / 2), ph - 22), xlabel, fill="black", font=font, anchor="mt")
         draw.text((ox + pw / 2, 14), title, fill="black", font=font, anchor="mt")
         if marker_x is not None:
             for yy in range(int(Y(10 ** ly1)), int(Y(10 ** ly0)), 8):

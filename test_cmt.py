@@ -3154,3 +3154,19 @@ def test_flow_matching_teacher_solvers_converge_at_their_order():
         assert all(abs(rate - 2 ** order) < 0.35 * 2 ** order for rate in rates), (solver, errs)
     with pytest.raises(ValueError, match="--teacher-solver"):
         mf.teacher_trajectory(net, e, y, 2, "rk4")
+
+
+def test_meanflow_study_cost_and_end_to_end(tmp_path):
+    cfg = dict(teacher_steps=4, pairs=4)
+    assert mf.mf_study_cost("post", 10, cfg) == 10 and mf.mf_study_cost("mid", 10, cfg) == 8  # (3 + 4/4) / 5
+    mf.main(["--preset", "tiny", "--stage", "study", "--iters", "20", "--study-eval-every", "10", "--study-seeds", "2",
+             "--num-eval", "128", "--outdir", str(tmp_path)])
+    res = json.loads((tmp_path / "study.json").read_text())
+    assert res["config"]["random_iters"] == 40 and res["config"]["mid_cost"] == 16
+    cmt, rnd = res["curves"]["CMT-MF -> MeanFlow"], res["curves"]["random -> MeanFlow"]
+    assert [pt[0] for pt in cmt["seed1"]] == [0, 8, 16, 26, 36] and [pt[0] for pt in rnd["seed0"]] == [0, 10, 20, 30, 40]
+    assert cmt["seed0"][0][1] == rnd["seed0"][0][1]  # both arms start from the seed's random network
+    assert all(math.isfinite(v) for c in (cmt, rnd) for curve in c.values() for pt in curve for v in pt[1].values())
+    assert "nan" not in (tmp_path / "study.md").read_text()
+    assert PIL.Image.open(tmp_path / "study-convergence.png").size == (1120, 400)
+    assert not list(tmp_path.glob("seed0/*/ckpt-00*.pt"))  # snapshots evaluated, then removed
