@@ -1251,18 +1251,22 @@ def quality_reference(cfg, num):
 # ----------------------------------------------------------------------------- evidence study
 # `--stage study` (toy data, every arm for every seed): MeanFlow post-training from the CMT-MF
 # initialisation vs from random weights at equal total compute counted from the teacher on, with the
-# 1- and 2-step flow-map error against the exact map over the course of training. (The tiny teacher is a
-# smaller DiT than the student, so there is no teacher-initialised arm here.)
+# 1- and 2-step flow-map error against the exact map over the course of training. `--study-teacher
+# meanflow` uses the tiny preset's smaller MeanFlow teacher (no teacher-initialised arm: its weights do not
+# fit the student); `flow` pre-trains a student-sized flow-matching (diffusion) teacher (ratio_neq = 0),
+# solves with Heun, and adds the diffusion-initialised arm.
 
 
 def mf_study_cost(stage, iters, cfg):
     """Compute in MeanFlow-iteration equivalents at equal batch B, counting network passes in forwards
     (backward = 2; a jvp carries primal and tangent, 3): a MeanFlow step is jvp + backward = 5B (+1B per
     CFG forward, none in the tiny recipe); a CMT-MF step is the student's forward+backward, 3B, plus
-    teacher_steps NFE on B/pairs trajectories, charged as student-sized passes (the teacher is smaller)."""
+    the teacher's NFE (teacher_steps, twice that for Heun) on B/pairs trajectories, charged as
+    student-sized passes (the meanflow teacher is smaller)."""
     if stage == "post":
         return float(iters)
-    return iters * (3 + cfg["teacher_steps"] / cfg["pairs"]) / 5
+    nfe = cfg["teacher_steps"] * (2 if cfg["teacher_solver"] == "heun" else 1)
+    return iters * (3 + nfe / cfg["pairs"]) / 5
 
 
 def draw_curves(panels, path, marker_x=None, xlabel="compute since the teacher (MeanFlow-iteration equivalents)"):
@@ -1308,18 +1312,21 @@ def draw_curves(panels, path, marker_x=None, xlabel="compute since the teacher (
     img.save(path)
 
 
-def run_study(cfg_for, outdir, seeds, every):
+def run_study(cfg_for, outdir, seeds, every, teacher_kind="meanflow"):
     """--stage study on --preset tiny: per seed a teacher, then CMT-MF mid + MeanFlow post, and MeanFlow
     from random weights given the same counted compute; writes study.json, study.md, study-convergence.png."""
     outdir, t_study = Path(outdir), time.time()
-    mid_cfg, post_cfg = cfg_for("mid"), cfg_for("post")
+    flow = teacher_kind == "flow"
+    teacher_extra = dict(model=cfg_for("post")["model"], ratio_neq=0.0) if flow else {}
+    mid_extra = dict(teacher_solver="heun") if flow else {}
+    mid_cfg, post_cfg = dict(cfg_for("mid"), **mid_extra), cfg_for("post")
     mid_iters, post_iters = mid_cfg["iters"], post_cfg["iters"]
     offset = mf_study_cost("mid", mid_iters, mid_cfg)
     random_iters = post_iters + int(round(offset / every)) * every
     num = post_cfg["num_eval"]
     evaluate = lambda net, cfg: {f"{k}": v for s in (1, 2) for k, v in zip((f"err{s}", f"fd{s}"), quality_row(net, cfg, s, num))}
     results = dict(config=dict(mid_iters=mid_iters, post_iters=post_iters, random_iters=random_iters, mid_cost=offset, every=every,
-                               seeds=list(seeds), num_eval=num), curves={}, wall={})
+                               seeds=list(seeds), num_eval=num, teacher=teacher_kind), curves={}, wall={})
 
     def run(stage, name, seed, iters, **extra):
         cfg = dict(cfg_for(stage), seed=seed, iters=iters, snap_every=every, resume=None, **extra)
@@ -1335,8 +1342,10 @@ def run_study(cfg_for, outdir, seeds, every):
 
     for seed in seeds:
         s = f"seed{seed}"
-        teacher, _, results["wall"][f"{s}/teacher"], _ = run("pretrain", "teacher", seed, cfg_for("pretrain")["iters"])
-        _, mid, t_mid, start = run("mid", "cmt-mid", seed, mid_iters, teacher=str(teacher.outdir / "ckpt-latest.pt"))
+        teacher, _, results["wall"][f"{s}/teacher"], _ = run("pretrain", "teacher", seed, cfg_for("pretrain")["iters"],
+                                                             **teacher_extra)
+        teacher_ckpt = str(teacher.outdir / "ckpt-latest.pt")
+        _, mid, t_mid, start = run("mid", "cmt-mid", seed, mid_iters, teacher=teacher_ckpt, **mid_extra)
         _, post, t_post, _ = run("post", "cmt-post", seed, post_iters, init=str(outdir / s / "cmt-mid" / "ckpt-latest.pt"))
         results["curves"].setdefault("CMT-MF -> MeanFlow", {})[s] = (
             [(0.0, start)] + [(mf_study_cost("mid", k, mid_cfg), m) for k, m in mid] + [(offset + k, m) for k, m in post])
@@ -1344,6 +1353,11 @@ def run_study(cfg_for, outdir, seeds, every):
         _, rnd, t_rnd, start = run("post", "random-post", seed, random_iters, init="random")
         results["curves"].setdefault("random -> MeanFlow", {})[s] = [(0.0, start)] + [(float(k), m) for k, m in rnd]
         results["wall"][f"{s}/random -> MeanFlow"] = t_rnd
+        if flow:
+            _, fm, t_fm, _ = run("post", "teacher-post", seed, random_iters, init="teacher", teacher=teacher_ckpt)
+            start = evaluate(load_ema_net(teacher_ckpt, "--teacher")[0], post_cfg)
+            results["curves"].setdefault("teacher (flow) -> MeanFlow", {})[s] = [(0.0, start)] + [(float(k), m) for k, m in fm]
+            results["wall"][f"{s}/teacher (flow) -> MeanFlow"] = t_fm
     results["wall"]["total"] = time.time() - t_study
     (outdir / "study.json").write_text(json.dumps(results, indent=1))
     report = mf_study_report(results)
@@ -1624,6 +1638,8 @@ def parse_args(argv=None):
     a("--num-eval", type=int, default=None, help="tiny: samples per quality-table row (default 2000)")
     a("--study-seeds", type=int, default=3, help="study: seeds per arm (tiny preset only)")
     a("--study-eval-every", type=int, default=60, help="study: iterations between curve points")
+    a("--study-teacher", choices=["meanflow", "flow"], default="meanflow",
+      help="study: the tiny MeanFlow teacher, or a student-sized flow-matching teacher (+ a teacher-init arm)")
     a("--bench-models", default="B/4,XL/2", help="bench: comma-separated DiT-MF sizes")
     a("--bench-reps", type=int, default=5, help="bench: timed repetitions per step kind (after 2 warm-up steps)")
     a("--bf16", action="store_true", help="bfloat16 autocast for network forwards (tangents/targets/loss in fp32)")
@@ -1687,7 +1703,8 @@ def main(argv=None):
     if args.stage == "study":
         if args.preset != "tiny":
             raise SystemExit("--stage study runs on the toy data: use it with --preset tiny")
-        return run_study(lambda s: resolve_config(args, s), args.outdir, range(args.study_seeds), args.study_eval_every)
+        return run_study(lambda s: resolve_config(args, s), args.outdir, range(args.study_seeds), args.study_eval_every,
+                         args.study_teacher)
     cfg = resolve_config(args, args.stage)
     if args.stage in ("pretrain", "mid", "post"):
         return Trainer(cfg, args.stage, args.outdir, rank, world, device).run()

@@ -3157,8 +3157,9 @@ def test_flow_matching_teacher_solvers_converge_at_their_order():
 
 
 def test_meanflow_study_cost_and_end_to_end(tmp_path):
-    cfg = dict(teacher_steps=4, pairs=4)
+    cfg = dict(teacher_steps=4, pairs=4, teacher_solver="meanflow")
     assert mf.mf_study_cost("post", 10, cfg) == 10 and mf.mf_study_cost("mid", 10, cfg) == 8  # (3 + 4/4) / 5
+    assert mf.mf_study_cost("mid", 10, dict(cfg, teacher_solver="heun")) == 10               # (3 + 8/4) / 5
     mf.main(["--preset", "tiny", "--stage", "study", "--iters", "20", "--study-eval-every", "10", "--study-seeds", "2",
              "--num-eval", "128", "--outdir", str(tmp_path)])
     res = json.loads((tmp_path / "study.json").read_text())
@@ -3170,3 +3171,12 @@ def test_meanflow_study_cost_and_end_to_end(tmp_path):
     assert "nan" not in (tmp_path / "study.md").read_text()
     assert PIL.Image.open(tmp_path / "study-convergence.png").size == (1120, 400)
     assert not list(tmp_path.glob("seed0/*/ckpt-00*.pt"))  # snapshots evaluated, then removed
+    # A student-sized flow-matching teacher: Heun trajectories (2 NFE a step) and a teacher-initialised arm.
+    mf.main(["--preset", "tiny", "--stage", "study", "--study-teacher", "flow", "--iters", "20", "--study-eval-every", "10",
+             "--study-seeds", "1", "--num-eval", "128", "--outdir", str(tmp_path / "flow")])
+    res = json.loads((tmp_path / "flow" / "study.json").read_text())
+    assert res["config"]["mid_cost"] == 20 and res["config"]["random_iters"] == 40
+    fm = res["curves"]["teacher (flow) -> MeanFlow"]["seed0"]
+    assert [pt[0] for pt in fm] == [0, 10, 20, 30, 40] and fm[0][1] != res["curves"]["random -> MeanFlow"]["seed0"][0][1]
+    teacher = torch.load(tmp_path / "flow" / "seed0" / "teacher" / "ckpt-latest.pt", weights_only=True)
+    assert teacher["config"]["ratio_neq"] == 0.0 and teacher["config"]["model"] == "tiny"
