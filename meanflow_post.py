@@ -1324,7 +1324,11 @@ def run_study(cfg_for, outdir, seeds, every, teacher_kind="meanflow"):
     offset = mf_study_cost("mid", mid_iters, mid_cfg)
     random_iters = post_iters + int(round(offset / every)) * every
     num = post_cfg["num_eval"]
-    evaluate = lambda net, cfg: {f"{k}": v for s in (1, 2) for k, v in zip((f"err{s}", f"fd{s}"), quality_row(net, cfg, s, num))}
+    def evaluate(net, cfg):  # {err1, fd1, err2, fd2}: flow-map error and pixel FD of 1- and 2-step samples
+        out = {}
+        for steps in (1, 2):
+            out[f"err{steps}"], out[f"fd{steps}"] = quality_row(net, cfg, steps, num)
+        return out
     results = dict(config=dict(mid_iters=mid_iters, post_iters=post_iters, random_iters=random_iters, mid_cost=offset, every=every,
                                seeds=list(seeds), num_eval=num, teacher=teacher_kind), curves={}, wall={})
 
