@@ -41,9 +41,30 @@ import meanflow_post as mf
 torch.set_num_threads(1)  # CI has 2 cores; several tests start worker processes of their own
 
 
+def run_script(script, *args, cwd, env=None, timeout=600):
+    """Run one of the scripts as a user would, in cwd: (exit code, stdout, stderr)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
+    env.pop("FID_WEIGHTS", None)
+    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def folder_bytes(folder):
+    """Every file under folder (relative path -> bytes): 'nothing written' means this is unchanged."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 # ==================================================================================================
 # fid.py: Inception features, resize modes, statistics, Frechet distance, CLI
 # ==================================================================================================
+
+# Rows of the bad-input table (test_bad_input_is_one_line_exit_2_and_writes_nothing, at the end of the file):
+# pytest.param(script, argv, setup, expected, id=...): argv and expected items may use {tmp};
+# setup(tmp) makes the inputs in the test's folder, which is also the working directory.
+BAD_INPUTS_FID = []
+
 
 def _child_env():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -1367,6 +1388,12 @@ def test_conventions_end_to_end_on_random_vae(mod, vae):
 # cmt_cifar10.py
 # ==================================================================================================
 
+# Rows of the bad-input table (test_bad_input_is_one_line_exit_2_and_writes_nothing, at the end of the file):
+# pytest.param(script, argv, setup, expected, id=...): argv and expected items may use {tmp};
+# setup(tmp) makes the inputs in the test's folder, which is also the working directory.
+BAD_INPUTS_CIFAR = []
+
+
 # A single Gaussian N(mu, std^2): linear denoiser, closed-form flow map (SPEC 8).
 G_MU, G_STD = 0.3, 0.5
 
@@ -2064,6 +2091,12 @@ def test_study_runs_end_to_end(tmp_path):
 # cmt_imagenet.py
 # ==================================================================================================
 
+# Rows of the bad-input table (test_bad_input_is_one_line_exit_2_and_writes_nothing, at the end of the file):
+# pytest.param(script, argv, setup, expected, id=...): argv and expected items may use {tmp};
+# setup(tmp) makes the inputs in the test's folder, which is also the working directory.
+BAD_INPUTS_IMAGENET = []
+
+
 @pytest.fixture
 def inet_one_thread():
     """Tiny 8x8 networks run fastest single-threaded (and a busy CI core makes 2 threads spin)."""
@@ -2596,6 +2629,12 @@ def test_imagenet_post_on_latent_dataset(tmp_path, inet_one_thread):
 # ==================================================================================================
 # meanflow_post.py
 # ==================================================================================================
+
+# Rows of the bad-input table (test_bad_input_is_one_line_exit_2_and_writes_nothing, at the end of the file):
+# pytest.param(script, argv, setup, expected, id=...): argv and expected items may use {tmp};
+# setup(tmp) makes the inputs in the test's folder, which is also the working directory.
+BAD_INPUTS_MEANFLOW = []
+
 
 class ExactU(torch.nn.Module):
     """The exact average velocity of class-conditional Gaussian data (SPEC §8) behind the network
@@ -3181,3 +3220,21 @@ def test_meanflow_study_cost_and_end_to_end(tmp_path):
     assert [pt[0] for pt in fm] == [0, 10, 20, 30, 40] and fm[0][1] != res["curves"]["random -> MeanFlow"]["seed0"][0][1]
     teacher = torch.load(tmp_path / "flow" / "seed0" / "teacher" / "ckpt-latest.pt", weights_only=True)
     assert teacher["config"]["ratio_neq"] == 0.0 and teacher["config"]["model"] == "tiny"
+
+
+# ==================================================================================================
+# Every script: a user's mistake is one line, exit code 2, and nothing written
+# ==================================================================================================
+
+@pytest.mark.parametrize("script, argv, setup, expected", BAD_INPUTS_FID + BAD_INPUTS_CIFAR + BAD_INPUTS_IMAGENET
+                         + BAD_INPUTS_MEANFLOW)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv, setup, expected):
+    if setup is not None:
+        setup(tmp_path)
+    before = folder_bytes(tmp_path)
+    rc, out, err = run_script(script, *[a.format(tmp=tmp_path) for a in argv], cwd=tmp_path)
+    lines = err.strip().splitlines()
+    assert rc == 2, (rc, out, err)
+    assert "Traceback" not in out + err, err
+    assert len(lines) == 1 and all(e.format(tmp=tmp_path) in lines[0] for e in expected), err
+    assert folder_bytes(tmp_path) == before  # no file written, changed or removed (the output folder included)
