@@ -29,12 +29,9 @@ Usage (all outputs under --outdir; `torchrun --nproc_per_node=N cmt_cifar10.py .
   torchrun --nproc_per_node=8 cmt_cifar10.py --stage post --data cifar10 \\
       --init runs/mid/ckpt-latest.pt --outdir runs/post --fid-ref cifar10-32x32.npz
   python cmt_cifar10.py --stage sample --init runs/post/ckpt-latest.pt --num 50000 --outdir runs/s
-  python cmt_cifar10.py --stage bench --batch-gpu 16   # speed: GFLOP/s vs matmul peak, mid/plain
-  python cmt_cifar10.py --stage study --outdir runs/study   # CMT vs teacher vs random init, toy data, 3 seeds
 FFHQ/AFHQv2 64x64: add `--preset ffhq64` / `--preset afhq64` and `--data ffhq-64x64.zip`.
-`--resume auto` continues a stage exactly where its ckpt-latest.pt left off. `--stage bench` trains
-nothing: it measures the network's FLOP rate against this machine's matmul peak and the cost of a
-mid-training step against a plain student step (the teacher's 16-step solve on B/16 trajectories).
+`--resume auto` continues a stage exactly where its ckpt-latest.pt left off. Speed benchmark and
+evidence study: experiments/bench_cifar10.py and experiments/study_ect.py (they import this file).
 
 Deviations from the official code (sony/cmt), all deliberate and documented at the code:
 the loss is averaged over the global batch (the official loop sums micro-batch means, which only
@@ -113,7 +110,7 @@ def resolve_config(args):
     preset = PRESETS[args.preset]
     stage = args.stage
     cfg = {k: copy.deepcopy(v) for k, v in preset.items() if k not in _RECIPE}
-    cfg.update(copy.deepcopy(preset[stage if stage in _RECIPE else "mid"]))  # sample/bench: mid's network
+    cfg.update(copy.deepcopy(preset[stage if stage in _RECIPE else "mid"]))  # sample, benchmark: mid's network
     for key, value in vars(args).items():
         if value is not None or key not in cfg:
             cfg[key] = value
@@ -1494,7 +1491,7 @@ def run_tiny(args):
     (root / "quality.txt").write_text(table + "\n")
     return table
 
-# ----------------------------------------------------------------------------- sampling and bench stages
+# ----------------------------------------------------------------------------- sampling stage
 
 
 def sample_stage(cfg):
@@ -1524,332 +1521,6 @@ def sample_stage(cfg):
             if rank == 0:
                 print(f"FID ({tag}, {cfg['fid_num']} images): {fid:.3f}")
 
-
-def bench(cfg):
-    """--stage bench: DDPM++ forward+backward GFLOP/s as a fraction of this machine's fp32 matmul
-    peak, and one mid-training step relative to a plain student step at the same batch."""
-    from torch.utils.flop_counter import FlopCounterMode
-    _, _, device = init_distributed()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def timed(fn, reps):
-        fn()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        sync()
-        return (time.perf_counter() - t0) / reps
-
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    peak = 2 * n ** 3 / min(timed(lambda: torch.mm(a, b), 3) for _ in range(3))
-
-    bs = cfg["batch_gpu"] or 16
-    torch.manual_seed(cfg["seed"])
-    net = build_net(cfg, "ecm", dropout=cfg["dropout"]).to(device).train()
-    if cfg["channels_last"]:
-        net.to(memory_format=torch.channels_last)
-    x = torch.randn(bs, 3, cfg["resolution"], cfg["resolution"], device=device)
-    sigma = torch.full((bs,), 1.0, device=device)
-    step_net = torch.compile(net) if cfg["compile"] else net
-
-    def fwd_bwd():
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg["bf16"]):
-            step_net(x, sigma, train=True).square().mean().backward()
-    with FlopCounterMode(display=False) as counter:
-        fwd_bwd()
-    flops = counter.get_total_flops()
-    sec = timed(fwd_bwd, cfg["bench_reps"])
-    print(f"DDPM++ {cfg['preset']} forward+backward, batch {bs}: {flops / bs / 1e9:.2f} GFLOP/img, "
-          f"{flops / sec / 1e9:.1f} GFLOP/s = {flops / sec / peak:.3f} of fp32 matmul peak "
-          f"({peak / 1e9:.1f} GFLOP/s, {n}^3 torch.mm)")
-
-    images = torch.randint(0, 256, (max(64, bs), 3, cfg["resolution"], cfg["resolution"]), dtype=torch.uint8)
-    teacher = build_net(cfg, "edm", dropout=0.0).to(device).eval().requires_grad_(False)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = make_optimizer(cfg, net, device)
-    plain_src = PlainBatches(DataStream((images, None), 0), device)
-    plain = lambda m, it, r: distance(m(plain_src.get(bs)[0], sigma, train=True), x, "l2")
-
-    def step(loss_fn, it):
-        opt.zero_grad(set_to_none=True)
-        accumulate_gradients(step_net, loss_fn, it, 1, cfg["bf16"])
-        apply_update(net, ema, opt, 1e-6, 0.999)
-    t_plain = timed(lambda: step(plain, 0), cfg["bench_reps"])
-    print(f"plain student step (batch {bs}): {t_plain:.3f} s")
-    metric = cfg["metric"] if cfg["metric"] != "lpips" or cfg["lpips_weights"] else "l2"
-    if metric != cfg["metric"]:
-        print("mid steps use --metric l2: no --lpips-weights given (LPIPS adds a VGG16 pass per step)")
-    for reuse in sorted({1, 4, cfg["traj_reuse"]}):
-        mid_cfg = dict(cfg, stage="mid", traj_reuse=reuse, metric=metric)
-        mid, _ = make_loss(mid_cfg, DataStream((images, None), 0), teacher, bs, 1, device)
-        counter_it = iter(range(10 ** 9))
-        t_mid = timed(lambda: [step(mid, next(counter_it)) for _ in range(reuse)], cfg["bench_reps"]) / reuse
-        print(f"mid step, --traj-reuse {reuse}: {t_mid:.3f} s = {t_mid / t_plain:.3f}x the plain step")
-
-# ----------------------------------------------------------------------------- evidence study
-# `--stage study` checks the paper's central claims where the answer is known exactly: on the toy
-# mixture the flow map is the exact ODE solution, so "quality" is the flow-map error itself, not a
-# proxy. Every arm runs once per seed (the teacher too); tables report mean +- std over seeds.
-# Post-training always uses the tiny preset's recipe; only the initialisation and the mid stage vary.
-
-
-def study_cost(stage, iters, traj_reuse=1):
-    """Compute in ECT-iteration equivalents at equal batch B, counting network passes in forwards
-    (backward = 2 forwards): an ECT iteration is a gradient pass (3B) plus the no-grad target pass (B),
-    4B; a CMT iteration is the student's gradient pass (3B) plus the teacher's NFE on B/NFE trajectories
-    (B whatever the step count, shared by K iterations under --traj-reuse K)."""
-    return iters * (1.0 if stage == "post" else (3 + 1 / traj_reuse) / 4)
-
-
-@torch.no_grad()
-def exact_flow_map(toy, x, t, steps=256):
-    """Psi(x_t): the toy's exact PF-ODE from per-sample levels t down to 0.002. Each sample has its own
-    geometric grid, so every step ratio r0 of SPEC 2 is 1: second-order multistep DPM-Solver++ with
-    first-order first and last steps, vectorised over samples."""
-    t = t.double().flatten().clamp(min=CMT_SIGMA_MIN)
-    h = (t / CMT_SIGMA_MIN).log() / steps
-    hx = h.view(-1, *[1] * (x.dim() - 1))
-    x, m_prev = x.double(), None
-    for k in range(steps):
-        m = toy.denoise(x, t * (-k * h).exp())
-        x_next = (-hx).exp() * x - torch.expm1(-hx) * m
-        if m_prev is not None and k < steps - 1:
-            x_next = x_next - 0.5 * torch.expm1(-hx) * (m - m_prev)
-        x, m_prev = x_next, m
-    return x
-
-
-def gradient_bias(net, toy, n, seed, q):
-    """Gradient bias at the start of post-training, in the paper's analysis setting (squared l2,
-    uniform weighting, ECT's (t, r) sampling): practical g = grad E|f(x_t, t) - sg f(x_r, r)|^2, oracle
-    g* = grad E|f(x_t, t) - Psi(x_t)|^2. Their difference is 2 E[J^T (Psi(x_t) - f(x_r, r))], so the
-    target error E|sg f(x_r, r) - Psi(x_t)|^2 (per element) is the quantity an initialisation controls."""
-    g = torch.Generator().manual_seed(seed)
-    y = toy.sample(n, g)
-    t = (torch.randn(n, 1, 1, 1, generator=g) * 2.0 - 1.1).exp()
-    r = ect_t_to_r(t, q)
-    eps = torch.randn(y.shape, generator=g)
-    net = copy.deepcopy(net).requires_grad_(True)
-    params = list(net.parameters())
-    with torch.no_grad():
-        f_r = torch.where(r > 0, torch.nan_to_num(net(y + r * eps, r, train=True)), y)
-    psi = exact_flow_map(toy, y + t * eps, t).float()
-
-    def grad(target):
-        loss = (net(y + t * eps, t, train=True) - target).square().flatten(1).sum(1).mean()
-        return torch.cat([p.flatten() for p in torch.autograd.grad(loss, params)]).double()
-    g_p, g_o = grad(f_r), grad(psi)
-    return dict(rel_bias=float((g_p - g_o).norm() / g_o.norm()), cosine=float(F.cosine_similarity(g_p, g_o, 0)),
-                target_err=float((f_r - psi).square().mean()))
-
-
-def study_table(title, header, rows):
-    lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]) + "\n"
-
-
-def mean_std(values, fmt="{:.4f}"):
-    a = np.asarray(values, dtype=np.float64)
-    return (fmt + " ± " + fmt).format(a.mean(), a.std(ddof=1) if len(a) > 1 else 0.0)
-
-
-def draw_curves(panels, path, marker_x=None, xlabel="compute since the teacher (ECT-iteration equivalents)"):
-    """A PNG (pillow only) of convergence curves: one panel per (title, {arm: [[x, y_seed0, y_seed1, ...]]}),
-    log-scale y, the mean line with the min-max band over seeds, and a dashed line at `marker_x`."""
-    from PIL import ImageDraw, ImageFont
-    font = ImageFont.load_default()
-    colours = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189)]
-    pw, ph, ml, mr, mt, mb = 560, 400, 70, 20, 40, 60
-    img = Image.new("RGB", (pw * len(panels), ph), "white")
-    draw = ImageDraw.Draw(img, "RGBA")
-    for p, (title, arms) in enumerate(panels):
-        ox = p * pw
-        xs = [pt[0] for pts in arms.values() for pt in pts]
-        ys = [v for pts in arms.values() for pt in pts for v in pt[1:]]
-        x0, x1 = min(xs), max(xs)
-        ly0, ly1 = math.floor(math.log10(min(ys)) * 4) / 4, math.ceil(math.log10(max(ys)) * 4) / 4
-        X = lambda x: ox + ml + (x - x0) / (x1 - x0) * (pw - ml - mr)
-        Y = lambda y: mt + (ly1 - math.log10(y)) / (ly1 - ly0) * (ph - mt - mb)
-        draw.rectangle([X(x0), Y(10 ** ly1), X(x1), Y(10 ** ly0)], outline="black")
-        for e in range(math.floor(ly0), math.ceil(ly1) + 1):
-            for m in (1, 1.5, 2, 3, 5, 7):
-                v = m * 10.0 ** e
-                if ly0 <= math.log10(v) <= ly1:
-                    draw.line([X(x0), Y(v), X(x1), Y(v)], fill=(225, 225, 225))
-                    draw.text((X(x0) - 6, Y(v)), f"{v:g}", fill="black", font=font, anchor="rm")
-        for i in range(6):
-            x = x0 + i * (x1 - x0) / 5
-            draw.text((X(x), Y(10 ** ly0) + 6), f"{x:.0f}", fill="black", font=font, anchor="mt")
-        draw.text((X((x0 + x1) / 2), ph - 22), xlabel, fill="black", font=font, anchor="mt")
-        draw.text((ox + pw / 2, 14), title, fill="black", font=font, anchor="mt")
-        if marker_x is not None:
-            for yy in range(int(Y(10 ** ly1)), int(Y(10 ** ly0)), 8):
-                draw.line([X(marker_x), yy, X(marker_x), yy + 4], fill=(120, 120, 120))
-            draw.text((X(marker_x) + 4, Y(10 ** ly0) - 4), "CMT: mid | post", fill=(90, 90, 90), font=font, anchor="lb")
-        for a, (arm, pts) in enumerate(arms.items()):
-            c = colours[a % len(colours)]
-            band = [(X(pt[0]), Y(max(pt[1:]))) for pt in pts] + [(X(pt[0]), Y(min(pt[1:]))) for pt in pts[::-1]]
-            draw.polygon(band, fill=c + (50,))
-            draw.line([(X(pt[0]), Y(float(np.mean(pt[1:])))) for pt in pts], fill=c, width=2)
-            draw.line([ox + pw - 200, mt + 14 + 16 * a, ox + pw - 180, mt + 14 + 16 * a], fill=c, width=3)
-            draw.text((ox + pw - 175, mt + 14 + 16 * a), arm, fill="black", font=font, anchor="lm")
-    img.save(path)
-
-
-def run_study(args):
-    """--stage study: the README's evidence study on the toy mixture, every arm for every seed.
-
-    Q1: post-training from CMT vs teacher (diffusion) vs random initialisation at equal compute counted
-        from the teacher on (the CMT arm spends part of the budget on mid-training), curves over time.
-    Q2: the CMT arm's knobs at the same budget: mid/post split, teacher solver steps, metric, trajectory reuse.
-    Q3: gradient bias at the start of post-training for the three initialisations."""
-    root = Path(args.outdir or "runs/study")
-    root.mkdir(parents=True, exist_ok=True)
-    budget, every, seeds = args.study_budget, args.study_eval_every, list(range(args.study_seeds))
-    mid_iters = round(budget * args.study_mid_frac / every) * every
-    t_study = time.time()
-
-    def stage(name, sub, seed, iters, snapshots=True, **over):
-        ns = dict(vars(args), preset="tiny", stage=name, outdir=str(root / sub), seed=seed, iters=iters, mimg=None,
-                  log_every=max(every, 50), ckpt_every=every if snapshots else 0,
-                  snap_every=every if snapshots else 0, sample_every=0, resume=None, **over)
-        cfg = resolve_config(argparse.Namespace(**ns))
-        t0 = time.time()
-        _, ema = train(cfg)
-        return cfg, ema.eval(), time.time() - t0
-
-    def snapshots(cfg, sub, iters):
-        """EMA of each ckpt-NNNNNNN.pt of a run, evaluated, then deleted (ckpt-latest.pt stays)."""
-        net = build_net(cfg, "ecm", dropout=0.0)
-        out = []
-        for k in range(every, iters + 1, every):
-            path = root / sub / f"ckpt-{k:07d}.pt"
-            net.load_state_dict(load_checkpoint(path)["ema"])
-            out.append((k, evaluate(net)))
-            path.unlink()
-        return out
-
-    def initial(cfg, init, teacher_ckpt, seed):
-        torch.manual_seed(seed)  # as train() seeds before building the network (one process)
-        net = build_net(cfg, "ecm", dropout=0.0)
-        init_weights(net, dict(cfg, init=init, teacher=teacher_ckpt), None)
-        return net.eval()
-
-    results = dict(config=dict(budget=budget, mid_iters=mid_iters, eval_every=every, seeds=seeds,
-                               eval_num=args.eval_num), q1={}, q2={}, q3={}, wall={})
-    evaluate = None
-    for seed in seeds:
-        s = f"seed{seed}"
-        _, _, t_teacher = stage("pretrain", f"{s}/teacher", seed, args.study_teacher_iters, snapshots=False,
-                                init="random", teacher=None)
-        teacher_ckpt = str(root / s / "teacher" / "ckpt-latest.pt")
-        results["wall"][f"{s}/teacher"] = t_teacher
-        # Q1: three arms at one budget; the curves start from each arm's initialisation.
-        mcfg, mid_ema, t_mid = stage("mid", f"{s}/cmt-mid", seed, mid_iters, teacher=teacher_ckpt, init="teacher")
-        evaluate = evaluate or ToyQuality(mcfg, args.eval_num)
-        start = evaluate(initial(mcfg, "teacher", teacher_ckpt, seed))
-        curve = [(0.0, start)] + [(study_cost("mid", k), m) for k, m in snapshots(mcfg, f"{s}/cmt-mid", mid_iters)]
-        mid_ckpt = str(root / s / "cmt-mid" / "ckpt-latest.pt")
-        pcfg, _, t_post = stage("post", f"{s}/cmt-post", seed, budget - mid_iters, init=mid_ckpt, teacher=None)
-        offset = study_cost("mid", mid_iters)
-        curve += [(offset + k, m) for k, m in snapshots(pcfg, f"{s}/cmt-post", budget - mid_iters)]
-        results["q1"].setdefault("CMT -> ECT", {})[s] = curve
-        results["wall"][f"{s}/CMT -> ECT"] = t_mid + t_post
-        for arm, init in (("teacher -> ECT", "teacher"), ("random -> ECT", "random")):
-            cfg, _, wall = stage("post", f"{s}/{init}-post", seed, budget, init=init, teacher=teacher_ckpt)
-            curve = [(0.0, evaluate(initial(cfg, init, teacher_ckpt, seed)))]
-            curve += [(float(k), m) for k, m in snapshots(cfg, f"{s}/{init}-post", budget)]
-            results["q1"].setdefault(arm, {})[s] = curve
-            results["wall"][f"{s}/{arm}"] = wall
-        # Q3: gradient bias of the three initialisations (the CMT one is the mid-trained EMA).
-        for arm, net in (("CMT", mid_ema), ("teacher", initial(mcfg, "teacher", teacher_ckpt, seed)),
-                         ("random", initial(mcfg, "random", teacher_ckpt, seed))):
-            results["q3"].setdefault(arm, {})[s] = gradient_bias(net.train(), evaluate.toy, 512, 1000 + seed,
-                                                                 pcfg["ect_q"])
-        # Q2: knobs of the CMT arm at the same budget, final quality only.
-        variants = {f"split mid {f:.0%}": dict(mid=round(budget * f / every) * every) for f in args.study_splits}
-        variants.update({f"solver steps {n}": dict(cmt_steps=n) for n in (8, 32)})
-        variants.update({"metric huber": dict(metric="huber")})
-        variants.update({f"traj-reuse {k}": dict(traj_reuse=k) for k in (4, 16)})
-        for name, over in variants.items():
-            m_it = over.pop("mid", mid_iters)
-            sub = f"{s}/q2-{name.replace(' ', '-').replace('%', '')}"
-            _, _, t_m = stage("mid", sub + "-mid", seed, m_it, snapshots=False, teacher=teacher_ckpt, init="teacher", **over)
-            _, ema, t_p = stage("post", sub + "-post", seed, budget - m_it, snapshots=False,
-                                init=str(root / (sub + "-mid") / "ckpt-latest.pt"), teacher=None)
-            results["q2"].setdefault(name, {})[s] = dict(evaluate(ema), mid_iters=m_it, wall=t_m + t_p,
-                                                         cost=study_cost("mid", m_it, over.get("traj_reuse", 1)) + budget - m_it)
-        (root / "study.json").write_text(json.dumps(results, indent=1))
-    results["wall"]["total"] = time.time() - t_study
-    (root / "study.json").write_text(json.dumps(results, indent=1))
-    report = study_report(results)
-    (root / "study.md").write_text(report)
-    def points(runs, key):  # [[x, value of seed 0, seed 1, ...]]: every seed has the same x
-        curves = list(runs.values())
-        return [[pt[0]] + [c[i][1][key] for c in curves] for i, pt in enumerate(curves[0])]
-    draw_curves([(f"{k}-step flow-map error (MSE vs exact ODE), {len(seeds)} seeds: mean, min-max band",
-                  {arm: points(runs, f"err{k}") for arm, runs in results["q1"].items()}) for k in (1, 2)],
-                root / "study-convergence.png", marker_x=study_cost("mid", mid_iters))
-    print(report + f"\nstudy: {time.time() - t_study:.0f} s; wrote {root}/study.json, study.md, study-convergence.png")
-    return results
-
-
-def study_report(results):
-    """Markdown tables of the study (mean +- std over seeds; 'wins' counts seeds where CMT is better)."""
-    seeds = [f"seed{s}" for s in results["config"]["seeds"]]
-    budget, mid_iters = results["config"]["budget"], results["config"]["mid_iters"]
-    q1 = results["q1"]
-    at = lambda arm, s, x, key: min(q1[arm][s], key=lambda pt: abs(pt[0] - x))[1][key]
-    marks = [study_cost("mid", mid_iters), budget / 2, budget]
-    rows = []
-    for arm in q1:
-        for key in ("err1", "err2"):
-            row = [arm, f"{key[-1]}-step", mean_std([q1[arm][s][0][1][key] for s in seeds])]
-            row += [mean_std([at(arm, s, x, key) for s in seeds]) for x in marks]
-            if arm != "CMT -> ECT":
-                row.append(f"{sum(at('CMT -> ECT', s, budget, key) < at(arm, s, budget, key) for s in seeds)}/{len(seeds)}")
-            else:
-                row.append("-")
-            rows.append(row)
-    # The same curves by post-training iterations alone (the mid stage not charged): the paper's view.
-    post_its = budget - mid_iters
-    at_post = lambda arm, s, k, key: at(arm, s, k + (marks[0] if arm == "CMT -> ECT" else 0), key)
-    prow = []
-    for arm in q1:
-        for key in ("err1", "err2"):
-            row = [arm, f"{key[-1]}-step"] + [mean_std([at_post(arm, s, k, key) for s in seeds])
-                                              for k in (0, post_its // 2, post_its)]
-            wins = sum(at_post("CMT -> ECT", s, post_its, key) < at_post(arm, s, post_its, key) for s in seeds)
-            prow.append(row + (["-"] if arm == "CMT -> ECT" else [f"{wins}/{len(seeds)}"]))
-    fds = [[arm, f"{k}-step", mean_std([q1[arm][s][-1][1][f"fd{k}"] for s in seeds], "{:.3f}")]
-           for arm in q1 for k in (1, 2)]
-    out = study_table(f"Q1: flow-map error over post-training at equal compute (budget {budget} ECT-iteration "
-                      f"equivalents; CMT spends {marks[0]:.0f} of them on mid-training)",
-                      ["initialisation", "sampler", "at init", f"at {marks[0]:.0f}", f"at {marks[1]:.0f}",
-                       f"at {marks[2]:.0f} (end)", "CMT better at end (seeds)"], rows)
-    out += "\n" + study_table("Q1: the same runs at equal post-training iterations (mid-training not charged)",
-                              ["initialisation", "sampler", "post it 0", f"post it {post_its // 2}", f"post it {post_its}",
-                               f"CMT better at it {post_its} (seeds)"], prow)
-    out += "\n" + study_table("Q1: pixel FD at the end of the budget", ["initialisation", "sampler", "pixel FD"], fds)
-    wall = results["wall"]
-    out += "\n" + study_table("Q1: wall time per arm (2-core CPU)", ["arm", "seconds (mean ± std)"],
-                              [[arm, mean_std([wall[f"{s}/{arm}"] for s in seeds], "{:.1f}")] for arm in q1])
-    base = {s: dict(err1=at("CMT -> ECT", s, budget, "err1"), err2=at("CMT -> ECT", s, budget, "err2")) for s in seeds}
-    q2rows = [["default (split 33%, 16 steps, l2, reuse 1)", f"{budget:.0f}", mean_std([base[s]["err1"] for s in seeds]),
-               mean_std([base[s]["err2"] for s in seeds]), mean_std([wall[f"{s}/CMT -> ECT"] for s in seeds], "{:.1f}")]]
-    for name, runs in results["q2"].items():
-        q2rows.append([name, f"{np.mean([runs[s]['cost'] for s in seeds]):.0f}", mean_std([runs[s]["err1"] for s in seeds]),
-                       mean_std([runs[s]["err2"] for s in seeds]), mean_std([runs[s]["wall"] for s in seeds], "{:.1f}")])
-    out += "\n" + study_table("Q2: CMT variants, final flow-map error (post-training fills the rest of the budget)",
-                              ["variant", "counted compute", "1-step err", "2-step err", "wall s"], q2rows)
-    q3rows = [[arm, mean_std([r[s]["target_err"] for s in seeds], "{:.4g}"), mean_std([r[s]["rel_bias"] for s in seeds], "{:.3f}"),
-               mean_std([r[s]["cosine"] for s in seeds], "{:.3f}")] for arm, r in results["q3"].items()]
-    out += "\n" + study_table("Q3: start of post-training: target error E|sg f(x_r,r) - Psi(x_t)|^2 and gradient bias",
-                              ["initialisation", "target error", "|g - g*| / |g*|", "cos(g, g*)"], q3rows)
-    return out
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -1857,7 +1528,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Flags left unset take the preset's value (cifar10 values shown).")
     a = p.add_argument
-    a("--stage", choices=["pretrain", "mid", "post", "sample", "bench", "study"],
+    a("--stage", choices=["pretrain", "mid", "post", "sample"],
       help="what to run; omitted with --preset tiny: the whole CPU demo pipeline")
     a("--preset", default="cifar10", help=f"recipe: {', '.join(PRESETS)} (default: cifar10, the paper's)")
     a("--outdir", help="output folder (default: runs/<stage>, runs/tiny for the demo)")
@@ -1907,17 +1578,6 @@ def parse_args(argv=None):
     a("--max-skips", type=int, default=100, help="abort after this many non-finite steps (default: 100)")
     a("--eval-num", type=int, default=1000, help="tiny demo: samples per quality-table row (default: 1000)")
     a("--baselines", type=int, default=1, help="tiny demo: also post-train from teacher/random init (default: 1)")
-    a("--bench-reps", type=int, default=3, help="--stage bench: timed repetitions (default: 3)")
-    a("--study-seeds", type=int, default=3, help="--stage study: seeds per arm (default: 3)")
-    a("--study-budget", type=int, default=600, help="--stage study: compute per arm from the teacher on, in "
-                                                    "ECT-iteration equivalents (default: 600)")
-    a("--study-mid-frac", type=float, default=1 / 3, help="--stage study: CMT arm's share spent on mid-training "
-                                                          "(default: 1/3)")
-    a("--study-splits", type=lambda s: [float(v) for v in s.split(",")], default=[1 / 6, 2 / 3],
-      help="--stage study: other mid shares to compare (default: 1/6,2/3)")
-    a("--study-teacher-iters", type=int, default=PRESETS["tiny"]["pretrain"]["iters"],
-      help="--stage study: EDM pre-training iterations of each seed's teacher (default: 400, as --preset tiny)")
-    a("--study-eval-every", type=int, default=50, help="--stage study: iterations between curve points (default: 50)")
     return p.parse_args(argv)
 
 
@@ -1931,11 +1591,8 @@ def main(argv=None):
         run_tiny(args)
     else:
         args.outdir = args.outdir or f"runs/{args.stage}"
-        if args.stage == "study":
-            run_study(args)
-        else:
-            cfg = resolve_config(args)
-            {"bench": bench, "sample": sample_stage}.get(args.stage, train)(cfg)
+        cfg = resolve_config(args)
+        (sample_stage if args.stage == "sample" else train)(cfg)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # a rank that tears gloo down while a peer is still talking aborts
         torch.distributed.destroy_process_group()

@@ -35,7 +35,6 @@ Usage (every output goes under --outdir; one process or `torchrun --nproc_per_no
   torchrun --nproc_per_node=8 cmt_imagenet.py --stage mid  --preset img64-s --outdir runs/mid64
   torchrun --nproc_per_node=8 cmt_imagenet.py --stage post --preset img64-s --outdir runs/post64 \\
       --init runs/mid64/ckpt-latest.pt --data img64
-  python cmt_imagenet.py --stage bench --preset img512-xs --batch-gpu 16   # CPU/GPU time per step
 
 Outputs in --outdir: config.json (the resolved config), stats.jsonl (one JSON line per --log-every),
 ckpt-latest.pt and ckpt-NNNNNNN.pt (a dict {model, ema, optimizer, iter, rng, data_state, config,
@@ -45,8 +44,8 @@ tiny the subfolders pretrain/ mid/ post/ plus quality.txt.
 
 Stages: `pretrain` (EDM2 denoising loss with the logvar head; used by the tiny demo to make its
 teacher), `mid`, `post`, `sample`, `encode` (ImageNet folder -> EDM2 latent dataset of [mean, std]
-.npy files, or 64x64 PNGs for the pixel presets), `bench` (seconds per mid and per post step at
-real size, sizes from --bench-sizes). VAE weights: `diffusion_pytorch_model.safetensors` of
+.npy files, or 64x64 PNGs for the pixel presets). Speed per step at real size:
+experiments/bench_imagenet.py. VAE weights: `diffusion_pytorch_model.safetensors` of
 stabilityai/sd-vae-ft-mse, passed with --vae (file or folder).
 
 Notes where this file follows the official code (sony/cmt imagenet512/) rather than the family
@@ -106,7 +105,7 @@ COMMON = dict(  # shared by every preset; the paper's ImageNet-512 recipe (SPEC 
     ckpt_every=2000, sample_every=20000, log_every=100, max_skips=100, workers=2,
     nfe=16, metric="huber", huber_c=0.06, s_max=80.0, s_lo=0.002,
     post_loss="ecd", solver="heun", ect_q=1024.0, ect_double=0, p_mean=-0.8, p_std=1.6, k=8.0, b=1.0,
-    mid_t=1.526, sample_steps=2, heun_steps=32, num=50000, fid_ref=None, bench_sizes="xs,s",
+    mid_t=1.526, sample_steps=2, heun_steps=32, num=50000, fid_ref=None,
 )
 STAGES = {  # optimiser and length per stage (SPEC §5; sony/cmt run_cmt_512.sh, run_ecd_512.sh)
     "pretrain": dict(lr=1e-2, lr_decay="linear", betas=[0.9, 0.99], ema=0.999, mimg=128.0, p_mean=-0.4, p_std=1.0,
@@ -133,7 +132,6 @@ PRESETS["tiny"] = dict(  # CPU demo on the built-in class-conditional Gaussian m
     res=8, img_channels=3, latent=False, label_dim=6, model_channels=16, channel_mult=[1, 2], num_blocks=1,
     attn_res=[4], data="toy", teacher="pretrain", batch=128, tf32=False, ckpt_every=200, sample_every=0,
     log_every=50, workers=0, huber_c=0.00054 * math.sqrt(3 * 8 * 8), mid_t=0.821, heun_steps=18, num=4096,
-    bench_sizes="tiny",
     pretrain=dict(iters=800, lr=1e-2, ema=0.99),
     mid=dict(iters=400, lr=2e-3, ema=0.99),
     post=dict(iters=400, lr=1e-5, ema=0.99, ect_q=256.0),
@@ -147,7 +145,7 @@ def resolve_config(args):
         raise SystemExit(f"--preset: unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
     preset = PRESETS[args.preset]
     cfg = dict(COMMON)
-    cfg.update(STAGES.get(args.stage, dict(STAGES["mid"], init=None)))  # sample/encode/bench: no default --init
+    cfg.update(STAGES.get(args.stage, dict(STAGES["mid"], init=None)))  # sample/encode: no default --init
     cfg.update({k: v for k, v in preset.items() if not isinstance(v, dict)})  # dict values: per-stage overrides
     cfg.update(preset.get(args.stage, {}))
     cfg.update({k: v for k, v in vars(args).items() if v is not None})
@@ -1815,46 +1813,6 @@ def run_encode(cfg):
         print(f"[encode] {len(files)} images of {len(classes)} classes -> {out}", flush=True)
 
 
-def run_bench(cfg):
-    """Seconds per training step (one mid step, one post step with autoguidance) at real size for
-    each size in --bench-sizes, random weights, batch --batch-gpu on one device."""
-    device, _, _ = dist_setup()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
-    bg = cfg["batch_gpu"] or cfg["nfe"]
-    if bg % cfg["nfe"]:
-        raise SystemExit(f"--batch-gpu {bg} must be a multiple of --nfe {cfg['nfe']}")
-    print(f"[bench] device {device}, {torch.get_num_threads()} threads, batch {bg}, "
-          f"{cfg['img_channels']}x{cfg['res']}x{cfg['res']}", flush=True)
-    results = {}
-    for size in cfg["bench_sizes"].split(","):
-        c = dict(cfg, model_channels=EDM2_CHANNELS.get(size, cfg["model_channels"]))
-        torch.manual_seed(0)
-        teacher = build_net(c).to(device).eval().requires_grad_(False)
-        gnet = build_net(c).to(device).eval().requires_grad_(False)
-        net = build_net(c).to(device).train()
-        opt = torch.optim.Adam(net.parameters(), lr=1e-6)
-        gen = torch.Generator(device).manual_seed(0)
-        labels = torch.randint(c["label_dim"], (bg,), device=device)
-        y = 0.5 * torch.randn([bg, c["img_channels"], c["res"], c["res"]], device=device)
-        guided = guided_denoiser(teacher, gnet, 2.05)
-        steps = dict(mid=lambda: cmt_loss(net, teacher, gen, labels, c),
-                     post=lambda: ecd_loss(net, guided, y, labels, gen, c, 0))
-        for name, fn in steps.items():
-            times = []
-            for _ in range(2 if device.type == "cuda" else 1):  # on GPU the first step warms up kernels
-                t0 = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                fn().mean().backward()
-                opt.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            results[f"{size}/{name}"] = times[-1]
-            print(f"[bench] {size:>4} {name:>4}: {times[-1]:.2f} s/step "
-                  f"({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params)", flush=True)
-    return results
-
-
 def run_tiny(cfg_base, args):
     """The CPU demo: (pretrain teacher |analytic) -> mid -> post, then the quality table."""
     out = cfg_base["outdir"]
@@ -1933,7 +1891,7 @@ def quality_table(cfg, toy, teacher, nets, walls, n=None):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--stage", choices=["pretrain", "mid", "post", "sample", "encode", "bench"], default=None,
+    a("--stage", choices=["pretrain", "mid", "post", "sample", "encode"], default=None,
       help="what to run (default: the whole tiny pipeline with --preset tiny)")
     a("--preset", default=DEFAULT_PRESET, help=f"{', '.join(PRESETS)} (default: {DEFAULT_PRESET}, the paper's recipe)")
     a("--outdir", default="runs/cmt-imagenet", help="output folder (default: runs/cmt-imagenet)")
@@ -1982,7 +1940,6 @@ def build_parser():
     a("--heun-steps", type=int, help="teacher Heun steps for the reference sampler (default: 32)")
     a("--num", type=int, help="sample stage: number of images (default: 50000)")
     a("--vae", help="sd-vae-ft-mse weights (.safetensors/.bin or its folder), for latents (default: none)")
-    a("--bench-sizes", help="bench: comma-separated EDM2 sizes (default: xs,s)")
     return p
 
 
@@ -2000,7 +1957,7 @@ def main(argv=None):
     cfg = resolve_config(args)
     if args.stage in ("pretrain", "mid", "post"):
         return train(cfg, args.stage)
-    return dict(sample=run_sample, encode=run_encode, bench=run_bench)[args.stage](cfg)
+    return dict(sample=run_sample, encode=run_encode)[args.stage](cfg)
 
 
 if __name__ == "__main__":

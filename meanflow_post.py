@@ -41,8 +41,7 @@ Stages (`--stage`):
     post      MeanFlow from --init PATH (a mid checkpoint: its EMA weights) or --init random
     sample    1-NFE and 2-NFE samples of --init PATH -> samples-*.png grid and samples-*.npz (uint8 NHWC) for fid.py
     encode    ImageNet folder (class subfolders) -> latent shards of the SD-VAE posterior (mean, std)
-    bench     measurement: one MeanFlow (jvp) step and one CMT-MF step relative to a plain
-              forward+backward at the same batch (--bench-models, --batch-gpu, --pairs); prints a table
+Speed benchmark and evidence study: experiments/bench_meanflow.py and experiments/study_meanflow.py.
 
 Usage (8 GPUs; the `xl2` preset is the paper's recipe, `b4` the MeanFlow B/4 recipe):
     python meanflow_post.py --stage encode --data /data/imagenet/train --vae sd-vae-ft-mse.safetensors --outdir latents
@@ -51,7 +50,6 @@ Usage (8 GPUs; the `xl2` preset is the paper's recipe, `b4` the MeanFlow B/4 rec
     torchrun --nproc_per_node=8 meanflow_post.py --stage post --data latents --init runs/mid-xl2/ckpt-latest.pt --outdir runs/post-xl2
     torchrun --nproc_per_node=8 meanflow_post.py --stage sample --init runs/post-xl2/ckpt-latest.pt --vae VAE --num 50000 --outdir runs/post-xl2
     python meanflow_post.py --preset tiny          # CPU demo: teacher -> mid -> post (+ baseline) -> quality table
-    python meanflow_post.py --stage bench --batch-gpu 32 --bench-models B/4,XL/2
 
 Notes. --teacher takes a checkpoint PATH of this script only (the family's URL and `analytic` forms are
 left out: no official PyTorch MeanFlow checkpoint exists to download, and the tiny preset trains its own
@@ -1248,162 +1246,6 @@ def quality_reference(cfg, num):
     return fid.frechet_distance(*fid.mean_cov(a.flatten(1).double().numpy()), *fid.mean_cov(b.flatten(1).double().numpy()))
 
 
-# ----------------------------------------------------------------------------- evidence study
-# `--stage study` (toy data, every arm for every seed): MeanFlow post-training from the CMT-MF
-# initialisation vs from random weights at equal total compute counted from the teacher on, with the
-# 1- and 2-step flow-map error against the exact map over the course of training. `--study-teacher
-# meanflow` uses the tiny preset's smaller MeanFlow teacher (no teacher-initialised arm: its weights do not
-# fit the student); `flow` pre-trains a student-sized flow-matching (diffusion) teacher (ratio_neq = 0),
-# solves with Heun, and adds the diffusion-initialised arm.
-
-
-def mf_study_cost(stage, iters, cfg):
-    """Compute in MeanFlow-iteration equivalents at equal batch B, counting network passes in forwards
-    (backward = 2; a jvp carries primal and tangent, 3): a MeanFlow step is jvp + backward = 5B (+1B per
-    CFG forward, none in the tiny recipe); a CMT-MF step is the student's forward+backward, 3B, plus
-    the teacher's NFE (teacher_steps, twice that for Heun) on B/pairs trajectories, charged as
-    student-sized passes (the meanflow teacher is smaller)."""
-    if stage == "post":
-        return float(iters)
-    nfe = cfg["teacher_steps"] * (2 if cfg["teacher_solver"] == "heun" else 1)
-    return iters * (3 + nfe / cfg["pairs"]) / 5
-
-
-def draw_curves(panels, path, marker_x=None, xlabel="compute since the teacher (MeanFlow-iteration equivalents)"):
-    """A PNG (pillow only) of convergence curves: one panel per (title, {arm: [[x, y_seed0, y_seed1, ...]]}),
-    log-scale y, the mean line with the min-max band over seeds, and a dashed line at `marker_x`."""
-    from PIL import Image, ImageDraw, ImageFont
-    font = ImageFont.load_default()
-    colours = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189)]
-    pw, ph, ml, mr, mt, mb = 560, 400, 70, 20, 40, 60
-    img = Image.new("RGB", (pw * len(panels), ph), "white")
-    draw = ImageDraw.Draw(img, "RGBA")
-    for p, (title, arms) in enumerate(panels):
-        ox = p * pw
-        xs = [pt[0] for pts in arms.values() for pt in pts]
-        ys = [v for pts in arms.values() for pt in pts for v in pt[1:]]
-        x0, x1 = min(xs), max(xs)
-        ly0, ly1 = math.floor(math.log10(min(ys)) * 4) / 4, math.ceil(math.log10(max(ys)) * 4) / 4
-        X = lambda x: ox + ml + (x - x0) / (x1 - x0) * (pw - ml - mr)
-        Y = lambda y: mt + (ly1 - math.log10(y)) / (ly1 - ly0) * (ph - mt - mb)
-        draw.rectangle([X(x0), Y(10 ** ly1), X(x1), Y(10 ** ly0)], outline="black")
-        for e in range(math.floor(ly0), math.ceil(ly1) + 1):
-            for m in (1, 1.5, 2, 3, 5, 7):
-                v = m * 10.0 ** e
-                if ly0 <= math.log10(v) <= ly1:
-                    draw.line([X(x0), Y(v), X(x1), Y(v)], fill=(225, 225, 225))
-                    draw.text((X(x0) - 6, Y(v)), f"{v:g}", fill="black", font=font, anchor="rm")
-        for i in range(6):
-            x = x0 + i * (x1 - x0) / 5
-            draw.text((X(x), Y(10 ** ly0) + 6), f"{x:.0f}", fill="black", font=font, anchor="mt")
-        draw.text((X((x0 + x1) / 2), ph - 22), xlabel, fill="black", font=font, anchor="mt")
-        draw.text((ox + pw / 2, 14), title, fill="black", font=font, anchor="mt")
-        if marker_x is not None:
-            for yy in range(int(Y(10 ** ly1)), int(Y(10 ** ly0)), 8):
-                draw.line([X(marker_x), yy, X(marker_x), yy + 4], fill=(120, 120, 120))
-            draw.text((X(marker_x) + 4, Y(10 ** ly0) - 4), "CMT-MF: mid | post", fill=(90, 90, 90), font=font, anchor="lb")
-        for a, (arm, pts) in enumerate(arms.items()):
-            c = colours[a % len(colours)]
-            band = [(X(pt[0]), Y(max(pt[1:]))) for pt in pts] + [(X(pt[0]), Y(min(pt[1:]))) for pt in pts[::-1]]
-            draw.polygon(band, fill=c + (50,))
-            draw.line([(X(pt[0]), Y(float(np.mean(pt[1:])))) for pt in pts], fill=c, width=2)
-            draw.line([ox + pw - 200, mt + 14 + 16 * a, ox + pw - 180, mt + 14 + 16 * a], fill=c, width=3)
-            draw.text((ox + pw - 175, mt + 14 + 16 * a), arm, fill="black", font=font, anchor="lm")
-    img.save(path)
-
-
-def run_study(cfg_for, outdir, seeds, every, teacher_kind="meanflow"):
-    """--stage study on --preset tiny: per seed a teacher, then CMT-MF mid + MeanFlow post, and MeanFlow
-    from random weights given the same counted compute; writes study.json, study.md, study-convergence.png."""
-    outdir, t_study = Path(outdir), time.time()
-    flow = teacher_kind == "flow"
-    teacher_extra = dict(model=cfg_for("post")["model"], ratio_neq=0.0) if flow else {}
-    mid_extra = dict(teacher_solver="heun") if flow else {}
-    mid_cfg, post_cfg = dict(cfg_for("mid"), **mid_extra), cfg_for("post")
-    mid_iters, post_iters = mid_cfg["iters"], post_cfg["iters"]
-    offset = mf_study_cost("mid", mid_iters, mid_cfg)
-    random_iters = post_iters + int(round(offset / every)) * every
-    num = post_cfg["num_eval"]
-    def evaluate(net, cfg):  # {err1, fd1, err2, fd2}: flow-map error and pixel FD of 1- and 2-step samples
-        out = {}
-        for steps in (1, 2):
-            out[f"err{steps}"], out[f"fd{steps}"] = quality_row(net, cfg, steps, num)
-        return out
-    results = dict(config=dict(mid_iters=mid_iters, post_iters=post_iters, random_iters=random_iters, mid_cost=offset, every=every,
-                               seeds=list(seeds), num_eval=num, teacher=teacher_kind), curves={}, wall={})
-
-    def run(stage, name, seed, iters, **extra):
-        cfg = dict(cfg_for(stage), seed=seed, iters=iters, snap_every=every, resume=None, **extra)
-        t0 = time.time()
-        tr = Trainer(cfg, stage, outdir / f"seed{seed}" / name).run()
-        points = []
-        for k in range(every, iters + 1, every):  # each snapshot's EMA, evaluated, then deleted
-            path = outdir / f"seed{seed}" / name / f"ckpt-{k:07d}.pt"
-            points.append((k, evaluate(load_ema_net(path, "snapshot")[0], cfg)))
-            path.unlink()
-        torch.manual_seed(seed)  # the network every arm starts from, as Trainer builds it
-        return tr, points, time.time() - t0, evaluate(build_net(cfg), cfg)
-
-    for seed in seeds:
-        s = f"seed{seed}"
-        teacher, _, results["wall"][f"{s}/teacher"], _ = run("pretrain", "teacher", seed, cfg_for("pretrain")["iters"],
-                                                             **teacher_extra)
-        teacher_ckpt = str(teacher.outdir / "ckpt-latest.pt")
-        _, mid, t_mid, start = run("mid", "cmt-mid", seed, mid_iters, teacher=teacher_ckpt, **mid_extra)
-        _, post, t_post, _ = run("post", "cmt-post", seed, post_iters, init=str(outdir / s / "cmt-mid" / "ckpt-latest.pt"))
-        results["curves"].setdefault("CMT-MF -> MeanFlow", {})[s] = (
-            [(0.0, start)] + [(mf_study_cost("mid", k, mid_cfg), m) for k, m in mid] + [(offset + k, m) for k, m in post])
-        results["wall"][f"{s}/CMT-MF -> MeanFlow"] = t_mid + t_post
-        _, rnd, t_rnd, start = run("post", "random-post", seed, random_iters, init="random")
-        results["curves"].setdefault("random -> MeanFlow", {})[s] = [(0.0, start)] + [(float(k), m) for k, m in rnd]
-        results["wall"][f"{s}/random -> MeanFlow"] = t_rnd
-        if flow:
-            _, fm, t_fm, _ = run("post", "teacher-post", seed, random_iters, init="teacher", teacher=teacher_ckpt)
-            start = evaluate(load_ema_net(teacher_ckpt, "--teacher")[0], post_cfg)
-            results["curves"].setdefault("teacher (flow) -> MeanFlow", {})[s] = [(0.0, start)] + [(float(k), m) for k, m in fm]
-            results["wall"][f"{s}/teacher (flow) -> MeanFlow"] = t_fm
-    results["wall"]["total"] = time.time() - t_study
-    (outdir / "study.json").write_text(json.dumps(results, indent=1))
-    report = mf_study_report(results)
-    (outdir / "study.md").write_text(report)
-
-    def points(runs, key):  # [[x, value of seed 0, seed 1, ...]]: every seed has the same x
-        curves = list(runs.values())
-        return [[pt[0]] + [c[i][1][key] for c in curves] for i, pt in enumerate(curves[0])]
-    draw_curves([(f"{k}-step flow-map error (MSE vs exact map), {len(seeds)} seeds: mean, min-max band",
-                  {arm: points(runs, f"err{k}") for arm, runs in results["curves"].items()}) for k in (1, 2)],
-                outdir / "study-convergence.png", marker_x=offset)
-    print(report + f"\nstudy: {time.time() - t_study:.0f} s; wrote {outdir}/study.json, study.md, study-convergence.png", flush=True)
-    return results
-
-
-def mf_study_report(results):
-    """Markdown tables (mean +- std over seeds) at equal counted compute and at equal post iterations."""
-    c, curves = results["config"], results["curves"]
-    seeds = [f"seed{s}" for s in c["seeds"]]
-    at = lambda arm, s, x: min(curves[arm][s], key=lambda pt: abs(pt[0] - x))[1]
-    ms = lambda v, f="{:.4f}": (f + " ± " + f).format(np.mean(v), np.std(v, ddof=1) if len(v) > 1 else 0.0)
-    cmt, rnd = "CMT-MF -> MeanFlow", "random -> MeanFlow"
-    end, offset = float(c["random_iters"]), c["mid_cost"]
-    lines = ["**MeanFlow: flow-map error at equal counted compute "
-             f"(CMT-MF spends {offset:.0f} of {end:.0f} MeanFlow-iteration equivalents on mid-training)**", "",
-             "| initialisation | metric | at init | at " + f"{offset:.0f} | at {end:.0f} (end) | CMT-MF better at end (seeds) |",
-             "|---|---|---|---|---|---|"]
-    for arm in curves:
-        for key in ("err1", "err2", "fd1", "fd2"):
-            f = "{:.4f}" if key.startswith("err") else "{:.2f}"
-            row = [ms([at(arm, s, x)[key] for s in seeds], f) for x in (0, offset, end)]
-            wins = "-" if arm == cmt else f"{sum(at(cmt, s, end)[key] < at(arm, s, end)[key] for s in seeds)}/{len(seeds)}"
-            lines.append(f"| {arm} | {key[:-1]} {key[-1]}-step | " + " | ".join(row) + f" | {wins} |")
-    lines += ["", f"**MeanFlow: the same runs at equal post-training iterations ({c['post_iters']}; mid not charged)**", "",
-              "| initialisation | 1-step err | 2-step err | 1-step FD | wall s |", "|---|---|---|---|---|"]
-    for arm in curves:
-        x = (offset if arm == cmt else 0) + c["post_iters"]
-        vals = [ms([at(arm, s, x)[k] for s in seeds], "{:.4f}" if k.startswith("err") else "{:.2f}") for k in ("err1", "err2", "fd1")]
-        lines.append(f"| {arm} | " + " | ".join(vals) + f" | {ms([results['wall'][f'{s}/{arm}'] for s in seeds], '{:.1f}')} |")
-    return "\n".join(lines) + "\n"
-
-
 @torch.no_grad()
 def run_sample(cfg, outdir, rank, world, device):
     """--stage sample: 1- and 2-step samples of the EMA model of --init PATH (a checkpoint of any stage) or
@@ -1522,76 +1364,6 @@ def run_encode(cfg, outdir, rank, world, device):
                                                              resolution=image_size, latent_scale=SD_LATENT_SCALE)))
 
 
-def run_bench(cfg, device):
-    """Time one MeanFlow (jvp) step, one MeanFlow step with CFG, one CMT-MF student step and one CMT-MF
-    step including its teacher (MF-B/4 teacher, cfg teacher_steps), each relative to a plain
-    forward+backward of the same network at the same batch. Prints a table; run on a quiet machine."""
-    bs = cfg["batch_gpu"] or 32
-    if bs % cfg["pairs"]:  # CMT-MF rows = trajectories x pairs must equal the plain step's batch
-        raise ValueError(f"--batch-gpu {bs} must be a multiple of --pairs {cfg['pairs']} for --stage bench")
-    res, ch = 32, 4
-    lines = [f"{'model':<6} {'batch':>5} {'plain f+b':>10} {'MF jvp':>8} {'MF+CFG':>8} {'CMT-MF':>8} {'CMT+teach':>9}  (ratios to "
-             f"plain; CMT-MF: {bs // cfg['pairs']} trajectories x {cfg['pairs']} pairs, B/4 teacher {cfg['teacher_steps']} steps)"]
-    for name in cfg["bench_models"]:
-        mcfg = dict(cfg, model=name, res=res, channels=ch, num_classes=1000)
-        net = build_net(mcfg).to(device).train()
-        for p in net.parameters():
-            p.data.normal_(0, 0.02)  # non-zero outputs: zero-init adaLN would make every block the identity
-        teacher = build_net(dict(mcfg, model="B/4")).to(device).eval().requires_grad_(False)
-        gen = torch.Generator(device).manual_seed(0)
-        x = torch.randn((bs, ch, res, res), generator=gen, device=device)
-        e = torch.randn_like(x)
-        y = torch.randint(0, 1000, (bs,), generator=gen, device=device)
-        t, r = sample_t_r(bs, -0.4, 1.0, 0.25, gen, device)
-        drop = label_drop_mask(bs, 0.1, gen, device)
-        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.get("bf16")))
-        nocfg = dict(mcfg, omega=1.0, kappa=0.0)
-        withcfg = dict(mcfg, omega=1.0, kappa=0.5)
-        pairs, steps = cfg["pairs"], cfg["teacher_steps"]
-
-        def plain():
-            with autocast():
-                u = average_velocity(net, x, r, t, y)
-            u.float().square().mean().backward()
-
-        def mf(c):
-            return lambda: meanflow_loss(net, x, y, e, t, r, drop, c, autocast=autocast())[0].backward()
-
-        def cmt(with_teacher):
-            def step():
-                g = torch.Generator(device).manual_seed(1)
-                b = bs // pairs
-                if with_teacher:
-                    with autocast():
-                        states, grid = teacher_trajectory(teacher, e[:b], y[:b], steps, "meanflow")
-                else:
-                    states, grid = torch.randn((steps + 1, b, ch, res, res), device=device), time_grid(steps, device)
-                z, rr, tt, u_tgt, n = cmt_mf_pairs(states.float(), grid, pairs, g)
-                with autocast():
-                    loss = cmt_mf_loss(net, z, rr, tt, y[n], u_tgt)
-                loss.backward()
-            return step
-
-        times = [_time_it(f, device, reps=cfg["bench_reps"]) for f in (plain, mf(nocfg), mf(withcfg), cmt(False), cmt(True))]
-        lines.append(f"{name:<6} {bs:>5} {times[0] * 1e3:>8.1f}ms " + " ".join(f"{tm / times[0]:>8.2f}" for tm in times[1:]))
-        print(lines[-1], flush=True)
-    print("\n".join(lines))
-    return lines
-
-
-def _time_it(fn, device, reps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -1607,7 +1379,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--stage", choices=["pretrain", "mid", "post", "sample", "encode", "bench", "study"], default=None,
+    a("--stage", choices=["pretrain", "mid", "post", "sample", "encode"], default=None,
       help="stage to run; none with --preset tiny = the whole CPU pipeline")
     a("--preset", choices=sorted(PRESETS), default="xl2", help="recipe: xl2 = CMT-MF XL/2 (paper), b4 = MeanFlow B/4, tiny = CPU demo")
     a("--outdir", default="runs/meanflow", help="output folder")
@@ -1640,12 +1412,6 @@ def parse_args(argv=None):
     a("--num", type=int, default=50000, help="sample: number of images")
     a("--sample-steps", default="1,2", help="sample: comma-separated step counts (1 step = 1 NFE)")
     a("--num-eval", type=int, default=None, help="tiny: samples per quality-table row (default 2000)")
-    a("--study-seeds", type=int, default=3, help="study: seeds per arm (tiny preset only)")
-    a("--study-eval-every", type=int, default=60, help="study: iterations between curve points")
-    a("--study-teacher", choices=["meanflow", "flow"], default="meanflow",
-      help="study: the tiny MeanFlow teacher, or a student-sized flow-matching teacher (+ a teacher-init arm)")
-    a("--bench-models", default="B/4,XL/2", help="bench: comma-separated DiT-MF sizes")
-    a("--bench-reps", type=int, default=5, help="bench: timed repetitions per step kind (after 2 warm-up steps)")
     a("--bf16", action="store_true", help="bfloat16 autocast for network forwards (tangents/targets/loss in fp32)")
     a("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     a("--compile", action="store_true", help="torch.compile plain forwards (never the jvp path)")
@@ -1685,8 +1451,7 @@ def resolve_config(args, stage):
         cfg["iters"] = int(round(args.mimg * 1e6 / cfg["batch"]))
     cfg.update(resume=args.resume, bf16=args.bf16, tf32=args.tf32, compile=args.compile, vae=args.vae,
                fid_ref=args.fid_ref, num=args.num,
-               sample_steps=_int_list(args.sample_steps, "--sample-steps"), bench_models=args.bench_models.split(","),
-               bench_reps=args.bench_reps)
+               sample_steps=_int_list(args.sample_steps, "--sample-steps"))
     cfg["adam_betas"] = list(cfg["adam_betas"])
     cfg["mimg"] = cfg.get("iters", 0) * cfg["batch"] / 1e6
     if cfg["model"] not in MODELS:
@@ -1704,19 +1469,12 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     if args.stage is None:
         return run_tiny_pipeline(lambda s: resolve_config(args, s), args.outdir)
-    if args.stage == "study":
-        if args.preset != "tiny":
-            raise SystemExit("--stage study runs on the toy data: use it with --preset tiny")
-        return run_study(lambda s: resolve_config(args, s), args.outdir, range(args.study_seeds), args.study_eval_every,
-                         args.study_teacher)
     cfg = resolve_config(args, args.stage)
     if args.stage in ("pretrain", "mid", "post"):
         return Trainer(cfg, args.stage, args.outdir, rank, world, device).run()
     if args.stage == "sample":
         return run_sample(cfg, args.outdir, rank, world, device)
-    if args.stage == "encode":
-        return run_encode(cfg, args.outdir, rank, world, device)
-    return run_bench(cfg, device)
+    return run_encode(cfg, args.outdir, rank, world, device)
 
 
 if __name__ == "__main__":

@@ -31,12 +31,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 
+import bench_cifar10
+import bench_imagenet
+import bench_meanflow
 import cmt_cifar10 as cc
 import cmt_imagenet as inet
 import fid
 import meanflow_post as mf
+import plot
+import study_ect
+import study_meanflow
 
 torch.set_num_threads(1)  # CI has 2 cores; several tests start worker processes of their own
 
@@ -2027,7 +2033,7 @@ def test_cifar10_tiny_preset_end_to_end(tmp_path, capsys):
     assert data.shape == (16, 8, 8, 3) and data.dtype == np.uint8 and (tmp_path / "s" / "samples-1step.png").exists()
 
 
-# ----------------------------------------------------------------------------- evidence study
+# ----------------------------------------------------------------------------- evidence study and benchmark (experiments/)
 
 def test_exact_flow_map_is_second_order_and_matches_the_gaussian():
     # One component: the per-sample flow map has the closed form of SPEC 8. The vectorised multistep
@@ -2038,18 +2044,18 @@ def test_exact_flow_map_is_second_order_and_matches_the_gaussian():
     t = torch.exp(torch.randn(64, generator=g, dtype=torch.float64) * 2 - 1.1).clamp(min=0.01, max=80)
     x = mean + torch.randn(64, *toy.shape, generator=g, dtype=torch.float64) * (std ** 2 + t.view(-1, 1, 1, 1) ** 2).sqrt()
     exact = cc.gaussian_flow_map(x, t.view(-1, 1, 1, 1), cc.CMT_SIGMA_MIN, mean, std)
-    errs = [float((cc.exact_flow_map(toy, x, t, steps=n) - exact).abs().max()) for n in (16, 32, 64)]
+    errs = [float((study_ect.exact_flow_map(toy, x, t, steps=n) - exact).abs().max()) for n in (16, 32, 64)]
     assert 1.7 < slope([1 / 16, 1 / 32, 1 / 64], errs) < 2.3
     # The study's 256 steps: second order puts them 16x below the 64-step error (1.8e-4 -> 1.1e-5 here).
-    assert float((cc.exact_flow_map(toy, x, t) - exact).abs().max()) < errs[-1] / 8
+    assert float((study_ect.exact_flow_map(toy, x, t) - exact).abs().max()) < errs[-1] / 8
     below = torch.full((3,), 1e-3, dtype=torch.float64)  # at or below the end level: the identity
-    assert torch.equal(cc.exact_flow_map(toy, x[:3], below), x[:3])
+    assert torch.equal(study_ect.exact_flow_map(toy, x[:3], below), x[:3])
 
 
 def test_study_cost_counts_passes():
     # ECT: 3B (grad pass) + B (target) = 4B = 1 unit; CMT: 3B + B teacher NFE = 1 unit; reuse K: 3B + B/K.
-    assert cc.study_cost("post", 10) == 10 and cc.study_cost("mid", 10) == 10
-    assert cc.study_cost("mid", 8, traj_reuse=4) == pytest.approx(8 * 3.25 / 4)
+    assert study_ect.study_cost("post", 10) == 10 and study_ect.study_cost("mid", 10) == 10
+    assert study_ect.study_cost("mid", 8, traj_reuse=4) == pytest.approx(8 * 3.25 / 4)
 
 
 def test_cmt_steps_changes_trajectory_and_pair_layout(tmp_path):
@@ -2063,8 +2069,8 @@ def test_cmt_steps_changes_trajectory_and_pair_layout(tmp_path):
 
 
 def test_study_runs_end_to_end(tmp_path):
-    cc.main(["--stage", "study", "--outdir", str(tmp_path), "--study-seeds", "2", "--study-budget", "20",
-             "--study-eval-every", "10", "--study-splits", "0.5", "--study-teacher-iters", "10", "--eval-num", "64"])
+    study_ect.main(["--outdir", str(tmp_path), "--seeds", "2", "--budget", "20", "--eval-every", "10",
+                    "--splits", "0.5", "--teacher-iters", "10", "--eval-num", "64"])
     res = json.loads((tmp_path / "study.json").read_text())
     assert set(res["q1"]) == {"CMT -> ECT", "teacher -> ECT", "random -> ECT"}
     for arm, runs in res["q1"].items():
@@ -2076,7 +2082,7 @@ def test_study_runs_end_to_end(tmp_path):
     assert res["q1"]["CMT -> ECT"]["seed0"][0][1] == res["q1"]["teacher -> ECT"]["seed0"][0][1]  # same start
     assert set(res["q2"]) == {"split mid 50%", "solver steps 8", "solver steps 32", "metric huber",
                               "traj-reuse 4", "traj-reuse 16"}
-    assert res["q2"]["traj-reuse 4"]["seed1"]["cost"] == pytest.approx(cc.study_cost("mid", 10, 4) + 10)
+    assert res["q2"]["traj-reuse 4"]["seed1"]["cost"] == pytest.approx(study_ect.study_cost("mid", 10, 4) + 10)
     for arm in ("CMT", "teacher", "random"):
         b = res["q3"][arm]["seed0"]
         assert b["target_err"] > 0 and b["rel_bias"] >= 0 and -1 <= b["cosine"] <= 1
@@ -2085,6 +2091,14 @@ def test_study_runs_end_to_end(tmp_path):
     assert PIL.Image.open(tmp_path / "study-convergence.png").size == (1120, 400)
     for run in ("cmt-mid", "cmt-post", "teacher-post", "random-post"):  # snapshots evaluated, then removed
         assert not list((tmp_path / "seed0" / run).glob("ckpt-00*.pt")) and (tmp_path / "seed0" / run / "ckpt-latest.pt").exists()
+
+
+def test_bench_cifar10_reports_flop_rate_and_mid_to_plain_ratio(capsys):
+    bench_cifar10.main(["--preset", "tiny", "--batch-gpu", "16", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert "of fp32 matmul peak" in out and "plain student step (batch 16)" in out
+    ratios = [float(line.split("= ")[-1].split("x")[0]) for line in out.splitlines() if line.startswith("mid step")]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)  # --traj-reuse 1 and 4
 
 
 # ==================================================================================================
@@ -3175,10 +3189,10 @@ def test_encode_folder_to_shards_then_train_on_them(tmp_path, monkeypatch):
     assert tr.it == 2 and all(torch.isfinite(p).all() for p in tr.net.parameters())
 
 
-def test_bench_stage_runs(capsys):
-    with pytest.raises(ValueError, match="--pairs"):  # CMT-MF rows must equal the plain batch
-        run_main("--stage", "bench", "--bench-models", "tiny", "--batch-gpu", 4)
-    lines = run_main("--stage", "bench", "--bench-models", "tiny", "--batch-gpu", 8, "--bench-reps", 1)
+def test_bench_meanflow_reports_ratios_to_a_plain_step(capsys):
+    with pytest.raises(SystemExit, match="--pairs"):  # CMT-MF rows must equal the plain batch
+        bench_meanflow.main(["--models", "tiny", "--batch-gpu", "4"])
+    lines = bench_meanflow.main(["--models", "tiny", "--batch-gpu", "8", "--reps", "1"])
     ratios = [float(v) for v in lines[-1].split()[-4:]]
     assert len(lines) == 2 and all(r > 0 for r in ratios) and "ratios to plain" in capsys.readouterr().out
 
@@ -3198,10 +3212,9 @@ def test_flow_matching_teacher_solvers_converge_at_their_order():
 
 def test_meanflow_study_cost_and_end_to_end(tmp_path):
     cfg = dict(teacher_steps=4, pairs=4, teacher_solver="meanflow")
-    assert mf.mf_study_cost("post", 10, cfg) == 10 and mf.mf_study_cost("mid", 10, cfg) == 8  # (3 + 4/4) / 5
-    assert mf.mf_study_cost("mid", 10, dict(cfg, teacher_solver="heun")) == 10               # (3 + 8/4) / 5
-    mf.main(["--preset", "tiny", "--stage", "study", "--iters", "20", "--study-eval-every", "10", "--study-seeds", "2",
-             "--num-eval", "128", "--outdir", str(tmp_path)])
+    assert study_meanflow.study_cost("post", 10, cfg) == 10 and study_meanflow.study_cost("mid", 10, cfg) == 8  # (3 + 4/4) / 5
+    assert study_meanflow.study_cost("mid", 10, dict(cfg, teacher_solver="heun")) == 10                        # (3 + 8/4) / 5
+    study_meanflow.main(["--iters", "20", "--eval-every", "10", "--seeds", "2", "--num-eval", "128", "--outdir", str(tmp_path)])
     res = json.loads((tmp_path / "study.json").read_text())
     assert res["config"]["random_iters"] == 40 and res["config"]["mid_cost"] == 16
     cmt, rnd = res["curves"]["CMT-MF -> MeanFlow"], res["curves"]["random -> MeanFlow"]
@@ -3212,14 +3225,36 @@ def test_meanflow_study_cost_and_end_to_end(tmp_path):
     assert PIL.Image.open(tmp_path / "study-convergence.png").size == (1120, 400)
     assert not list(tmp_path.glob("seed0/*/ckpt-00*.pt"))  # snapshots evaluated, then removed
     # A student-sized flow-matching teacher: Heun trajectories (2 NFE a step) and a teacher-initialised arm.
-    mf.main(["--preset", "tiny", "--stage", "study", "--study-teacher", "flow", "--iters", "20", "--study-eval-every", "10",
-             "--study-seeds", "1", "--num-eval", "128", "--outdir", str(tmp_path / "flow")])
+    study_meanflow.main(["--teacher", "flow", "--iters", "20", "--eval-every", "10", "--seeds", "1", "--num-eval", "128",
+                         "--outdir", str(tmp_path / "flow")])
     res = json.loads((tmp_path / "flow" / "study.json").read_text())
     assert res["config"]["mid_cost"] == 20 and res["config"]["random_iters"] == 40
     fm = res["curves"]["teacher (flow) -> MeanFlow"]["seed0"]
     assert [pt[0] for pt in fm] == [0, 10, 20, 30, 40] and fm[0][1] != res["curves"]["random -> MeanFlow"]["seed0"][0][1]
     teacher = torch.load(tmp_path / "flow" / "seed0" / "teacher" / "ckpt-latest.pt", weights_only=True)
     assert teacher["config"]["ratio_neq"] == 0.0 and teacher["config"]["model"] == "tiny"
+
+
+# ==================================================================================================
+# experiments/: studies, benchmarks and their plotting helper import the scripts, never the reverse
+# ==================================================================================================
+
+def test_bench_imagenet_times_a_mid_and_a_post_step(capsys):
+    times = bench_imagenet.main(["--preset", "tiny", "--sizes", "tiny", "--batch-gpu", "16"])
+    assert set(times) == {"tiny/mid", "tiny/post"} and all(s > 0 for s in times.values())
+    assert "[bench] tiny  mid:" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--batch-gpu 12"):  # the mid step needs whole trajectories
+        bench_imagenet.main(["--preset", "tiny", "--sizes", "tiny", "--batch-gpu", "12"])
+
+
+def test_no_script_imports_experiments_and_plot_draws_one_panel_per_entry(tmp_path):
+    for script in ("cmt_cifar10.py", "cmt_imagenet.py", "meanflow_post.py", "fid.py"):
+        text = (ROOT / script).read_text()
+        assert "experiments" not in text.replace("experiments/", ""), script  # only prose pointers to the folder
+        assert not any(f"import {m}" in text for m in ("plot", "study_ect", "study_meanflow", "bench_"))
+    panels = [(f"panel {i}", {"a": [[0, 1.0, 2.0], [10, 0.5, 0.7]], "b": [[0, 3.0, 3.5], [10, 0.1, 0.2]]}) for i in range(3)]
+    plot.draw_curves(panels, tmp_path / "c.png", "x", marker_x=5)
+    assert PIL.Image.open(tmp_path / "c.png").size == (3 * 560, 400)
 
 
 # ==================================================================================================

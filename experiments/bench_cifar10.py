@@ -1,0 +1,97 @@
+"""Speed of cmt_cifar10.py: DDPM++ forward+backward FLOP rate against this machine's fp32 matmul peak,
+and the cost of one mid-training step (the teacher's 16-step solve on B/16 trajectories, plus the
+student's step) against a plain student step at the same batch. Trains nothing.
+
+    python experiments/bench_cifar10.py --batch-gpu 16                     # the paper's per-GPU batch
+    python experiments/bench_cifar10.py --batch-gpu 16 --bf16 --compile    # GPU fast paths
+
+Flags other than --reps go to cmt_cifar10.py (network from --preset, default cifar10; --bf16,
+--channels-last, --compile, --metric, --lpips-weights, --traj-reuse, --seed).
+"""
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cmt_cifar10 as cc  # noqa: E402
+
+
+def bench(cfg, reps):
+    """DDPM++ forward+backward GFLOP/s as a fraction of this machine's fp32 matmul
+    peak, and one mid-training step relative to a plain student step at the same batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    _, _, device = cc.init_distributed()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn, reps):
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / reps
+
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    peak = 2 * n ** 3 / min(timed(lambda: torch.mm(a, b), 3) for _ in range(3))
+
+    bs = cfg["batch_gpu"] or 16
+    torch.manual_seed(cfg["seed"])
+    net = cc.build_net(cfg, "ecm", dropout=cfg["dropout"]).to(device).train()
+    if cfg["channels_last"]:
+        net.to(memory_format=torch.channels_last)
+    x = torch.randn(bs, 3, cfg["resolution"], cfg["resolution"], device=device)
+    sigma = torch.full((bs,), 1.0, device=device)
+    step_net = torch.compile(net) if cfg["compile"] else net
+
+    def fwd_bwd():
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg["bf16"]):
+            step_net(x, sigma, train=True).square().mean().backward()
+    with FlopCounterMode(display=False) as counter:
+        fwd_bwd()
+    flops = counter.get_total_flops()
+    sec = timed(fwd_bwd, reps)
+    print(f"DDPM++ {cfg['preset']} forward+backward, batch {bs}: {flops / bs / 1e9:.2f} GFLOP/img, "
+          f"{flops / sec / 1e9:.1f} GFLOP/s = {flops / sec / peak:.3f} of fp32 matmul peak "
+          f"({peak / 1e9:.1f} GFLOP/s, {n}^3 torch.mm)")
+
+    images = torch.randint(0, 256, (max(64, bs), 3, cfg["resolution"], cfg["resolution"]), dtype=torch.uint8)
+    teacher = cc.build_net(cfg, "edm", dropout=0.0).to(device).eval().requires_grad_(False)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = cc.make_optimizer(cfg, net, device)
+    plain_src = cc.PlainBatches(cc.DataStream((images, None), 0), device)
+    plain = lambda m, it, r: cc.distance(m(plain_src.get(bs)[0], sigma, train=True), x, "l2")
+
+    def step(loss_fn, it):
+        opt.zero_grad(set_to_none=True)
+        cc.accumulate_gradients(step_net, loss_fn, it, 1, cfg["bf16"])
+        cc.apply_update(net, ema, opt, 1e-6, 0.999)
+    t_plain = timed(lambda: step(plain, 0), reps)
+    print(f"plain student step (batch {bs}): {t_plain:.3f} s")
+    metric = cfg["metric"] if cfg["metric"] != "lpips" or cfg["lpips_weights"] else "l2"
+    if metric != cfg["metric"]:
+        print("mid steps use --metric l2: no --lpips-weights given (LPIPS adds a VGG16 pass per step)")
+    for reuse in sorted({1, 4, cfg["traj_reuse"]}):
+        mid_cfg = dict(cfg, stage="mid", traj_reuse=reuse, metric=metric)
+        mid, _ = cc.make_loss(mid_cfg, cc.DataStream((images, None), 0), teacher, bs, 1, device)
+        counter_it = iter(range(10 ** 9))
+        t_mid = timed(lambda: [step(mid, next(counter_it)) for _ in range(reuse)], reps) / reuse
+        print(f"mid step, --traj-reuse {reuse}: {t_mid:.3f} s = {t_mid / t_plain:.3f}x the plain step")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (default: 3)")
+    args, rest = p.parse_known_args(argv)
+    cc_args = cc.parse_args(["--stage", "sample", *rest])  # the sample stage's config: mid's network, no data
+    bench(cc.resolve_config(cc_args), args.reps)
+
+
+if __name__ == "__main__":
+    main()

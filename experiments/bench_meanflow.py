@@ -1,0 +1,104 @@
+"""Speed of meanflow_post.py: one MeanFlow (jvp) step, one with CFG, one CMT-MF student step and one CMT-MF
+step including its teacher (MF-B/4, --teacher-steps), each relative to a plain forward+backward of the same
+network at the same batch (32x32x4 latents, 1000 classes, random weights). Trains nothing; run it on a
+quiet machine.
+
+    python experiments/bench_meanflow.py --models B/4,XL/2 --batch-gpu 32
+    python experiments/bench_meanflow.py --models XL/2 --batch-gpu 32 --bf16
+
+Flags other than --models / --reps go to meanflow_post.py (--batch-gpu, --pairs, --teacher-steps, --bf16).
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import meanflow_post as mf  # noqa: E402
+
+
+def bench(cfg, device, models, reps):
+    """Time one MeanFlow (jvp) step, one MeanFlow step with CFG, one CMT-MF student step and one CMT-MF
+    step including its teacher (MF-B/4 teacher, cfg teacher_steps), each relative to a plain
+    forward+backward of the same network at the same batch. Prints a table; run on a quiet machine."""
+    bs = cfg["batch_gpu"] or 32
+    if bs % cfg["pairs"]:  # CMT-MF rows = trajectories x pairs must equal the plain step's batch
+        raise SystemExit(f"--batch-gpu {bs}: must be a multiple of --pairs {cfg['pairs']}")
+    res, ch = 32, 4
+    lines = [f"{'model':<6} {'batch':>5} {'plain f+b':>10} {'MF jvp':>8} {'MF+CFG':>8} {'CMT-MF':>8} {'CMT+teach':>9}  (ratios to "
+             f"plain; CMT-MF: {bs // cfg['pairs']} trajectories x {cfg['pairs']} pairs, B/4 teacher {cfg['teacher_steps']} steps)"]
+    for name in models:
+        mcfg = dict(cfg, model=name, res=res, channels=ch, num_classes=1000)
+        net = mf.build_net(mcfg).to(device).train()
+        for p in net.parameters():
+            p.data.normal_(0, 0.02)  # non-zero outputs: zero-init adaLN would make every block the identity
+        teacher = mf.build_net(dict(mcfg, model="B/4")).to(device).eval().requires_grad_(False)
+        gen = torch.Generator(device).manual_seed(0)
+        x = torch.randn((bs, ch, res, res), generator=gen, device=device)
+        e = torch.randn_like(x)
+        y = torch.randint(0, 1000, (bs,), generator=gen, device=device)
+        t, r = mf.sample_t_r(bs, -0.4, 1.0, 0.25, gen, device)
+        drop = mf.label_drop_mask(bs, 0.1, gen, device)
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.get("bf16")))
+        nocfg = dict(mcfg, omega=1.0, kappa=0.0)
+        withcfg = dict(mcfg, omega=1.0, kappa=0.5)
+        pairs, steps = cfg["pairs"], cfg["teacher_steps"]
+
+        def plain():
+            with autocast():
+                u = mf.average_velocity(net, x, r, t, y)
+            u.float().square().mean().backward()
+
+        def meanflow_step(c):
+            return lambda: mf.meanflow_loss(net, x, y, e, t, r, drop, c, autocast=autocast())[0].backward()
+
+        def cmt(with_teacher):
+            def step():
+                g = torch.Generator(device).manual_seed(1)
+                b = bs // pairs
+                if with_teacher:
+                    with autocast():
+                        states, grid = mf.teacher_trajectory(teacher, e[:b], y[:b], steps, "meanflow")
+                else:
+                    states, grid = torch.randn((steps + 1, b, ch, res, res), device=device), mf.time_grid(steps, device)
+                z, rr, tt, u_tgt, n = mf.cmt_mf_pairs(states.float(), grid, pairs, g)
+                with autocast():
+                    loss = mf.cmt_mf_loss(net, z, rr, tt, y[n], u_tgt)
+                loss.backward()
+            return step
+
+        times = [time_it(f, device, reps=reps) for f in (plain, meanflow_step(nocfg), meanflow_step(withcfg), cmt(False), cmt(True))]
+        lines.append(f"{name:<6} {bs:>5} {times[0] * 1e3:>8.1f}ms " + " ".join(f"{tm / times[0]:>8.2f}" for tm in times[1:]))
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+    return lines
+
+
+def time_it(fn, device, reps, warmup=2):
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="B/4,XL/2", help=f"comma-separated DiT-MF sizes of {sorted(mf.MODELS)} (default: B/4,XL/2)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement, after 2 warm-up steps (default: 5)")
+    args, rest = p.parse_known_args(argv)
+    mf_args = mf.parse_args(["--stage", "mid", *rest])
+    _, _, device = mf.setup_dist()
+    return bench(mf.resolve_config(mf_args, "mid"), device, args.models.split(","), args.reps)
+
+
+if __name__ == "__main__":
+    main()
