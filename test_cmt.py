@@ -2094,7 +2094,9 @@ def test_study_runs_end_to_end(tmp_path):
 
 
 def test_bench_cifar10_reports_flop_rate_and_mid_to_plain_ratio(capsys):
-    bench_cifar10.main(["--preset", "tiny", "--batch-gpu", "16", "--reps", "1"])
+    res = bench_cifar10.main(["--preset", "tiny", "--batch-gpu", "16", "--reps", "1"])
+    assert res["mid_over_plain"] == pytest.approx(res["mid_s"] / res["plain_s"]) and res["peak_gb"] > 0
+    assert res["img_per_s_plain"] == pytest.approx(16 / res["plain_s"]) and 0 < res["frac_peak"]
     out = capsys.readouterr().out
     assert "of fp32 matmul peak" in out and "plain student step (batch 16)" in out
     ratios = [float(line.split("= ")[-1].split("x")[0]) for line in out.splitlines() if line.startswith("mid step")]
@@ -3192,9 +3194,10 @@ def test_encode_folder_to_shards_then_train_on_them(tmp_path, monkeypatch):
 def test_bench_meanflow_reports_ratios_to_a_plain_step(capsys):
     with pytest.raises(SystemExit, match="--pairs"):  # CMT-MF rows must equal the plain batch
         bench_meanflow.main(["--models", "tiny", "--batch-gpu", "4"])
-    lines = bench_meanflow.main(["--models", "tiny", "--batch-gpu", "8", "--reps", "1"])
-    ratios = [float(v) for v in lines[-1].split()[-4:]]
-    assert len(lines) == 2 and all(r > 0 for r in ratios) and "ratios to plain" in capsys.readouterr().out
+    res = bench_meanflow.main(["--models", "tiny", "--batch-gpu", "8", "--reps", "1"])["tiny"]
+    assert all(res[f"{k}_ratio"] > 0 for k in ("jvp", "cfg", "cmt", "cmt_teacher")) and res["peak_gb"] > 0
+    assert res["img_per_s_jvp"] == pytest.approx(8 / (res["plain_s"] * res["jvp_ratio"]))
+    assert "ratios to plain" in capsys.readouterr().out
 
 
 def test_flow_matching_teacher_solvers_converge_at_their_order():
@@ -3239,10 +3242,11 @@ def test_meanflow_study_cost_and_end_to_end(tmp_path):
 # experiments/: studies, benchmarks and their plotting helper import the scripts, never the reverse
 # ==================================================================================================
 
-def test_bench_imagenet_times_a_mid_and_a_post_step(capsys):
-    times = bench_imagenet.main(["--preset", "tiny", "--sizes", "tiny", "--batch-gpu", "16"])
-    assert set(times) == {"tiny/mid", "tiny/post"} and all(s > 0 for s in times.values())
-    assert "[bench] tiny  mid:" in capsys.readouterr().out
+def test_bench_imagenet_times_plain_mid_and_post_steps(capsys):
+    res = bench_imagenet.main(["--preset", "tiny", "--sizes", "tiny", "--batch-gpu", "16"])["tiny"]
+    assert all(res[f"{k}_s"] > 0 and res[f"img_per_s_{k}"] == pytest.approx(16 / res[f"{k}_s"]) for k in ("plain", "mid", "post"))
+    assert res["mid_over_plain"] == pytest.approx(res["mid_s"] / res["plain_s"]) and res["peak_gb"] > 0
+    assert "[bench] tiny   mid:" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--batch-gpu 12"):  # the mid step needs whole trajectories
         bench_imagenet.main(["--preset", "tiny", "--sizes", "tiny", "--batch-gpu", "12"])
 

@@ -11,6 +11,7 @@ Flags other than --reps go to cmt_cifar10.py (network from --preset, default cif
 
 import argparse
 import copy
+import resource
 import sys
 import time
 from pathlib import Path
@@ -21,9 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cmt_cifar10 as cc  # noqa: E402
 
 
+def peak_memory_gb(device):
+    """Peak memory since the last reset: CUDA allocations, or this process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
 def bench(cfg, reps):
-    """DDPM++ forward+backward GFLOP/s as a fraction of this machine's fp32 matmul
-    peak, and one mid-training step relative to a plain student step at the same batch."""
+    """DDPM++ forward+backward GFLOP/s as a fraction of this machine's fp32 matmul peak, and one
+    mid-training step relative to a plain student step at the same batch. Returns the numbers."""
     from torch.utils.flop_counter import FlopCounterMode
     _, _, device = cc.init_distributed()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -42,6 +50,8 @@ def bench(cfg, reps):
     peak = 2 * n ** 3 / min(timed(lambda: torch.mm(a, b), 3) for _ in range(3))
 
     bs = cfg["batch_gpu"] or 16
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(cfg["seed"])
     net = cc.build_net(cfg, "ecm", dropout=cfg["dropout"]).to(device).train()
     if cfg["channels_last"]:
@@ -74,6 +84,7 @@ def bench(cfg, reps):
         cc.apply_update(net, ema, opt, 1e-6, 0.999)
     t_plain = timed(lambda: step(plain, 0), reps)
     print(f"plain student step (batch {bs}): {t_plain:.3f} s")
+    out = dict(gflop_per_img=flops / bs / 1e9, frac_peak=flops / sec / peak, plain_s=t_plain, img_per_s_plain=bs / t_plain)
     metric = cfg["metric"] if cfg["metric"] != "lpips" or cfg["lpips_weights"] else "l2"
     if metric != cfg["metric"]:
         print("mid steps use --metric l2: no --lpips-weights given (LPIPS adds a VGG16 pass per step)")
@@ -83,6 +94,11 @@ def bench(cfg, reps):
         counter_it = iter(range(10 ** 9))
         t_mid = timed(lambda: [step(mid, next(counter_it)) for _ in range(reuse)], reps) / reuse
         print(f"mid step, --traj-reuse {reuse}: {t_mid:.3f} s = {t_mid / t_plain:.3f}x the plain step")
+        out[f"mid_s_reuse{reuse}"] = t_mid
+    out.update(mid_s=out["mid_s_reuse1"], img_per_s_mid=bs / out["mid_s_reuse1"],
+               mid_over_plain=out["mid_s_reuse1"] / t_plain, peak_gb=peak_memory_gb(device))
+    print(f"peak memory {out['peak_gb']:.2f} GB")
+    return out
 
 
 def main(argv=None):
@@ -90,7 +106,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (default: 3)")
     args, rest = p.parse_known_args(argv)
     cc_args = cc.parse_args(["--stage", "sample", *rest])  # the sample stage's config: mid's network, no data
-    bench(cc.resolve_config(cc_args), args.reps)
+    return bench(cc.resolve_config(cc_args), args.reps)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
-"""Speed of cmt_imagenet.py: seconds per training step at real size (one CMT mid step with its 16-step
-teacher solve, one ECD post step with autoguidance), random weights, batch --batch-gpu on one device.
+"""Speed of cmt_imagenet.py: seconds per training micro-step at real size, random weights, batch
+--batch-gpu on one device. A plain step is a student forward+backward+Adam on given noisy inputs;
+a mid step adds the teacher's 16-step DPM-Solver++ solve of batch/16 trajectories (the CMT loss);
+a post step is one ECD step (one Heun step of the autoguided teacher, 4 forwards, plus the student's).
 Trains nothing.
 
     python experiments/bench_imagenet.py --preset img512-xs --batch-gpu 16 --sizes xs,s
-    python experiments/bench_imagenet.py --preset img512-xs --batch-gpu 16 --sizes xxl --bf16
+    python experiments/bench_imagenet.py --preset img512-xs --batch-gpu 16 --sizes xxl --bf16 --compile
 
-Flags other than --sizes go to cmt_imagenet.py (--preset, --batch-gpu, --nfe, --bf16, --tf32).
+Flags other than --sizes / --reps go to cmt_imagenet.py (--preset, --batch-gpu, --nfe, --bf16,
+--compile, --tf32). On CUDA each measurement follows one warm-up step.
 """
 
 import argparse
+import contextlib
+import resource
 import sys
 import time
 from pathlib import Path
@@ -19,16 +24,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cmt_imagenet as inet  # noqa: E402
 
 
-def bench(cfg, sizes):
-    """Seconds per training step (one mid step, one post step with autoguidance) at real size for
-    each size in --sizes, random weights, batch --batch-gpu on one device."""
+def peak_memory_gb(device):
+    """Peak memory since the last reset: CUDA allocations, or this process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def bench(cfg, sizes, reps=1):
+    """{size: {plain_s, mid_s, post_s, mid_over_plain, img_per_s_{plain,mid,post}, peak_gb, params_m}}."""
     device, _, _ = inet.dist_setup()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
     bg = cfg["batch_gpu"] or cfg["nfe"]
     if bg % cfg["nfe"]:
-        raise SystemExit(f"--batch-gpu {bg} must be a multiple of --nfe {cfg['nfe']}")
+        raise SystemExit(f"--batch-gpu {bg}: must be a multiple of --nfe {cfg['nfe']} (whole trajectories)")
     print(f"[bench] device {device}, {torch.get_num_threads()} threads, batch {bg}, "
-          f"{cfg['img_channels']}x{cfg['res']}x{cfg['res']}", flush=True)
+          f"{cfg['img_channels']}x{cfg['res']}x{cfg['res']}, bf16 {bool(cfg['bf16'])}, compile {bool(cfg['compile'])}",
+          flush=True)
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg["bf16"] else contextlib.nullcontext
     results = {}
     for size in sizes:
         c = dict(cfg, model_channels=inet.EDM2_CHANNELS.get(size, cfg["model_channels"]))
@@ -36,26 +49,44 @@ def bench(cfg, sizes):
         teacher = inet.build_net(c).to(device).eval().requires_grad_(False)
         gnet = inet.build_net(c).to(device).eval().requires_grad_(False)
         net = inet.build_net(c).to(device).train()
-        opt = torch.optim.Adam(net.parameters(), lr=1e-6)
+        model = torch.compile(net) if cfg["compile"] else net
+        opt = torch.optim.Adam(net.parameters(), lr=1e-6, fused=device.type == "cuda")
         gen = torch.Generator(device).manual_seed(0)
         labels = torch.randint(c["label_dim"], (bg,), device=device)
         y = 0.5 * torch.randn([bg, c["img_channels"], c["res"], c["res"]], device=device)
+        sigma = torch.exp(torch.randn([bg], device=device) * 1.2 - 1.2)
         guided = inet.guided_denoiser(teacher, gnet, 2.05)
-        steps = dict(mid=lambda: inet.cmt_loss(net, teacher, gen, labels, c),
-                     post=lambda: inet.ecd_loss(net, guided, y, labels, gen, c, 0))
-        for name, fn in steps.items():
-            times = []
-            for _ in range(2 if device.type == "cuda" else 1):  # on GPU the first step warms up kernels
-                t0 = time.perf_counter()
+        losses = dict(plain=lambda: (model(y + sigma.view(-1, 1, 1, 1) * torch.randn_like(y), sigma, labels) - y).square(),
+                      mid=lambda: inet.cmt_loss(model, teacher, gen, labels, c),
+                      post=lambda: inet.ecd_loss(model, guided, y, labels, gen, c, 0))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        row = dict(params_m=sum(p.numel() for p in net.parameters()) / 1e6)
+        for name, loss_fn in losses.items():
+            def step():
                 opt.zero_grad(set_to_none=True)
-                fn().mean().backward()
+                with amp():
+                    loss = loss_fn().mean()
+                loss.backward()
                 opt.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            results[f"{size}/{name}"] = times[-1]
-            print(f"[bench] {size:>4} {name:>4}: {times[-1]:.2f} s/step "
-                  f"({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params)", flush=True)
+            for _ in range(1 if device.type == "cuda" else 0):  # warm-up: kernels, autotuning, compilation
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            row[f"{name}_s"] = (time.perf_counter() - t0) / reps
+            row[f"img_per_s_{name}"] = bg / row[f"{name}_s"]
+            print(f"[bench] {size:>4} {name:>5}: {row[f'{name}_s']:.3f} s/step, {row[f'img_per_s_{name}']:.1f} img/s "
+                  f"({row['params_m']:.1f}M params)", flush=True)
+        row["mid_over_plain"] = row["mid_s"] / row["plain_s"]
+        row["peak_gb"] = peak_memory_gb(device)
+        print(f"[bench] {size:>4} mid step = {row['mid_over_plain']:.3f}x the plain step; peak memory "
+              f"{row['peak_gb']:.2f} GB", flush=True)
+        results[size] = row
     return results
 
 
@@ -63,9 +94,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="xs,s", help=f"comma-separated EDM2 sizes of {sorted(inet.EDM2_CHANNELS)}, "
                                                    "or 'tiny' for the preset's own width (default: xs,s)")
+    p.add_argument("--reps", type=int, default=1, help="timed steps per measurement (default: 1)")
     args, rest = p.parse_known_args(argv)
     cfg = inet.resolve_config(inet.parse_args(["--stage", "sample", *rest]))  # a stage that needs no data
-    return bench(cfg, args.sizes.split(","))
+    return bench(cfg, args.sizes.split(","), args.reps)
 
 
 if __name__ == "__main__":

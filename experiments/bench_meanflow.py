@@ -6,10 +6,12 @@ quiet machine.
     python experiments/bench_meanflow.py --models B/4,XL/2 --batch-gpu 32
     python experiments/bench_meanflow.py --models XL/2 --batch-gpu 32 --bf16
 
-Flags other than --models / --reps go to meanflow_post.py (--batch-gpu, --pairs, --teacher-steps, --bf16).
+Flags other than --models / --reps go to meanflow_post.py (--batch-gpu, --pairs, --teacher-steps, --bf16,
+--compile).
 """
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -23,18 +25,24 @@ import meanflow_post as mf  # noqa: E402
 def bench(cfg, device, models, reps):
     """Time one MeanFlow (jvp) step, one MeanFlow step with CFG, one CMT-MF student step and one CMT-MF
     step including its teacher (MF-B/4 teacher, cfg teacher_steps), each relative to a plain
-    forward+backward of the same network at the same batch. Prints a table; run on a quiet machine."""
+    forward+backward of the same network at the same batch. Prints a table; run on a quiet machine.
+    --compile compiles the plain forwards (plain step, CFG forwards, CMT-MF student) as the training
+    loop does; the jvp stays eager. Returns {model: {plain_s, <step>_ratio, img_per_s_*, peak_gb}}."""
     bs = cfg["batch_gpu"] or 32
     if bs % cfg["pairs"]:  # CMT-MF rows = trajectories x pairs must equal the plain step's batch
         raise SystemExit(f"--batch-gpu {bs}: must be a multiple of --pairs {cfg['pairs']}")
     res, ch = 32, 4
     lines = [f"{'model':<6} {'batch':>5} {'plain f+b':>10} {'MF jvp':>8} {'MF+CFG':>8} {'CMT-MF':>8} {'CMT+teach':>9}  (ratios to "
              f"plain; CMT-MF: {bs // cfg['pairs']} trajectories x {cfg['pairs']} pairs, B/4 teacher {cfg['teacher_steps']} steps)"]
+    out = {}
     for name in models:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         mcfg = dict(cfg, model=name, res=res, channels=ch, num_classes=1000)
         net = mf.build_net(mcfg).to(device).train()
         for p in net.parameters():
             p.data.normal_(0, 0.02)  # non-zero outputs: zero-init adaLN would make every block the identity
+        fwd = torch.compile(net) if cfg["compile"] else net
         teacher = mf.build_net(dict(mcfg, model="B/4")).to(device).eval().requires_grad_(False)
         gen = torch.Generator(device).manual_seed(0)
         x = torch.randn((bs, ch, res, res), generator=gen, device=device)
@@ -49,11 +57,11 @@ def bench(cfg, device, models, reps):
 
         def plain():
             with autocast():
-                u = mf.average_velocity(net, x, r, t, y)
+                u = mf.average_velocity(fwd, x, r, t, y)
             u.float().square().mean().backward()
 
         def meanflow_step(c):
-            return lambda: mf.meanflow_loss(net, x, y, e, t, r, drop, c, autocast=autocast())[0].backward()
+            return lambda: mf.meanflow_loss(fwd, x, y, e, t, r, drop, c, eager_net=net, autocast=autocast())[0].backward()
 
         def cmt(with_teacher):
             def step():
@@ -66,15 +74,27 @@ def bench(cfg, device, models, reps):
                     states, grid = torch.randn((steps + 1, b, ch, res, res), device=device), mf.time_grid(steps, device)
                 z, rr, tt, u_tgt, n = mf.cmt_mf_pairs(states.float(), grid, pairs, g)
                 with autocast():
-                    loss = mf.cmt_mf_loss(net, z, rr, tt, y[n], u_tgt)
+                    loss = mf.cmt_mf_loss(fwd, z, rr, tt, y[n], u_tgt)
                 loss.backward()
             return step
 
         times = [time_it(f, device, reps=reps) for f in (plain, meanflow_step(nocfg), meanflow_step(withcfg), cmt(False), cmt(True))]
         lines.append(f"{name:<6} {bs:>5} {times[0] * 1e3:>8.1f}ms " + " ".join(f"{tm / times[0]:>8.2f}" for tm in times[1:]))
         print(lines[-1], flush=True)
+        kinds = ("plain", "jvp", "cfg", "cmt", "cmt_teacher")
+        row = dict(plain_s=times[0], peak_gb=peak_memory_gb(device))
+        row.update({f"{k}_ratio": tm / times[0] for k, tm in zip(kinds[1:], times[1:])})
+        row.update({f"img_per_s_{k}": bs / tm for k, tm in zip(kinds, times)})
+        out[name] = row
     print("\n".join(lines))
-    return lines
+    return out
+
+
+def peak_memory_gb(device):
+    """Peak memory since the last reset: CUDA allocations, or this process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def time_it(fn, device, reps, warmup=2):
