@@ -51,6 +51,7 @@ import math
 import os
 import pickle
 import random
+import sys
 import tarfile
 import time
 import urllib.parse
@@ -73,6 +74,13 @@ ECM_SIGMA_MIN = 0.003        # student boundary s_min (ECMPrecond)
 T_MAX = 80.0                 # largest noise level of teacher solver and few-step sampler
 CMT_SIGMA_MIN = 0.002        # end of the CMT teacher trajectory (SPEC 2)
 CMT_STEPS = 16               # teacher steps per trajectory = pairs per trajectory (SPEC 3; --cmt-steps)
+SCRIPT = "cmt_cifar10.py"    # recorded in every checkpoint: --init/--resume/--teacher refuse other scripts' files
+# Config fields a resumed run may change: how long it runs, how often it logs, checkpoints, samples and
+# evaluates, and speed switches. Every other field defines the run and must match the checkpoint's.
+RESUME_MAY_CHANGE = {"outdir", "resume", "iters", "mimg", "batch_gpu", "log_every", "ckpt_every", "snap_every",
+                     "sample_every", "fid_ref", "fid_every", "fid_num", "num", "sample_steps", "bf16", "tf32",
+                     "channels_last", "compile", "max_skips", "eval_num", "baselines", "lpips_weights",
+                     "teacher_sha256"}
 
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 _DDPMPP = dict(model_channels=128, num_blocks=4, attn_resolutions=[16])
@@ -105,8 +113,6 @@ PRESETS = {
 
 def resolve_config(args):
     """Merge CLI flags over the stage recipe over the preset; derive iters <-> mimg."""
-    if args.preset not in PRESETS:
-        raise SystemExit(f"--preset {args.preset!r}: expected one of {sorted(PRESETS)}")
     preset = PRESETS[args.preset]
     stage = args.stage
     cfg = {k: copy.deepcopy(v) for k, v in preset.items() if k not in _RECIPE}
@@ -138,18 +144,24 @@ class CifarUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module.split(".")[0] == "numpy" and name in ("_reconstruct", "ndarray", "dtype", "scalar"):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"--data: refusing global {module}.{name} in a CIFAR-10 batch")
+        raise pickle.UnpicklingError(f"refusing global {module}.{name} in a CIFAR-10 batch (nothing in it was run)")
 
 
 def load_cifar10(path):
     """CIFAR-10 python tarball -> uint8 [50000, 3, 32, 32] and int64 labels (SPEC 8)."""
     images, labels = [], []
-    with tarfile.open(path, "r:gz") as tar:
-        for i in range(1, 6):
-            member = tar.extractfile(f"cifar-10-batches-py/data_batch_{i}")
-            batch = CifarUnpickler(member, encoding="bytes").load()
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for i in range(1, 6):
+                member = tar.extractfile(f"cifar-10-batches-py/data_batch_{i}")
+                batch = CifarUnpickler(member, encoding="bytes").load()
+                images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f"--data {path}: {e}") from None
+    except (tarfile.TarError, KeyError, EOFError, OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"--data {path}: not the CIFAR-10 python tarball cifar-10-python.tar.gz "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -167,14 +179,34 @@ def load_image_folder(path):
         raise SystemExit(f"--data {path}: expected a CIFAR-10 .tar.gz, a zip or folder of PNGs, or 'toy'")
     if not names:
         raise SystemExit(f"--data {path}: no PNG files found")
-    images = np.stack([np.asarray(Image.open(io.BytesIO(read(n))).convert("RGB")) for n in names])
+    images = []
+    for n in names:
+        try:
+            image = Image.open(io.BytesIO(read(n)))
+            image.load()
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise SystemExit(f"--data {path}: {n} is not a readable PNG ({' '.join(str(e).split())[:100]})") from None
+        image = np.asarray(image.convert("RGB"))  # grayscale and palette PNGs become RGB, as EDM's dataset_tool.py does
+        if images and image.shape != images[0].shape:
+            raise SystemExit(f"--data {path}: {n} is {image.shape[1]}x{image.shape[0]} but {names[0]} is "
+                             f"{images[0].shape[1]}x{images[0].shape[0]}; every image must have the same size")
+        images.append(image)
     labels = None
     meta = "dataset.json"
     if (zipfile.is_zipfile(path) and meta in zf.namelist()) or (path.is_dir() and (path / meta).exists()):
-        table = dict(json.loads(read(meta)).get("labels") or [])
+        try:
+            table = dict(json.loads(read(meta)).get("labels") or [])
+        except (ValueError, TypeError, AttributeError) as e:
+            raise SystemExit(f"--data {path}: dataset.json is not {{\"labels\": [[file, class], ...]}} ({e})") from None
         if table:
+            missing = [n for n in names if n not in table]
+            if missing:
+                raise SystemExit(f"--data {path}: dataset.json has no label for {missing[0]} "
+                                 f"({len(missing)} of {len(names)} images unlabelled)")
+            if not all(isinstance(table[n], int) and table[n] >= 0 for n in names):
+                raise SystemExit(f"--data {path}: dataset.json labels must be class indices >= 0")
             labels = torch.tensor([table[n] for n in names], dtype=torch.int64)
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), labels
 
 
 class ToyMixture:
@@ -1028,18 +1060,19 @@ def gather(obj, world_size):
     return out
 
 
-def save_checkpoint(path, state):
-    """Write atomically: a crash mid-write never leaves a half-written checkpoint behind."""
+def write_atomic(path, write):
+    """write(file) into a temp file, then os.replace: a crash or SIGKILL mid-write leaves the previous
+    file intact, never a half-written one."""
     tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"{path}: no such checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=True)
+def save_checkpoint(path, state):
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def official_kwargs(cfg, label_dim):
@@ -1066,12 +1099,15 @@ def load_teacher(cfg, device, label_dim):
             raise SystemExit("--teacher analytic: only the built-in toy data has an exact denoiser (--data toy)")
         return ToyMixture(cfg["resolution"])
     if spec.endswith(".pkl") or "://" in spec:
-        state, init_kwargs, _ = load_official_pkl(spec, cache_dir=CACHE_DIR, sha256=cfg["teacher_sha256"])
-        expected, defaults = official_kwargs(cfg, label_dim)
-        check_init_kwargs(init_kwargs, expected, source=spec, defaults=defaults)
+        try:
+            state, init_kwargs, _ = load_official_pkl(spec, cache_dir=CACHE_DIR, sha256=cfg["teacher_sha256"])
+            expected, defaults = official_kwargs(cfg, label_dim)
+            check_init_kwargs(init_kwargs, expected, source=spec, defaults=defaults)
+        except (OSError, ValueError, pickle.UnpicklingError) as e:  # the loader's errors name what is wrong
+            raise SystemExit(f"--teacher {spec}: {' '.join(str(e).split())}") from None
         augment_dim = init_kwargs.get("augment_dim", 0)
     else:
-        state, augment_dim = load_checkpoint(spec)["ema"], 0
+        state, augment_dim = read_checkpoint(spec, "--teacher")["ema"], 0
     teacher = build_net(cfg, "edm", label_dim, augment_dim, dropout=0.0)
     copy_by_name(state, teacher, ignore=())  # the teacher takes every tensor, map_augment included
     return teacher.to(device).eval().requires_grad_(False)
@@ -1091,7 +1127,101 @@ def init_weights(net, cfg, teacher):
             raise SystemExit("--init teacher: the analytic teacher has no weights; use --init random or PATH")
         copy_by_name(teacher.state_dict(), net)
     else:
-        copy_by_name(load_checkpoint(spec)["ema"], net)
+        try:
+            copy_by_name(read_checkpoint(spec, "--init")["ema"], net)
+        except ValueError as e:  # another architecture: the list of keys that do not fit
+            raise SystemExit(f"--init {spec}: {e}") from None
+
+# ----------------------------------------------------------------------------- run folders
+# An output folder belongs to one run. A training stage starts in a new or empty --outdir, or continues
+# with --resume the run whose checkpoint it names; nothing is written before every check has passed.
+# A checkpoint records its script, stage and config, and resumes only a run whose config differs in
+# RESUME_MAY_CHANGE fields alone. A user's mistake raises SystemExit(message): the entry point prints
+# it as one line and exits with code 2, without a traceback.
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors take the same one-line form
+        raise SystemExit(f"{message} (see --help)")
+
+
+def read_checkpoint(path, flag):
+    """One of this script's checkpoints, loaded with weights_only=True (no code can run)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise SystemExit(f"{flag} {path}: is a folder, expected a checkpoint file") from None
+    except pickle.UnpicklingError as e:  # torch's weights-only unpickler: a refused global, or damaged bytes
+        if "GLOBAL" in str(e):
+            raise SystemExit(f"{flag} {path}: refused: it holds objects other than tensors and plain data "
+                             "(nothing in it was run)") from None
+        raise SystemExit(f"{flag} {path}: not a readable checkpoint (its pickle is damaged)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated, damaged or not a torch file
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise SystemExit(f"{flag} {path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or not {"script", "stage", "config", "iter", "ema"} <= ckpt.keys():
+        raise SystemExit(f"{flag} {path}: not a checkpoint of {SCRIPT} (no script/stage/config/iter/ema entries)")
+    if ckpt["script"] != SCRIPT:
+        raise SystemExit(f"{flag} {path}: a checkpoint of {ckpt['script']}, not of {SCRIPT}")
+    return ckpt
+
+
+def run_fields(cfg):
+    """The config fields that define a run: all but RESUME_MAY_CHANGE."""
+    return {k: v for k, v in cfg.items() if k not in RESUME_MAY_CHANGE}
+
+
+def config_diff(old, new):
+    """'field old -> new' for each run-defining field that differs, on one line ('' if none)."""
+    old, new = run_fields(old), run_fields(new)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "unset") != new.get(k, "unset"))
+    return "; ".join(f"{k} {old.get(k, 'unset')!r} -> {new.get(k, 'unset')!r}" for k in keys)
+
+
+def check_resume(ckpt, cfg, path):
+    """Refuse a checkpoint of another stage, network or recipe, naming the fields that differ."""
+    if ckpt["stage"] != cfg["stage"]:
+        raise SystemExit(f"--resume {path}: a {ckpt['stage']} checkpoint (iteration {ckpt['iter']}); "
+                         f"this run is --stage {cfg['stage']}")
+    diff = config_diff(ckpt["config"], cfg)
+    if diff:
+        raise SystemExit(f"--resume {path}: the checkpoint's run differs from this one: {diff} "
+                         f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume)")
+
+
+def check_outdir(cfg):
+    """Before a byte is written: --outdir must be new or empty, or hold the run that --resume continues.
+    Returns the checkpoint to resume from (already checked against cfg), or None for a fresh start."""
+    out, resume = Path(cfg["outdir"]), cfg["resume"]
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--outdir {out}: is a file, expected a folder")
+    base = next(p for p in (out, *out.parents) if p.exists())
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise SystemExit(f"--outdir {out}: {base} is not a writable folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    latest = out / "ckpt-latest.pt"
+    if resume is None and held:
+        what = f"{len(held)} files ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''})"
+        if latest.is_file():
+            c = read_checkpoint(latest, "--outdir")
+            what = f"a {c['stage']} run at iteration {c['iter']} of {c['config'].get('iters', '?')}"
+        raise SystemExit(f"--outdir {out}: already holds {what}; continue it with --resume auto, "
+                         "or choose a new --outdir")
+    if resume is None or (resume == "auto" and not latest.exists() and not held):
+        return None
+    if resume == "auto" and not latest.exists():
+        raise SystemExit(f"--resume auto: {out} holds files but no ckpt-latest.pt to continue; "
+                         "choose a new --outdir")
+    path = latest if resume == "auto" else Path(resume)
+    ckpt = read_checkpoint(path, "--resume")
+    check_resume(ckpt, cfg, path)
+    if held and path.resolve() != latest.resolve():  # continuing a copy into a folder that holds a run
+        if not latest.is_file():
+            raise SystemExit(f"--outdir {out}: not empty and holds no ckpt-latest.pt; choose a new --outdir")
+        check_resume(read_checkpoint(latest, "--outdir"), cfg, latest)
+    return ckpt
 
 # ----------------------------------------------------------------------------- training loop
 
@@ -1231,9 +1361,7 @@ def train(cfg):
     """One loop for every training stage: pretrain (EDM), mid (CMT), post (ECT)."""
     rank, world, device = init_distributed()
     outdir = Path(cfg["outdir"])
-    if rank == 0:
-        outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / "config.json").write_text(json.dumps(cfg, indent=2))
+    ckpt = check_outdir(cfg)  # None: a fresh start
     torch.manual_seed(cfg["seed"] * world + rank)  # distinct per rank, derived from --seed
     np.random.seed((cfg["seed"] * world + rank) % (1 << 31))
     random.seed(cfg["seed"] * world + rank)
@@ -1251,16 +1379,15 @@ def train(cfg):
     if cfg["stage"] == "mid":
         teacher = rank0_first(lambda: load_teacher(cfg, device, stream.label_dim), rank, world)
     net = build_net(cfg, "edm" if cfg["stage"] == "pretrain" else "ecm", stream.label_dim)
-    init_weights(net, cfg, teacher)
+    if ckpt is None:  # a resumed run takes every weight from its checkpoint
+        init_weights(net, cfg, teacher)
     net.to(device).train().requires_grad_(True)
     ema = copy.deepcopy(net).requires_grad_(False)
     optimizer = make_optimizer(cfg, net, device)
     micro_loss, source = make_loss(cfg, stream, teacher, batch_gpu, rounds, device)
 
     start, skipped = 0, 0
-    resume = outdir / "ckpt-latest.pt" if cfg["resume"] == "auto" else cfg["resume"]
-    if resume is not None and Path(resume).exists():
-        ckpt = load_checkpoint(resume)
+    if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -1269,12 +1396,15 @@ def train(cfg):
             source.load_state_dict(ckpt["data_state"][rank])
             set_rng_state(ckpt["rng"][rank])
         elif rank == 0:
-            print(f"warning: {resume} was written by {len(ckpt['rng'])} processes, this run has {world}: "
+            print(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}: "
                   "weights and optimizer continue, data order and noise restart from --seed")
         if rank == 0:
-            print(f"resumed from {resume} at iteration {start}")
-    elif cfg["resume"] not in (None, "auto"):
-        raise SystemExit(f"--resume {resume}: no such checkpoint")
+            print(f"resumed from {'ckpt-latest.pt' if cfg['resume'] == 'auto' else cfg['resume']} at iteration {start}")
+    if world > 1:
+        torch.distributed.barrier()  # every rank has checked --outdir before rank 0 writes into it
+    if rank == 0:
+        outdir.mkdir(parents=True, exist_ok=True)
+        write_atomic(outdir / "config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
 
     if cfg["channels_last"]:
         net.to(memory_format=torch.channels_last)
@@ -1292,7 +1422,8 @@ def train(cfg):
         data_states, rngs = gather(state, world), gather(rng_state(), world)
         if rank == 0:
             ckpt = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                    "iter": it, "rng": rngs, "data_state": data_states, "config": cfg, "stage": cfg["stage"]}
+                    "iter": it, "rng": rngs, "data_state": data_states, "config": cfg, "stage": cfg["stage"],
+                    "script": SCRIPT}
             save_checkpoint(outdir / "ckpt-latest.pt", ckpt)
             if snapshot:
                 save_checkpoint(outdir / f"ckpt-{it:07d}.pt", ckpt)
@@ -1454,6 +1585,10 @@ def run_tiny(args):
     root = Path(args.outdir or "runs/tiny")
     if args.data not in (None, "toy"):
         raise SystemExit("--data: the tiny pipeline runs on the built-in toy data (its table needs the exact ODE)")
+    if args.resume not in (None, "auto"):
+        raise SystemExit("--resume: the tiny pipeline continues with --resume auto (each stage from its own folder)")
+    if args.resume is None:
+        check_outdir(dict(outdir=str(root), resume=None))  # a fresh demo needs a new or empty folder
     analytic = args.teacher == "analytic"
 
     def stage(name, sub, **over):
@@ -1498,17 +1633,23 @@ def sample_stage(cfg):
     """--stage sample: --init PATH (checkpoint of any stage) or --init teacher -> PNG grid, .npz, FID."""
     rank, world, device = init_distributed()
     outdir = Path(cfg["outdir"])
-    outdir.mkdir(parents=True, exist_ok=True)
+    check_outdir(dict(cfg, resume=None))  # samples never overwrite an earlier run's files
     label_dim = 0
     if cfg["init"] == "teacher":
         net = load_teacher(cfg, device, label_dim)
     else:
-        ckpt = load_checkpoint(cfg["init"] or "")
+        if cfg["init"] in (None, "random"):
+            raise SystemExit("--init: --stage sample needs a checkpoint PATH (ckpt-*.pt) or 'teacher'")
+        ckpt = read_checkpoint(cfg["init"], "--init")
         cfg = dict(cfg, resolution=ckpt["config"]["resolution"])  # the network as trained, whatever --preset
         label_dim = ckpt["ema"]["model.map_label.weight"].shape[1] if "model.map_label.weight" in ckpt["ema"] else 0
         net = build_net(ckpt["config"], "edm" if ckpt["stage"] == "pretrain" else "ecm", label_dim, dropout=0.0)
         net.load_state_dict(ckpt["ema"])
         net = net.to(device).eval()
+    if world > 1:
+        torch.distributed.barrier()  # every rank has checked --outdir before rank 0 writes into it
+    if rank == 0:
+        outdir.mkdir(parents=True, exist_ok=True)
     for steps in ((None,) if isinstance(net, ToyMixture) or net.kind == "edm" else cfg["sample_steps"]):
         tag = "heun" if steps is None else f"{steps}step"
         if rank == 0:
@@ -1524,13 +1665,37 @@ def sample_stage(cfg):
 # ----------------------------------------------------------------------------- entry point
 
 
+def int_at_least(low):
+    """argparse type: an integer >= low, so --batch 0 is one clear line instead of a ZeroDivisionError."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def step_counts(text):
+    """argparse type: comma-separated positive step counts, e.g. 1,2."""
+    try:
+        steps = [int(v) for v in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive step counts such as 1,2, got {text!r}")
+    return steps
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Flags left unset take the preset's value (cifar10 values shown).")
     a = p.add_argument
     a("--stage", choices=["pretrain", "mid", "post", "sample"],
       help="what to run; omitted with --preset tiny: the whole CPU demo pipeline")
-    a("--preset", default="cifar10", help=f"recipe: {', '.join(PRESETS)} (default: cifar10, the paper's)")
+    a("--preset", default="cifar10", choices=list(PRESETS), help=f"recipe: {', '.join(PRESETS)} (default: cifar10, the paper's)")
     a("--outdir", help="output folder (default: runs/<stage>, runs/tiny for the demo)")
     a("--data", help="'cifar10' (downloaded), a CIFAR-10 .tar.gz, an EDM zip/folder of PNGs, or 'toy' (default: preset)")
     a("--cond", action="store_true", help="class-conditional: labels from dataset.json / CIFAR (default: off)")
@@ -1541,42 +1706,42 @@ def parse_args(argv=None):
     a("--init", help="student weights: PATH (checkpoint EMA), 'teacher' or 'random' (default: mid 'teacher', "
                      "pretrain 'random', post: required)")
     a("--resume", help="'auto' (= outdir/ckpt-latest.pt if present) or a checkpoint PATH (default: none)")
-    a("--batch", type=int, help="global batch in images (default: 128 mid/post, 512 pretrain)")
-    a("--batch-gpu", type=int, help="per-process micro-batch; accumulation = batch / (batch_gpu x processes) "
+    a("--batch", type=int_at_least(1), help="global batch in images (default: 128 mid/post, 512 pretrain)")
+    a("--batch-gpu", type=int_at_least(1), help="per-process micro-batch; accumulation = batch / (batch_gpu x processes) "
                                     "(default: batch / processes)")
-    a("--iters", type=int, help="training iterations (default: from --mimg)")
+    a("--iters", type=int_at_least(1), help="training iterations (default: from --mimg)")
     a("--mimg", type=float, help="training length in millions of images (default: 38.4 mid, 12.8 post, 200 pretrain)")
     a("--lr", type=float, help="peak learning rate, decayed linearly to 0 (default: 2e-4 mid, 1e-4 post, 1e-3 pretrain)")
     a("--ema", type=float, help="EMA decay per iteration (default: 0.999 mid, 0.9999 post)")
     a("--optimizer", choices=["adam", "radam"], help="(default: radam mid/post, adam pretrain)")
     a("--dropout", type=float, help="dropout probability (default: 0.2 mid/post, 0.13 pretrain)")
-    a("--seed", type=int, default=0, help="global seed; ranks use seed x processes + rank (default: 0)")
+    a("--seed", type=int_at_least(0), default=0, help="global seed; ranks use seed x processes + rank (default: 0)")
     a("--metric", choices=["l2", "huber", "cauchy", "lpips"], help="CMT distance (default: lpips; tiny: l2)")
     a("--lpips-weights", help="VGG16.pth,LPIPS_LIN.pth: torchvision vgg16 state_dict and LPIPS v0.1 vgg.pth")
     a("--huber-c", type=float, help="c of huber/cauchy (default: 0.00054 sqrt(pixels x channels))")
-    a("--cmt-steps", type=int, default=CMT_STEPS, help="teacher DPM-Solver++ steps per trajectory = pairs per "
+    a("--cmt-steps", type=int_at_least(1), default=CMT_STEPS, help="teacher DPM-Solver++ steps per trajectory = pairs per "
                                                          "trajectory (default: 16, official)")
-    a("--traj-reuse", type=int, default=1, help="iterations each teacher trajectory serves (default: 1, official)")
+    a("--traj-reuse", type=int_at_least(1), default=1, help="iterations each teacher trajectory serves (default: 1, official)")
     a("--mid-t", type=float, help="noise level of the 2-step sampler's second step (default: 0.77569)")
     a("--ect-q", type=float, help="ECT q, Delta t = 1/q at stage 0 (default: 4096 CIFAR, 512 FFHQ, 1024 AFHQ)")
-    a("--ect-double", type=int, default=0, help="halve Delta t every N iterations, plain ECT (default: 0 = fixed q)")
+    a("--ect-double", type=int_at_least(0), default=0, help="halve Delta t every N iterations, plain ECT (default: 0 = fixed q)")
     a("--ect-c", type=float, default=0.0, help="ECT pseudo-Huber c (default: 0 = L2)")
     a("--fid-ref", help="reference statistics .npz (mu, sigma) for FID via fid.py (default: no FID)")
-    a("--fid-every", type=int, default=0, help="FID every N iterations, 0 = only at the end (default: 0)")
-    a("--fid-num", type=int, default=50000, help="images per FID (default: 50000)")
-    a("--num", type=int, default=64, help="--stage sample: images to write (default: 64)")
-    a("--sample-steps", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2],
+    a("--fid-every", type=int_at_least(0), default=0, help="FID every N iterations, 0 = only at the end (default: 0)")
+    a("--fid-num", type=int_at_least(1), default=50000, help="images per FID (default: 50000)")
+    a("--num", type=int_at_least(1), default=64, help="--stage sample: images to write (default: 64)")
+    a("--sample-steps", type=step_counts, default=[1, 2],
       help="--stage sample: student step counts (default: 1,2)")
     a("--bf16", action="store_true", help="bf16 autocast (default: fp32)")
     a("--tf32", action="store_true", help="TF32 matmuls/convs on CUDA (default: off)")
     a("--channels-last", action="store_true", help="channels_last memory format (default: off)")
     a("--compile", action="store_true", help="torch.compile the training network (default: off)")
-    a("--log-every", type=int, help="iterations per progress line / stats.jsonl row (default: 100)")
-    a("--ckpt-every", type=int, help="iterations per ckpt-latest.pt (default: 5000)")
-    a("--snap-every", type=int, help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only (default: 50000)")
-    a("--sample-every", type=int, help="iterations per samples-NNNNNNN.png grid, 0 = end only (default: 10000)")
-    a("--max-skips", type=int, default=100, help="abort after this many non-finite steps (default: 100)")
-    a("--eval-num", type=int, default=1000, help="tiny demo: samples per quality-table row (default: 1000)")
+    a("--log-every", type=int_at_least(1), help="iterations per progress line / stats.jsonl row (default: 100)")
+    a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt (default: 5000)")
+    a("--snap-every", type=int_at_least(0), help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only (default: 50000)")
+    a("--sample-every", type=int_at_least(0), help="iterations per samples-NNNNNNN.png grid, 0 = end only (default: 10000)")
+    a("--max-skips", type=int_at_least(0), default=100, help="abort after this many non-finite steps (default: 100)")
+    a("--eval-num", type=int_at_least(1), default=1000, help="tiny demo: samples per quality-table row (default: 1000)")
     a("--baselines", type=int, default=1, help="tiny demo: also post-train from teacher/random init (default: 1)")
     return p.parse_args(argv)
 
@@ -1599,4 +1764,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if not isinstance(e.code, str):  # --help, or an exit status
+            raise
+        print(f"{SCRIPT}: error: {e.code}", file=sys.stderr)
+        sys.exit(2)

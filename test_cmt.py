@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,45 @@ def folder_bytes(folder):
     """Every file under folder (relative path -> bytes): 'nothing written' means this is unchanged."""
     folder = Path(folder)
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# Inputs of the bad-input rows, made in the test's folder (each returns the path it wrote).
+def make_pngs(folder, sizes=(8, 8, 8), mode="RGB", labels=None):
+    """PNGs img{i}.png of the given square sizes; labels {name: class} go to dataset.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(sizes):
+        Image.new(mode, (n, n), 100 + 10 * i).save(folder / f"img{i}.png")
+    if labels is not None:
+        (folder / "dataset.json").write_text(json.dumps({"labels": [[k, v] for k, v in labels.items()]}))
+    return folder
+
+
+def make_truncated(path):
+    """The first half of a real torch.save file: what a crash in a non-atomic write would leave."""
+    buf = io.BytesIO()
+    torch.save({"ema": {"w": torch.zeros(1000)}}, buf)
+    Path(path).write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    return path
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def make_evil(path):
+    """A checkpoint whose unpickling would run a shell command (it must never run: no pwned.txt appears)."""
+    torch.save({"ema": Evil()}, path)
+    return path
+
+
+def make_ckpt(path, script, stage, config=None, it=3):
+    """A stand-in checkpoint with the entries read_checkpoint checks (script, stage, config, iter, ema)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"script": script, "stage": stage, "config": config or {"iters": 10}, "iter": it,
+                "ema": {"w": torch.zeros(2)}}, path)
+    return path
 
 
 # ==================================================================================================
@@ -1397,7 +1437,49 @@ def test_conventions_end_to_end_on_random_vae(mod, vae):
 # Rows of the bad-input table (test_bad_input_is_one_line_exit_2_and_writes_nothing, at the end of the file):
 # pytest.param(script, argv, setup, expected, id=...): argv and expected items may use {tmp};
 # setup(tmp) makes the inputs in the test's folder, which is also the working directory.
-BAD_INPUTS_CIFAR = []
+_T = ["--preset", "tiny", "--outdir", "{tmp}/run"]
+BAD_INPUTS_CIFAR = [pytest.param("cmt_cifar10.py", argv, setup, expected, id="cifar-" + name) for name, argv, setup, expected in [
+    ("unknown-preset", ["--preset", "foo", "--stage", "mid"], None, ["--preset", "'foo'"]),
+    ("unknown-stage", ["--stage", "foo"], None, ["--stage", "'foo'"]),
+    ("unknown-metric", _T + ["--stage", "mid", "--metric", "foo"], None, ["--metric", "'foo'"]),
+    ("batch-zero", _T + ["--stage", "pretrain", "--batch", "0"], None, ["--batch", "'0'"]),
+    ("batch-negative", _T + ["--stage", "pretrain", "--batch", "-4"], None, ["--batch", "'-4'"]),
+    ("batch-not-divisible", _T + ["--stage", "pretrain", "--batch", "48", "--batch-gpu", "32"], None,
+     ["--batch 48", "--batch-gpu 32"]),
+    ("data-missing", _T + ["--stage", "pretrain", "--data", "{tmp}/nope"], None, ["--data", "nope", "no such"]),
+    ("data-empty", _T + ["--stage", "pretrain", "--data", "{tmp}/d"], lambda t: (t / "d").mkdir(), ["--data", "no PNG"]),
+    ("data-not-png", _T + ["--stage", "pretrain", "--data", "{tmp}/d"],
+     lambda t: make_pngs(t / "d").joinpath("img1.png").write_bytes(b"not a png"), ["--data", "img1.png", "not a readable PNG"]),
+    ("data-mixed-sizes", _T + ["--stage", "pretrain", "--data", "{tmp}/d"], lambda t: make_pngs(t / "d", (8, 16, 8)),
+     ["--data", "img1.png is 16x16", "img0.png is 8x8"]),
+    ("data-wrong-resolution", _T + ["--stage", "pretrain", "--data", "{tmp}/d"], lambda t: make_pngs(t / "d", (16, 16)),
+     ["--data", "16, 16", "3x8^2"]),
+    ("data-labels-mismatch", _T + ["--stage", "pretrain", "--cond", "--data", "{tmp}/d"],
+     lambda t: make_pngs(t / "d", labels={"img0.png": 0, "other.png": 1}), ["--data", "no label for img1.png"]),
+    ("init-truncated", _T + ["--stage", "post", "--init", "{tmp}/m.pt"], lambda t: make_truncated(t / "m.pt"),
+     ["--init", "m.pt", "not a readable checkpoint"]),
+    ("init-not-a-checkpoint", _T + ["--stage", "post", "--init", "{tmp}/m.pt"],
+     lambda t: torch.save({"w": torch.zeros(2)}, t / "m.pt"), ["--init", "m.pt", "not a checkpoint of cmt_cifar10.py"]),
+    ("init-other-script", _T + ["--stage", "post", "--init", "{tmp}/m.pt"],
+     lambda t: make_ckpt(t / "m.pt", "meanflow_post.py", "mid"), ["--init", "a checkpoint of meanflow_post.py"]),
+    ("init-malicious", _T + ["--stage", "post", "--init", "{tmp}/m.pt"], lambda t: make_evil(t / "m.pt"),
+     ["--init", "refused", "nothing in it was run"]),
+    ("teacher-truncated-pkl", _T + ["--stage", "mid", "--teacher", "{tmp}/t.pkl"],
+     lambda t: (t / "t.pkl").write_bytes(pickle.dumps({"ema": list(range(100))})[:40]), ["--teacher", "t.pkl", "not a readable"]),
+    ("teacher-garbage-pt", _T + ["--stage", "mid", "--teacher", "{tmp}/t.pt"], lambda t: (t / "t.pt").write_bytes(b"\x00" * 64),
+     ["--teacher", "t.pt", "not a readable checkpoint"]),
+    ("resume-missing", _T + ["--stage", "pretrain", "--resume", "{tmp}/c.pt"], None, ["--resume", "c.pt", "no such file"]),
+    ("resume-other-stage", _T + ["--stage", "post", "--init", "random", "--resume", "auto"],
+     lambda t: make_ckpt(t / "run" / "ckpt-latest.pt", "cmt_cifar10.py", "pretrain"),
+     ["--resume", "a pretrain checkpoint", "--stage post"]),
+    ("outdir-is-a-file", _T[:2] + ["--stage", "pretrain", "--outdir", "{tmp}/f"], lambda t: (t / "f").write_text("x"),
+     ["--outdir", "is a file"]),
+    ("outdir-holds-a-run", _T + ["--stage", "pretrain"], lambda t: make_ckpt(t / "run" / "ckpt-latest.pt", "cmt_cifar10.py", "post"),
+     ["--outdir", "already holds a post run at iteration 3", "--resume auto"]),
+    ("outdir-holds-files", _T + ["--stage", "pretrain"], lambda t: make_pngs(t / "run"), ["--outdir", "already holds 3 files"]),
+    ("sample-needs-init", ["--preset", "tiny", "--stage", "sample", "--outdir", "{tmp}/s"], None, ["--teacher", "needs a teacher"]),
+    ("sample-steps-zero", ["--preset", "tiny", "--stage", "sample", "--sample-steps", "0"], None, ["--sample-steps", "'0'"]),
+]]
 
 
 # A single Gaussian N(mu, std^2): linear denoiser, closed-form flow map (SPEC 8).
@@ -1748,7 +1830,8 @@ def test_teacher_state_with_map_augment_copies_by_name(tmp_path):
     assert all(torch.equal(t, state[n]) for n, t in teacher.state_dict().items())
     assert "model.map_augment.weight" not in student.state_dict()
     # Our own checkpoints feed --teacher/--init through torch.load(weights_only=True).
-    torch.save({"ema": cc.build_net(cfg, "edm").state_dict()}, tmp_path / "t.pt")
+    torch.save({"ema": cc.build_net(cfg, "edm").state_dict(), "script": cc.SCRIPT, "stage": "pretrain", "config": cfg, "iter": 1},
+               tmp_path / "t.pt")
     assert isinstance(cc.load_teacher(dict(cfg, teacher=str(tmp_path / "t.pt")), "cpu", 0), cc.Precond)
     # An official pickle's recorded architecture is checked against ours.
     expected, defaults = cc.official_kwargs(cfg, 0)
@@ -1802,11 +1885,11 @@ def test_teacher_from_official_pickle(tmp_path, monkeypatch):
     cc.init_weights(student, dict(cfg, init="teacher"), teacher)
     assert all(torch.equal(t, official.state_dict()[n]) for n, t in student.state_dict().items())
     write_edm_pickle(tmp_path / "wide.pkl", official, dict(kwargs, model_channels=32))  # not our architecture
-    with pytest.raises(ValueError, match="model_channels"):
+    with pytest.raises(SystemExit, match="model_channels"):
         cc.load_teacher(dict(cfg, teacher=str(tmp_path / "wide.pkl")), "cpu", 0)
     url, sha = (tmp_path / "edm.pkl").as_uri(), hashlib.sha256((tmp_path / "edm.pkl").read_bytes()).hexdigest()
     monkeypatch.setattr(cc, "CACHE_DIR", tmp_path / "cache")  # a URL teacher: downloaded, then checked by --teacher-sha256
-    with pytest.raises(ValueError, match="hash mismatch"):
+    with pytest.raises(SystemExit, match="hash mismatch"):
         cc.load_teacher(dict(cfg, teacher=url, teacher_sha256="0" * 64), "cpu", 0)
     fetched = cc.load_teacher(dict(cfg, teacher=url, teacher_sha256=sha), "cpu", 0)
     assert all(torch.equal(a, b) for a, b in zip(fetched.state_dict().values(), official.state_dict().values()))
@@ -1830,7 +1913,7 @@ def test_cifar10_tarball_and_edm_folder(tmp_path):
         info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(pickle.UnpicklingError, match="os.system"):
+    with pytest.raises(SystemExit, match="refusing global os.system .*nothing in it was run"):
         cc.open_data(str(evil))
     folder = tmp_path / "ds"
     (folder / "00000").mkdir(parents=True)
@@ -1924,9 +2007,54 @@ def test_cifar10_resume_is_bit_exact(tmp_path, monkeypatch, stage):
                     list(net_b.state_dict().values()) + list(ema_b.state_dict().values())):
         assert torch.equal(a, b)
     ckpt = torch.load(tmp_path / "b" / "ckpt-latest.pt", weights_only=True)
-    assert set(ckpt) == {"model", "ema", "optimizer", "iter", "rng", "data_state", "config", "stage"}
+    assert set(ckpt) == {"model", "ema", "optimizer", "iter", "rng", "data_state", "config", "stage", "script"}
     assert ckpt["iter"] == 6 and ckpt["stage"] == stage and (tmp_path / "b" / "ckpt-0000006.pt").exists()
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+
+
+def test_cifar10_run_folder_refuses_another_run_and_checks_resume(tmp_path, capsys):
+    run = ["--preset", "tiny", "--outdir", str(tmp_path / "run"), "--iters", "2", "--log-every", "1"]
+    cc.main(run + ["--stage", "pretrain"])
+    before = folder_bytes(tmp_path / "run")
+    for argv, message in [
+            (["--stage", "pretrain"], "already holds a pretrain run at iteration 2 of 2; continue it with --resume auto"),
+            (["--stage", "post", "--init", "random", "--resume", "auto"], "a pretrain checkpoint (iteration 2); this run is --stage post"),
+            (["--stage", "pretrain", "--resume", "auto", "--lr", "0.5"], "differs from this one: lr 0.002 -> 0.5"),
+            (["--stage", "pretrain", "--resume", "auto", "--dropout", "0.3"], "dropout 0.0 -> 0.3")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            cc.main(run + argv)
+        assert folder_bytes(tmp_path / "run") == before  # nothing written, changed or removed
+    cc.main(run[:-4] + ["--iters", "3", "--log-every", "1", "--stage", "pretrain", "--resume", "auto"])  # iters may change
+    assert "resumed from ckpt-latest.pt at iteration 2" in capsys.readouterr().out
+    assert cc.read_checkpoint(tmp_path / "run" / "ckpt-latest.pt", "--resume")["iter"] == 3
+
+
+def test_cifar10_sigkill_inside_a_checkpoint_write_loses_nothing(tmp_path):
+    """Killed while ckpt-latest.pt.tmp is being written, the previous ckpt-latest.pt stays loadable and
+    --resume auto ends with the weights of an uninterrupted run."""
+    argv = [sys.executable, str(ROOT / "cmt_cifar10.py"), "--preset", "tiny", "--stage", "pretrain", "--iters", "30",
+            "--batch", "16", "--ckpt-every", "1", "--log-every", "10"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    subprocess.run(argv + ["--outdir", "ref"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    run, landed = tmp_path / "run", False
+    for _ in range(20):  # a kill lands inside a write when the temp file outlives the process
+        p = subprocess.Popen(argv + ["--outdir", "run", "--resume", "auto"], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while p.poll() is None and not ((run / "ckpt-latest.pt").exists() and (run / "ckpt-latest.pt.tmp").exists()):
+            pass
+        p.kill()
+        p.wait()
+        landed = (run / "ckpt-latest.pt.tmp").exists()
+        if landed:
+            break
+    assert landed, "no kill landed inside a checkpoint write in 20 tries"
+    killed_at = cc.read_checkpoint(run / "ckpt-latest.pt", "--resume")["iter"]  # the previous one, whole
+    assert 1 <= killed_at < 30
+    subprocess.run(argv + ["--outdir", "run", "--resume", "auto"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    ref, got = (cc.read_checkpoint(tmp_path / d / "ckpt-latest.pt", "--resume") for d in ("ref", "run"))
+    assert got["iter"] == 30
+    for key in ("model", "ema"):
+        assert all(torch.equal(ref[key][k], got[key][k]) for k in ref[key]), key
 
 
 def test_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch):

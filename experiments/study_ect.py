@@ -119,7 +119,7 @@ def run_study(args, base):
         out = []
         for k in range(every, iters + 1, every):
             path = root / sub / f"ckpt-{k:07d}.pt"
-            net.load_state_dict(cc.load_checkpoint(path)["ema"])
+            net.load_state_dict(cc.read_checkpoint(path, "snapshot")["ema"])
             out.append((k, evaluate(net)))
             path.unlink()
         return out
