@@ -1158,7 +1158,7 @@ def read_checkpoint(path, flag):
             raise SystemExit(f"{flag} {path}: refused: it holds objects other than tensors and plain data "
                              "(nothing in it was run)") from None
         raise SystemExit(f"{flag} {path}: not a readable checkpoint (its pickle is damaged)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated, damaged or not a torch file
+    except Exception as e:  # truncated, damaged or not a torch file: the unpickler then fails in any way
         reason = " ".join(str(e).split())[:160] or type(e).__name__
         raise SystemExit(f"{flag} {path}: not a readable checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or not {"script", "stage", "config", "iter", "ema"} <= ckpt.keys():

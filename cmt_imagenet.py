@@ -38,9 +38,11 @@ Usage (every output goes under --outdir; one process or `torchrun --nproc_per_no
 
 Outputs in --outdir: config.json (the resolved config), stats.jsonl (one JSON line per --log-every),
 ckpt-latest.pt and ckpt-NNNNNNN.pt (a dict {model, ema, optimizer, iter, rng, data_state, config,
-stage}, written atomically, read with torch.load(weights_only=True)), samples-NNNNNNN.png grids (one
-row per class: 1-step left, 2-step right), samples-*.npz (uint8 NHWC) for fid.py, and for --preset
-tiny the subfolders pretrain/ mid/ post/ plus quality.txt.
+stage, script}, written atomically, read with torch.load(weights_only=True)), samples-NNNNNNN.png
+grids (one row per class: 1-step left, 2-step right), samples-*.npz (uint8 NHWC) for fid.py, and for
+--preset tiny the subfolders pretrain/ mid/ post/ plus quality.txt. A folder holds one run: a stage
+starts in a new or empty --outdir, or continues its own run with --resume auto, which refuses a
+checkpoint of another stage or recipe and names the fields that differ.
 
 Stages: `pretrain` (EDM2 denoising loss with the logvar head; used by the tiny demo to make its
 teacher), `mid`, `post`, `sample`, `encode` (ImageNet folder -> EDM2 latent dataset of [mean, std]
@@ -67,11 +69,13 @@ import os
 import pickle
 import random
 import re
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -137,6 +141,12 @@ PRESETS["tiny"] = dict(  # CPU demo on the built-in class-conditional Gaussian m
     post=dict(iters=400, lr=1e-5, ema=0.99, ect_q=256.0),
 )
 DEFAULT_PRESET = "img512-xxl"
+SCRIPT = "cmt_imagenet.py"  # recorded in every checkpoint: --init/--resume/--teacher refuse other scripts' files
+# Config fields a resumed run may change: how long it runs, how often it logs, checkpoints and samples,
+# and speed switches. Every other field defines the run and must match the checkpoint's.
+RESUME_MAY_CHANGE = {"outdir", "resume", "iters", "mimg", "batch_gpu", "log_every", "ckpt_every", "sample_every",
+                     "max_skips", "workers", "bf16", "tf32", "compile", "channels_last", "fid_ref", "num",
+                     "sample_steps", "heun_steps", "vae"}
 
 
 def resolve_config(args):
@@ -149,6 +159,7 @@ def resolve_config(args):
     cfg.update({k: v for k, v in preset.items() if not isinstance(v, dict)})  # dict values: per-stage overrides
     cfg.update(preset.get(args.stage, {}))
     cfg.update({k: v for k, v in vars(args).items() if v is not None})
+    cfg["resume"] = args.resume
     if args.iters is not None and args.mimg is not None:
         raise SystemExit("--iters and --mimg: give at most one (the other is derived)")
     if args.mimg is not None or cfg.get("iters") is None:
@@ -226,7 +237,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """EDM/EDM2 dataset: a zip or folder of PNGs (pixels) or of .npy [mean, std] VAE latents
     (8 x 64 x 64, SPEC §8), with labels from dataset.json {"labels": [[name, class], ...]}."""
 
-    def __init__(self, path, latent, res, img_channels):
+    def __init__(self, path, latent, res, img_channels, label_dim):
         self.path, self.latent = path, latent
         if os.path.isdir(path):
             names = [os.path.relpath(os.path.join(r, f), path).replace("\\", "/") for r, _, fs in os.walk(path) for f in fs]
@@ -242,25 +253,53 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise SystemExit(f"--data: no {ext} files in {path}; expected {other}")
         if "dataset.json" not in names:
             raise SystemExit(f"--data: {path} has no dataset.json with class labels")
-        labels = json.loads(self._read("dataset.json"))["labels"]
+        try:
+            labels = json.loads(self._read("dataset.json"))["labels"]
+            labels = None if labels is None else dict(labels)
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--data: {path}/dataset.json is not {{\"labels\": [[file, class], ...]}} ({e})") from None
         if labels is None:
             raise SystemExit(f"--data: {path}/dataset.json has no labels (this script is class-conditional)")
-        labels = dict(labels)
+        missing = [f for f in self.files if f not in labels]
+        if missing:
+            raise SystemExit(f"--data: {path}/dataset.json has no label for {missing[0]} "
+                             f"({len(missing)} of {len(self.files)} files unlabelled)")
         self.labels = np.array([labels[f] for f in self.files], dtype=np.int64)
+        if self.labels.min() < 0 or self.labels.max() >= label_dim:
+            raise SystemExit(f"--data: {path}/dataset.json labels must be classes 0..{label_dim - 1}, "
+                             f"found {self.labels.min()}..{self.labels.max()}")
         want = (2 * img_channels, res, res) if latent else (img_channels, res, res)
-        got = self[0][0].shape
-        if tuple(got) != want:
-            what = "VAE [mean, std] latents (8 channels)" if latent else "RGB images"
-            raise SystemExit(f"--data: {self.files[0]} has shape {tuple(got)}, expected {want} ({what})")
+        for name in self.files:  # headers only: a bad file stops the run here, not in a DataLoader worker
+            got = self._shape(name)
+            if got != want:
+                what = "VAE [mean, std] latents (8 channels)" if latent else "RGB images (grayscale is converted)"
+                raise SystemExit(f"--data: {name} in {path} has shape {got}, expected {want} ({what})")
         self._zip = None
 
-    def _read(self, name):
+    def _shape(self, name):
+        """(C, H, W) from a file's header; pixel images count as RGB, as __getitem__ converts them."""
+        try:
+            if self.latent:
+                f = io.BytesIO(self._read(name, 4096))
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape = read_header(f)[0]
+                return (int(np.prod(shape[:-2])), *shape[-2:]) if len(shape) >= 2 else tuple(shape)
+            with PIL.Image.open(io.BytesIO(self._read(name, 4096))) as img:
+                return (3, img.size[1], img.size[0])
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise SystemExit(f"--data: {name} in {self.path} is not a readable "
+                             f"{'.npy array' if self.latent else 'PNG'} ({' '.join(str(e).split())[:100]})") from None
+
+    def _read(self, name, size=-1):
+        """The file's bytes (its first `size` bytes: enough for a header)."""
         if os.path.isdir(self.path):
             with open(os.path.join(self.path, name), "rb") as f:
-                return f.read()
+                return f.read(size)
         if getattr(self, "_zip", None) is None:
             self._zip = zipfile.ZipFile(self.path)
-        return self._zip.read(name)
+        with self._zip.open(name) as f:
+            return f.read(size)
 
     def __getstate__(self):  # DataLoader workers open their own zip handle
         return dict(self.__dict__, _zip=None)
@@ -299,7 +338,7 @@ class BatchSource:
         self.cfg, self.kind, self.device, self.toy = cfg, kind, device, toy
         self.bg = cfg["batch_gpu"]
         if kind == "dataset":
-            ds = ImageFolderDataset(cfg["data"], cfg["latent"], cfg["res"], cfg["img_channels"])
+            ds = ImageFolderDataset(cfg["data"], cfg["latent"], cfg["res"], cfg["img_channels"], cfg["label_dim"])
             n, seed, batch, bg = len(ds), cfg["seed"], cfg["batch"], self.bg
             perms = {}
 
@@ -334,7 +373,7 @@ class BatchSource:
 def check_latent_stats(cfg, num=256):
     """Refuse a latent dataset whose normalised latents are far from EDM2's mean 0 / std 0.5 per
     channel (e.g. another VAE, latents already scaled by 0.18215, or a broken encode)."""
-    ds = ImageFolderDataset(cfg["data"], True, cfg["res"], cfg["img_channels"])
+    ds = ImageFolderDataset(cfg["data"], True, cfg["res"], cfg["img_channels"], cfg["label_dim"])
     idx = np.linspace(0, len(ds) - 1, min(num, len(ds))).astype(np.int64)
     raw = torch.stack([ds[int(i)][0] for i in idx])
     z = edm2_encode_latents(raw, torch.Generator().manual_seed(0))
@@ -1249,20 +1288,39 @@ def load_network(spec, cfg, what):
     if spec is None or spec == "pretrain":
         raise SystemExit(f"--{what}: give an EDM2 .pkl (path or URL), a checkpoint .pt, or 'analytic' (toy only)")
     if spec.endswith(".pt"):
-        state = torch.load(spec, map_location="cpu", weights_only=True)["ema"]
+        state = read_checkpoint(spec, f"--{what}")["ema"]
     else:
-        state, init_kwargs, class_name = load_official_pkl(spec)
+        state, init_kwargs, class_name = read_official_pkl(spec, f"--{what}")
         if class_name != "Precond":
             raise SystemExit(f"--{what}: {spec} holds a {class_name}, expected an EDM2 Precond")
         expected, defaults = edm2_arch_kwargs(cfg)
         if what == "guide":  # an autoguidance net is smaller (or unconditional): take its own size
             for key in ("model_channels", "label_dim"):
                 expected[key] = init_kwargs.get(key, expected[key])
-        check_init_kwargs(init_kwargs, expected, spec, defaults)
+        try:
+            check_init_kwargs(init_kwargs, expected, spec, defaults)
+        except ValueError as e:
+            raise SystemExit(f"--{what} {spec}: {' '.join(str(e).split())}") from None
         cfg = dict(cfg, model_channels=expected["model_channels"], label_dim=expected["label_dim"])
     net = build_net(cfg, logvar=any(k.startswith("logvar_") for k in state), s_min=0.0)
-    copy_by_name(state, net, ignore=())
+    copy_into(state, net, f"--{what} {spec}", ignore=())
     return net.eval().requires_grad_(False)
+
+
+def read_official_pkl(spec, flag):
+    """load_official_pkl with its errors (missing, damaged, refused, hash mismatch) as one line naming the flag."""
+    try:
+        return load_official_pkl(spec)
+    except (OSError, ValueError, pickle.UnpicklingError) as e:
+        raise SystemExit(f"{flag} {spec}: {' '.join(str(e).split())}") from None
+
+
+def copy_into(state, net, source, **kw):
+    """copy_by_name; a checkpoint of another architecture lists the keys that do not fit."""
+    try:
+        copy_by_name(state, net, **kw)
+    except ValueError as e:
+        raise SystemExit(f"{source}: {e}") from None
 
 
 def guided_denoiser(net, gnet=None, w=1.0):
@@ -1504,6 +1562,7 @@ def generate(cfg, device, rank, world, sampler, vae, tag):
             pass
     out = torch.cat(kept) if kept else torch.zeros([0, 3, 1, 1], dtype=torch.uint8)
     name = f"samples-{tag}.npz" if world == 1 else f"samples-{tag}-rank{rank}of{world}.npz"
+    os.makedirs(cfg["outdir"], exist_ok=True)
     np.savez(os.path.join(cfg["outdir"], name), images=out.permute(0, 2, 3, 1).numpy())
     if rank == 0:
         save_grid(out[:64], os.path.join(cfg["outdir"], f"samples-{tag}.png"), 8)
@@ -1512,6 +1571,98 @@ def generate(cfg, device, rank, world, sampler, vae, tag):
             with open(os.path.join(cfg["outdir"], "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(dict(tag=tag, fid=fid_value, num=cfg["num"], ref=cfg["fid_ref"])) + "\n")
     return fid_value
+
+
+# ----------------------------------------------------------------------------- run folders
+# An output folder belongs to one run. A training stage starts in a new or empty --outdir, or continues
+# with --resume the run whose checkpoint it names; nothing is written before every check has passed.
+# A checkpoint records its script, stage and config, and resumes only a run whose config differs in
+# RESUME_MAY_CHANGE fields alone. A user's mistake raises SystemExit(message): the entry point prints
+# it as one line and exits with code 2, without a traceback.
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors take the same one-line form
+        raise SystemExit(f"{message} (see --help)")
+
+
+def read_checkpoint(path, flag):
+    """One of this script's checkpoints, loaded with weights_only=True (no code can run)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise SystemExit(f"{flag} {path}: is a folder, expected a checkpoint file") from None
+    except pickle.UnpicklingError as e:  # torch's weights-only unpickler: a refused global, or damaged bytes
+        if "GLOBAL" in str(e):
+            raise SystemExit(f"{flag} {path}: refused: it holds objects other than tensors and plain data "
+                             "(nothing in it was run)") from None
+        raise SystemExit(f"{flag} {path}: not a readable checkpoint (its pickle is damaged)") from None
+    except Exception as e:  # truncated, damaged or not a torch file: the unpickler then fails in any way
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise SystemExit(f"{flag} {path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or not {"script", "stage", "config", "iter", "ema"} <= ckpt.keys():
+        raise SystemExit(f"{flag} {path}: not a checkpoint of {SCRIPT} (no script/stage/config/iter/ema entries)")
+    if ckpt["script"] != SCRIPT:
+        raise SystemExit(f"{flag} {path}: a checkpoint of {ckpt['script']}, not of {SCRIPT}")
+    return ckpt
+
+
+def run_fields(cfg):
+    """The config fields that define a run: all but RESUME_MAY_CHANGE."""
+    return {k: v for k, v in cfg.items() if k not in RESUME_MAY_CHANGE}
+
+
+def config_diff(old, new):
+    """'field old -> new' for each run-defining field that differs, on one line ('' if none)."""
+    old, new = run_fields(old), run_fields(new)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "unset") != new.get(k, "unset"))
+    return "; ".join(f"{k} {old.get(k, 'unset')!r} -> {new.get(k, 'unset')!r}" for k in keys)
+
+
+def check_resume(ckpt, cfg, path):
+    """Refuse a checkpoint of another stage, network or recipe, naming the fields that differ."""
+    if ckpt["stage"] != cfg["stage"]:
+        raise SystemExit(f"--resume {path}: a {ckpt['stage']} checkpoint (iteration {ckpt['iter']}); "
+                         f"this run is --stage {cfg['stage']}")
+    diff = config_diff(ckpt["config"], cfg)
+    if diff:
+        raise SystemExit(f"--resume {path}: the checkpoint's run differs from this one: {diff} "
+                         f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume)")
+
+
+def check_outdir(cfg):
+    """Before a byte is written: --outdir must be new or empty, or hold the run that --resume continues.
+    Returns the checkpoint to resume from (already checked against cfg), or None for a fresh start."""
+    out, resume = Path(cfg["outdir"]), cfg["resume"]
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--outdir {out}: is a file, expected a folder")
+    base = next(p for p in (out, *out.parents) if p.exists())
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise SystemExit(f"--outdir {out}: {base} is not a writable folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    latest = out / "ckpt-latest.pt"
+    if resume is None and held:
+        what = f"{len(held)} files ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''})"
+        if latest.is_file():
+            c = read_checkpoint(latest, "--outdir")
+            what = f"a {c['stage']} run at iteration {c['iter']} of {c['config'].get('iters', '?')}"
+        raise SystemExit(f"--outdir {out}: already holds {what}; continue it with --resume auto, "
+                         "or choose a new --outdir")
+    if resume is None or (resume == "auto" and not latest.exists() and not held):
+        return None
+    if resume == "auto" and not latest.exists():
+        raise SystemExit(f"--resume auto: {out} holds files but no ckpt-latest.pt to continue; "
+                         "choose a new --outdir")
+    path = latest if resume == "auto" else Path(resume)
+    ckpt = read_checkpoint(path, "--resume")
+    check_resume(ckpt, cfg, path)
+    if held and path.resolve() != latest.resolve():  # continuing a copy into a folder that holds a run
+        if not latest.is_file():
+            raise SystemExit(f"--outdir {out}: not empty and holds no ckpt-latest.pt; choose a new --outdir")
+        check_resume(read_checkpoint(latest, "--outdir"), cfg, latest)
+    return ckpt
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -1545,10 +1696,28 @@ def set_rng_state(state, device):
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
 
 
-def save_atomic(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+def save_atomic(obj, path, encode=None):
+    """torch.save (or encode(obj) -> str) into a temp file, then os.replace: a crash or SIGKILL mid-write
+    leaves the previous file intact, never a half-written one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        if encode is None:
+            torch.save(obj, f)
+        else:
+            f.write(encode(obj).encode())
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def open_vae(path, device):
+    """--vae weights (None: none given), their errors as one line."""
+    if path is None:
+        return None
+    try:
+        return load_vae(path, device)
+    except Exception as e:  # a missing, damaged or foreign file: the loaders then fail in any way
+        raise SystemExit(f"--vae {path}: not readable sd-vae-ft-mse weights ({' '.join(str(e).split())[:200]})") from None
 
 
 def learning_rate(cfg, it):
@@ -1576,9 +1745,9 @@ def init_student(cfg, teacher, logvar=False):
             raise SystemExit("--init teacher: the teacher is not an EDM2 network (use --init random or a checkpoint)")
         copy_by_name(teacher.state_dict(), net)
     elif spec.endswith(".pt"):
-        copy_by_name(torch.load(spec, map_location="cpu", weights_only=True)["ema"], net)
+        copy_into(read_checkpoint(spec, "--init")["ema"], net, f"--init {spec}")
     elif spec != "random":
-        copy_by_name(load_official_pkl(spec)[0], net)
+        copy_into(read_official_pkl(spec, "--init")[0], net, f"--init {spec}")
     return net
 
 
@@ -1586,17 +1755,15 @@ def train(cfg, stage):
     """One training loop for every stage: DDP, accumulation, EMA, guard, checkpoints, logging."""
     device, rank, world = dist_setup()
     outdir = cfg["outdir"]
+    ckpt = check_outdir(cfg)  # None: a fresh start
     cfg["batch_gpu"] = cfg["batch_gpu"] or cfg["batch"] // world
     accum = cfg["batch"] // (cfg["batch_gpu"] * world)
-    if accum * cfg["batch_gpu"] * world != cfg["batch"]:
+    if accum < 1 or accum * cfg["batch_gpu"] * world != cfg["batch"]:
         raise SystemExit(f"--batch {cfg['batch']} is not a multiple of --batch-gpu {cfg['batch_gpu']} x {world} GPUs")
     if stage == "mid" and cfg["batch_gpu"] % cfg["nfe"]:
         raise SystemExit(f"--batch-gpu {cfg['batch_gpu']} must be a multiple of --nfe {cfg['nfe']} "
                          "(each micro-batch holds whole 16-state trajectories)")
     if rank == 0:
-        os.makedirs(outdir, exist_ok=True)
-        with open(os.path.join(outdir, "config.json"), "w") as f:
-            json.dump(dict(cfg, stage=stage), f, indent=2)
         print(f"[{stage}] {cfg['iters']} iterations x {cfg['batch']} = {cfg['mimg']:.4g} Mimg; "
               f"{world} process(es) x batch-gpu {cfg['batch_gpu']} x accumulation {accum}; device {device}", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
@@ -1609,7 +1776,9 @@ def train(cfg, stage):
         if cfg["guide"]:
             gnet = load_network(cfg["guide"], cfg, "guide").to(device)
     teacher_fn = guided_denoiser(teacher, gnet, cfg["guidance"]) if teacher is not None else None
-    net = init_student(cfg, teacher, logvar=stage == "pretrain").to(device).train().requires_grad_(True)
+    # A resumed run takes every weight from its checkpoint.
+    net = init_student(cfg, teacher, logvar=stage == "pretrain") if ckpt is None else build_net(cfg, logvar=stage == "pretrain")
+    net = net.to(device).train().requires_grad_(True)
     if cfg["channels_last"]:
         net = net.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -1617,11 +1786,7 @@ def train(cfg, stage):
                            fused=device.type == "cuda")
     torch.manual_seed(rank_seed(cfg["seed"], rank))  # dropout streams; data noise comes from micro_seed
     start = 0
-    ckpt_path = os.path.join(outdir, "ckpt-latest.pt") if cfg.get("resume") == "auto" else cfg.get("resume")
-    if ckpt_path and os.path.isfile(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt["stage"] != stage:
-            raise SystemExit(f"--resume: {ckpt_path} is a {ckpt['stage']} checkpoint, this is stage {stage}")
+    if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -1629,9 +1794,8 @@ def train(cfg, stage):
         if len(ckpt["rng"]) == world:
             set_rng_state(ckpt["rng"][rank], device)
         if rank == 0:
-            print(f"[{stage}] resumed from {ckpt_path} at iteration {start}", flush=True)
-    elif cfg.get("resume") not in (None, "auto"):
-        raise SystemExit(f"--resume: {cfg['resume']} not found")
+            print(f"[{stage}] resumed from {'ckpt-latest.pt' if cfg['resume'] == 'auto' else cfg['resume']} "
+                  f"at iteration {start}", flush=True)
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
                                                     broadcast_buffers=False) if world > 1 else net
     model = torch.compile(ddp) if cfg["compile"] else ddp
@@ -1658,9 +1822,14 @@ def train(cfg, stage):
                 return ect_loss(model, y, labels, gen, cfg, it)
             return ecd_loss(model, teacher_fn, y, labels, gen, cfg, it)
 
-    vae = load_vae(cfg["vae"], device) if cfg["vae"] and rank == 0 else None
+    vae = open_vae(cfg["vae"], device) if rank == 0 else None
     if cfg["latent"] and vae is None and rank == 0:
         print(f"[{stage}] no --vae: latent sample grids are skipped", flush=True)
+    if world > 1:
+        torch.distributed.barrier()  # every rank has checked --outdir and its inputs before rank 0 writes
+    if rank == 0:
+        os.makedirs(outdir, exist_ok=True)
+        save_atomic(dict(cfg, stage=stage), os.path.join(outdir, "config.json"), lambda c: json.dumps(c, indent=2))
     stats_path = os.path.join(outdir, "stats.jsonl")
     params = list(net.parameters())
     log_loss = torch.zeros([], device=device)
@@ -1730,7 +1899,7 @@ def train(cfg, stage):
             if rank == 0:
                 ckpt = dict(model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), iter=it + 1,
                             rng=rngs, data_state=dict(images_seen=(it + 1) * cfg["batch"], seed=cfg["seed"]),
-                            config=json.loads(json.dumps(cfg)), stage=stage)
+                            config=json.loads(json.dumps(cfg)), stage=stage, script=SCRIPT)
                 save_atomic(ckpt, os.path.join(outdir, f"ckpt-{it + 1:07d}.pt"))
                 save_atomic(ckpt, os.path.join(outdir, "ckpt-latest.pt"))
         if rank == 0 and stage != "pretrain" and (done or (cfg["sample_every"] and (it + 1) % cfg["sample_every"] == 0)):
@@ -1744,8 +1913,8 @@ def train(cfg, stage):
 def run_sample(cfg):
     device, rank, world = dist_setup()
     cfg["batch_gpu"] = cfg["batch_gpu"] or 32
-    os.makedirs(cfg["outdir"], exist_ok=True)
-    vae = load_vae(cfg["vae"], device) if cfg["latent"] else None
+    check_outdir(dict(cfg, resume=None))  # samples never overwrite an earlier run's files
+    vae = open_vae(cfg["vae"], device) if cfg["latent"] else None
     if cfg["latent"] and vae is None:
         raise SystemExit("--vae: decoding latents needs the sd-vae-ft-mse weights (file or folder)")
     torch.manual_seed(cfg["seed"])
@@ -1786,9 +1955,14 @@ def run_encode(cfg):
         raise SystemExit(f"--data: {src} has no class subfolders")
     files = [(os.path.join(c, f), k) for k, c in enumerate(classes)
              for f in sorted(os.listdir(os.path.join(src, c))) if f.lower().endswith((".jpeg", ".jpg", ".png"))]
-    vae = load_vae(cfg["vae"], device) if cfg["latent"] else None
+    if not files:
+        raise SystemExit(f"--data: the class subfolders of {src} hold no .JPEG/.jpg/.png images")
+    vae = open_vae(cfg["vae"], device) if cfg["latent"] else None
     if cfg["latent"] and vae is None:
         raise SystemExit("--vae: encoding latents needs the sd-vae-ft-mse weights (file or folder)")
+    check_outdir(dict(cfg, resume=None))  # the dataset goes into a new or empty folder
+    if world > 1:
+        torch.distributed.barrier()  # every rank has checked --outdir before any writes into it
     size = cfg["res"] * 8 if cfg["latent"] else cfg["res"]
     labels = []
     for idx, (name, label) in enumerate(files):
@@ -1796,7 +1970,10 @@ def run_encode(cfg):
         labels.append([stem, label])
         if idx % world != rank:
             continue
-        img = center_crop_dhariwal(PIL.Image.open(os.path.join(src, name)), size)
+        try:
+            img = center_crop_dhariwal(PIL.Image.open(os.path.join(src, name)), size)
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise SystemExit(f"--data: {os.path.join(src, name)} is not a readable image ({e})") from None
         os.makedirs(os.path.join(out, stem.split("/")[0]), exist_ok=True)
         if cfg["latent"]:
             pix = torch.from_numpy(img.copy()).permute(2, 0, 1)[None]
@@ -1816,6 +1993,10 @@ def run_encode(cfg):
 def run_tiny(cfg_base, args):
     """The CPU demo: (pretrain teacher |analytic) -> mid -> post, then the quality table."""
     out = cfg_base["outdir"]
+    if args.resume not in (None, "auto"):
+        raise SystemExit("--resume: the tiny pipeline continues with --resume auto (each stage from its own folder)")
+    if args.resume is None:
+        check_outdir(dict(outdir=out, resume=None))  # a fresh demo needs a new or empty folder
     toy = ToyMixture(cfg_base["label_dim"], cfg_base["res"], cfg_base["img_channels"])
     walls, nets = {}, {}
     teacher_spec = cfg_base["teacher"]
@@ -1888,12 +2069,25 @@ def quality_table(cfg, toy, teacher, nets, walls, n=None):
 
 
 # ----------------------------------------------------------------------------- entry point
+def int_at_least(low):
+    """argparse type: an integer >= low, so --batch 0 is one clear line instead of a ZeroDivisionError."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--stage", choices=["pretrain", "mid", "post", "sample", "encode"], default=None,
       help="what to run (default: the whole tiny pipeline with --preset tiny)")
-    a("--preset", default=DEFAULT_PRESET, help=f"{', '.join(PRESETS)} (default: {DEFAULT_PRESET}, the paper's recipe)")
+    a("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), metavar="PRESET", help=f"{', '.join(PRESETS)} (default: {DEFAULT_PRESET}, the paper's recipe)")
     a("--outdir", default="runs/cmt-imagenet", help="output folder (default: runs/cmt-imagenet)")
     a("--data", help="EDM2 dataset zip/folder (.npy latents or PNGs), 'toy', or the ImageNet folder for encode "
                      "(default: none; tiny: toy)")
@@ -1906,39 +2100,39 @@ def build_parser():
                      "checkpoint, or 'teacher' for the Heun reference (default: mid teacher; post and sample: "
                      "none, give one)")
     a("--resume", help="checkpoint to resume, or 'auto' = ckpt-latest.pt in --outdir if present (default: none)")
-    a("--batch", type=int, help="global batch in images (mid: 16 states per trajectory) (default: 128)")
-    a("--batch-gpu", type=int, help="per-GPU micro-batch (default: batch / GPUs; sample: 32)")
-    a("--iters", type=int, help="training iterations (default: derived from --mimg)")
+    a("--batch", type=int_at_least(1), help="global batch in images (mid: 16 states per trajectory) (default: 128)")
+    a("--batch-gpu", type=int_at_least(1), help="per-GPU micro-batch (default: batch / GPUs; sample: 32)")
+    a("--iters", type=int_at_least(1), help="training iterations (default: derived from --mimg)")
     a("--mimg", type=float, help="training length in million images (default: mid 12.8, post 16)")
     a("--lr", type=float, help="Adam learning rate (default: mid 2e-4 linear decay, post 1e-6 constant)")
     a("--ema", type=float, help="EMA decay per iteration (default: mid 0.999, post 0.9999)")
-    a("--seed", type=int, help="random seed (default: 0)")
+    a("--seed", type=int_at_least(0), help="random seed (default: 0)")
     a("--fid-ref", help="reference statistics for FID in stage sample: .npz (mu, sigma) or EDM2 .pkl (default: none)")
     a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast (default: off)")
     a("--tf32", action=argparse.BooleanOptionalAction, default=None, help="TF32 matmuls on CUDA (default: on)")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the student (default: off)")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last weights (default: off)")
-    a("--ckpt-every", type=int, help="iterations between checkpoints (default: 2000)")
-    a("--sample-every", type=int, help="iterations between sample grids, 0 = only at the end (default: 20000)")
-    a("--log-every", type=int, help="iterations between progress lines / stats.jsonl rows (default: 100)")
-    a("--max-skips", type=int, help="abort after this many non-finite losses (default: 100)")
-    a("--workers", type=int, help="DataLoader worker processes (default: 2)")
+    a("--ckpt-every", type=int_at_least(1), help="iterations between checkpoints (default: 2000)")
+    a("--sample-every", type=int_at_least(0), help="iterations between sample grids, 0 = only at the end (default: 20000)")
+    a("--log-every", type=int_at_least(1), help="iterations between progress lines / stats.jsonl rows (default: 100)")
+    a("--max-skips", type=int_at_least(0), help="abort after this many non-finite losses (default: 100)")
+    a("--workers", type=int_at_least(0), help="DataLoader worker processes (default: 2)")
     a("--dropout", type=float, help="student dropout probability (default: 0)")
     a("--s-min", type=float, help="ECM eval-mode shift s_min, a noise level (default: 0, as the official EDM2 code)")
-    a("--nfe", type=int, help="teacher DPM-Solver++ steps in mid-training (default: 16)")
+    a("--nfe", type=int_at_least(1), help="teacher DPM-Solver++ steps in mid-training (default: 16)")
     a("--metric", choices=["huber", "cauchy", "l2"], help="CMT distance (default: huber)")
     a("--huber-c", type=float, help="Huber/Cauchy constant c, in data units (latent or [-1, 1] pixel values) "
                                     "(default: 0.06; tiny: 0.00054 sqrt(dim))")
     a("--post-loss", choices=["ecd", "ect"], help="post-training loss (default: ecd)")
     a("--solver", choices=["heun", "euler"], help="ECD teacher step (default: heun)")
     a("--ect-q", type=float, help="ECT/ECD r-mapping: Delta t = 1/q (default: 1024)")
-    a("--ect-double", type=int, help="halve Delta t every this many iterations, 0 = fixed q (default: 0)")
+    a("--ect-double", type=int_at_least(0), help="halve Delta t every this many iterations, 0 = fixed q (default: 0)")
     a("--p-mean", type=float, help="post: mean of ln t (default: -0.8)")
     a("--p-std", type=float, help="post: std of ln t (default: 1.6)")
     a("--mid-t", type=float, help="2-step sampling: intermediate noise level (default: 1.526)")
     a("--sample-steps", type=int, choices=[1, 2], help="sample stage: student steps (default: 2)")
-    a("--heun-steps", type=int, help="teacher Heun steps for the reference sampler (default: 32)")
-    a("--num", type=int, help="sample stage: number of images (default: 50000)")
+    a("--heun-steps", type=int_at_least(1), help="teacher Heun steps for the reference sampler (default: 32)")
+    a("--num", type=int_at_least(1), help="sample stage: number of images (default: 50000)")
     a("--vae", help="sd-vae-ft-mse weights (.safetensors/.bin or its folder), for latents (default: none)")
     return p
 
@@ -1961,7 +2155,13 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        if not isinstance(e.code, str):  # --help, or an exit status
+            raise
+        print(f"{SCRIPT}: error: {e.code}", file=sys.stderr)
+        sys.exit(2)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # a rank that tears gloo down while a peer is still talking aborts
         torch.distributed.destroy_process_group()

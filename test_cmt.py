@@ -2238,7 +2238,39 @@ def test_bench_cifar10_reports_flop_rate_and_mid_to_plain_ratio(capsys):
 # Rows of the bad-input table (test_bad_input_is_one_line_exit_2_and_writes_nothing, at the end of the file):
 # pytest.param(script, argv, setup, expected, id=...): argv and expected items may use {tmp};
 # setup(tmp) makes the inputs in the test's folder, which is also the working directory.
-BAD_INPUTS_IMAGENET = []
+_TI = ["--preset", "tiny", "--outdir", "{tmp}/run"]
+_POST = _TI + ["--stage", "post", "--teacher", "analytic", "--init", "random"]
+BAD_INPUTS_IMAGENET = [pytest.param("cmt_imagenet.py", argv, setup, expected, id="imagenet-" + name) for name, argv, setup, expected in [
+    ("unknown-preset", ["--preset", "img1024-s", "--stage", "mid"], None, ["--preset", "'img1024-s'"]),
+    ("batch-zero", _TI + ["--stage", "pretrain", "--batch", "0"], None, ["--batch", "'0'"]),
+    ("batch-gpu-not-whole-trajectories", _TI + ["--stage", "mid", "--teacher", "analytic", "--batch", "24"], None,
+     ["--batch-gpu 24", "--nfe 16"]),
+    ("data-mixed-sizes", _TI + ["--stage", "pretrain", "--data", "{tmp}/d"], lambda t: make_pngs(t / "d", (8, 16), labels={"img0.png": 0, "img1.png": 1}),
+     ["--data", "img1.png", "(3, 16, 16)", "expected (3, 8, 8)"]),
+    ("data-labels-mismatch", _TI + ["--stage", "pretrain", "--data", "{tmp}/d"], lambda t: make_pngs(t / "d", (8, 8), labels={"img0.png": 0}),
+     ["--data", "no label for img1.png"]),
+    ("data-label-out-of-range", _TI + ["--stage", "pretrain", "--data", "{tmp}/d"], lambda t: make_pngs(t / "d", (8, 8), labels={"img0.png": 0, "img1.png": 9}),
+     ["--data", "classes 0..5"]),
+    ("data-not-png", _TI + ["--stage", "pretrain", "--data", "{tmp}/d"],
+     lambda t: make_pngs(t / "d", (8, 8), labels={"img0.png": 0, "img1.png": 1}).joinpath("img0.png").write_bytes(b"GIF89a"),
+     ["--data", "img0.png", "not a readable PNG"]),
+    ("teacher-truncated-pkl", _TI + ["--stage", "mid", "--teacher", "{tmp}/t.pkl"],
+     lambda t: (t / "t.pkl").write_bytes(pickle.dumps({"ema": list(range(100))})[:40]), ["--teacher", "t.pkl", "not a readable"]),
+    ("guide-truncated", _TI + ["--stage", "post", "--teacher", "analytic", "--init", "random", "--guide", "{tmp}/g.pt"],
+     lambda t: make_truncated(t / "g.pt"), ["--guide", "g.pt", "not a readable checkpoint"]),
+    ("init-other-script", _TI + ["--stage", "post", "--teacher", "analytic", "--init", "{tmp}/m.pt"],
+     lambda t: make_ckpt(t / "m.pt", "cmt_cifar10.py", "mid"), ["--init", "a checkpoint of cmt_cifar10.py, not of cmt_imagenet.py"]),
+    ("init-malicious", ["--preset", "tiny", "--stage", "sample", "--init", "{tmp}/m.pt", "--outdir", "{tmp}/s"],
+     lambda t: make_evil(t / "m.pt"), ["--init", "refused", "nothing in it was run"]),
+    ("vae-garbage", ["--preset", "img512-xs", "--stage", "sample", "--init", "{tmp}/m.pt", "--vae", "{tmp}/v.bin", "--outdir", "{tmp}/s"],
+     lambda t: (t / "v.bin").write_bytes(bytes(range(256)) * 4), ["--vae", "v.bin", "not readable sd-vae-ft-mse weights"]),
+    ("resume-other-stage", _POST + ["--resume", "auto"], lambda t: make_ckpt(t / "run" / "ckpt-latest.pt", "cmt_imagenet.py", "mid"),
+     ["--resume", "a mid checkpoint", "--stage post"]),
+    ("outdir-is-a-file", ["--preset", "tiny", "--stage", "pretrain", "--outdir", "{tmp}/f"], lambda t: (t / "f").write_text("x"),
+     ["--outdir", "is a file"]),
+    ("encode-outdir-holds-files", ["--preset", "img64-s", "--stage", "encode", "--data", "{tmp}/src", "--outdir", "{tmp}/out"],
+     lambda t: (make_pngs(t / "src" / "n01"), make_pngs(t / "out")), ["--outdir", "already holds 3 files"]),
+]]
 
 
 @pytest.fixture
@@ -2376,7 +2408,7 @@ def test_imagenet_cli_help_and_names(tmp_path):
     for name in ("load_official_pkl", "edm_precond", "ecm_precond", "dpm_solver_pp", "heun_sampler", "cmt_loss",
                  "ect_t_to_r", "ect_loss", "ecd_loss", "sample_fewstep"):
         assert callable(getattr(inet, name)), name
-    with pytest.raises(SystemExit, match="--preset: unknown preset 'img1024-s'"):
+    with pytest.raises(SystemExit, match="argument --preset: invalid choice: 'img1024-s'"):
         inet_cfg("--stage", "mid", "--preset", "img1024-s")
     with pytest.raises(SystemExit, match="--iters and --mimg"):
         inet_cfg("--stage", "mid", "--iters", "5", "--mimg", "1")
@@ -2432,7 +2464,7 @@ def test_imagenet_edm2_pickle_loads_float32(tmp_path):
     for k, v in ref.items():
         assert got[k].dtype == torch.float32 and torch.equal(got[k].half(), v), k  # float16 -> float32 is exact
     bad = dict(cfg, model_channels=32)
-    with pytest.raises(ValueError, match="model_channels"):
+    with pytest.raises(SystemExit, match="--teacher .* model_channels"):
         inet.load_network(str(path), bad, "teacher")
 
 
@@ -2610,6 +2642,21 @@ def inet_train_args(outdir, *extra):
             "--log-every", "1", *extra]
 
 
+def test_imagenet_run_folder_refuses_another_run_and_checks_resume(tmp_path, inet_one_thread):
+    run = ["--preset", "tiny", "--outdir", str(tmp_path / "run"), "--iters", "2", "--batch", "16", "--log-every", "1"]
+    inet.main(run + ["--stage", "pretrain"])
+    before = folder_bytes(tmp_path / "run")
+    for argv, message in [
+            (["--stage", "pretrain"], "already holds a pretrain run at iteration 2 of 2"),
+            (["--stage", "post", "--teacher", "analytic", "--resume", "auto"], "a pretrain checkpoint (iteration 2); this run is --stage post"),
+            (["--stage", "pretrain", "--resume", "auto", "--ema", "0.5"], "differs from this one: ema 0.99 -> 0.5")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            inet.main(run + argv)
+        assert folder_bytes(tmp_path / "run") == before
+    inet.main(run + ["--stage", "pretrain", "--resume", "auto", "--iters", "3"])  # a longer run of the same recipe
+    assert inet.read_checkpoint(tmp_path / "run" / "ckpt-latest.pt", "--resume")["iter"] == 3
+
+
 def test_imagenet_resume_bit_exact(tmp_path, inet_one_thread):
     # Guided ECD post stage on the toy: exercises data noise (micro_seed), dropout RNG (saved and restored)
     # and the same-dropout-mask replay of the second student call.
@@ -2624,7 +2671,7 @@ def test_imagenet_resume_bit_exact(tmp_path, inet_one_thread):
     opt_a, opt_b = full["optimizer"]["state"], resumed["optimizer"]["state"]
     assert all(torch.equal(opt_a[i][s], opt_b[i][s]) for i in opt_a for s in opt_a[i])
     assert full["iter"] == resumed["iter"] == 4 and full["stage"] == "post"
-    assert set(full) == {"model", "ema", "optimizer", "iter", "rng", "data_state", "config", "stage"}  # SPEC §11
+    assert set(full) == {"model", "ema", "optimizer", "iter", "rng", "data_state", "config", "stage", "script"}
     group = full["optimizer"]["param_groups"][0]  # post: Adam (0.9, 0.99), constant lr
     assert tuple(group["betas"]) == (0.9, 0.99) and group["lr"] == inet.PRESETS["tiny"]["post"]["lr"]
     assert not list(tmp_path.rglob("*.tmp*"))  # checkpoints are written to a temp file, then renamed
@@ -2680,11 +2727,11 @@ def test_imagenet_tiny_end_to_end(tmp_path, inet_one_thread, capsys, monkeypatch
     metrics = json.loads((tmp_path / "f" / "metrics.jsonl").read_text())
     assert metrics["tag"] == "2step" and metrics["num"] == 4 and math.isfinite(metrics["fid"]) and metrics["fid"] > 0
     inet.main([*base, "--init", str(tmp_path / "post" / "ckpt-latest.pt")])
-    inet.main([*base, "--init", "teacher", "--teacher", "analytic", "--heun-steps", "4"])
-    for tag in ("2step", "heun4"):
-        images = np.load(tmp_path / "s" / f"samples-{tag}.npz")["images"]
+    inet.main([*base, "--init", "teacher", "--teacher", "analytic", "--heun-steps", "4", "--outdir", str(tmp_path / "h")])
+    for tag, folder in (("2step", "s"), ("heun4", "h")):  # one folder per run: a second sample run may not write into s
+        images = np.load(tmp_path / folder / f"samples-{tag}.npz")["images"]
         assert images.shape == (10, 8, 8, 3) and images.dtype == np.uint8
-        assert (tmp_path / "s" / f"samples-{tag}.png").is_file()
+        assert (tmp_path / folder / f"samples-{tag}.png").is_file()
 
 
 def test_imagenet_xs_real_size_forward():
@@ -2710,7 +2757,7 @@ def test_imagenet_encode_folder(tmp_path, inet_one_thread):
     # pixel preset: 64x64 PNGs + labels from the sorted class folders
     cfg = inet_cfg("--stage", "encode", "--preset", "img64-s", "--data", str(src), "--outdir", str(tmp_path / "px"))
     inet.run_encode(cfg)
-    ds = inet.ImageFolderDataset(str(tmp_path / "px"), False, 64, 3)
+    ds = inet.ImageFolderDataset(str(tmp_path / "px"), False, 64, 3, 1000)
     assert len(ds) == 4 and ds.labels.tolist() == [0, 0, 1, 1] and ds[3][0].shape == (3, 64, 64)
     # the 64x64 presets train on those pixels in [-1, 1]: rows in the order of the epoch-0 permutation
     cfg = inet_cfg("--stage", "post", "--preset", "img64-s", "--data", str(tmp_path / "px"), "--batch-gpu", "4",
@@ -2725,7 +2772,7 @@ def test_imagenet_encode_folder(tmp_path, inet_one_thread):
     cfg = inet_cfg("--stage", "encode", "--preset", "img512-xs", "--data", str(src), "--outdir", str(tmp_path / "lat"),
                    "--vae", str(tmp_path / "vae.bin"))
     inet.run_encode(dict(cfg, res=8))
-    ds = inet.ImageFolderDataset(str(tmp_path / "lat"), True, 8, 4)
+    ds = inet.ImageFolderDataset(str(tmp_path / "lat"), True, 8, 4, 1000)
     raw, label = ds[2]
     assert len(ds) == 4 and label == 1 and raw.shape == (8, 8, 8) and raw.dtype == torch.float32
     assert (raw[4:] > 0).all()  # the second half holds the posterior std
@@ -2764,7 +2811,8 @@ def test_imagenet_post_on_latent_dataset(tmp_path, inet_one_thread):
                    "--outdir", str(tmp_path / "run"), "--init", "teacher")
     cfg.update(latent=True, img_channels=4, data=str(tmp_path / "lat"), teacher=str(tmp_path / "teacher.pt"))
     torch.manual_seed(5)
-    torch.save(dict(ema=inet.build_net(cfg).state_dict()), tmp_path / "teacher.pt")
+    torch.save(dict(ema=inet.build_net(cfg).state_dict(), script=inet.SCRIPT, stage="pretrain", config=cfg, iter=0),
+               tmp_path / "teacher.pt")
     inet.train(cfg, "post")
     rows = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
     assert rows[-1]["iter"] == 2 and math.isfinite(rows[-1]["loss"]) and rows[-1]["skipped"] == 0
@@ -2777,7 +2825,73 @@ def test_imagenet_post_on_latent_dataset(tmp_path, inet_one_thread):
 # Rows of the bad-input table (test_bad_input_is_one_line_exit_2_and_writes_nothing, at the end of the file):
 # pytest.param(script, argv, setup, expected, id=...): argv and expected items may use {tmp};
 # setup(tmp) makes the inputs in the test's folder, which is also the working directory.
-BAD_INPUTS_MEANFLOW = []
+_MF = ["--preset", "tiny", "--iters", "2", "--batch", "8", "--outdir", "{tmp}/run"]
+
+
+def _mf_pretrain_ckpt(tmp):
+    """A stand-in pretrain checkpoint of this script in {tmp}/run, beside its config.json."""
+    make_ckpt(tmp / "run" / "ckpt-latest.pt", "meanflow_post.py", "pretrain", config={"iters": 10})
+    (tmp / "run" / "config.json").write_text("{}")
+
+
+def _mf_vae_setup(tmp):
+    make_pngs(tmp / "imgs" / "n01", (64, 64))
+    (tmp / "vae.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"")  # header cut short
+
+
+BAD_INPUTS_MEANFLOW = [pytest.param("meanflow_post.py", argv, setup, expected, id="meanflow-" + name)
+                       for name, argv, setup, expected in [
+    ("no-stage", ["--preset", "xl2"], None, ["--stage is required"]),
+    ("unknown-stage", ["--stage", "foo"], None, ["--stage", "'foo'", "see --help"]),
+    ("batch-zero", _MF + ["--stage", "pretrain", "--batch", "0"], None, ["--batch 0", "expected a positive integer"]),
+    ("batch-negative", _MF + ["--stage", "pretrain", "--batch", "-4"], None, ["--batch -4", "expected a positive integer"]),
+    ("iters-zero", _MF + ["--stage", "pretrain", "--iters", "0"], None, ["--iters 0", "expected a positive integer"]),
+    ("ckpt-every-negative", _MF + ["--stage", "pretrain", "--ckpt-every", "-1"], None, ["--ckpt-every -1", ">= 0"]),
+    ("pairs-too-many", _MF + ["--stage", "mid", "--pairs", "11"], None, ["--pairs 11", "at most", "10"]),
+    ("batch-not-divisible", _MF + ["--stage", "pretrain", "--batch-gpu", "3"], None, ["--batch 8", "--batch-gpu 3"]),
+    ("init-missing", _MF + ["--stage", "post", "--init", "{tmp}/no.pt"], None, ["--init", "no.pt", "no such file"]),
+    ("init-truncated", _MF + ["--stage", "post", "--init", "{tmp}/m.pt"], lambda t: make_truncated(t / "m.pt"),
+     ["--init", "m.pt", "not a readable checkpoint"]),
+    ("init-not-a-checkpoint", _MF + ["--stage", "post", "--init", "{tmp}/m.pt"],
+     lambda t: torch.save({"w": torch.zeros(2)}, t / "m.pt"), ["--init", "m.pt", "not a checkpoint of meanflow_post.py"]),
+    ("init-other-script", _MF + ["--stage", "post", "--init", "{tmp}/m.pt"],
+     lambda t: make_ckpt(t / "m.pt", "cmt_cifar10.py", "post"), ["--init", "a checkpoint of cmt_cifar10.py"]),
+    ("init-malicious", _MF + ["--stage", "post", "--init", "{tmp}/m.pt"], lambda t: make_evil(t / "m.pt"),
+     ["--init", "refused", "nothing in it was run"]),
+    ("teacher-garbage", _MF + ["--stage", "mid", "--teacher", "{tmp}/t.pt"], lambda t: (t / "t.pt").write_bytes(b"\x00" * 64),
+     ["--teacher", "t.pt", "not a readable checkpoint"]),
+    ("mid-needs-teacher", _MF + ["--stage", "mid"], None, ["--teacher", "needs --teacher PATH"]),
+    ("data-pngs", _MF + ["--stage", "post", "--data", "{tmp}/d"], lambda t: make_pngs(t / "d"),
+     ["--data", "no latents-*.npy shards", "--stage encode"]),
+    ("data-missing", _MF + ["--stage", "post", "--data", "{tmp}/nope"], None, ["--data", "nope", "no such folder"]),
+    ("outdir-is-a-file", _MF[:-2] + ["--stage", "pretrain", "--outdir", "{tmp}/f"], lambda t: (t / "f").write_text("x"),
+     ["--outdir", "is a file"]),
+    ("outdir-holds-a-run", _MF + ["--stage", "post"], _mf_pretrain_ckpt,
+     ["--outdir", "already holds a pretrain run at iteration 3 of 10", "--resume auto"]),
+    ("outdir-holds-files", _MF + ["--stage", "pretrain"], lambda t: make_pngs(t / "run"), ["--outdir", "already holds 3 files"]),
+    ("resume-other-stage", _MF + ["--stage", "post", "--resume", "auto"], _mf_pretrain_ckpt,
+     ["--resume", "a pretrain checkpoint", "--stage post"]),
+    ("resume-malicious", _MF + ["--stage", "pretrain", "--resume", "{tmp}/m.pt"], lambda t: make_evil(t / "m.pt"),
+     ["--resume", "refused", "nothing in it was run"]),
+    ("resume-other-script", _MF + ["--stage", "pretrain", "--resume", "auto"],
+     lambda t: make_ckpt(t / "run" / "ckpt-latest.pt", "cmt_imagenet.py", "pretrain"),
+     ["--resume", "a checkpoint of cmt_imagenet.py"]),
+    ("resume-files-no-ckpt", _MF + ["--stage", "pretrain", "--resume", "auto"], lambda t: make_pngs(t / "run"),
+     ["--resume auto", "no ckpt-latest.pt"]),
+    ("sample-needs-init", _MF + ["--stage", "sample"], None, ["--init", "needs --init PATH"]),
+    ("sample-outdir-holds-a-run", _MF + ["--stage", "sample", "--init", "{tmp}/run/ckpt-latest.pt"], _mf_pretrain_ckpt,
+     ["--outdir", "already holds a pretrain run"]),
+    ("sample-steps-zero", _MF + ["--stage", "sample", "--sample-steps", "0"], None, ["--sample-steps 0", "positive"]),
+    ("encode-vae-garbage", ["--stage", "encode", "--data", "{tmp}/imgs", "--vae", "{tmp}/vae.safetensors",
+                            "--outdir", "{tmp}/lat"], _mf_vae_setup, ["--vae", "vae.safetensors", "not readable sd-vae-ft-mse"]),
+    ("encode-outdir-holds-a-run", ["--stage", "encode", "--data", "{tmp}/imgs", "--vae", "{tmp}/vae.safetensors",
+                                   "--outdir", "{tmp}/run"], lambda t: (_mf_vae_setup(t), _mf_pretrain_ckpt(t)),
+     ["--outdir", "already holds a pretrain run"]),
+    ("tiny-outdir-holds-a-run", ["--preset", "tiny", "--outdir", "{tmp}/run"], _mf_pretrain_ckpt,
+     ["--outdir", "already holds a pretrain run"]),
+    ("tiny-resume-into-other-run", ["--preset", "tiny", "--resume", "auto", "--outdir", "{tmp}/run"], _mf_pretrain_ckpt,
+     ["--outdir", "ckpt-latest.pt", "not a run of the tiny pipeline"]),
+]]
 
 
 class ExactU(torch.nn.Module):
@@ -3128,6 +3242,19 @@ def test_meanflow_resume_is_bit_exact(tmp_path):
         for k, sa in a["optimizer"]["state"].items():
             assert all(torch.equal(sa[n], b["optimizer"]["state"][k][n]) for n in sa)
         assert not torch.equal(a["model"]["final_layer.linear.weight"], torch.zeros_like(a["model"]["final_layer.linear.weight"]))
+        assert a["script"] == "meanflow_post.py" and a["config"]["outdir"] == str(tmp_path / f"{stage}-a")
+    # A resume that changes a run-defining field is refused, naming the field, and writes nothing;
+    # a longer run (--iters is free to change) continues from iteration 6.
+    before = folder_bytes(tmp_path / "pretrain-b")
+    with pytest.raises(SystemExit, match=r"--resume .*differs from this one: lr 0\.001 -> 0\.002 \(only "):
+        run_main("--stage", "pretrain", "--iters", 6, "--outdir", tmp_path / "pretrain-b", "--resume", "auto", *common,
+                 "--lr", "0.002")
+    with pytest.raises(SystemExit, match=r"model 'tiny-teacher' -> 'tiny'"):
+        run_main("--stage", "pretrain", "--iters", 6, "--outdir", tmp_path / "pretrain-b", "--resume", "auto", *common,
+                 "--model", "tiny")
+    assert folder_bytes(tmp_path / "pretrain-b") == before
+    tr = run_main("--stage", "pretrain", "--iters", 7, "--outdir", tmp_path / "pretrain-b", "--resume", "auto", *common)
+    assert tr.it == 7 and torch.load(tmp_path / "pretrain-b" / "ckpt-latest.pt", weights_only=True)["iter"] == 7
 
 
 def test_200_steps_finite_and_injected_nan_is_skipped(tmp_path, monkeypatch, capsys):
@@ -3161,7 +3288,16 @@ def test_meanflow_tiny_preset_end_to_end(tmp_path, capsys):
     for stage in ("teacher", "mid", "post", "post-random"):
         assert (tmp_path / stage / "ckpt-latest.pt").is_file() and (tmp_path / stage / "config.json").is_file()
     ckpt = torch.load(tmp_path / "post" / "ckpt-latest.pt", weights_only=True)
-    assert set(ckpt) == {"model", "ema", "optimizer", "iter", "rng", "data_state", "config", "stage"}
+    assert set(ckpt) == {"model", "ema", "optimizer", "iter", "rng", "data_state", "config", "stage", "script"}
+    assert ckpt["script"] == "meanflow_post.py" and ckpt["stage"] == "post" and ckpt["config"]["stage"] == "post"
+    # The finished pipeline: a plain rerun is refused; --resume auto continues every stage (here: all done),
+    # so the table's error and FD columns come back identical and no stage trains again.
+    with pytest.raises(SystemExit, match="already holds 5 files"):
+        run_main("--preset", "tiny", "--iters", 10, "--num-eval", 300, "--outdir", tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("ckpt-*.pt")}
+    again = run_main("--preset", "tiny", "--iters", 10, "--num-eval", 300, "--outdir", tmp_path, "--resume", "auto")
+    assert [r.split()[-3:-1] for r in again.splitlines()] == [r.split()[-3:-1] for r in table.splitlines()]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("ckpt-*.pt")} == before
 
 
 def test_sample_stage_writes_npz_and_grid(tmp_path):
@@ -3183,21 +3319,33 @@ def test_sample_stage_writes_npz_and_grid(tmp_path):
     y = torch.randint(0, 8, (10,), generator=gen)
     want = mf.to_uint8((e - mf.average_velocity(net.eval(), e, torch.zeros(10), torch.ones(10), y))[:, :3].clamp(-1, 1))
     assert np.array_equal(np.load(tmp_path / "s" / "samples-1step.npz")["images"], want)  # same ops, same batch
-    with pytest.raises(ValueError, match="--init"):
+    with pytest.raises(SystemExit, match="--init"):
         run_main("--preset", "tiny", "--stage", "sample", "--outdir", tmp_path / "s2")
-    with pytest.raises(ValueError, match="--sample-steps"):
+    with pytest.raises(SystemExit, match="--outdir .*already holds 4 files"):  # never over an earlier sample
+        run_main("--preset", "tiny", "--stage", "sample", "--init", tmp_path / "ckpt-latest.pt", "--num", 10,
+                 "--outdir", tmp_path / "s")
+    with pytest.raises(SystemExit, match="--sample-steps"):
         run_main("--preset", "tiny", "--stage", "sample", "--init", tmp_path / "ckpt-latest.pt", "--sample-steps", "1,x")
 
 
 def test_meanflow_bad_inputs_give_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="--teacher"):
+    with pytest.raises(SystemExit, match="--teacher"):
         run_main("--preset", "tiny", "--stage", "mid", "--outdir", tmp_path)
-    with pytest.raises(ValueError, match="--batch-gpu"):
+    with pytest.raises(SystemExit, match="--batch-gpu 4"):
         run_main("--preset", "tiny", "--stage", "post", "--batch", "10", "--batch-gpu", "4", "--outdir", tmp_path)
-    with pytest.raises(FileNotFoundError, match="--data"):
+    with pytest.raises(SystemExit, match="--data .*nothing: no such folder"):
         run_main("--preset", "b4", "--stage", "post", "--data", tmp_path / "nothing", "--model", "tiny", "--outdir", tmp_path)
-    with pytest.raises(FileNotFoundError, match="--init"):
+    with pytest.raises(SystemExit, match="--init .*no.pt: no such file"):
         run_main("--preset", "tiny", "--stage", "post", "--init", tmp_path / "no.pt", "--outdir", tmp_path)
+    with pytest.raises(SystemExit, match="--init teacher: needs --teacher"):
+        run_main("--preset", "tiny", "--stage", "post", "--init", "teacher", "--outdir", tmp_path)
+    # an --init of another size: the keys that do not fit, not a load_state_dict traceback
+    make_ckpt(tmp_path / "m.pt", "meanflow_post.py", "mid", config={"iters": 10}, it=3)
+    with pytest.raises(SystemExit, match="--init .*m.pt: its EMA weights do not fit --model tiny"):
+        run_main("--preset", "tiny", "--stage", "post", "--init", tmp_path / "m.pt", "--outdir", tmp_path / "r")
+    with pytest.raises(SystemExit, match="--vae .*nope.safetensors: not readable sd-vae-ft-mse weights"):
+        mf.open_vae(tmp_path / "nope.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # nothing written by any of them
 
 
 def test_bf16_forward_keeps_loss_close_to_fp32():
