@@ -1362,6 +1362,8 @@ def train(cfg):
     rank, world, device = init_distributed()
     outdir = Path(cfg["outdir"])
     ckpt = check_outdir(cfg)  # None: a fresh start
+    if cfg["fid_ref"]:
+        read_fid_ref(cfg["fid_ref"])
     torch.manual_seed(cfg["seed"] * world + rank)  # distinct per rank, derived from --seed
     np.random.seed((cfg["seed"] * world + rank) % (1 << 31))
     random.seed(cfg["seed"] * world + rank)
@@ -1520,8 +1522,18 @@ def evaluate_fid(net, cfg, label_dim, device, rank, world, steps):
                          steps=steps)
             yield to_uint8(x)
     mu, sigma, _ = fid.inception_stats(batches(), device=device, num=per_rank)
-    mu_ref, sigma_ref = fid.load_ref(cfg["fid_ref"])
+    mu_ref, sigma_ref = read_fid_ref(cfg["fid_ref"])
     return float(fid.frechet_distance(mu, sigma, mu_ref, sigma_ref))
+
+
+def read_fid_ref(path):
+    """--fid-ref statistics (mu, sigma) through fid.py; also read before the first step, so that a bad
+    file stops the run at once instead of after training."""
+    import fid
+    try:
+        return fid.load_ref(path)
+    except ValueError as e:
+        raise SystemExit(f"--fid-ref {e}") from None
 
 
 @torch.no_grad()
@@ -1634,6 +1646,8 @@ def sample_stage(cfg):
     rank, world, device = init_distributed()
     outdir = Path(cfg["outdir"])
     check_outdir(dict(cfg, resume=None))  # samples never overwrite an earlier run's files
+    if cfg["fid_ref"]:
+        read_fid_ref(cfg["fid_ref"])
     label_dim = 0
     if cfg["init"] == "teacher":
         net = load_teacher(cfg, device, label_dim)

@@ -1554,7 +1554,10 @@ def generate(cfg, device, rank, world, sampler, vae, tag):
     fid_value = None
     if cfg["fid_ref"]:
         import fid
-        mu_ref, sigma_ref = fid.load_ref(cfg["fid_ref"])
+        try:
+            mu_ref, sigma_ref = fid.load_ref(cfg["fid_ref"])
+        except ValueError as e:
+            raise SystemExit(f"--fid-ref {e}") from None
         mu, sigma, n = fid.inception_stats(keep(images()), device=device)
         fid_value = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
     else:

@@ -770,13 +770,18 @@ def load_ref(path):
         else:
             with np.load(path) as f:
                 data = {k: f[k] for k in ("mu", "sigma") if k in f.files} or {k: None for k in f.files}
-    except (OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        raise ValueError(f"--ref {path}: cannot read reference statistics ({e})") from e
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: cannot read reference statistics ({e})") from e
     if not {"mu", "sigma"} <= set(data):
-        raise ValueError(f"--ref {path}: expected keys 'mu' and 'sigma', found {sorted(data)}")
-    mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+        raise ValueError(f"{path}: expected keys 'mu' and 'sigma', found {sorted(data)}")
+    try:
+        mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: mu and sigma must be numeric arrays ({e})") from e
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-        raise ValueError(f"--ref {path}: expected mu [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
+        raise ValueError(f"{path}: expected mu [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: mu / sigma contain NaN or inf")
     return mu, sigma
 
 
@@ -809,6 +814,8 @@ def _dataset_stats(args, path, label):
 
 
 def cmd_ref(args):
+    if os.path.exists(args.out):  # reference statistics are never overwritten
+        raise ValueError(f"--out {args.out}: already exists; remove it or choose another name")
     rank, net, mu, sigma, n, seed = _dataset_stats(args, args.data, "ref")
     if rank == 0:
         save_ref(args.out, mu, sigma)
@@ -816,7 +823,10 @@ def cmd_ref(args):
 
 
 def cmd_calc(args):
-    ref_mu, ref_sigma = load_ref(args.ref)  # fail on a bad reference before computing anything
+    try:
+        ref_mu, ref_sigma = load_ref(args.ref)  # fail on a bad reference before computing anything
+    except ValueError as e:
+        raise ValueError(f"--ref {e}") from e
     if ref_mu.size != FEATURE_DIM:
         raise ValueError(f"--ref {args.ref}: {ref_mu.size}-d statistics, expected the {FEATURE_DIM}-d "
                          "Inception pool features")
@@ -849,6 +859,11 @@ def cmd_bench(args):
           f"best {args.batch / min(times[1:]):.2f})")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors: one line and exit code 2, like every other input error
+        sys.exit(print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr) or 2)
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the docstring's layout and appends real defaults (not None/False) to the help."""
 
@@ -859,7 +874,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__[:__doc__.index("\n\n")],
+    parser = ArgumentParser(description=__doc__[:__doc__.index("\n\n")],
                                      epilog=__doc__[__doc__.index("Usage:"):__doc__.index("In-process API")],
                                      formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -906,8 +921,9 @@ def main(argv=None):
         args.func(args)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # a rank that tears gloo down while a peer is still talking aborts
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"fid.py {args.command}: error: {e}")
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # a user's input: one line, exit code 2
+        print(f"fid.py {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

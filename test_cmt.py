@@ -109,7 +109,30 @@ def make_ckpt(path, script, stage, config=None, it=3):
 # Rows of the bad-input table (test_bad_input_is_one_line_exit_2_and_writes_nothing, at the end of the file):
 # pytest.param(script, argv, setup, expected, id=...): argv and expected items may use {tmp};
 # setup(tmp) makes the inputs in the test's folder, which is also the working directory.
-BAD_INPUTS_FID = []
+def _ref(path, mu, sigma):
+    np.savez(path, mu=mu, sigma=sigma)
+    return path
+
+
+BAD_INPUTS_FID = [pytest.param("fid.py", argv, setup, expected, id="fid-" + name) for name, argv, setup, expected in [
+    ("unknown-command", ["score"], None, ["invalid choice: 'score'"]),
+    ("batch-zero", ["bench", "--batch", "0"], None, ["--batch must be >= 1"]),
+    ("images-nchw", ["ref", "--data", "{tmp}/x.npz", "--out", "{tmp}/r.npz"],
+     lambda t: np.savez(t / "x.npz", images=np.zeros((4, 3, 8, 8), np.uint8)), ["x.npz", "expected uint8 images [N, H, W, 3]"]),
+    ("images-float", ["ref", "--data", "{tmp}/x.npz", "--out", "{tmp}/r.npz"],
+     lambda t: np.savez(t / "x.npz", images=np.zeros((4, 8, 8, 3), np.float32)), ["x.npz", "expected uint8 images"]),
+    ("out-exists", ["ref", "--data", "{tmp}/x.npz", "--out", "{tmp}/r.npz"],
+     lambda t: (np.savez(t / "x.npz", images=np.zeros((4, 8, 8, 3), np.uint8)), _ref(t / "r.npz", np.zeros(3), np.eye(3))),
+     ["--out", "r.npz", "already exists"]),
+    ("ref-nan", ["calc", "--images", "{tmp}/x.npz", "--ref", "{tmp}/r.npz"],
+     lambda t: _ref(t / "r.npz", np.full(3, np.nan), np.eye(3)), ["--ref", "r.npz", "NaN"]),
+    ("ref-dimensions", ["calc", "--images", "{tmp}/x.npz", "--ref", "{tmp}/r.npz"],
+     lambda t: _ref(t / "r.npz", np.zeros(4), np.eye(5)), ["--ref", "r.npz", "expected mu [D] and sigma [D, D]"]),
+    ("ref-not-2048", ["calc", "--images", "{tmp}/x.npz", "--ref", "{tmp}/r.npz"],
+     lambda t: _ref(t / "r.npz", np.zeros(5), np.eye(5)), ["--ref", "5-d statistics", "2048"]),
+    ("ref-not-npz", ["calc", "--images", "{tmp}/x.npz", "--ref", "{tmp}/r.npz"],
+     lambda t: (t / "r.npz").write_text("mu,sigma"), ["--ref", "r.npz", "cannot read"]),
+]]
 
 
 def _child_env():
@@ -613,11 +636,13 @@ def test_progress_line_reports_rate_and_eta(png_folders, weights_file, monkeypat
     assert lines[-1].startswith("[fid] 4/4 img (100.0%) | ") and " img/s | done in " in lines[-1]
 
 
-def test_cli_errors_name_the_file(png_folders, weights_file, tmp_path):
+def test_cli_errors_name_the_file(png_folders, weights_file, tmp_path, capsys):
     def error(*argv):
         with pytest.raises(SystemExit) as e:
             fid.main([*argv, "--weights", str(weights_file)])
-        return str(e.value.code)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        return err
     fid.save_ref(tmp_path / "small.npz", np.zeros(5), np.eye(5))
     message = error("calc", "--images", str(png_folders / "samples"), "--ref", str(tmp_path / "small.npz"))
     assert message.startswith("fid.py calc: error: --ref") and "5-d statistics" in message
@@ -1477,6 +1502,8 @@ BAD_INPUTS_CIFAR = [pytest.param("cmt_cifar10.py", argv, setup, expected, id="ci
     ("outdir-holds-a-run", _T + ["--stage", "pretrain"], lambda t: make_ckpt(t / "run" / "ckpt-latest.pt", "cmt_cifar10.py", "post"),
      ["--outdir", "already holds a post run at iteration 3", "--resume auto"]),
     ("outdir-holds-files", _T + ["--stage", "pretrain"], lambda t: make_pngs(t / "run"), ["--outdir", "already holds 3 files"]),
+    ("fid-ref-nan", _T + ["--stage", "pretrain", "--fid-ref", "{tmp}/r.npz"], lambda t: _ref(t / "r.npz", np.full(3, np.nan), np.eye(3)),
+     ["--fid-ref", "r.npz", "NaN"]),
     ("sample-needs-init", ["--preset", "tiny", "--stage", "sample", "--outdir", "{tmp}/s"], None, ["--teacher", "needs a teacher"]),
     ("sample-steps-zero", ["--preset", "tiny", "--stage", "sample", "--sample-steps", "0"], None, ["--sample-steps", "'0'"]),
 ]]
@@ -2266,6 +2293,8 @@ BAD_INPUTS_IMAGENET = [pytest.param("cmt_imagenet.py", argv, setup, expected, id
      lambda t: (t / "v.bin").write_bytes(bytes(range(256)) * 4), ["--vae", "v.bin", "not readable sd-vae-ft-mse weights"]),
     ("resume-other-stage", _POST + ["--resume", "auto"], lambda t: make_ckpt(t / "run" / "ckpt-latest.pt", "cmt_imagenet.py", "mid"),
      ["--resume", "a mid checkpoint", "--stage post"]),
+    ("fid-ref-missing", ["--preset", "tiny", "--stage", "sample", "--init", "teacher", "--teacher", "analytic", "--outdir",
+                         "{tmp}/s", "--fid-ref", "{tmp}/r.npz"], None, ["--fid-ref", "r.npz", "cannot read"]),
     ("outdir-is-a-file", ["--preset", "tiny", "--stage", "pretrain", "--outdir", "{tmp}/f"], lambda t: (t / "f").write_text("x"),
      ["--outdir", "is a file"]),
     ("encode-outdir-holds-files", ["--preset", "img64-s", "--stage", "encode", "--data", "{tmp}/src", "--outdir", "{tmp}/out"],
@@ -3450,6 +3479,18 @@ def test_encode_folder_to_shards_then_train_on_them(tmp_path, monkeypatch):
         for k in range(3):
             Image.fromarray(rng.randint(0, 256, (70 + 10 * k, 90, 3), dtype=np.uint8)).save(tmp_path / "imgs" / name / f"{k}.png")
     run_main("--preset", "tiny", "--stage", "encode", "--data", tmp_path / "imgs", "--vae", "fake", "--outdir", tmp_path / "lat")
+    encoded = folder_bytes(tmp_path / "lat")
+    with pytest.raises(SystemExit, match="--outdir .*lat: already holds 5 files"):  # never over earlier shards
+        run_main("--preset", "tiny", "--stage", "encode", "--data", tmp_path / "imgs", "--vae", "fake", "--outdir", tmp_path / "lat")
+    (tmp_path / "lat" / "latents-00001.npy").unlink()  # an interrupted encode: --resume auto redoes only that shard
+    run_main("--preset", "tiny", "--stage", "encode", "--data", tmp_path / "imgs", "--vae", "fake", "--outdir", tmp_path / "lat",
+             "--resume", "auto")
+    assert folder_bytes(tmp_path / "lat") == encoded  # the same shard again (the posterior moments are deterministic)
+    (tmp_path / "lat" / "ckpt-latest.pt").write_bytes(b"")  # ... but only into a folder of shards
+    with pytest.raises(SystemExit, match="--outdir .*holds ckpt-latest.pt, not latent shards"):
+        run_main("--preset", "tiny", "--stage", "encode", "--data", tmp_path / "imgs", "--vae", "fake", "--outdir", tmp_path / "lat",
+                 "--resume", "auto")
+    (tmp_path / "lat" / "ckpt-latest.pt").unlink()
     assert sorted(p.name for p in (tmp_path / "lat").glob("*.npy")) == [
         "labels-00000.npy", "labels-00001.npy", "latents-00000.npy", "latents-00001.npy"]
     lat = np.concatenate([np.load(tmp_path / "lat" / f"latents-0000{i}.npy") for i in (0, 1)])
