@@ -18,7 +18,8 @@ and consistency post-training. Three stages, one network family (EDM's SongUNet 
        L_post = |f(y + t eps, t) - sg(f(y + r eps, r))|_2 / (t - r),
    with the same dropout mask in both calls; CMT keeps q fixed (CIFAR-10: 4096).
 Sampling: the student in eval mode (c_skip, c_out shifted by s_min = 0.003 so f(x, s_min) = x);
-1 step x = f(80 z, 80), 2 steps x = f(x + 0.77569 z', 0.77569). The teacher samples with EDM's Heun.
+1 step x = f(80 z, 80), 2 steps x = f(x + t z', t) with t = 0.821 for post-trained students and 0.77569
+while mid-training (sony/cmt's defaults). The teacher samples with EDM's Heun.
 
 Usage (all outputs under --outdir; `torchrun --nproc_per_node=N cmt_cifar10.py ...` for N GPUs):
   python cmt_cifar10.py --preset tiny                  # CPU demo: teacher -> mid -> post -> table
@@ -79,18 +80,22 @@ SCRIPT = "cmt_cifar10.py"    # recorded in every checkpoint: --init/--resume/--t
 # evaluates, and speed switches. Every other field defines the run and must match the checkpoint's.
 RESUME_MAY_CHANGE = {"outdir", "resume", "iters", "mimg", "batch_gpu", "log_every", "ckpt_every", "snap_every",
                      "sample_every", "fid_ref", "fid_every", "fid_num", "num", "sample_steps", "bf16", "tf32",
-                     "channels_last", "compile", "max_skips", "eval_num", "baselines", "lpips_weights",
+                     "channels_last", "compile", "max_nonfinite", "eval_num", "baselines", "lpips_weights",
                      "teacher_sha256"}
 
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 _DDPMPP = dict(model_channels=128, num_blocks=4, attn_resolutions=[16])
-_RUN = dict(log_every=100, ckpt_every=5000, snap_every=50000, sample_every=10000, mid_t=0.77569)
+_RUN = dict(log_every=100, ckpt_every=5000, snap_every=50000, sample_every=10000)
+# The 2-step sampler's intermediate noise level: sony/cmt's ECT post-training and evaluation default to
+# 0.821 (ct_train.py, ct_eval.py --mid_t; run_cmt+ecm_*.sh keep it), mid-training passes 0.77569
+# (run_cmt_*.sh --mid_t=7.7569e-01). `--stage sample` takes the value of the checkpoint's stage.
+MID_T = dict(mid=0.77569, post=0.821)
 # pretrain approximates EDM's CIFAR-10 run (Adam 1e-3, batch 512, 200 Mimg, dropout 0.13; EMA 0.9993 ~ its
 # 0.5 Mimg half-life) without its augmentation pipeline, lr warm-up or EMA ramp-up; mid and post are official.
 _RECIPE = dict(
     pretrain=dict(init="random", optimizer="adam", lr=1e-3, ema=0.9993, batch=512, mimg=200.0, dropout=0.13),
-    mid=dict(init="teacher", optimizer="radam", lr=2e-4, ema=0.999, batch=128, mimg=38.4, dropout=0.2),
-    post=dict(init=None, optimizer="radam", lr=1e-4, ema=0.9999, batch=128, mimg=12.8, dropout=0.2),
+    mid=dict(init="teacher", optimizer="radam", lr=2e-4, ema=0.999, batch=128, mimg=38.4, dropout=0.2, mid_t=MID_T["mid"]),
+    post=dict(init=None, optimizer="radam", lr=1e-4, ema=0.9999, batch=128, mimg=12.8, dropout=0.2, mid_t=MID_T["post"]),
 )
 PRESETS = {
     "cifar10": dict(data="cifar10", teacher=EDM_URL + "edm-cifar10-32x32-uncond-vp.pkl", resolution=32,
@@ -106,8 +111,10 @@ PRESETS = {
                  attn_resolutions=[4], ect_q=4096.0, metric="l2",
                  **dict(_RUN, log_every=50, ckpt_every=100, snap_every=0, sample_every=0),
                  pretrain=dict(init="random", optimizer="adam", lr=2e-3, ema=0.99, batch=64, iters=400, dropout=0.0),
-                 mid=dict(init="teacher", optimizer="radam", lr=1e-3, ema=0.99, batch=64, iters=150, dropout=0.0),
-                 post=dict(init=None, optimizer="adam", lr=2e-4, ema=0.99, batch=64, iters=150, dropout=0.0)),
+                 mid=dict(init="teacher", optimizer="radam", lr=1e-3, ema=0.99, batch=64, iters=150, dropout=0.0,
+                          mid_t=MID_T["mid"]),
+                 post=dict(init=None, optimizer="adam", lr=2e-4, ema=0.99, batch=64, iters=150, dropout=0.0,
+                           mid_t=MID_T["post"])),
 }
 
 
@@ -126,6 +133,8 @@ def resolve_config(args):
         elif args.mimg is not None and args.iters is None:
             cfg["iters"] = round(args.mimg * 1e6 / cfg["batch"])
         cfg["mimg"] = cfg["iters"] * cfg["batch"] / 1e6
+    if stage == "sample":
+        cfg["mid_t"] = args.mid_t  # None: the value of the sampled checkpoint's stage (MID_T)
     if cfg["data"] is None and stage in ("pretrain", "mid", "post"):
         raise SystemExit(f"--data: preset {args.preset!r} needs a dataset (zip or folder of PNGs)")
     return cfg
@@ -883,7 +892,8 @@ def cmt_trajectories(teacher, y, labels, steps=CMT_STEPS):
     sigmas = logsnr_grid(steps).to(y.device)
     with torch.no_grad():
         states = dpm_solver_pp(teacher_denoiser(teacher, labels), y + T_MAX * torch.randn_like(y), sigmas)
-    return torch.stack(states[:-1]), states[-1]
+    # sony/cmt training/loss.py (DPMSolverLoss) cleans the trajectory and its target before regressing on them.
+    return torch.nan_to_num(torch.stack(states[:-1])), torch.nan_to_num(states[-1])
 
 
 def cmt_pairs(states, target, labels):
@@ -993,7 +1003,7 @@ def ect_loss(net, y, labels, q, stage, c=0.0, P_mean=-1.1, P_std=2.0):
 
 
 @torch.no_grad()
-def sample_fewstep(net, z, steps=1, mid_t=0.77569, labels=None, generator=None):
+def sample_fewstep(net, z, steps=1, mid_t=MID_T["post"], labels=None, generator=None):
     """Student sampling in eval mode, float64 outside the net: x = f(80 z, 80) [, f(x + mid_t z', mid_t)]."""
     ts = [T_MAX, mid_t][:steps]
     x = z.to(torch.float64) * ts[0]
@@ -1233,7 +1243,7 @@ def init_distributed():
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
+    if (world > 1 or "LOCAL_RANK" in os.environ) and not torch.distributed.is_initialized():  # torchrun, even 1 process
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     return rank, world, device
 
@@ -1388,12 +1398,12 @@ def train(cfg):
     optimizer = make_optimizer(cfg, net, device)
     micro_loss, source = make_loss(cfg, stream, teacher, batch_gpu, rounds, device)
 
-    start, skipped = 0, 0
+    start, nonfinite = 0, 0
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        start, skipped = ckpt["iter"], ckpt["data_state"][0]["skipped"]
+        start, nonfinite = ckpt["iter"], ckpt["data_state"][0]["nonfinite"]
         if len(ckpt["rng"]) == world:  # per-rank RNG and data positions: bit-exact continuation
             source.load_state_dict(ckpt["data_state"][rank])
             set_rng_state(ckpt["rng"][rank])
@@ -1420,7 +1430,7 @@ def train(cfg):
               f"x {world} processes | {cfg['iters']} iterations = {cfg['mimg']:.4g} Mimg | device {device}")
 
     def checkpoint(it, snapshot):
-        state = {"skipped": skipped, **source.state_dict()}
+        state = {"nonfinite": nonfinite, **source.state_dict()}
         data_states, rngs = gather(state, world), gather(rng_state(), world)
         if rank == 0:
             ckpt = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
@@ -1441,33 +1451,38 @@ def train(cfg):
         loss_sum, rows, bad = accumulate_gradients(step_net, micro_loss, it, rounds, cfg["bf16"])
         if world > 1:
             torch.distributed.all_reduce(bad)
-        # The non-finite guard reads one flag per step: the only host-device sync outside logging.
-        if int(bad) > 0:
-            skipped += 1
-            if skipped > cfg["max_skips"]:
-                raise SystemExit(f"[{cfg['stage']}] aborting: {skipped} steps with a non-finite loss "
-                                 f"(--max-skips {cfg['max_skips']}); lower --lr or check the data")
-        else:
+        # Non-finite losses are counted (one flag read per step: the only host-device sync outside logging).
+        # As sony/cmt's training loops, the step is taken anyway with nan_to_num'd gradients; --skip-nonfinite
+        # drops it instead.
+        finite = int(bad) == 0
+        if not finite:
+            nonfinite += 1
+            if nonfinite > cfg["max_nonfinite"]:
+                raise SystemExit(f"[{cfg['stage']}] aborting: {nonfinite} steps with a non-finite loss "
+                                 f"(--max-nonfinite {cfg['max_nonfinite']}); lower --lr or check the data")
+        if finite or not cfg["skip_nonfinite"]:
             log_gnorm = log_gnorm + apply_update(net, ema, optimizer, lr, cfg["ema"])
-            log_loss, log_rows, log_n = log_loss + loss_sum, log_rows + rows, log_n + 1
+            log_n += 1
+        if finite:
+            log_loss, log_rows = log_loss + loss_sum, log_rows + rows
 
         done = it + 1
         if done % log_every == 0 or done == iters:
             sec = time.time() - t_log
             n_it = done - it_log
-            loss = float(log_loss) / max(log_rows, 1)
+            loss = float(log_loss) / log_rows if log_rows else float("nan")  # nan: every step of the window was non-finite
             if world > 1:
                 loss_t = torch.tensor([loss], device=device)
                 torch.distributed.all_reduce(loss_t)
                 loss = float(loss_t) / world
             row = dict(iter=done, kimg=done * cfg["batch"] / 1e3, loss=loss, grad_norm=float(log_gnorm) / max(log_n, 1),
-                       lr=lr, it_per_s=n_it / sec, img_per_s=n_it * cfg["batch"] / sec, skipped=skipped,
+                       lr=lr, it_per_s=n_it / sec, img_per_s=n_it * cfg["batch"] / sec, nonfinite=nonfinite,
                        sec=time.time() - t_start)
             if rank == 0:
                 eta = (iters - done) / row["it_per_s"]
                 print(f"[{cfg['stage']}] it {done}/{iters} ({100 * done / iters:.1f}%) loss {loss:.4f} "
                       f"gnorm {row['grad_norm']:.2f} | {row['it_per_s']:.1f} it/s {row['img_per_s']:.0f} img/s | "
-                      f"lr {lr:.1e} skipped {skipped} | ETA {format_eta(eta)}", flush=True)
+                      f"lr {lr:.1e} nonfinite {nonfinite} | ETA {format_eta(eta)}", flush=True)
                 stats.write(json.dumps(row) + "\n")
                 stats.flush()
             log_loss, log_rows, log_gnorm, log_n, t_log, it_log = 0.0, 0, 0.0, 0, time.time(), done
@@ -1656,6 +1671,8 @@ def sample_stage(cfg):
             raise SystemExit("--init: --stage sample needs a checkpoint PATH (ckpt-*.pt) or 'teacher'")
         ckpt = read_checkpoint(cfg["init"], "--init")
         cfg = dict(cfg, resolution=ckpt["config"]["resolution"])  # the network as trained, whatever --preset
+        if cfg["mid_t"] is None:
+            cfg["mid_t"] = MID_T.get(ckpt["stage"])
         label_dim = ckpt["ema"]["model.map_label.weight"].shape[1] if "model.map_label.weight" in ckpt["ema"] else 0
         net = build_net(ckpt["config"], "edm" if ckpt["stage"] == "pretrain" else "ecm", label_dim, dropout=0.0)
         net.load_state_dict(ckpt["ema"])
@@ -1736,7 +1753,8 @@ def parse_args(argv=None):
     a("--cmt-steps", type=int_at_least(1), default=CMT_STEPS, help="teacher DPM-Solver++ steps per trajectory = pairs per "
                                                          "trajectory (default: 16, official)")
     a("--traj-reuse", type=int_at_least(1), default=1, help="iterations each teacher trajectory serves (default: 1, official)")
-    a("--mid-t", type=float, help="noise level of the 2-step sampler's second step (default: 0.77569)")
+    a("--mid-t", type=float, help="noise level of the 2-step sampler's second step (default: 0.821 post, "
+                                  "0.77569 mid, as sony/cmt; --stage sample: that of the checkpoint's stage)")
     a("--ect-q", type=float, help="ECT q, Delta t = 1/q at stage 0 (default: 4096 CIFAR, 512 FFHQ, 1024 AFHQ)")
     a("--ect-double", type=int_at_least(0), default=0, help="halve Delta t every N iterations, plain ECT (default: 0 = fixed q)")
     a("--ect-c", type=float, default=0.0, help="ECT pseudo-Huber c (default: 0 = L2)")
@@ -1754,7 +1772,10 @@ def parse_args(argv=None):
     a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt (default: 5000)")
     a("--snap-every", type=int_at_least(0), help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only (default: 50000)")
     a("--sample-every", type=int_at_least(0), help="iterations per samples-NNNNNNN.png grid, 0 = end only (default: 10000)")
-    a("--max-skips", type=int_at_least(0), default=100, help="abort after this many non-finite steps (default: 100)")
+    a("--max-nonfinite", type=int_at_least(0), default=100, help="abort after this many steps with a non-finite "
+                                                                    "loss (default: 100)")
+    a("--skip-nonfinite", action="store_true", help="drop a step whose loss is non-finite (default: off: step with "
+                                                    "nan_to_num'd gradients, as sony/cmt)")
     a("--eval-num", type=int_at_least(1), default=1000, help="tiny demo: samples per quality-table row (default: 1000)")
     a("--baselines", type=int, default=1, help="tiny demo: also post-train from teacher/random init (default: 1)")
     return p.parse_args(argv)

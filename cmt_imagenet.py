@@ -106,7 +106,7 @@ COMMON = dict(  # shared by every preset; the paper's ImageNet-512 recipe (SPEC 
     num_blocks=3, attn_res=[16, 8], dropout=0.0, s_min=0.0, sigma_data=0.5,
     data=None, teacher=None, guide=None, guidance=1.0, init=None, vae=None,
     batch=128, batch_gpu=None, seed=0, tf32=True, bf16=False, compile=False, channels_last=False,
-    ckpt_every=2000, sample_every=20000, log_every=100, max_skips=100, workers=2,
+    ckpt_every=2000, sample_every=20000, log_every=100, max_nonfinite=100, skip_nonfinite=False, workers=2,
     nfe=16, metric="huber", huber_c=0.06, s_max=80.0, s_lo=0.002,
     post_loss="ecd", solver="heun", ect_q=1024.0, ect_double=0, p_mean=-0.8, p_std=1.6, k=8.0, b=1.0,
     mid_t=1.526, sample_steps=2, heun_steps=32, num=50000, fid_ref=None,
@@ -145,7 +145,7 @@ SCRIPT = "cmt_imagenet.py"  # recorded in every checkpoint: --init/--resume/--te
 # Config fields a resumed run may change: how long it runs, how often it logs, checkpoints and samples,
 # and speed switches. Every other field defines the run and must match the checkpoint's.
 RESUME_MAY_CHANGE = {"outdir", "resume", "iters", "mimg", "batch_gpu", "log_every", "ckpt_every", "sample_every",
-                     "max_skips", "workers", "bf16", "tf32", "compile", "channels_last", "fid_ref", "num",
+                     "max_nonfinite", "workers", "bf16", "tf32", "compile", "channels_last", "fid_ref", "num",
                      "sample_steps", "heun_steps", "vae"}
 
 
@@ -1419,6 +1419,8 @@ def cmt_batch(teacher, noise, labels, sigmas):
     Returns (states [N*b], sigmas [N*b], labels [N*b], targets [N*b]) for N = len(sigmas) - 1."""
     states = dpm_solver_pp(teacher, sigmas[0] * noise, labels, sigmas)
     n, b = len(sigmas) - 1, noise.shape[0]
+    # sony/cmt training/loss.py (DPMSolverLoss) cleans the trajectory and its target before regressing on them.
+    states = [torch.nan_to_num(st) for st in states]
     x = torch.cat(states[:-1])
     s = sigmas[:-1].repeat_interleave(b)
     return x, s, labels.repeat(n), states[-1].repeat(n, 1, 1, 1)
@@ -1676,7 +1678,7 @@ def dist_setup():
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
+    if (world > 1 or "LOCAL_RANK" in os.environ) and not torch.distributed.is_initialized():  # torchrun, even 1 process
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, rank, world
 
@@ -1788,12 +1790,12 @@ def train(cfg, stage):
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=1e-8,
                            fused=device.type == "cuda")
     torch.manual_seed(rank_seed(cfg["seed"], rank))  # dropout streams; data noise comes from micro_seed
-    start = 0
+    start, nonfinite = 0, 0
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
-        start = ckpt["iter"]
+        start, nonfinite = ckpt["iter"], ckpt["data_state"]["nonfinite"]
         if len(ckpt["rng"]) == world:
             set_rng_state(ckpt["rng"][rank], device)
         if rank == 0:
@@ -1837,7 +1839,7 @@ def train(cfg, stage):
     params = list(net.parameters())
     log_loss = torch.zeros([], device=device)
     log_gnorm = torch.zeros([], device=device)
-    log_n, skipped, t_log, it_log, t_start = 0, 0, time.time(), start, time.time()
+    log_n, log_finite, t_log, it_log, t_start = 0, 0, time.time(), start, time.time()
     for it in range(start, cfg["iters"]):
         opt.zero_grad(set_to_none=True)
         loss_acc = torch.zeros([], device=device)
@@ -1848,18 +1850,22 @@ def train(cfg, stage):
                 loss = micro_loss(gen, it).mean() / accum
                 loss.backward()
             loss_acc += loss.detach()
-        # Guard: one device->host read per step (the only per-step sync), agreed over ranks.
+        # Non-finite losses are counted: one device->host read per step (the only per-step sync), agreed over
+        # ranks. As sony/cmt's training loops, the step is taken anyway with nan_to_num'd gradients;
+        # --skip-nonfinite drops it instead.
         finite = torch.isfinite(loss_acc).to(torch.float32)
         if world > 1:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if finite.item() < 1:
-            skipped += 1
+        finite = finite.item() == 1
+        if not finite:
+            nonfinite += 1
             if rank == 0:
-                print(f"[{stage}] iteration {it}: non-finite loss, step skipped ({skipped}/{cfg['max_skips']})", flush=True)
-            if skipped > cfg["max_skips"]:
-                raise SystemExit(f"[{stage}] aborting: more than --max-skips {cfg['max_skips']} non-finite losses "
-                                 "(lower --lr, check the teacher and the data)")
-        else:
+                print(f"[{stage}] iteration {it}: non-finite loss ({nonfinite}/{cfg['max_nonfinite']}), step "
+                      f"{'skipped' if cfg['skip_nonfinite'] else 'taken with nan_to_num gradients'}", flush=True)
+            if nonfinite > cfg["max_nonfinite"]:
+                raise SystemExit(f"[{stage}] aborting: more than --max-nonfinite {cfg['max_nonfinite']} non-finite "
+                                 "losses (lower --lr, check the teacher and the data)")
+        if finite or not cfg["skip_nonfinite"]:
             for p in params:  # official sony/cmt imagenet512: nan -> 0, +-inf -> 0
                 if p.grad is not None:
                     torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
@@ -1869,30 +1875,34 @@ def train(cfg, stage):
             opt.step()
             with torch.no_grad():
                 torch._foreach_lerp_(list(ema.parameters()), params, 1 - cfg["ema"])  # = lerp(p, p_ema, beta)
-            log_loss += loss_acc
             log_gnorm += gnorm.detach()
             log_n += 1
+        if finite:
+            log_loss += loss_acc
+            log_finite += 1
         done = it + 1 == cfg["iters"]
         if (it + 1) % cfg["log_every"] == 0 or done:
             sec = time.time() - t_log
             if world > 1:  # the logged loss is the global mean (the grad norm already is, after DDP)
                 torch.distributed.all_reduce(log_loss)
                 log_loss /= world
-            loss_v, gnorm_v = ((log_loss / log_n).item(), (log_gnorm / log_n).item()) if log_n else (None, None)
+            loss_v = (log_loss / log_finite).item() if log_finite else None  # None: no finite loss in the window
+            gnorm_v = (log_gnorm / log_n).item() if log_n else None
             its = (it + 1 - it_log) / max(sec, 1e-9)
             if rank == 0:
                 row = dict(iter=it + 1, kimg=(it + 1) * cfg["batch"] / 1e3, loss=loss_v, grad_norm=gnorm_v,
-                           lr=learning_rate(cfg, it), it_per_s=its, img_per_s=its * cfg["batch"], skipped=skipped,
+                           lr=learning_rate(cfg, it), it_per_s=its, img_per_s=its * cfg["batch"], nonfinite=nonfinite,
                            sec=time.time() - t_start)
                 with open(stats_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 eta = (cfg["iters"] - it - 1) / max(its, 1e-9)
-                shown = f"loss {loss_v:.4f} gnorm {gnorm_v:.3g}" if log_n else "loss - gnorm - (all skipped)"
+                shown = (f"loss {'-' if loss_v is None else f'{loss_v:.4f}'} "
+                         f"gnorm {'-' if gnorm_v is None else f'{gnorm_v:.3g}'}")
                 print(f"[{stage}] it {it + 1}/{cfg['iters']} ({100 * (it + 1) / cfg['iters']:.1f}%) {shown} | "
-                      f"{its:.3g} it/s {its * cfg['batch']:.3g} img/s | lr {row['lr']:.1e} skipped {skipped} | "
+                      f"{its:.3g} it/s {its * cfg['batch']:.3g} img/s | lr {row['lr']:.1e} nonfinite {nonfinite} | "
                       f"ETA {fmt_time(eta)}", flush=True)
             log_loss.zero_(), log_gnorm.zero_()
-            log_n, t_log, it_log = 0, time.time(), it + 1
+            log_n, log_finite, t_log, it_log = 0, 0, time.time(), it + 1
         if (it + 1) % cfg["ckpt_every"] == 0 or done:
             rngs = [None] * world
             if world > 1:
@@ -1901,7 +1911,7 @@ def train(cfg, stage):
                 rngs = [rng_state(device)]
             if rank == 0:
                 ckpt = dict(model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), iter=it + 1,
-                            rng=rngs, data_state=dict(images_seen=(it + 1) * cfg["batch"], seed=cfg["seed"]),
+                            rng=rngs, data_state=dict(images_seen=(it + 1) * cfg["batch"], seed=cfg["seed"], nonfinite=nonfinite),
                             config=json.loads(json.dumps(cfg)), stage=stage, script=SCRIPT)
                 save_atomic(ckpt, os.path.join(outdir, f"ckpt-{it + 1:07d}.pt"))
                 save_atomic(ckpt, os.path.join(outdir, "ckpt-latest.pt"))
@@ -2118,7 +2128,9 @@ def build_parser():
     a("--ckpt-every", type=int_at_least(1), help="iterations between checkpoints (default: 2000)")
     a("--sample-every", type=int_at_least(0), help="iterations between sample grids, 0 = only at the end (default: 20000)")
     a("--log-every", type=int_at_least(1), help="iterations between progress lines / stats.jsonl rows (default: 100)")
-    a("--max-skips", type=int_at_least(0), help="abort after this many non-finite losses (default: 100)")
+    a("--max-nonfinite", type=int_at_least(0), help="abort after this many steps with a non-finite loss (default: 100)")
+    a("--skip-nonfinite", action="store_true", default=None, help="drop a step whose loss is non-finite (default: off: "
+                                                                  "step with nan_to_num'd gradients, as sony/cmt)")
     a("--workers", type=int_at_least(0), help="DataLoader worker processes (default: 2)")
     a("--dropout", type=float, help="student dropout probability (default: 0)")
     a("--s-min", type=float, help="ECM eval-mode shift s_min, a noise level (default: 0, as the official EDM2 code)")

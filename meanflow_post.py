@@ -48,7 +48,7 @@ Usage (8 GPUs; the `xl2` preset is the paper's recipe, `b4` the MeanFlow B/4 rec
     torchrun --nproc_per_node=8 meanflow_post.py --preset b4 --stage pretrain --data latents --outdir runs/teacher-b4
     torchrun --nproc_per_node=8 meanflow_post.py --stage mid --teacher runs/teacher-b4/ckpt-latest.pt --outdir runs/mid-xl2
     torchrun --nproc_per_node=8 meanflow_post.py --stage post --data latents --init runs/mid-xl2/ckpt-latest.pt --outdir runs/post-xl2
-    torchrun --nproc_per_node=8 meanflow_post.py --stage sample --init runs/post-xl2/ckpt-latest.pt --vae VAE --num 50000 --outdir runs/post-xl2
+    torchrun --nproc_per_node=8 meanflow_post.py --stage sample --init runs/post-xl2/ckpt-latest.pt --vae VAE --num 50000 --outdir runs/post-xl2-samples
     python meanflow_post.py --preset tiny          # CPU demo: teacher -> mid -> post (+ baseline) -> quality table
 
 Notes. --teacher takes a checkpoint PATH of this script only (the family's URL and `analytic` forms are
@@ -68,7 +68,11 @@ reductions are float32. Default: float32 throughout.
 Outputs in --outdir: config.json (resolved config), stats.jsonl (one line per --log-every), ckpt-latest.pt
 (every --ckpt-every) and ckpt-NNNNNNN.pt snapshots (every --snap-every and at the end), samples-NNNNNNN.png
 (every --sample-every), and for --stage sample samples-<steps>step.{png,npz}; a checkpoint is a plain dict
-{model, ema, optimizer, iter, rng, data_state, config, stage} read with torch.load(weights_only=True).
+{model, ema, optimizer, iter, rng, data_state, config, stage, script} read with torch.load(weights_only=True).
+Run folders: a training stage starts in a new or empty --outdir, or continues with --resume auto (or PATH) the
+run of the same stage and recipe (only RESUME_MAY_CHANGE fields may differ); sample, encode and the tiny
+pipeline also refuse a folder that holds an earlier run (encode and the pipeline continue with --resume auto).
+A user's mistake is one line on stderr and exit code 2, and nothing is written.
 Details taken from the official MeanFlow code (Gsunshine/meanflow): r = t on exactly the first 75% of
 each per-device batch; the dropped labels are the first k ~ Binomial(B, 0.1) rows; the CFG forwards use
 the undropped labels; the per-sample loss sums over latent elements. Our choices where the papers are
@@ -81,8 +85,10 @@ import copy
 import json
 import math
 import os
+import pickle
 import random
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -93,6 +99,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------- config
+
+SCRIPT = "meanflow_post.py"  # recorded in every checkpoint: --init/--teacher/--resume refuse other scripts' files
+# Config fields a resumed run may change: its length, how often it logs, checkpoints and samples, what the
+# sample stage and the tiny table compute, speed switches, and the per-process split of the batch (the
+# world size is not in the config). Every other field defines the run and must match the checkpoint's.
+RESUME_MAY_CHANGE = {"iters", "mimg", "log_every", "ckpt_every", "snap_every", "sample_every", "resume", "outdir",
+                     "max_skips", "num_eval", "bf16", "tf32", "compile", "fid_ref", "num", "sample_steps", "vae",
+                     "batch_gpu"}
 
 # DiT sizes (depth, hidden, heads, patch); MeanFlow paper / official JAX models_dit.py. `tiny` is the CPU demo.
 MODELS = {
@@ -184,17 +198,22 @@ class LatentShards:
 
     def __init__(self, path):
         path = Path(path)
+        if not path.is_dir():
+            raise SystemExit(f"--data {path}: no such folder (expected latent shards from --stage encode, or toy)")
         files = sorted(path.glob("latents-*.npy"))
         if not files:
-            raise FileNotFoundError(f"--data {path}: no latents-*.npy shards (make them with --stage encode)")
-        self.lat = [np.load(f, mmap_mode="r") for f in files]
-        self.lab = [np.load(f.with_name(f.name.replace("latents-", "labels-"))) for f in files]
+            raise SystemExit(f"--data {path}: no latents-*.npy shards (make them with --stage encode)")
+        try:
+            self.lat = [np.load(f, mmap_mode="r") for f in files]
+            self.lab = [np.load(f.with_name(f.name.replace("latents-", "labels-"))) for f in files]
+        except (OSError, ValueError, EOFError) as e:  # a missing labels file, a damaged or truncated shard
+            raise SystemExit(f"--data {path}: unreadable latent shards ({' '.join(str(e).split())[:160]})") from None
         self.offsets = np.cumsum([0] + [len(a) for a in self.lat])
         self.n = int(self.offsets[-1])
         self.shape = self.lat[0].shape[1:]
         self._perm = (-1, None)
         if self.shape[0] != 8:
-            raise ValueError(f"--data {path}: expected 8 channels (posterior mean and std), got {self.shape}")
+            raise SystemExit(f"--data {path}: expected 8 channels (posterior mean and std), got {self.shape}")
 
     def batch(self, start, n, seed, gen, device):
         """Rows [start, start + n) of the infinite stream of per-epoch permutations."""
@@ -750,21 +769,25 @@ def average_velocity(net, z, r, t, y):
 # ----------------------------------------------------------------------------- teacher and solver
 
 
-def load_checkpoint(path, what):
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} {path}: no such checkpoint file (expected a ckpt-*.pt of this script)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "ema" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{what} {path}: not a checkpoint of meanflow_post.py (needs 'ema' and 'config')")
-    return ckpt
-
-
-def load_ema_net(path, what):
+def load_ema_net(path, flag):
     """A network (architecture from the checkpoint's config) holding the checkpoint's EMA weights."""
-    ckpt = load_checkpoint(path, what)
-    net = build_net(ckpt["config"])
-    net.load_state_dict(ckpt["ema"])
+    ckpt = read_checkpoint(path, flag)
+    try:
+        net = build_net(ckpt["config"])
+        net.load_state_dict(ckpt["ema"])
+    except (KeyError, TypeError, RuntimeError) as e:  # a config or weights this version cannot rebuild
+        raise SystemExit(f"{flag} {path}: its config/EMA weights do not build a DiT-MF "
+                         f"({' '.join(str(e).split())[:160]})") from None
     return net, ckpt["config"]
+
+
+def open_vae(path, device="cpu"):
+    """load_vae for a user's --vae: a missing, truncated or foreign file is one line."""
+    try:
+        return load_vae(path, device)
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise SystemExit(f"--vae {path}: not readable sd-vae-ft-mse weights ({reason})") from None
 
 
 def time_grid(steps, device, dtype=torch.float32):
@@ -924,6 +947,98 @@ def latents_to_uint8(x, vae):
     return sd_decode(vae, x).permute(0, 2, 3, 1).cpu().numpy()
 
 
+# ----------------------------------------------------------------------------- run folders
+# An output folder belongs to one run. A training stage starts in a new or empty --outdir, or continues
+# with --resume the run whose checkpoint it names; nothing is written before every check has passed.
+# A checkpoint records its script, stage and config, and resumes only a run whose config differs in
+# RESUME_MAY_CHANGE fields alone. A user's mistake raises SystemExit(message): the entry point prints
+# it as one line and exits with code 2, without a traceback.
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors take the same one-line form
+        raise SystemExit(f"{message} (see --help)")
+
+
+def read_checkpoint(path, flag):
+    """One of this script's checkpoints, loaded with weights_only=True (no code can run)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise SystemExit(f"{flag} {path}: is a folder, expected a checkpoint file") from None
+    except pickle.UnpicklingError as e:  # torch's weights-only unpickler: a refused global, or damaged bytes
+        if "GLOBAL" in str(e):
+            raise SystemExit(f"{flag} {path}: refused: it holds objects other than tensors and plain data "
+                             "(nothing in it was run)") from None
+        raise SystemExit(f"{flag} {path}: not a readable checkpoint (its pickle is damaged)") from None
+    except Exception as e:  # truncated, damaged or not a torch file: the unpickler then fails in any way
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise SystemExit(f"{flag} {path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or not {"script", "stage", "config", "iter", "ema"} <= ckpt.keys():
+        raise SystemExit(f"{flag} {path}: not a checkpoint of {SCRIPT} (no script/stage/config/iter/ema entries)")
+    if ckpt["script"] != SCRIPT:
+        raise SystemExit(f"{flag} {path}: a checkpoint of {ckpt['script']}, not of {SCRIPT}")
+    return ckpt
+
+
+def run_fields(cfg):
+    """The config fields that define a run: all but RESUME_MAY_CHANGE."""
+    return {k: v for k, v in cfg.items() if k not in RESUME_MAY_CHANGE}
+
+
+def config_diff(old, new):
+    """'field old -> new' for each run-defining field that differs, on one line ('' if none)."""
+    old, new = run_fields(old), run_fields(new)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "unset") != new.get(k, "unset"))
+    return "; ".join(f"{k} {old.get(k, 'unset')!r} -> {new.get(k, 'unset')!r}" for k in keys)
+
+
+def check_resume(ckpt, cfg, path):
+    """Refuse a checkpoint of another stage, network or recipe, naming the fields that differ."""
+    if ckpt["stage"] != cfg["stage"]:
+        raise SystemExit(f"--resume {path}: a {ckpt['stage']} checkpoint (iteration {ckpt['iter']}); "
+                         f"this run is --stage {cfg['stage']}")
+    diff = config_diff(ckpt["config"], cfg)
+    if diff:
+        raise SystemExit(f"--resume {path}: the checkpoint's run differs from this one: {diff} "
+                         f"(only {', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume)")
+
+
+def check_outdir(cfg):
+    """Before a byte is written: --outdir must be new or empty, or hold the run that --resume continues.
+    Returns the checkpoint to resume from (already checked against cfg), or None for a fresh start."""
+    out, resume = Path(cfg["outdir"]), cfg["resume"]
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--outdir {out}: is a file, expected a folder")
+    base = next(p for p in (out, *out.parents) if p.exists())
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise SystemExit(f"--outdir {out}: {base} is not a writable folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    latest = out / "ckpt-latest.pt"
+    if resume is None and held:
+        what = f"{len(held)} files ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''})"
+        if latest.is_file():
+            c = read_checkpoint(latest, "--outdir")
+            what = f"a {c['stage']} run at iteration {c['iter']} of {c['config'].get('iters', '?')}"
+        raise SystemExit(f"--outdir {out}: already holds {what}; continue it with --resume auto, "
+                         "or choose a new --outdir")
+    if resume is None or (resume == "auto" and not latest.exists() and not held):
+        return None
+    if resume == "auto" and not latest.exists():
+        raise SystemExit(f"--resume auto: {out} holds files but no ckpt-latest.pt to continue; "
+                         "choose a new --outdir")
+    path = latest if resume == "auto" else Path(resume)
+    ckpt = read_checkpoint(path, "--resume")
+    check_resume(ckpt, cfg, path)
+    if held and path.resolve() != latest.resolve():  # continuing a copy into a folder that holds a run
+        if not latest.is_file():
+            raise SystemExit(f"--outdir {out}: not empty and holds no ckpt-latest.pt; choose a new --outdir")
+        check_resume(read_checkpoint(latest, "--outdir"), cfg, latest)
+    return ckpt
+
+
 # ----------------------------------------------------------------------------- training loop
 
 
@@ -942,7 +1057,7 @@ def setup_dist():
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or "LOCAL_RANK" in os.environ) and not dist.is_initialized():  # torchrun, even 1 process
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
@@ -975,14 +1090,17 @@ class Trainer:
     """One training loop for every stage; only the per-micro-batch loss differs (`micro_loss`)."""
 
     def __init__(self, cfg, stage, outdir, rank=0, world=1, device=torch.device("cpu")):
+        # The folder and stage this trainer runs in are part of its config (config.json, checkpoints).
+        cfg = dict(cfg, outdir=str(outdir), stage=stage, resume=cfg.get("resume"))
         self.cfg, self.stage, self.outdir = cfg, stage, Path(outdir)
         self.rank, self.world, self.device = rank, world, device
         bg = cfg["batch_gpu"] or cfg["batch"] // world
-        if cfg["batch"] % (bg * world):
-            raise ValueError(f"--batch {cfg['batch']} is not a multiple of --batch-gpu {bg} x world size {world}")
+        if bg < 1 or cfg["batch"] % (bg * world):
+            raise SystemExit(f"--batch {cfg['batch']}: expected a multiple of --batch-gpu {bg} x world size {world}")
         self.batch_gpu, self.accum = bg, cfg["batch"] // (bg * world)
         if stage == "mid" and bg % cfg["pairs"]:
-            raise ValueError(f"--batch-gpu {bg} must be a multiple of --pairs {cfg['pairs']} (rows = trajectories x pairs)")
+            raise SystemExit(f"--batch-gpu {bg}: expected a multiple of --pairs {cfg['pairs']} "
+                             "(rows = trajectories x pairs)")
         torch.manual_seed(cfg["seed"])  # same init on every rank
         self.net = build_net(cfg).to(device)
         self.init_weights()
@@ -995,17 +1113,19 @@ class Trainer:
         self.teacher = None
         if stage == "mid":
             if not cfg["teacher"]:
-                raise ValueError("--stage mid needs --teacher PATH (a checkpoint of this script, e.g. the MF-B/4 run)")
+                raise SystemExit("--teacher: --stage mid needs --teacher PATH (a checkpoint of this script, e.g. the MF-B/4 run)")
             self.teacher, tcfg = load_ema_net(cfg["teacher"], "--teacher")
             if tcfg["num_classes"] != cfg["num_classes"] or tcfg["res"] != cfg["res"] or tcfg["channels"] != cfg["channels"]:
-                raise ValueError(f"--teacher {cfg['teacher']}: latent shape/classes differ from the student's config")
+                raise SystemExit(f"--teacher {cfg['teacher']}: expected the student's latent shape and classes "
+                                 f"({cfg['channels']}x{cfg['res']}x{cfg['res']}, {cfg['num_classes']} classes), got "
+                                 f"{tcfg['channels']}x{tcfg['res']}x{tcfg['res']}, {tcfg['num_classes']} classes")
             self.teacher = self.teacher.to(device).eval().requires_grad_(False)
             if cfg.get("compile"):
                 self.teacher = torch.compile(self.teacher)
         self.data = None
         if cfg["data"] != "toy" and stage != "mid":
             if not cfg["data"]:
-                raise ValueError(f"--stage {stage} needs --data PATH (latent shards from --stage encode) or --data toy")
+                raise SystemExit(f"--data: --stage {stage} needs --data PATH (latent shards from --stage encode) or --data toy")
             self.data = LatentShards(cfg["data"])
         self.toy = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"]) if cfg["data"] == "toy" else None
         self.it, self.skipped = 0, 0
@@ -1015,9 +1135,15 @@ class Trainer:
         if init == "random":
             return
         if init == "teacher":
+            if not self.cfg["teacher"]:
+                raise SystemExit("--init teacher: needs --teacher PATH (a checkpoint of this script)")
             init = self.cfg["teacher"]
-        ckpt = load_checkpoint(init, "--init")
-        self.net.load_state_dict(ckpt["ema"])  # CMT: continue from the mid-trained EMA weights
+        ckpt = read_checkpoint(init, "--init")
+        try:
+            self.net.load_state_dict(ckpt["ema"])  # CMT: continue from the mid-trained EMA weights
+        except RuntimeError as e:  # another size or resolution
+            raise SystemExit(f"--init {init}: its EMA weights do not fit --model {self.cfg['model']} "
+                             f"({' '.join(str(e).split())[:160]})") from None
 
     # Per-micro-batch randomness (all drawn from one generator seeded by micro_seed).
     def draw(self, it, slot):
@@ -1072,7 +1198,7 @@ class Trainer:
                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
         return dict(model=self.net.state_dict(), ema=self.ema.state_dict(), optimizer=self.opt.state_dict(),
                     iter=self.it, rng=rng, data_state=dict(samples=self.it * self.cfg["batch"], skipped=self.skipped),
-                    config=self.cfg, stage=self.stage)
+                    config=self.cfg, stage=self.stage, script=SCRIPT)
 
     def load_state(self, ckpt):
         self.net.load_state_dict(ckpt["model"])
@@ -1100,14 +1226,14 @@ class Trainer:
     def run(self):
         cfg, iters = self.cfg, self.cfg["iters"]
         is0 = self.rank == 0
+        ckpt = check_outdir(cfg)  # before any byte is written; None: a fresh start
+        if ckpt is not None:
+            self.load_state(ckpt)
+        if self.world > 1:
+            dist.barrier()  # every rank has checked --outdir before rank 0 writes into it
         if is0:
             self.outdir.mkdir(parents=True, exist_ok=True)
-            (self.outdir / "config.json").write_text(json.dumps(cfg, indent=2))
-        resume = cfg.get("resume")
-        if resume == "auto":
-            resume = self.outdir / "ckpt-latest.pt" if (self.outdir / "ckpt-latest.pt").is_file() else None
-        if resume:
-            self.load_state(load_checkpoint(resume, "--resume"))
+            write_text_atomic(self.outdir / "config.json", json.dumps(cfg, indent=2))
         if self.world > 1:  # identical start on every rank
             for tensor in list(self.net.state_dict().values()) + list(self.ema.state_dict().values()):
                 dist.broadcast(tensor, 0)
@@ -1153,7 +1279,7 @@ class Trainer:
                         f.write(json.dumps(rec) + "\n")
                 t_log, it_log, n_log = now, self.it, 0
                 loss_sum.zero_(); gnorm_sum.zero_()
-            if is0 and (self.it % cfg["ckpt_every"] == 0 or self.it == iters):
+            if is0 and ((cfg["ckpt_every"] and self.it % cfg["ckpt_every"] == 0) or self.it == iters):
                 self.save("ckpt-latest.pt")
             if is0 and ((cfg["snap_every"] and self.it % cfg["snap_every"] == 0) or self.it == iters):
                 self.save(f"ckpt-{self.it:07d}.pt")  # kept: an XL/2 checkpoint with Adam state is ~11 GB
@@ -1169,8 +1295,15 @@ class Trainer:
         e = torch.randn((n, cfg["channels"], cfg["res"], cfg["res"]), generator=gen, device=self.device)
         y = torch.arange(n, device=self.device) % cfg["num_classes"]
         x = sample_fewstep(self.ema.eval(), e, y, 1)
-        vae = load_vae(cfg["vae"], self.device) if cfg.get("vae") else None
+        vae = open_vae(cfg["vae"], self.device) if cfg.get("vae") else None
         save_grid(self.outdir / f"samples-{self.it:07d}.png", latents_to_uint8(x, vae), cols=8)
+
+
+def write_text_atomic(path, text):
+    """A temp file, then os.replace: a crash mid-write leaves the previous file, never half of one."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _numpy_state():
@@ -1204,10 +1337,33 @@ def quality_row(net, cfg, steps, num):
     return err, fd
 
 
+TINY_PIPELINE_ENTRIES = {"teacher", "mid", "post", "post-random", "quality.txt", "quality.txt.tmp"}
+
+
+def check_pipeline_outdir(outdir, resume):
+    """The tiny pipeline's root folder: new or empty, or (--resume auto) one that holds only its own stage
+    folders and table, which each stage then checks and continues."""
+    if resume not in (None, "auto"):
+        raise SystemExit(f"--resume {resume}: the tiny pipeline continues with --resume auto (each stage from "
+                         "its own folder's ckpt-latest.pt)")
+    out = Path(outdir)
+    held = sorted(q.name for q in out.iterdir()) if out.is_dir() else []
+    if resume is None or not held:
+        return check_outdir(dict(outdir=str(out), resume=None))
+    foreign = [name for name in held if name not in TINY_PIPELINE_ENTRIES]
+    if foreign:
+        raise SystemExit(f"--outdir {out}: holds {', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}, "
+                         "not a run of the tiny pipeline; choose a new --outdir")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise SystemExit(f"--outdir {out}: {out} is not a writable folder")
+    return None
+
+
 def run_tiny_pipeline(cfg_for, outdir, baseline=True):
     """--preset tiny without --stage: teacher (pretrain) -> mid -> post, plus post from random init at the
-    same budget, then the quality table."""
+    same budget, then the quality table. With --resume auto (in cfg) every stage continues its folder."""
     outdir = Path(outdir)
+    check_pipeline_outdir(outdir, cfg_for("post").get("resume"))
     times, nets = {}, {}
     plan = [("pretrain", "teacher", {}), ("mid", "mid", {"teacher": str(outdir / "teacher" / "ckpt-latest.pt")}),
             ("post", "post", {"init": str(outdir / "mid" / "ckpt-latest.pt")})]
@@ -1233,7 +1389,7 @@ def run_tiny_pipeline(cfg_for, outdir, baseline=True):
     table = "\n".join(lines)
     print("\nQuality on the toy mixture (flow-map err: MSE per element vs the exact map from the same noise;\n"
           f"pixel FD: Frechet distance of raw {cfg_for('post')['channels']}x{cfg_for('post')['res']}x{cfg_for('post')['res']} vectors vs {num} fresh samples)\n" + table, flush=True)
-    (outdir / "quality.txt").write_text(table + "\n")
+    write_text_atomic(outdir / "quality.txt", table + "\n")
     return table
 
 
@@ -1254,15 +1410,20 @@ def run_sample(cfg, outdir, rank, world, device):
     feeds its own images to fid.inception_stats, which all-reduces the statistics."""
     init = cfg["teacher"] if cfg["init"] == "teacher" else cfg["init"]
     if not init or init == "random":
-        raise ValueError(f"--stage sample needs --init PATH (a checkpoint of this script) or --init teacher with "
-                         f"--teacher PATH; got --init {cfg['init']}" + (" and no --teacher" if cfg["init"] == "teacher" else ""))
-    net, ncfg = load_ema_net(init, "--init")
+        raise SystemExit(f"--init {cfg['init']}: --stage sample needs --init PATH (a checkpoint of this script) or "
+                         "--init teacher with --teacher PATH" + (" (no --teacher given)" if cfg["init"] == "teacher" else ""))
+    if cfg.get("resume") is not None:
+        raise SystemExit("--resume: --stage sample writes into a new or empty --outdir; it has nothing to resume")
+    check_outdir(dict(cfg, outdir=str(outdir), resume=None))  # samples never overwrite an earlier run's files
+    net, ncfg = load_ema_net(init, "--teacher" if cfg["init"] == "teacher" else "--init")
     net = net.to(device).eval()
     vae = None
     if ncfg["data"] != "toy":
         if not cfg.get("vae"):
-            raise ValueError("--stage sample on ImageNet latents needs --vae PATH (sd-vae-ft-mse weights)")
-        vae = load_vae(cfg["vae"], device)
+            raise SystemExit("--vae: --stage sample on ImageNet latents needs --vae PATH (sd-vae-ft-mse weights)")
+        vae = open_vae(cfg["vae"], device)
+    if world > 1:
+        dist.barrier()  # every rank has checked --outdir before any writes into it
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     num, bs = cfg["num"], cfg["batch_gpu"] or 64
@@ -1323,24 +1484,47 @@ def center_crop_arr(pil_image, image_size):
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp", ".bmp")
 SHARD_SIZE = 10_000  # images per latent shard
+ENCODE_OUTPUTS = re.compile(r"(latents|labels)-\d{5}\.npy(\.tmp)?|dataset\.json(\.tmp)?")
+
+
+def check_encode_outdir(outdir, resume):
+    """--stage encode writes into a new or empty --outdir; --resume auto continues one that holds only
+    the shards of an earlier encode."""
+    if resume not in (None, "auto"):
+        raise SystemExit(f"--resume {resume}: --stage encode continues with --resume auto (finished shards are kept)")
+    out = Path(outdir)
+    held = sorted(q.name for q in out.iterdir()) if out.is_dir() else []
+    if resume is None or not held:
+        return check_outdir(dict(outdir=str(out), resume=None))
+    foreign = [name for name in held if not ENCODE_OUTPUTS.fullmatch(name)]
+    if foreign:
+        raise SystemExit(f"--outdir {out}: holds {', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}, "
+                         "not latent shards of --stage encode; choose a new --outdir")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise SystemExit(f"--outdir {out}: {out} is not a writable folder")
+    return None
 
 
 @torch.no_grad()
 def run_encode(cfg, outdir, rank, world, device):
     """ImageNet train folder (one subfolder per class, sorted names = labels 0..K-1) -> latent shards:
     latents-NNNNN.npy [n, 8, res/8, res/8] float32 (SD-VAE posterior mean, std of the ADM center crop
-    in [-1, 1]) and labels-NNNNN.npy. Shards are split over ranks; finished shards are skipped."""
+    in [-1, 1]) and labels-NNNNN.npy. Shards are split over ranks; with --resume auto, an --outdir that holds
+    shards of an interrupted encode continues (finished shards are skipped)."""
     from PIL import Image
     root = Path(cfg["data"] or "")
     if not root.is_dir():
-        raise FileNotFoundError(f"--data {root}: expected an ImageNet train folder with one subfolder per class")
+        raise SystemExit(f"--data {root}: expected an ImageNet train folder with one subfolder per class")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     files = [(f, k) for k, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
     if not classes or not files:
-        raise FileNotFoundError(f"--data {root}: no class subfolders with images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise SystemExit(f"--data {root}: no class subfolders with images ({', '.join(IMAGE_EXTENSIONS)})")
     if not cfg.get("vae"):
-        raise ValueError("--stage encode needs --vae PATH (sd-vae-ft-mse weights, diffusers layout)")
-    vae = load_vae(cfg["vae"], device)
+        raise SystemExit("--vae: --stage encode needs --vae PATH (sd-vae-ft-mse weights, diffusers layout)")
+    check_encode_outdir(outdir, cfg.get("resume"))
+    vae = open_vae(cfg["vae"], device)
+    if world > 1:
+        dist.barrier()  # every rank has checked --outdir before any writes into it
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     image_size, bs = cfg["res"] * 8, cfg["batch_gpu"] or 64
@@ -1360,8 +1544,8 @@ def run_encode(cfg, outdir, rank, world, device):
             os.replace(outdir / (name + ".tmp"), outdir / name)
         print(f"[encode] rank {rank}: shard {shard} ({len(part)} images) -> {target}", flush=True)
     if rank == 0:
-        (outdir / "dataset.json").write_text(json.dumps(dict(classes=classes, num_images=len(files),
-                                                             resolution=image_size, latent_scale=SD_LATENT_SCALE)))
+        write_text_atomic(outdir / "dataset.json", json.dumps(dict(classes=classes, num_images=len(files),
+                                                                   resolution=image_size, latent_scale=SD_LATENT_SCALE)))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -1377,7 +1561,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
     a("--stage", choices=["pretrain", "mid", "post", "sample", "encode"], default=None,
       help="stage to run; none with --preset tiny = the whole CPU pipeline")
@@ -1391,7 +1575,8 @@ def parse_args(argv=None):
     a("--pairs", type=int, default=None, help="mid: ordered pairs (i > j) per trajectory per step; default: preset (8)")
     a("--init", default=None, help="post: PATH (a checkpoint: its EMA weights) | teacher | random; sample: the "
       "checkpoint PATH to sample, or teacher; default: random")
-    a("--resume", default=None, help="PATH | auto (= outdir/ckpt-latest.pt if present)")
+    a("--resume", default=None, help="PATH | auto (= outdir/ckpt-latest.pt if present, else a fresh start in an "
+      "empty --outdir); the checkpoint must be of the same stage and recipe")
     a("--batch", type=int, default=None, help="global batch (images); default: preset (256)")
     a("--batch-gpu", type=int, default=None, help="per-GPU micro-batch; default: batch / world size")
     a("--iters", type=int, default=None, help="training iterations; default: preset (per stage)")
@@ -1433,10 +1618,36 @@ def _int_list(text, flag):
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"{flag} {text}: expected comma-separated positive integers, e.g. 1,2") from None
+        raise SystemExit(f"{flag} {text}: expected comma-separated positive integers, e.g. 1,2") from None
     if not all(v > 0 for v in values):
-        raise ValueError(f"{flag} {text}: step counts must be positive")
+        raise SystemExit(f"{flag} {text}: expected comma-separated positive integers (step counts must be positive)")
     return values
+
+
+POSITIVE_KEYS = ["batch", "batch_gpu", "iters", "teacher_steps", "pairs", "num", "num_eval", "log_every"]
+NONNEGATIVE_KEYS = ["ckpt_every", "snap_every", "sample_every", "max_skips"]
+
+
+def check_values(cfg):
+    """Numbers a user sets: one line naming the flag instead of a ZeroDivisionError mid-run."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    for k in POSITIVE_KEYS:
+        if cfg.get(k) is not None and cfg[k] < 1:
+            raise SystemExit(f"{flag(k)} {cfg[k]}: expected a positive integer")
+    for k in NONNEGATIVE_KEYS:
+        if cfg.get(k) is not None and cfg[k] < 0:
+            raise SystemExit(f"{flag(k)} {cfg[k]}: expected an integer >= 0 (0 = off / at the end only)")
+    if not cfg["lr"] > 0:
+        raise SystemExit(f"--lr {cfg['lr']}: expected a positive learning rate")
+    if not 0 <= cfg["ema"] < 1:
+        raise SystemExit(f"--ema {cfg['ema']}: expected a decay in [0, 1)")
+    for k in ("ratio_neq", "label_drop"):
+        if not 0 <= cfg[k] <= 1:
+            raise SystemExit(f"{flag(k)} {cfg[k]}: expected a fraction in [0, 1]")
+    most = cfg["teacher_steps"] * (cfg["teacher_steps"] + 1) // 2
+    if cfg["pairs"] > most:
+        raise SystemExit(f"--pairs {cfg['pairs']}: expected at most M(M+1)/2 = {most} pairs for --teacher-steps "
+                         f"{cfg['teacher_steps']}")
 
 
 def resolve_config(args, stage):
@@ -1447,15 +1658,19 @@ def resolve_config(args, stage):
     for k in FLAG_KEYS:
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
+    cfg.update(stage=stage, outdir=args.outdir, resume=args.resume, bf16=args.bf16, tf32=args.tf32,
+               compile=args.compile, vae=args.vae, fid_ref=args.fid_ref, num=args.num,
+               sample_steps=_int_list(args.sample_steps, "--sample-steps"))
+    check_values(cfg)
     if args.mimg is not None:
         cfg["iters"] = int(round(args.mimg * 1e6 / cfg["batch"]))
-    cfg.update(resume=args.resume, bf16=args.bf16, tf32=args.tf32, compile=args.compile, vae=args.vae,
-               fid_ref=args.fid_ref, num=args.num,
-               sample_steps=_int_list(args.sample_steps, "--sample-steps"))
+        if not cfg["iters"] > 0:
+            raise SystemExit(f"--mimg {args.mimg}: expected a positive length (it gives {cfg['iters']} iterations "
+                             f"at --batch {cfg['batch']})")
     cfg["adam_betas"] = list(cfg["adam_betas"])
     cfg["mimg"] = cfg.get("iters", 0) * cfg["batch"] / 1e6
     if cfg["model"] not in MODELS:
-        raise ValueError(f"--model {cfg['model']}: expected one of {sorted(MODELS)}")
+        raise SystemExit(f"--model {cfg['model']}: expected one of {sorted(MODELS)}")
     return cfg
 
 
@@ -1477,8 +1692,21 @@ def main(argv=None):
     return run_encode(cfg, args.outdir, rank, world, device)
 
 
-if __name__ == "__main__":
-    main()
+def cli():
+    """The command line: a user's mistake (SystemExit with a message) is one stderr line and exit code 2."""
+    try:
+        main()
+    except SystemExit as e:
+        if not isinstance(e.code, str):  # --help, or an explicit exit status
+            raise
+        print(f"{SCRIPT}: error: {e.code}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
     if dist.is_initialized():
         dist.barrier()  # a rank that tears gloo down while a peer is still talking aborts
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli()

@@ -47,6 +47,12 @@ import study_meanflow
 
 torch.set_num_threads(1)  # CI has 2 cores; several tests start worker processes of their own
 
+# The CUDA tests (test_cuda_*, run by tools/gpu_check.py) need a GPU; elsewhere they are skipped with the
+# reason "needs CUDA", the suite's only skip. CMT_TEST_CUDA=cpu rehearses them on the CPU (each comparison
+# is then CPU against CPU: it proves the test code, not the kernels).
+CUDA = torch.device(os.environ.get("CMT_TEST_CUDA", "cuda"))
+needs_cuda = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs CUDA")
+
 
 def run_script(script, *args, cwd, env=None, timeout=600):
     """Run one of the scripts as a user would, in cwd: (exit code, stdout, stderr)."""
@@ -2084,7 +2090,28 @@ def test_cifar10_sigkill_inside_a_checkpoint_write_loses_nothing(tmp_path):
         assert all(torch.equal(ref[key][k], got[key][k]) for k in ref[key]), key
 
 
-def test_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
+def test_cifar10_two_step_mid_t_follows_sony_cmt(tmp_path, monkeypatch):
+    # sony/cmt ct_train.py and ct_eval.py: --mid_t default [0.821], kept by run_cmt+ecm_*.sh (post-training
+    # and the evaluation of its students); run_cmt_cifar.sh passes --mid_t=7.7569e-01 (mid-training).
+    official = cc.parse_args(["--stage", "post", "--init", "x"])
+    assert cc.resolve_config(official)["mid_t"] == 0.821 and tiny_cfg(stage="post")["mid_t"] == 0.821
+    assert cc.resolve_config(cc.parse_args(["--stage", "mid"]))["mid_t"] == 0.77569 == tiny_cfg(stage="mid")["mid_t"]
+    assert tiny_cfg(stage="post", mid_t=0.5)["mid_t"] == 0.5
+    run = ["--preset", "tiny", "--iters", "1", "--batch", "16", "--teacher", "analytic", "--init", "random"]
+    cc.main(run + ["--stage", "post", "--outdir", str(tmp_path / "post")])
+    cc.main(run + ["--stage", "mid", "--outdir", str(tmp_path / "mid")])
+    seen, real = [], cc.sample_fewstep
+    monkeypatch.setattr(cc, "sample_fewstep", lambda net, z, steps, mid_t, *a, **k: seen.append((steps, mid_t)) or real(net, z, steps, mid_t, *a, **k))
+    for stage, flags, expected in (("post", [], 0.821), ("mid", [], 0.77569), ("post", ["--mid-t", "1.5"], 1.5)):
+        seen.clear()
+        cc.main(["--preset", "tiny", "--stage", "sample", "--num", "4", "--init", str(tmp_path / stage / "ckpt-latest.pt"),
+                 "--outdir", str(tmp_path / f"s-{stage}-{len(flags)}"), *flags])
+        assert (2, expected) in seen, (stage, flags, seen)
+
+
+def test_nonfinite_loss_steps_as_sony_cmt_or_is_skipped_on_request(tmp_path, monkeypatch):
+    # sony/cmt training/cmt_training_loop.py and ct_training_loop.py always step, after
+    # torch.nan_to_num(param.grad, nan=0, posinf=1e5, neginf=-1e5); --skip-nonfinite drops such a step.
     real, calls = cc.edm_loss, []
 
     def flaky(net, y, labels):
@@ -2092,14 +2119,26 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
         loss = real(net, y, labels)
         return loss * float("nan") if len(calls) == 2 else loss
     monkeypatch.setattr(cc, "edm_loss", flaky)
-    _, (net, ema) = run_stage(tmp_path, stage="pretrain", iters=4)
-    rows = [json.loads(l) for l in (tmp_path / "stats.jsonl").read_text().splitlines()]
-    assert rows[-1]["skipped"] == 1 and all(math.isfinite(r["loss"]) for r in rows)
-    assert all(torch.isfinite(p).all() for p in list(net.parameters()) + list(ema.parameters()))
-    calls.clear()
+    for flag, steps in ((False, 4), (True, 3)):
+        calls.clear()
+        _, (net, ema) = run_stage(tmp_path / str(flag), stage="pretrain", iters=4, skip_nonfinite=flag)
+        rows = [json.loads(l) for l in (tmp_path / str(flag) / "stats.jsonl").read_text().splitlines()]
+        assert rows[-1]["nonfinite"] == 1 and all(math.isfinite(r["loss"]) for r in rows)
+        assert all(torch.isfinite(p).all() for p in list(net.parameters()) + list(ema.parameters()))
+        adam = torch.load(tmp_path / str(flag) / "ckpt-latest.pt", weights_only=True)["optimizer"]["state"]
+        assert {int(v["step"]) for v in adam.values()} == {steps}, flag  # optimizer steps taken
     monkeypatch.setattr(cc, "edm_loss", lambda net, y, labels: real(net, y, labels) * float("nan"))
-    with pytest.raises(SystemExit, match="non-finite"):
-        run_stage(tmp_path / "abort", stage="pretrain", iters=4, max_skips=2)
+    with pytest.raises(SystemExit, match="--max-nonfinite 2"):
+        run_stage(tmp_path / "abort", stage="pretrain", iters=4, max_nonfinite=2)
+
+
+def test_cmt_trajectories_are_cleaned_of_nonfinite_values(monkeypatch):
+    # sony/cmt training/loss.py DPMSolverLoss: Traj = torch.nan_to_num(Traj), D_y_ref = torch.nan_to_num(D_y_ref).
+    bad = [torch.full((2, 3, 4, 4), v) for v in (float("nan"), float("inf"), 1.0)]
+    monkeypatch.setattr(cc, "dpm_solver_pp", lambda denoise, x, sigmas: bad)
+    states, target = cc.cmt_trajectories(None, torch.zeros(2, 3, 4, 4), None, steps=2)
+    assert torch.isfinite(states).all() and torch.isfinite(target).all()
+    assert (states[0] == 0).all() and (states[1] == torch.finfo(torch.float32).max).all() and (target == 1).all()
 
 
 CIFAR10_DDP_SCRIPT = """
@@ -2179,7 +2218,7 @@ def test_cifar10_tiny_preset_end_to_end(tmp_path, capsys):
     for sub in ("teacher", "mid", "post"):
         assert (tmp_path / sub / "ckpt-latest.pt").exists() and (tmp_path / sub / "config.json").exists()
         row = json.loads((tmp_path / sub / "stats.jsonl").read_text().splitlines()[-1])
-        assert {"iter", "kimg", "loss", "grad_norm", "lr", "it_per_s", "img_per_s", "skipped", "sec"} <= set(row)
+        assert {"iter", "kimg", "loss", "grad_norm", "lr", "it_per_s", "img_per_s", "nonfinite", "sec"} <= set(row)
     table = (tmp_path / "quality.txt").read_text()
     assert "nan" not in table.split("\n", 2)[2]  # every model row has real numbers
     cc.main(["--stage", "sample", "--init", str(tmp_path / "post" / "ckpt-latest.pt"),
@@ -2706,7 +2745,7 @@ def test_imagenet_resume_bit_exact(tmp_path, inet_one_thread):
     assert not list(tmp_path.rglob("*.tmp*"))  # checkpoints are written to a temp file, then renamed
     rows = [json.loads(line) for line in (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
-    assert set(rows[0]) >= {"iter", "kimg", "loss", "grad_norm", "lr", "it_per_s", "img_per_s", "skipped", "sec"}
+    assert set(rows[0]) >= {"iter", "kimg", "loss", "grad_norm", "lr", "it_per_s", "img_per_s", "nonfinite", "sec"}
 
 
 def test_imagenet_ddp_matches_accumulation(tmp_path):
@@ -2807,20 +2846,44 @@ def test_imagenet_encode_folder(tmp_path, inet_one_thread):
     assert (raw[4:] > 0).all()  # the second half holds the posterior std
 
 
-def test_imagenet_nonfinite_guard(tmp_path, inet_one_thread, monkeypatch):
+def test_imagenet_nonfinite_loss_steps_as_sony_cmt_or_is_skipped_on_request(tmp_path, inet_one_thread, monkeypatch):
     real = inet.cmt_loss
     monkeypatch.setattr(inet, "cmt_loss", lambda *a: real(*a) * float("nan"))
-    args = inet_train_args(tmp_path / "a", "--stage", "mid", "--batch", "16", "--iters", "3", "--max-skips", "5")
-    inet.main(args)
-    ckpt = torch.load(tmp_path / "a" / "ckpt-latest.pt", weights_only=True)
-    rows = [json.loads(line) for line in (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
-    assert [r["skipped"] for r in rows] == [1, 2, 3] and all(r["loss"] is None for r in rows)
+    args = inet_train_args(tmp_path / "a", "--stage", "mid", "--batch", "16", "--iters", "3", "--max-nonfinite", "5")
     torch.manual_seed(0)  # the student's construction in train(): seed, then build
     init = inet.build_net(inet.resolve_config(inet.parse_args(args))).state_dict()
-    assert all(torch.equal(ckpt["ema"][k], init[k]) for k in init)  # no step, no EMA update
-    assert not ckpt["optimizer"]["state"]  # Adam never stepped
-    with pytest.raises(SystemExit, match="--max-skips 1"):
-        inet.main(inet_train_args(tmp_path / "b", "--stage", "mid", "--batch", "16", "--iters", "3", "--max-skips", "1"))
+    ckpts = {}
+    for run, flags in (("a", []), ("b", ["--skip-nonfinite"])):
+        inet.main(inet_train_args(tmp_path / run, "--stage", "mid", "--batch", "16", "--iters", "3",
+                                  "--max-nonfinite", "5", *flags))
+        ckpts[run] = ckpt = torch.load(tmp_path / run / "ckpt-latest.pt", weights_only=True)
+        rows = [json.loads(line) for line in (tmp_path / run / "stats.jsonl").read_text().splitlines()]
+        assert [r["nonfinite"] for r in rows] == [1, 2, 3] and all(r["loss"] is None for r in rows)
+        assert ckpt["data_state"]["nonfinite"] == 3
+        assert bool(ckpt["optimizer"]["state"]) == (run == "a")  # --skip-nonfinite never steps
+    # --skip-nonfinite: no step, no EMA update. Default: Adam steps on nan_to_num'd (here all-zero) gradients,
+    # which move no weight, so the weights are those of the skipping run (both were renormalised by EDM2's
+    # forced weight normalisation in the forwards) and finite.
+    assert all(torch.equal(ckpts["b"]["ema"][k], init[k]) for k in init)
+    assert all(torch.equal(ckpts["a"]["model"][k], ckpts["b"]["model"][k]) for k in init)
+    assert all(torch.isfinite(v).all() for v in ckpts["a"]["ema"].values())
+    with pytest.raises(SystemExit, match="--max-nonfinite 1"):
+        inet.main(inet_train_args(tmp_path / "c", "--stage", "mid", "--batch", "16", "--iters", "3", "--max-nonfinite", "1"))
+
+
+def test_imagenet_cmt_trajectories_are_cleaned_of_nonfinite_values():
+    sigmas = inet.cmt_sigmas(4, 80.0, 0.002, torch.device("cpu"))
+    def teacher(bad):
+        def denoise(x, s, labels):  # zero, or overflowing on the first row
+            out = torch.zeros_like(x)
+            out[0] = float("inf") if bad else 0.0
+            return out
+        return denoise
+    noise, labels = torch.randn(2, 4, 8, 8), torch.zeros(2, dtype=torch.long)
+    x, _, _, target = inet.cmt_batch(teacher(True), noise, labels, sigmas)
+    x_ok, _, _, target_ok = inet.cmt_batch(teacher(False), noise, labels, sigmas)
+    assert torch.isfinite(x).all() and torch.isfinite(target).all() and x.shape == (8, 4, 8, 8)
+    assert torch.equal(x[1::2], x_ok[1::2]) and torch.equal(target[1::2], target_ok[1::2])  # the clean row untouched
 
 
 def test_imagenet_post_on_latent_dataset(tmp_path, inet_one_thread):
@@ -2844,7 +2907,7 @@ def test_imagenet_post_on_latent_dataset(tmp_path, inet_one_thread):
                tmp_path / "teacher.pt")
     inet.train(cfg, "post")
     rows = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
-    assert rows[-1]["iter"] == 2 and math.isfinite(rows[-1]["loss"]) and rows[-1]["skipped"] == 0
+    assert rows[-1]["iter"] == 2 and math.isfinite(rows[-1]["loss"]) and rows[-1]["nonfinite"] == 0
 
 
 # ==================================================================================================
