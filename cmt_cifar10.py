@@ -889,7 +889,7 @@ def edm_loss(net, y, labels, P_mean=-1.2, P_std=1.2):
 
 def cmt_trajectories(teacher, y, labels, steps=CMT_STEPS):
     """Teacher trajectories from x_T = y + 80 eps (SPEC 3) -> (16 states [16, b, ...], target [b, ...])."""
-    sigmas = logsnr_grid(steps).to(y.device)
+    sigmas = logsnr_grid(steps)  # on the CPU: the solver reads its coefficients without a host-device sync
     with torch.no_grad():
         states = dpm_solver_pp(teacher_denoiser(teacher, labels), y + T_MAX * torch.randn_like(y), sigmas)
     # sony/cmt training/loss.py (DPMSolverLoss) cleans the trajectory and its target before regressing on them.

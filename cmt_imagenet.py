@@ -1347,8 +1347,8 @@ def dpm_solver_pp(denoise, x, labels, sigmas, order=3):
     for k in range(n):
         s_cur, s_next = sigmas[k], sigmas[k + 1]
         ms.append(denoise(x, s_cur.expand(x.shape[0]), labels).to(x.dtype))
-        h = (lam[k + 1] - lam[k]).item()
-        phi_1 = math.expm1(-h)
+        h = lam[k + 1] - lam[k]  # float64 0-dim tensors on the grid's device: no host-device sync per step
+        phi_1 = torch.expm1(-h)
         o = min(order, k + 1, n - k)
         x_next = (s_next / s_cur) * x - phi_1 * ms[-1]
         if o == 2:

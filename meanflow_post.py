@@ -105,7 +105,7 @@ SCRIPT = "meanflow_post.py"  # recorded in every checkpoint: --init/--teacher/--
 # sample stage and the tiny table compute, speed switches, and the per-process split of the batch (the
 # world size is not in the config). Every other field defines the run and must match the checkpoint's.
 RESUME_MAY_CHANGE = {"iters", "mimg", "log_every", "ckpt_every", "snap_every", "sample_every", "resume", "outdir",
-                     "max_skips", "num_eval", "bf16", "tf32", "compile", "fid_ref", "num", "sample_steps", "vae",
+                     "max_nonfinite", "num_eval", "bf16", "tf32", "compile", "fid_ref", "num", "sample_steps", "vae",
                      "batch_gpu"}
 
 # DiT sizes (depth, hidden, heads, patch); MeanFlow paper / official JAX models_dit.py. `tiny` is the CPU demo.
@@ -129,7 +129,7 @@ BASE = dict(
     p_mean=-0.4, p_std=1.0, ratio_neq=0.25, label_drop=0.1, norm_p=1.0, norm_eps=0.01,
     omega=1.0, kappa=0.5, t_start=0.0, t_end=1.0,
     teacher=None, teacher_solver="meanflow", teacher_steps=8, pairs=8,
-    init="random", log_every=100, ckpt_every=5000, snap_every=50000, sample_every=20000, max_skips=100,
+    init="random", log_every=100, ckpt_every=5000, snap_every=50000, sample_every=20000, max_nonfinite=100,
 )
 
 # Per preset, per stage. Iteration counts marked * are our estimates (not published); see README.
@@ -1128,7 +1128,7 @@ class Trainer:
                 raise SystemExit(f"--data: --stage {stage} needs --data PATH (latent shards from --stage encode) or --data toy")
             self.data = LatentShards(cfg["data"])
         self.toy = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"]) if cfg["data"] == "toy" else None
-        self.it, self.skipped = 0, 0
+        self.it, self.nonfinite = 0, 0
 
     def init_weights(self):
         init = self.cfg["init"]
@@ -1175,7 +1175,8 @@ class Trainer:
         e = torch.randn((y.shape[0], cfg["channels"], cfg["res"], cfg["res"]), generator=gen, device=self.device)
         with self.autocast():
             states, grid = teacher_trajectory(self.teacher, e, y, cfg["teacher_steps"], cfg["teacher_solver"])
-        z, r, t, u_tgt, n = cmt_mf_pairs(states.float(), grid, cfg["pairs"], gen)
+        # As sony/cmt training/loss.py (DPMSolverLoss), the trajectory is cleaned before it becomes targets.
+        z, r, t, u_tgt, n = cmt_mf_pairs(torch.nan_to_num(states.float()), grid, cfg["pairs"], gen)
         with self.autocast():
             return cmt_mf_loss(self.fwd_net, z, r, t, y[n], u_tgt)
 
@@ -1197,14 +1198,14 @@ class Trainer:
         rng = dict(torch=torch.get_rng_state(), numpy=_numpy_state(), python=_python_state(),
                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
         return dict(model=self.net.state_dict(), ema=self.ema.state_dict(), optimizer=self.opt.state_dict(),
-                    iter=self.it, rng=rng, data_state=dict(samples=self.it * self.cfg["batch"], skipped=self.skipped),
+                    iter=self.it, rng=rng, data_state=dict(samples=self.it * self.cfg["batch"], nonfinite=self.nonfinite),
                     config=self.cfg, stage=self.stage, script=SCRIPT)
 
     def load_state(self, ckpt):
         self.net.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["optimizer"])
-        self.it, self.skipped = int(ckpt["iter"]), int(ckpt["data_state"]["skipped"])
+        self.it, self.nonfinite = int(ckpt["iter"]), int(ckpt["data_state"]["nonfinite"])
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state((rng["numpy"]["kind"], rng["numpy"]["keys"].numpy().astype(np.uint32), rng["numpy"]["pos"],
@@ -1243,41 +1244,50 @@ class Trainer:
                   f"{iters} it = {iters * cfg['batch'] / 1e6:.3f} Mimg | from it {self.it}", flush=True)
         self.net.train()
         t0 = t_log = time.time()
-        it_log, loss_sum, gnorm_sum, n_log = self.it, torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
+        it_log, loss_sum, gnorm_sum = self.it, torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        n_log = n_finite = 0
         while self.it < iters:
             loss = self.step_gradients(self.it)
-            # Non-finite guard: the one host sync per step (the loss is identical on all ranks).
-            if not torch.isfinite(loss):
-                self.skipped += 1
+            # Non-finite losses are counted: the one host sync per step (the loss is identical on all ranks). As
+            # sony/cmt's training loops, the step is taken anyway with nan_to_num'd gradients; --skip-nonfinite
+            # drops it instead.
+            finite = bool(torch.isfinite(loss))
+            if not finite:
+                self.nonfinite += 1
                 if is0:
-                    print(f"[{self.stage}] it {self.it}: non-finite loss, step skipped ({self.skipped} so far)", flush=True)
-                if self.skipped > cfg["max_skips"]:
-                    raise RuntimeError(f"more than --max-skips {cfg['max_skips']} non-finite steps: aborting "
-                                       f"(lower --lr, or check the data/teacher)")
-                self.opt.zero_grad(set_to_none=True)
-            else:
+                    print(f"[{self.stage}] it {self.it}: non-finite loss ({self.nonfinite} so far), step "
+                          f"{'skipped' if cfg['skip_nonfinite'] else 'taken with nan_to_num gradients'}", flush=True)
+                if self.nonfinite > cfg["max_nonfinite"]:
+                    raise SystemExit(f"[{self.stage}] aborting: more than --max-nonfinite {cfg['max_nonfinite']} "
+                                     "non-finite losses (lower --lr, or check the data/teacher)")
+            if finite or not cfg["skip_nonfinite"]:
                 for p in self.params:
-                    p.grad.nan_to_num_(nan=0, posinf=1e5, neginf=-1e5)
+                    p.grad.nan_to_num_(nan=0, posinf=1e5, neginf=-1e5)  # sony/cmt training loops
                 gnorm_sum += torch.nn.utils.clip_grad_norm_(self.params, float("inf"))
                 self.opt.step()
                 self.update_ema()
-                loss_sum += loss
                 n_log += 1
+            else:
+                self.opt.zero_grad(set_to_none=True)
+            if finite:
+                loss_sum += loss
+                n_finite += 1
             self.it += 1
             if self.it % cfg["log_every"] == 0 or self.it == iters:
                 now = time.time()
                 ips = (self.it - it_log) / max(now - t_log, 1e-9)
-                rec = dict(iter=self.it, kimg=self.it * cfg["batch"] / 1e3, loss=(loss_sum / max(n_log, 1)).item(),
+                rec = dict(iter=self.it, kimg=self.it * cfg["batch"] / 1e3, loss=(loss_sum / n_finite).item() if n_finite else None,
                            grad_norm=(gnorm_sum / max(n_log, 1)).item(), lr=cfg["lr"], it_per_s=ips,
-                           img_per_s=ips * cfg["batch"], skipped=self.skipped, sec=now - t0)
+                           img_per_s=ips * cfg["batch"], nonfinite=self.nonfinite, sec=now - t0)
                 if is0:
                     eta = (iters - self.it) / max(ips, 1e-9)
-                    print(f"[{self.stage}] it {self.it}/{iters} ({100 * self.it / iters:.1f}%) loss {rec['loss']:.4f} "
+                    shown = "-" if rec["loss"] is None else f"{rec['loss']:.4f}"  # -: no finite loss in the window
+                    print(f"[{self.stage}] it {self.it}/{iters} ({100 * self.it / iters:.1f}%) loss {shown} "
                           f"gnorm {rec['grad_norm']:.2f} | {ips:.1f} it/s {rec['img_per_s']:.0f} img/s | "
-                          f"lr {cfg['lr']:.1e} skipped {self.skipped} | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m", flush=True)
+                          f"lr {cfg['lr']:.1e} nonfinite {self.nonfinite} | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m", flush=True)
                     with open(self.outdir / "stats.jsonl", "a") as f:
                         f.write(json.dumps(rec) + "\n")
-                t_log, it_log, n_log = now, self.it, 0
+                t_log, it_log, n_log, n_finite = now, self.it, 0, 0
                 loss_sum.zero_(); gnorm_sum.zero_()
             if is0 and ((cfg["ckpt_every"] and self.it % cfg["ckpt_every"] == 0) or self.it == iters):
                 self.save("ckpt-latest.pt")
@@ -1605,13 +1615,15 @@ def parse_args(argv=None):
       "(default 50000; tiny 0)")
     a("--sample-every", type=int, default=None, help="sample-grid interval in iterations, 0 = off (default 20000)")
     a("--log-every", type=int, default=None, help="log interval in iterations (default 100)")
-    a("--max-skips", type=int, default=None, help="abort after this many non-finite steps (default 100)")
+    a("--max-nonfinite", type=int, default=None, help="abort after this many steps with a non-finite loss (default 100)")
+    a("--skip-nonfinite", action="store_true", help="drop a step whose loss is non-finite (default: step with "
+                                                    "nan_to_num'd gradients, as sony/cmt)")
     return p.parse_args(argv)
 
 
 FLAG_KEYS = ["data", "model", "teacher", "teacher_solver", "teacher_steps", "pairs", "init", "batch", "batch_gpu",
              "iters", "lr", "ema", "seed", "omega", "kappa", "t_start", "t_end", "ratio_neq", "label_drop", "norm_p",
-             "norm_eps", "ckpt_every", "snap_every", "sample_every", "log_every", "max_skips", "num_eval"]
+             "norm_eps", "ckpt_every", "snap_every", "sample_every", "log_every", "max_nonfinite", "num_eval"]
 
 
 def _int_list(text, flag):
@@ -1625,7 +1637,7 @@ def _int_list(text, flag):
 
 
 POSITIVE_KEYS = ["batch", "batch_gpu", "iters", "teacher_steps", "pairs", "num", "num_eval", "log_every"]
-NONNEGATIVE_KEYS = ["ckpt_every", "snap_every", "sample_every", "max_skips"]
+NONNEGATIVE_KEYS = ["ckpt_every", "snap_every", "sample_every", "max_nonfinite"]
 
 
 def check_values(cfg):
@@ -1658,8 +1670,8 @@ def resolve_config(args, stage):
     for k in FLAG_KEYS:
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
-    cfg.update(stage=stage, outdir=args.outdir, resume=args.resume, bf16=args.bf16, tf32=args.tf32,
-               compile=args.compile, vae=args.vae, fid_ref=args.fid_ref, num=args.num,
+    cfg.update(stage=stage, outdir=args.outdir, resume=args.resume, skip_nonfinite=args.skip_nonfinite, bf16=args.bf16,
+               tf32=args.tf32, compile=args.compile, vae=args.vae, fid_ref=args.fid_ref, num=args.num,
                sample_steps=_int_list(args.sample_steps, "--sample-steps"))
     check_values(cfg)
     if args.mimg is not None:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
-sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
+sys.path[:0] = [str(ROOT), str(ROOT / "experiments"), str(ROOT / "tools")]
 
 import bench_cifar10
 import bench_imagenet
@@ -40,6 +40,7 @@ import bench_meanflow
 import cmt_cifar10 as cc
 import cmt_imagenet as inet
 import fid
+import gpu_check
 import meanflow_post as mf
 import plot
 import study_ect
@@ -3349,7 +3350,7 @@ def test_meanflow_resume_is_bit_exact(tmp_path):
     assert tr.it == 7 and torch.load(tmp_path / "pretrain-b" / "ckpt-latest.pt", weights_only=True)["iter"] == 7
 
 
-def test_200_steps_finite_and_injected_nan_is_skipped(tmp_path, monkeypatch, capsys):
+def test_200_steps_finite_and_injected_nan_steps_as_sony_cmt_or_is_skipped(tmp_path, monkeypatch, capsys):
     orig = mf.Trainer.micro_loss
 
     def poisoned(trainer, it, slot):
@@ -3357,16 +3358,22 @@ def test_200_steps_finite_and_injected_nan_is_skipped(tmp_path, monkeypatch, cap
         return loss * float("nan") if it == 50 else loss
 
     monkeypatch.setattr(mf.Trainer, "micro_loss", poisoned)
-    tr = run_main("--preset", "tiny", "--stage", "pretrain", "--model", "tiny-teacher", "--batch", "8", "--iters", 200,
-                  "--log-every", 50, "--ckpt-every", 200, "--outdir", tmp_path)
-    assert tr.skipped == 1 and "non-finite loss, step skipped" in capsys.readouterr().out
-    stats = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
-    assert [s["iter"] for s in stats] == [50, 100, 150, 200] and stats[-1]["skipped"] == 1
+    common = ["--preset", "tiny", "--stage", "pretrain", "--model", "tiny-teacher", "--batch", "8", "--log-every", 50]
+    tr = run_main(*common, "--iters", 200, "--ckpt-every", 200, "--outdir", tmp_path / "a")
+    assert tr.nonfinite == 1 and "non-finite loss (1 so far), step taken with nan_to_num gradients" in capsys.readouterr().out
+    stats = [json.loads(line) for line in (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
+    assert [s["iter"] for s in stats] == [50, 100, 150, 200] and stats[-1]["nonfinite"] == 1
     assert all(torch.isfinite(torch.tensor(s["loss"])) and torch.isfinite(torch.tensor(s["grad_norm"])) for s in stats)
     for net in (tr.net, tr.ema):
         assert all(torch.isfinite(p).all() for p in net.parameters())
-    keys = {"iter", "kimg", "loss", "grad_norm", "lr", "it_per_s", "img_per_s", "skipped", "sec"}
+    keys = {"iter", "kimg", "loss", "grad_norm", "lr", "it_per_s", "img_per_s", "nonfinite", "sec"}
     assert keys <= set(stats[0])
+    steps = lambda t: {int(st["step"]) for st in t.opt.state_dict()["state"].values()}
+    assert steps(tr) == {200}  # the poisoned step was taken (on nan_to_num'd gradients)
+    skip = run_main(*common, "--iters", 60, "--outdir", tmp_path / "b", "--skip-nonfinite")
+    assert skip.nonfinite == 1 and steps(skip) == {59} and "step skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--max-nonfinite 0"):
+        run_main(*common, "--iters", 60, "--outdir", tmp_path / "c", "--max-nonfinite", 0)
 
 
 def test_meanflow_tiny_preset_end_to_end(tmp_path, capsys):
@@ -3639,6 +3646,89 @@ def test_no_script_imports_experiments_and_plot_draws_one_panel_per_entry(tmp_pa
     panels = [(f"panel {i}", {"a": [[0, 1.0, 2.0], [10, 0.5, 0.7]], "b": [[0, 3.0, 3.5], [10, 0.1, 0.2]]}) for i in range(3)]
     plot.draw_curves(panels, tmp_path / "c.png", "x", marker_x=5)
     assert PIL.Image.open(tmp_path / "c.png").size == (3 * 560, 400)
+
+
+# ==================================================================================================
+# The device check (tools/gpu_check.py): its CPU mode runs every part but the CUDA kernels
+# ==================================================================================================
+
+def host_reads(module, fn):
+    """Every read of a tensor's value into Python (item, float, int, bool, tolist, cpu, numpy, index) made by
+    the module's own lines while fn() runs: {source line: count}. On a GPU each one is a host-device sync."""
+    import linecache
+    counts, path, saved = collections.Counter(), module.__file__, {}
+
+    def counting(name, orig):
+        def read(self, *a, **k):
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename == path:
+                counts[linecache.getline(path, frame.f_lineno).strip()] += 1
+            return orig(self, *a, **k)
+        return read
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy", "__index__"):
+        saved[name] = getattr(torch.Tensor, name)
+        setattr(torch.Tensor, name, counting(name, saved[name]))
+    try:
+        fn()
+    finally:
+        for name, orig in saved.items():
+            setattr(torch.Tensor, name, orig)
+    return counts
+
+
+# The one documented read per training step: the non-finite flag (each script's loop says so).
+NONFINITE_FLAG = {"cifar10": "finite = int(bad) == 0", "imagenet": "finite = finite.item() == 1",
+                  "meanflow": "finite = bool(torch.isfinite(loss))"}
+# cmt_cifar10.py's solver reads its float64 noise-level grid, which is made on the CPU and stays there.
+CPU_GRID = ("float(sigmas[k])", "lams = (-torch.log(sigmas.to(torch.float64))).tolist()")
+
+
+@pytest.mark.parametrize("script", ["cifar10", "imagenet", "meanflow"])
+def test_mid_training_loop_reads_one_flag_per_step_from_the_device(tmp_path, script, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    iters, every = 8, 4  # 8 steps, 2 progress lines
+    run = ["--stage", "mid", "--iters", str(iters), "--log-every", str(every), "--outdir", "mid", "--batch", "16",
+           "--preset", "tiny"]
+    if script == "cifar10":
+        cc.main(["--preset", "tiny", "--stage", "pretrain", "--iters", "1", "--outdir", "t"])
+        module, train = cc, lambda: cc.main(run + ["--teacher", "t/ckpt-latest.pt", "--sample-every", "0"])
+    elif script == "imagenet":
+        module, train = inet, lambda: inet.main(run + ["--teacher", "analytic", "--init", "random"])
+    else:
+        mf.main(["--preset", "tiny", "--model", "tiny-teacher", "--stage", "pretrain", "--iters", "1", "--batch", "16",
+                 "--outdir", "t"])
+        module, train = mf, lambda: mf.main(run + ["--model", "tiny-teacher", "--teacher", "t/ckpt-latest.pt"])
+    counts = host_reads(module, train)
+    per_step = {line for line, n in counts.items() if n >= iters and not any(g in line for g in CPU_GRID)}
+    assert per_step == {NONFINITE_FLAG[script]} and counts[NONFINITE_FLAG[script]] == iters, counts
+
+
+def test_gpu_check_cpu_mode_writes_the_whole_report(tmp_path):
+    # torch.compile is left to the GPU run: compiling the three tiny networks costs ~150 s on 2 cores.
+    env = dict(os.environ, OMP_NUM_THREADS="1", CMT_TEST_CUDA="cuda")
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--cpu", "--out", str(tmp_path),
+                        "--modes", "fp32,bf16"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    tests = report["tests"]
+    assert tests["status"] == "ok" and not tests["failed"] and re.search(r"\d+ skipped", tests["summary"])
+    assert tests["skip_reasons"] == ["needs CUDA"]  # on a machine without CUDA, the only skip
+    assert [(b["script"], b["mode"], b["status"]) for b in report["benches"]] == [
+        (s, m, "ok") for m in ("fp32", "bf16") for s in ("cifar10", "imagenet", "meanflow")]
+    md = (tmp_path / "report.md").read_text()
+    for b in report["benches"]:
+        for net, r in gpu_check.flatten(b["script"], b["result"]):
+            assert r["plain_s"] > 0 and r["mid_s"] > 0 and r["peak_gb"] > 0
+            assert r["img_per_s_plain"] > 0 and r["mid_over_plain"] == pytest.approx(r["mid_s"] / r["plain_s"], rel=1e-6)
+            assert f"| {b['script']} | {net} | {b['mode']} | {r['plain_s']:.4f} |" in md
+    assert report["fid"]["status"] == "ok" and report["fid"]["result"]["images"] == 64
+    assert f"{report['fid']['result']['img_per_s']:.0f} images/s" in md and "CPU" in md.splitlines()[0]
+
+
+def test_gpu_check_without_a_gpu_names_the_cpu_mode(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--cpu"):
+        gpu_check.main(["--out", "unused"])
 
 
 # ==================================================================================================
