@@ -247,12 +247,12 @@ class ToyMixture:
 
     def denoise(self, x, sigma):
         """Exact E[y | y + sigma n = x]:  sum_k w_k [mu_k + s_k^2/(s_k^2+s^2)(x - mu_k)]."""
-        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1)
-        mu, s2 = self.means.to(x.dtype).flatten(1), self.stds.to(x.dtype) ** 2         # [K, D], [K]
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1)
+        mu, s2 = self.means.to(x.device, x.dtype).flatten(1), self.stds.to(x.device, x.dtype) ** 2  # [K, D], [K]
         var = s2[None] + sigma ** 2                                                   # [N, K]
         xf = x.flatten(1)
         dist2 = (xf.square().sum(1, keepdim=True) - 2 * xf @ mu.T + mu.square().sum(1)[None])
-        logw = self.weights.to(x.dtype).log()[None] - 0.5 * dist2 / var - 0.5 * xf.shape[1] * var.log()
+        logw = self.weights.to(x.device, x.dtype).log()[None] - 0.5 * dist2 / var - 0.5 * xf.shape[1] * var.log()
         w = torch.softmax(logw, dim=1)                                                # [N, K]
         shrink = s2[None] / var                                                       # [N, K]
         out = (w @ mu) + (w * shrink).sum(1, keepdim=True) * xf - (w * shrink) @ mu
@@ -990,9 +990,12 @@ def ect_loss(net, y, labels, q, stage, c=0.0, P_mean=-1.1, P_std=2.0):
     t = (torch.randn(y.shape[0], 1, 1, 1, device=y.device) * P_std + P_mean).exp()
     r = ect_t_to_r(t, q, stage)
     eps = torch.randn_like(y)
-    rng = torch.cuda.get_rng_state() if y.is_cuda else torch.get_rng_state()
+    rng = torch.cuda.get_rng_state(y.device) if y.is_cuda else torch.get_rng_state()
     f_t = net(y + t * eps, t, labels, train=True)
-    (torch.cuda.set_rng_state if y.is_cuda else torch.set_rng_state)(rng)  # same dropout mask
+    if y.is_cuda:  # same dropout mask in both calls
+        torch.cuda.set_rng_state(rng, y.device)
+    else:
+        torch.set_rng_state(rng)
     with torch.no_grad():
         f_r = torch.where(r > 0, torch.nan_to_num(net(y + r * eps, r, labels, train=True)), y)
     sq = (f_t - f_r).square().flatten(1).sum(1)
@@ -1623,7 +1626,7 @@ def run_tiny(args):
         cfg = resolve_config(a)
         t0 = time.time()
         _, ema = train(cfg)
-        return ema.eval(), time.time() - t0, cfg
+        return ema.eval().cpu(), time.time() - t0, cfg  # the quality table runs on the CPU
 
     models = []
     if analytic:
@@ -1783,8 +1786,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # Both ways: PyTorch's own default lets cuDNN convolutions run in TF32, which an fp32 run must not.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
     if args.stage is None:
         if args.preset != "tiny":
             raise SystemExit("--stage is required (only --preset tiny runs the whole pipeline)")

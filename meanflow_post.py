@@ -1691,9 +1691,8 @@ def main(argv=None):
     if args.stage is None and args.preset != "tiny":
         raise SystemExit("--stage is required (only --preset tiny runs the whole pipeline without it)")
     rank, world, device = setup_dist()
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    # Both ways: PyTorch's own default lets cuDNN convolutions run in TF32, which an fp32 run must not.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
     if args.stage is None:
         return run_tiny_pipeline(lambda s: resolve_config(args, s), args.outdir)
     cfg = resolve_config(args, args.stage)

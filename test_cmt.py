@@ -7,6 +7,7 @@ Every input is generated here; nothing is downloaded and ../shared is never read
 import collections
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib
 import io
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import types
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import PIL.Image
 import numpy as np
 import pytest
 import torch
+import torch._dynamo.utils
 import torch.nn.functional as F
 from PIL import Image
 
@@ -3646,6 +3649,1140 @@ def test_no_script_imports_experiments_and_plot_draws_one_panel_per_entry(tmp_pa
     panels = [(f"panel {i}", {"a": [[0, 1.0, 2.0], [10, 0.5, 0.7]], "b": [[0, 3.0, 3.5], [10, 0.1, 0.2]]}) for i in range(3)]
     plot.draw_curves(panels, tmp_path / "c.png", "x", marker_x=5)
     assert PIL.Image.open(tmp_path / "c.png").size == (3 * 560, 400)
+
+
+# ==================================================================================================
+# CUDA tests (test_cuda_*): run by tools/gpu_check.py on a GPU; skipped ("needs CUDA") elsewhere
+# ==================================================================================================
+
+# ============================================================================= CUDA tests: cmt_cifar10.py, fid.py
+# GPU side: CUDA (CMT_TEST_CUDA=cpu rehearses every test on the CPU, CPU against CPU); reference side: the CPU.
+# In-process and subprocess runs of the script pick their device themselves (CUDA when available), as a user's
+# run does. The network: the real DDPM++ SongUNet at 32x32 (CIFAR-10's resolution), narrowed to 16 channels
+# (32 per block), two levels and one block per level: real down/up blocks, 1x1 skips, GroupNorm, dropout and
+# single-head attention at 16x16 (the paper's attn_resolutions), 0.26M parameters.
+C10_CPU = torch.device("cpu")
+C10_ON_GPU = CUDA.type == "cuda"
+C10_NARROW = dict(model_channels=16, channel_mult=[2, 2], num_blocks=1, attn_resolutions=[16])
+
+
+def _c10_cfg(stage, **over):
+    """A resolved cifar10-preset config for one stage with the narrowed network (no CLI, nothing written)."""
+    args = cc.parse_args(["--stage", stage, "--outdir", "unused", *(["--init", "random"] if stage == "post" else [])])
+    for k, v in {**C10_NARROW, "metric": "l2", **over}.items():
+        setattr(args, k, v)
+    return cc.resolve_config(args)
+
+
+def _c10_trained_like(net, seed):
+    """Give every weight an O(1)-effect value (fresh DDPM++ nets start with conv1/proj/aux_conv at 1e-5, which
+    would leave almost the whole gradient on the last layer): W ~ N(0, 1/fan_in), 1-d tensors perturbed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            else:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return net
+
+
+class _C10CPUNoise:
+    """Stands in for `torch` inside cmt_cifar10 (monkeypatched as cc.torch): every name is torch's, except
+    that randn / randn_like draw from one seeded CPU generator and then move to the requested device. A CPU
+    run and a CUDA run of the script's own loss functions then see bit-identical noise (t, eps, x_T)."""
+
+    def __init__(self, seed):
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def randn(self, *size, device=None, dtype=None, generator=None, **kwargs):
+        size = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        cpu = torch.randn(size, generator=generator or self._gen, dtype=dtype or torch.float32)
+        return cpu.to(device or "cpu")
+
+    def randn_like(self, t, **kwargs):
+        return torch.randn(t.shape, generator=self._gen).to(t.device, t.dtype)
+
+
+@contextlib.contextmanager
+def _c10_tf32(matmul, cudnn):
+    """Set the two TF32 switches through the API the script uses (the legacy one) and restore them."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture
+def _c10_flags():
+    """In-process runs of main() set process-wide switches (--tf32); keep them from leaking into other tests."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads()
+    torch.set_num_threads(1)  # small networks: one thread is fastest on the CPU (rehearsal); no effect on CUDA
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[:2]
+    torch.set_num_threads(old[2])
+
+
+def _c10_rel(a, b):
+    """||a - b|| / ||b|| in float64, a and b on any devices."""
+    a, b = a.detach().to(C10_CPU, torch.float64), b.detach().to(C10_CPU, torch.float64)
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _c10_pngs(folder, n=32, size=32, seed=0):
+    """n RGB PNGs of size x size (a stand-in CIFAR-10 for --data: an EDM-style image folder)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+def _c10_teacher_ckpt(path, seed=1):
+    """A teacher checkpoint of this script (the narrowed network, trained-like weights) for --teacher."""
+    cfg = _c10_cfg("pretrain")
+    torch.manual_seed(seed)
+    teacher = _c10_trained_like(cc.build_net(cfg, "edm"), seed)
+    torch.save({"script": cc.SCRIPT, "stage": "pretrain", "config": cfg, "iter": 1, "ema": teacher.state_dict()}, path)
+    return path
+
+
+def _c10_stats(outdir):
+    return [json.loads(line) for line in (Path(outdir) / "stats.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- 1. fp32 CUDA step = CPU step
+
+def _c10_step(stage, device, net0, teacher0, y, noise=_C10CPUNoise, **over):
+    """One training step of `stage` on `device` with the script's own functions and CPU-drawn noise:
+    (per-row losses, gradients, parameters after cc.apply_update with the script's optimizer)."""
+    cfg = _c10_cfg(stage, **{"dropout": 0.0, **over})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cc, "torch", noise(seed=7))
+        net = copy.deepcopy(net0).to(device).train()
+        ema = copy.deepcopy(net).requires_grad_(False)
+        y = y.to(device)
+        if stage == "pretrain":
+            loss = cc.edm_loss(net, y, None)
+        elif stage == "post":
+            loss = cc.ect_loss(net, y, None, q=cfg["ect_q"], stage=0)
+        else:
+            states, target = cc.cmt_trajectories(copy.deepcopy(teacher0).to(device), y[:1], None)
+            assert states.device.type == device.type and states.shape == (16, 1, 3, 32, 32)
+            loss = cc.cmt_loss(net, states, target, None, metric="l2")
+        loss.mean().backward()
+        grads = [p.grad.detach().clone() for p in net.parameters()]
+        optimizer = cc.make_optimizer(cfg, net, device)
+        cc.apply_update(net, ema, optimizer, cfg["lr"], cfg["ema"])
+    return loss.detach(), grads, [p.detach().clone() for p in net.parameters()], cfg
+
+
+# Tolerances (loss row, whole gradient, worst tensor, whole update), relative. Both sides are IEEE fp32 with
+# different summation orders (cuDNN/cuBLAS vs oneDNN), each with its own round-off. Measured on the CPU against
+# a float64 run of the same step (tmp_cifar/measure*.py): pretrain 1.4e-7, 1.2e-6, 1.8e-6; ECT at q = 4
+# 2.2e-7, 1.4e-6, 3.2e-6; CMT 4.3e-6, 4.3e-6, 1.1e-5; ECT at the paper's q = 4096 5.9e-4, 1.4e-3, 5.4e-3.
+# The ECT loss divides f(y + t eps) - f(y + r eps), a difference of two nearly equal outputs, by t - r ~ t/q:
+# their round-off is amplified ~q-fold (measured: linear in q), a property of the loss, not of the kernels;
+# q = 4 keeps the tight check and q = 4096 is checked at its own conditioning. Every bound leaves >= 20x for
+# the CUDA side's own round-off and cuDNN's less accurate fp32 algorithms (Winograd, FFT); TF32 (unit
+# round-off 4.9e-4, ~8000x fp32's) would exceed each by far. Adam's first update is lr g / (|g| + eps)
+# ~ lr sign(g): elements whose gradient is within round-off of 0 may flip, so its update is checked per
+# element (|diff| <= 2 lr) and as a whole to 0.1 (measured 1.7e-2); RAdam's first five steps are lr g, linear.
+C10_STEP_TOL = {"pretrain": (1e-5, 1e-4, 1e-3, 0.1), "post-q4": (1e-5, 1e-4, 1e-3, 1e-4),
+                "post-q4096": (1e-2, 2e-2, 1e-1, 2e-2), "mid": (1e-4, 1e-4, 1e-3, 1e-4)}
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", list(C10_STEP_TOL))
+def test_cuda_cifar10_fp32_step_equals_the_cpu_step(case, _c10_flags):
+    """fp32 on CUDA (TF32 off) computes the EDM / ECT / CMT loss, its gradient and one step of the script's
+    optimizer on the narrowed DDPM++ as the CPU does, from the same weights, batch and noise (dropout 0:
+    CUDA's and the CPU's dropout generators differ by design; the shared-mask test covers dropout on CUDA)."""
+    stage, q = case.split("-q")[0], float(case.split("-q")[1]) if "-q" in case else None
+    over = dict(dropout=0.0, **({"ect_q": q} if q else {}))
+    kind = "edm" if stage == "pretrain" else "ecm"
+    net0 = _c10_trained_like(cc.build_net(_c10_cfg(stage, **over), kind), seed=0)
+    teacher0 = _c10_trained_like(cc.build_net(_c10_cfg("pretrain", dropout=0.0), "edm"), seed=1).eval().requires_grad_(False)
+    y = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with _c10_tf32(False, False):
+        l_ref, g_ref, p_ref, cfg = _c10_step(stage, C10_CPU, net0, teacher0, y, **over)
+        l_got, g_got, p_got, _ = _c10_step(stage, CUDA, net0, teacher0, y, **over)
+    assert stage != "post" or cfg["ect_q"] == q  # the q under test reached the loss
+    row_tol, grad_tol, tensor_tol, update_tol = C10_STEP_TOL[case]
+    assert l_got.device.type == CUDA.type and torch.isfinite(l_got).all() and torch.isfinite(l_ref).all()
+    row_err = ((l_got.cpu().double() - l_ref.double()).abs() / l_ref.double().abs()).max().item()
+    assert row_err <= row_tol, (case, row_err)
+    flat_got, flat_ref = torch.cat([g.flatten() for g in g_got]), torch.cat([g.flatten() for g in g_ref])
+    assert flat_ref.abs().sum() > 0 and _c10_rel(flat_got, flat_ref) <= grad_tol, (case, _c10_rel(flat_got, flat_ref))
+    total = flat_ref.double().norm().item()
+    for i, (a, b) in enumerate(zip(g_got, g_ref)):
+        # Per tensor, with a floor of 1e-3 of the whole gradient's norm for tensors whose gradient is ~0.
+        err = (a.cpu().double() - b.double()).norm().item()
+        assert a.device.type == CUDA.type and err <= tensor_tol * (b.double().norm().item() + 1e-3 * total), (case, i, err)
+    p0 = list(net0.parameters())
+    upd_got = torch.cat([(a.cpu() - b).flatten() for a, b in zip(p_got, p0)])
+    upd_ref = torch.cat([(a - b).flatten() for a, b in zip(p_ref, p0)])
+    assert upd_ref.abs().sum() > 0 and _c10_rel(upd_got, upd_ref) <= update_tol, (case, _c10_rel(upd_got, upd_ref))
+    if cfg["optimizer"] == "adam":
+        assert (upd_got - upd_ref).abs().max().item() <= 2 * cfg["lr"] * (1 + 1e-5)
+
+
+# ----------------------------------------------------------------------------- 4. ECT's shared dropout mask on CUDA
+
+def _c10_record_masks(net):
+    """Forward pre-hooks on every UNetBlock.conv1 (the conv right after F.dropout): the keep-mask each call used."""
+    masks = []
+    hooks = [m.conv1.register_forward_pre_hook(lambda mod, inp: masks.append(inp[0].detach() != 0))
+             for m in net.modules() if isinstance(m, cc.UNetBlock)]
+    return masks, hooks
+
+
+@needs_cuda
+def test_cuda_cifar10_ect_passes_share_the_dropout_mask():
+    """On CUDA, ECT's two passes f(y + t eps, t) and f(y + r eps, r) drop the same units (the script saves
+    torch.cuda.get_rng_state() before the first pass and restores it before the second), with dropout 0.2 in
+    the narrowed DDPM++; a pass without the restore draws another mask, and a CUDA forward repeated under the
+    same saved generator state is bit-identical."""
+    cfg = _c10_cfg("post", dropout=0.2)
+    torch.manual_seed(0)
+    net = _c10_trained_like(cc.build_net(cfg, "ecm"), seed=0).to(CUDA).train()
+    y = (torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(CUDA)
+    masks, hooks = _c10_record_masks(net)
+    blocks = len(hooks)
+    try:
+        with (torch.cuda.device(CUDA) if C10_ON_GPU else contextlib.nullcontext()):  # the script: set_device
+            loss = cc.ect_loss(net, y, None, q=cfg["ect_q"], stage=0)
+            assert len(masks) == 2 * blocks and loss.device.type == CUDA.type and torch.isfinite(loss).all()
+            first, second = masks[:blocks], masks[blocks:]
+            for a, b in zip(first, second):
+                assert a.device.type == CUDA.type and torch.equal(a, b)
+            dropped = 1 - torch.cat([m.flatten().float() for m in first]).mean().item()
+            assert 0.17 < dropped < 0.23, dropped  # dropout 0.2 is live (>= 10^5 units: +-0.03 is > 20 sigma)
+            masks.clear()
+            x, s = y + 0.5 * torch.randn_like(y), torch.full((4,), 0.5, device=CUDA)
+            state = torch.cuda.get_rng_state() if C10_ON_GPU else torch.get_rng_state()
+            out1 = net(x, s, train=True)
+            (torch.cuda.set_rng_state if C10_ON_GPU else torch.set_rng_state)(state)
+            out2 = net(x, s, train=True)
+            out3 = net(x, s, train=True)  # control: the generator moved on
+            assert torch.equal(out1, out2) and not torch.equal(out2, out3)
+            assert all(torch.equal(a, b) for a, b in zip(masks[:blocks], masks[blocks:2 * blocks]))
+            assert not all(torch.equal(a, b) for a, b in zip(masks[blocks:2 * blocks], masks[2 * blocks:]))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- 2. fast paths: 20 steps, finite, close to fp32
+
+C10_FAST = {"fp32": [], "bf16": ["--bf16"], "tf32": ["--tf32"], "channels_last": ["--channels-last"],
+            "compile": ["--compile"]}
+# Per-step |loss - loss_fp32| / loss_fp32 over the 20 steps: (largest, mean). Measured in the rehearsal (CPU,
+# same test): bf16 4.3e-2 / 5.2e-3 (bf16's unit round-off 3.9e-3, amplified by ECT's 1/(t - r) on rows with
+# small t); channels_last 4.8e-6 / 1.6e-6 (another fp32 kernel: round-off only, no divergence in 20 Adam
+# steps). TF32's unit round-off is 8x below bf16's: its bound is bf16's measured values x ~10 / 8. Fused
+# kernels of Inductor change fp32 summation orders only, as channels_last does: 1e-3 leaves > 100x. The fp32
+# baseline is real fp32 (TF32 off), so each bound holds whatever the kernels pick.
+C10_FAST_TOL = {"bf16": (0.25, 0.05), "tf32": (0.05, 0.01), "channels_last": (1e-3, 1e-4), "compile": (1e-3, 1e-4)}
+
+
+def _c10_run_main(monkeypatch, argv):
+    """cc.main(argv) in this process with the narrowed network as the cifar10 preset's; TF32 is switched off
+    before (the fp32 baseline must be fp32: PyTorch's default lets cuDNN use TF32) and after (--tf32 sets it)."""
+    monkeypatch.setitem(cc.PRESETS, "cifar10", {**cc.PRESETS["cifar10"], **C10_NARROW})
+    with _c10_tf32(False, False):
+        cc.main([str(a) for a in argv])
+
+
+@needs_cuda
+def test_cuda_cifar10_fast_paths_stay_finite_and_close_to_fp32(tmp_path, monkeypatch, _c10_flags):
+    """--bf16, --tf32, --channels-last and --compile (one run) each train 20 ECT steps of the narrowed DDPM++
+    through the script's own main(), every step finite and its loss close to the fp32 run's on the same data
+    and noise; every CUDA run steps with fused Adam. Dropout is 0 here: the compiled graph draws its dropout
+    masks with Inductor's own generator, so only without dropout do all five runs see identical randomness."""
+    data = _c10_pngs(tmp_path / "data")
+    base = ["--stage", "post", "--init", "random", "--data", data, "--iters", 20, "--batch", 8, "--log-every", 1,
+            "--ckpt-every", 0, "--snap-every", 0, "--sample-every", 0, "--optimizer", "adam", "--dropout", 0]
+    # The paper's ECT (q = 4096) with Adam, so that every CUDA run steps with the fused Adam of make_optimizer.
+    if not C10_ON_GPU:  # rehearsal: Inductor's C++ codegen costs ~100 s on 2 cores; aot_eager traces the same graphs
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    losses = {}
+    for mode, flags in C10_FAST.items():
+        _c10_run_main(monkeypatch, base + ["--outdir", tmp_path / mode] + flags)
+        rows = _c10_stats(tmp_path / mode)
+        assert [r["iter"] for r in rows] == list(range(1, 21)), mode
+        assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["nonfinite"] == 0 for r in rows), mode
+        losses[mode] = np.array([r["loss"] for r in rows])
+        ckpt = cc.read_checkpoint(tmp_path / mode / "ckpt-latest.pt", "--resume")
+        assert ckpt["iter"] == 20 and all(torch.isfinite(v).all() for v in ckpt["model"].values()), mode
+        assert bool(ckpt["optimizer"]["param_groups"][0]["fused"]) == C10_ON_GPU, mode  # fused Adam exactly on CUDA
+        assert ckpt["config"]["bf16"] == (mode == "bf16") and ckpt["config"]["compile"] == (mode == "compile")
+        assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"]), mode
+    for mode, (tol_max, tol_mean) in C10_FAST_TOL.items():
+        err = np.abs(losses[mode] - losses["fp32"]) / np.abs(losses["fp32"])
+        assert err.max() <= tol_max and err.mean() <= tol_mean, (mode, err.max(), err.mean(), list(err))
+    assert not np.array_equal(losses["bf16"], losses["fp32"])  # --bf16 did take effect (autocast ran)
+
+
+@needs_cuda
+def test_cuda_cifar10_fused_adam_update_matches_plain_adam(_c10_flags):
+    """The script's optimizer for --optimizer adam is fused Adam on CUDA; driven through cc.apply_update
+    (nan_to_num of the gradients, step, EMA) with the very same gradients, it moves the weights as
+    torch.optim.Adam's single-tensor reference does on the CPU, for 20 steps, a non-finite gradient included."""
+    cfg = _c10_cfg("pretrain")
+    assert cfg["optimizer"] == "adam"
+    net_cpu = _c10_trained_like(cc.build_net(cfg, "edm"), seed=0)
+    net_gpu = copy.deepcopy(net_cpu).to(CUDA)
+    ema_cpu, ema_gpu = copy.deepcopy(net_cpu).requires_grad_(False), copy.deepcopy(net_gpu).requires_grad_(False)
+    opt_gpu = cc.make_optimizer(cfg, net_gpu, CUDA)
+    assert type(opt_gpu) is torch.optim.Adam and bool(opt_gpu.param_groups[0]["fused"]) == C10_ON_GPU
+    opt_cpu = torch.optim.Adam(net_cpu.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    g = torch.Generator().manual_seed(5)
+    p0 = [p.detach().clone() for p in net_cpu.parameters()]
+    for step in range(20):
+        for a, b in zip(net_cpu.parameters(), net_gpu.parameters()):
+            # Gradients over 8 decades, as a real step has them (Adam's g / sqrt(v) normalises each element).
+            grad = torch.randn(a.shape, generator=g) * 10 ** torch.randint(-6, 2, a.shape, generator=g).float()
+            if step == 3 and a.dim() > 1:
+                grad.view(-1)[0] = float("inf")  # cc.apply_update: nan_to_num to 1e5 on the device
+            a.grad, b.grad = grad.clone(), grad.to(CUDA)
+        lr = cfg["lr"] * (1 - step / 20)
+        n_cpu = cc.apply_update(net_cpu, ema_cpu, opt_cpu, lr, cfg["ema"])
+        n_gpu = cc.apply_update(net_gpu, ema_gpu, opt_gpu, lr, cfg["ema"])
+        assert n_gpu.device.type == CUDA.type and abs(n_gpu.item() - n_cpu.item()) <= 1e-6 * n_cpu.item()
+    # The fused kernel orders the same fp32 operations differently: per step the update differs by a few ulps
+    # of lr (~1e-10) and each weight (|w| <~ 3) rounds to its own ulp (<= 2.4e-7): 20 steps stay below 5e-6,
+    # while the weights moved by ~lr per element and step (~2e-2 in all): the bound is 4000x below the motion.
+    for a, b, w in zip(net_cpu.parameters(), net_gpu.parameters(), p0):
+        assert torch.isfinite(b).all() and (b.detach().cpu() - a.detach()).abs().max().item() <= 5e-6
+        assert (a.detach() - w).abs().mean().item() > 100 * 5e-6
+    for a, b in zip(ema_cpu.parameters(), ema_gpu.parameters()):
+        assert (b.cpu() - a).abs().max().item() <= 5e-6
+
+
+# ----------------------------------------------------------------------------- 3. resume on CUDA is exact
+
+# One process of the script with deterministic kernels: cuDNN's deterministic algorithms, cuBLAS with a fixed
+# workspace (CUBLAS_WORKSPACE_CONFIG, set in the environment before the process starts), and the deterministic
+# backward of memory-efficient attention (SDPA's fp32 kernel on CUDA splits keys across blocks with atomics
+# unless use_deterministic_algorithms(True) is on, warn_only=False). argv: root, preset override (json),
+# stop-after (0: run to the end; k: os._exit(17) in the k-th optimizer step), then the script's own flags.
+C10_DETERMINISTIC_RUN = r"""
+import json, os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import cmt_cifar10 as cc
+torch.use_deterministic_algorithms(True)
+torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+cc.PRESETS["cifar10"].update(json.loads(sys.argv[2]))
+stop, real, calls = int(sys.argv[3]), cc.apply_update, []
+def apply_update(*args):
+    calls.append(1)
+    if len(calls) == stop:
+        sys.stdout.flush()
+        os._exit(17)  # killed mid-run, after the checkpoint of iteration 2
+    return real(*args)
+cc.apply_update = apply_update
+cc.main(sys.argv[4:])
+"""
+
+
+@needs_cuda
+@pytest.mark.parametrize("stage", ["mid", "post"])
+def test_cuda_cifar10_resume_on_cuda_is_bit_exact(tmp_path, stage):
+    """On CUDA, a run killed after its iteration-2 checkpoint and continued with --resume auto ends at
+    iteration 4 with the bit-identical weights, EMA, optimizer state (fused Adam's on-device step counters
+    included), RNG states (CUDA's Philox included) and data positions of an uninterrupted run: dropout 0.2
+    masks, ECT noise (post) and the teacher's trajectories (mid, reused over 2 iterations) all continue."""
+    script = tmp_path / "run.py"
+    script.write_text(C10_DETERMINISTIC_RUN)
+    data = _c10_pngs(tmp_path / "data")
+    flags = ["--stage", stage, "--data", data, "--iters", 4, "--ckpt-every", 2, "--log-every", 1, "--snap-every", 0,
+             "--sample-every", 0, "--dropout", 0.2, "--metric", "l2"]
+    if stage == "mid":
+        flags += ["--teacher", _c10_teacher_ckpt(tmp_path / "teacher.pt"), "--batch", 16, "--traj-reuse", 2]
+    else:
+        flags += ["--init", "random", "--batch", 8, "--optimizer", "adam"]
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    narrow = json.dumps(C10_NARROW)
+
+    def run(outdir, stop, *extra):
+        return run_script(script, ROOT, narrow, stop, *flags, "--outdir", outdir, *extra, cwd=tmp_path, env=env)
+    rc, out, err = run(tmp_path / "a", 0)
+    assert rc == 0, out + err
+    assert f"device {CUDA.type}" in out  # the script chose the device under test
+    rc, out, err = run(tmp_path / "b", 3)
+    assert rc == 17, out + err
+    assert cc.read_checkpoint(tmp_path / "b" / "ckpt-latest.pt", "--resume")["iter"] == 2
+    rc, out, err = run(tmp_path / "b", 0, "--resume", "auto")
+    assert rc == 0 and "resumed from ckpt-latest.pt at iteration 2" in out, out + err
+    a, b = (torch.load(tmp_path / d / "ckpt-latest.pt", map_location="cpu", weights_only=True) for d in "ab")
+    assert a["iter"] == b["iter"] == 4
+
+    def leaves(obj, path=""):
+        if isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                yield from leaves(obj[k], f"{path}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from leaves(v, f"{path}/{i}")
+        else:
+            yield path, obj
+    la, lb = dict(leaves({k: a[k] for k in ("model", "ema", "optimizer", "rng", "data_state")})), \
+        dict(leaves({k: b[k] for k in ("model", "ema", "optimizer", "rng", "data_state")}))
+    assert la.keys() == lb.keys() and any("/rng/0/cuda" in k for k in la) == C10_ON_GPU
+    for k, v in la.items():
+        assert torch.equal(v, lb[k]) if isinstance(v, torch.Tensor) else v == lb[k], k
+    assert {float(v["step"]) for v in a["optimizer"]["state"].values()} == {4.0}  # 4 real optimizer steps
+    if stage == "post" and C10_ON_GPU:
+        assert a["optimizer"]["param_groups"][0]["fused"]
+
+
+# ----------------------------------------------------------------------------- 5. torchrun, one process
+
+# torchrun's child: the script itself (run as __main__), with init_process_group and destroy_process_group
+# wrapped to print the backend the script asked for and the one in use. argv: script, then its flags.
+C10_TORCHRUN_CHILD = r"""
+import runpy, sys
+import torch.distributed as dist
+real_init, real_destroy = dist.init_process_group, dist.destroy_process_group
+def init_process_group(backend=None, *args, **kwargs):
+    print(f"[test] init_process_group({backend!r})", flush=True)
+    return real_init(backend, *args, **kwargs)
+def destroy_process_group(*args, **kwargs):
+    print(f"[test] in use: {dist.get_backend()} world {dist.get_world_size()} rank {dist.get_rank()}", flush=True)
+    return real_destroy(*args, **kwargs)
+dist.init_process_group, dist.destroy_process_group = init_process_group, destroy_process_group
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@needs_cuda
+def test_cuda_cifar10_torchrun_single_process_completes_a_stage(tmp_path):
+    """`torchrun --standalone --nproc_per_node=1 cmt_cifar10.py ...` initialises the process group (NCCL on
+    CUDA, gloo on the CPU) even for one process, trains an ECT stage on the device and writes its checkpoint."""
+    child = tmp_path / "child.py"
+    child.write_text(C10_TORCHRUN_CHILD)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("FID_WEIGHTS", None)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                        str(child), str(ROOT / "cmt_cifar10.py"), "--preset", "tiny", "--stage", "post", "--init",
+                        "random", "--iters", "3", "--batch", "16", "--log-every", "1", "--dropout", "0.1",
+                        "--outdir", str(tmp_path / "run")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    backend = "nccl" if torch.cuda.is_available() else "gloo"  # the script's rule (init_distributed)
+    assert f"[test] init_process_group({backend!r})" in p.stdout, p.stdout
+    assert f"[test] in use: {backend} world 1 rank 0" in p.stdout, p.stdout
+    assert f"device {CUDA.type}" in p.stdout and "1 processes" in p.stdout, p.stdout
+    ckpt = cc.read_checkpoint(tmp_path / "run" / "ckpt-latest.pt", "--resume")
+    assert ckpt["iter"] == 3 and (tmp_path / "run" / "ckpt-0000003.pt").exists() and len(ckpt["rng"]) == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert (tmp_path / "run" / "samples-0000003.npz").exists()
+    assert len(_c10_stats(tmp_path / "run")) == 3 and all(math.isfinite(r["loss"]) for r in _c10_stats(tmp_path / "run"))
+
+
+# ----------------------------------------------------------------------------- 6. fid.inception_stats: CUDA = CPU
+
+def _c10_varied_images(n, seed=0):
+    """uint8 [n, 3, 32, 32]: coloured sinusoids of random frequency, phase, contrast and noise level. Their
+    random-Inception features spread (|f - mean| / |f| ~ 0.14) 7x more than those of uniform-noise images,
+    which all look alike to the network; sigma's relative round-off is the features' divided by that spread."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(np.linspace(0, 1, 32), np.linspace(0, 1, 32), indexing="ij")
+    out = []
+    for _ in range(n):
+        freq, phase, colour, contrast = rng.uniform(0.5, 6, 2), rng.uniform(0, 6.3, 3), rng.uniform(0, 1, 3), rng.uniform(0, 1)
+        wave = np.stack([np.sin(2 * np.pi * (freq[0] * xx + freq[1] * yy) + phase[k]) for k in range(3)])
+        noise = rng.uniform(0, 0.5) * rng.standard_normal((3, 32, 32))
+        out.append((255 * np.clip(colour[:, None, None] + 0.5 * contrast * wave + noise, 0, 1)).astype(np.uint8))
+    return torch.from_numpy(np.stack(out))
+
+
+@needs_cuda
+def test_cuda_fid_inception_stats_equal_the_cpu(weights_file):
+    """fid.inception_stats on CUDA gives the CPU's mu and sigma to 1e-5 relative, on 16 CIFAR-sized images with
+    the random-weight Inception, even with both TF32 switches on (PyTorch's cuDNN default is TF32 on): the
+    function itself must run its convolutions in fp32 (fid._fp32_convolutions)."""
+    images = _c10_varied_images(16)
+    batches = [images[:10], images[10:]]  # two batches: the float64 sums are accumulated across them
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "FID from only 16 images", "not the official weights"
+        mu_ref, sigma_ref, n_ref = fid.inception_stats(batches, weights=weights_file, device=C10_CPU)
+        with _c10_tf32(True, True):
+            mu, sigma, n = fid.inception_stats(batches, weights=weights_file, device=CUDA)
+            assert torch.backends.cudnn.allow_tf32  # restored by fid after its fp32 section
+    assert n == n_ref == 16 and mu.dtype == sigma.dtype == np.float64 and np.isfinite(sigma).all()
+    # 1e-5 relative in norm (Frobenius for sigma). Expected: fp32 round-off through the ~95 convolutions
+    # (reductions up to 2048 x 3 x 3 terms). Measured, CPU fp32 against a float64 Inception on these images
+    # (tmp_cifar/measure_fid2.py): mu 1.5e-7, sigma 8.9e-7 (element-wise 7e-7 of max |sigma|). The CUDA side
+    # adds its own round-off of that size, and cuDNN's Winograd / FFT algorithms a few times more: 1e-5 leaves
+    # ~8x on sigma, 60x on mu. (On uniform-noise images sigma's would be 1.3e-5 already on the CPU: see
+    # _c10_varied_images.) TF32 (unit round-off 4.9e-4, ~8000x fp32's) would exceed it by orders of magnitude.
+    assert np.linalg.norm(mu - mu_ref) <= 1e-5 * np.linalg.norm(mu_ref), np.linalg.norm(mu - mu_ref) / np.linalg.norm(mu_ref)
+    assert np.linalg.norm(sigma - sigma_ref) <= 1e-5 * np.linalg.norm(sigma_ref), \
+        np.linalg.norm(sigma - sigma_ref) / np.linalg.norm(sigma_ref)
+    # Element-wise with a floor: sigma of 16 images has entries near 0 whose relative error means nothing.
+    np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-3, atol=1e-5 * np.abs(sigma_ref).max())
+    np.testing.assert_allclose(mu, mu_ref, rtol=1e-3, atol=1e-5 * np.abs(mu_ref).max())
+
+
+# ----------------------------------------------------------------------------- script bugs on CUDA (cifar_fid_script_changes.md)
+
+def _c10_fp32_probe(device):
+    """Normwise relative error of a 3x3 convolution and a matmul on `device` against float64 on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    x, w, a, b = (torch.randn(s, generator=g) for s in ((8, 64, 16, 16), (64, 64, 3, 3), (256, 256), (256, 256)))
+    conv = F.conv2d(x.to(device), w.to(device), padding=1).cpu().double()
+    mm = (a.to(device) @ b.to(device)).cpu().double()
+    return (_c10_rel(conv, F.conv2d(x.double(), w.double(), padding=1)), _c10_rel(mm, a.double() @ b.double()))
+
+
+@needs_cuda
+def test_cuda_cifar10_fp32_run_without_tf32_flag_is_fp32(tmp_path, monkeypatch, _c10_flags):
+    """A run without --tf32 ('default: off') trains in fp32 on CUDA: with the switches at PyTorch's defaults
+    (cuBLAS TF32 off, cuDNN TF32 ON), a 3x3 convolution and a matmul made during the training step are
+    fp32-accurate. (EDM's and ECT's training loops set torch.backends.cudnn.allow_tf32 = False themselves.)"""
+    monkeypatch.setitem(cc.PRESETS, "cifar10", {**cc.PRESETS["cifar10"], **C10_NARROW})
+    real, seen = cc.accumulate_gradients, []
+    monkeypatch.setattr(cc, "accumulate_gradients", lambda *a, **k: seen.append(_c10_fp32_probe(CUDA)) or real(*a, **k))
+    data = _c10_pngs(tmp_path / "data", n=8)
+    with _c10_tf32(False, True):  # PyTorch's defaults
+        cc.main(["--stage", "post", "--init", "random", "--data", str(data), "--iters", "1", "--batch", "8",
+                 "--outdir", str(tmp_path / "run")])
+    assert len(seen) == 1
+    # fp32: ~1e-7 (3x3 conv, 576-term sums; 256-term matmul); TF32 rounds the operands to 10 mantissa bits
+    # (unit round-off 4.9e-4): ~3e-4. 1e-5 separates them by 30x on either side.
+    conv_err, mm_err = seen[0]
+    assert conv_err <= 1e-5, f"convolutions ran in TF32 during an fp32 run (error {conv_err:.1e})"
+    assert mm_err <= 1e-5, f"matmuls ran in TF32 during an fp32 run (error {mm_err:.1e})"
+
+
+@needs_cuda
+@pytest.mark.parametrize("teacher", ["pretrained", "analytic"])
+def test_cuda_cifar10_tiny_demo_runs_on_the_device(tmp_path, teacher, _c10_flags, capsys):
+    """`python cmt_cifar10.py --preset tiny` (the whole demo: teacher -> mid -> post -> quality table) runs on a
+    CUDA machine, where the script trains on CUDA: with its own EDM teacher and with --teacher analytic (the
+    toy mixture's exact denoiser then meets CUDA states)."""
+    argv = ["--preset", "tiny", "--iters", "2", "--eval-num", "64", "--baselines", "0", "--outdir", str(tmp_path / "demo")]
+    cc.main(argv + (["--teacher", "analytic"] if teacher == "analytic" else []))
+    out = capsys.readouterr().out
+    assert f"device {CUDA.type}" in out and "post (CMT -> ECT)" in out
+    table = (tmp_path / "demo" / "quality.txt").read_text()
+    assert "nan" not in table.split("\n", 2)[2]
+
+
+# ============================================================================= CUDA tests: cmt_imagenet.py, meanflow_post.py
+# GPU side: CUDA (CMT_TEST_CUDA=cpu rehearses every test on the CPU); reference side: the CPU.
+# In-process runs of the scripts pick their device themselves (CUDA when available), as a user's run does.
+CPU = torch.device("cpu")
+ON_GPU = CUDA.type == "cuda"
+
+
+@contextlib.contextmanager
+def _tf32(enabled):
+    """Set both TF32 switches (cuBLAS matmuls, cuDNN convs) and restore them afterwards."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture
+def _backend_flags():
+    """The scripts set the process-wide TF32 switches; in-process runs must not leak them into other tests."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads())
+    torch.set_num_threads(1)  # tiny networks: one thread is fastest on the CPU (rehearsal); no effect on GPU kernels
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[:2]
+    torch.set_num_threads(old[2])
+
+
+def _rel(a, b):
+    """||a - b|| / ||b|| in float64 (a may live on another device)."""
+    a, b = a.detach().to(CPU, torch.float64), b.detach().to(CPU, torch.float64)
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _assert_grads_close(got, ref, rtol, what):
+    """Per tensor: ||g_gpu - g_cpu|| <= rtol (||g_cpu|| + 1e-3 ||g_all||); the floor keeps tensors whose
+    gradient is ~0 (round-off only) from demanding an impossible relative accuracy."""
+    assert len(got) == len(ref) and len(ref) > 0
+    total = torch.cat([g.detach().flatten().double() for g in ref]).norm().item()
+    assert total > 0, f"{what}: all gradients are zero (the check would be vacuous)"
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert a.device.type == CUDA.type and torch.isfinite(a).all(), (what, i)
+        err = (a.detach().to(CPU, torch.float64) - b.double()).norm().item()
+        assert err <= rtol * (b.double().norm().item() + 1e-3 * total), (what, i, err, b.norm().item(), total)
+
+
+def _adam_steps_match(net_cpu, grads, make_opt, lr, steps=3):
+    """The script's optimiser (fused Adam on CUDA) against CPU Adam, fed the very same gradients: the update
+    rule itself, independent of the network's round-off."""
+    a, b = copy.deepcopy(net_cpu), copy.deepcopy(net_cpu).to(CUDA)
+    oa, ob = make_opt(list(a.parameters()), False), make_opt(list(b.parameters()), ON_GPU)
+    assert bool(ob.param_groups[0].get("fused")) == ON_GPU  # fused exactly when on CUDA, as the scripts build it
+    for k in range(steps):
+        for p, q, g in zip(a.parameters(), b.parameters(), grads):
+            p.grad, q.grad = g * (1 + k), (g * (1 + k)).to(CUDA)  # a changing gradient: m and v both move
+        oa.step()
+        ob.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        # Elementwise float32 arithmetic in another order (fused kernel): a few ulp of the update (~lr) plus one
+        # ulp of the weight when it is rounded. A wrong rule (bias correction, betas, eps) errs by ~lr per step.
+        torch.testing.assert_close(q.detach().cpu(), p.detach(), rtol=1e-6, atol=1e-5 * lr)
+
+
+def _stats(folder):
+    return [json.loads(line) for line in (Path(folder) / "stats.jsonl").read_text().splitlines()]
+
+
+def _losses(folder, iters):
+    """The per-iteration losses of a run logged with --log-every 1 (stable keys: iter, loss)."""
+    rows = _stats(folder)
+    assert [r["iter"] for r in rows] == list(range(1, iters + 1))
+    losses = [r["loss"] for r in rows]
+    assert all(v is not None and math.isfinite(v) for v in losses), losses
+    return np.array(losses)
+
+
+def _assert_tracks(fast, ref, rtol_each, rtol_mean, what):
+    """A fast path's per-iteration losses against fp32 on the same data: each within rtol_each, the mean over the
+    run within rtol_mean (the mean averages out the per-step noise that a reduced precision adds)."""
+    rel = np.abs(fast - ref) / np.abs(ref)
+    assert rel.max() <= rtol_each, (what, rel.max(), fast, ref)
+    assert abs(fast.mean() - ref.mean()) / abs(ref.mean()) <= rtol_mean, (what, fast.mean(), ref.mean())
+
+
+@contextlib.contextmanager
+def _compile_backend_for_rehearsal():
+    """On the GPU the scripts' own torch.compile (inductor) runs. In the CPU rehearsal, inductor's C++ build of
+    every graph would take minutes on 2 cores, so torch.compile gets backend="aot_eager" there: the same Dynamo
+    capture and AOTAutograd (graph breaks, the in-place weight writes, the backward), without code generation."""
+    if ON_GPU:
+        yield
+        return
+    real = torch.compile
+    torch.compile = functools.partial(real, backend="aot_eager")
+    try:
+        yield
+    finally:
+        torch.compile = real
+
+
+def _dynamo_graphs(reset=False):
+    """Graphs Dynamo has captured so far in this process. reset=True first drops every cached graph: a network of
+    the same class and shapes compiled earlier in this process (another test) would otherwise be reused from
+    the cache, and the count could not show that this run compiled."""
+    if reset:
+        torch._dynamo.reset()
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+# Deterministic kernels for the bit-exact resume checks. These must be set before the first cuBLAS/cuDNN call,
+# so every run goes through a fresh interpreter; warn_only=True keeps an op without a deterministic kernel from
+# aborting the run: it prints a warning instead, which the test reads to decide between bit-exact and a tolerance.
+DETERMINISTIC_RUNNER = r"""
+import importlib, json, sys
+import torch
+torch.use_deterministic_algorithms(True, warn_only=True)
+torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+module = importlib.import_module(sys.argv[1])
+for argv in json.loads(sys.argv[2]):
+    module.main(argv)
+"""
+NONDETERMINISTIC = re.compile(r"does not have a deterministic implementation|is not deterministic|nondeterministic",
+                              re.IGNORECASE)
+
+
+def _run_deterministic(tmp_path, module, runs, timeout=600):
+    """Run module.main(argv) for each argv in one deterministic process; returns the nondeterminism warnings."""
+    runner = tmp_path / "deterministic_runner.py"
+    runner.write_text(DETERMINISTIC_RUNNER.format(root=str(ROOT)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUBLAS_WORKSPACE_CONFIG=":4096:8")
+    p = subprocess.run([sys.executable, str(runner), module, json.dumps([[str(a) for a in argv] for argv in runs])],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return [line for line in p.stderr.splitlines() if NONDETERMINISTIC.search(line)]
+
+
+def _assert_same_checkpoint(a, b, exact, what):
+    """model / ema / optimizer state of two checkpoints: bit-identical, or (exact=False) to a float32 tolerance."""
+    assert a["iter"] == b["iter"] and a["stage"] == b["stage"], what
+    pairs = [(f"{key}.{k}", a[key][k], b[key][k]) for key in ("model", "ema") for k in a[key]]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    pairs += [(f"optimizer.{i}.{s}", sa[i][s], sb[i][s]) for i in sa for s in sa[i]]
+    for name, x, y in pairs:
+        if exact:
+            assert torch.equal(x, y), (what, name)
+        else:
+            # Only if a kernel has no deterministic version (named in the failure message): its float32 sums in
+            # another order differ by ~1e-6 relative, but Adam may turn a near-zero gradient element's sign, an
+            # lr-sized move of that element; per tensor that stays below 1e-2 of its norm over the 2 resumed steps.
+            err = (x.double() - y.double()).norm().item()
+            assert err <= 1e-2 * y.double().norm().item() + 1e-12, (what, name, err)
+
+
+# ----------------------------------------------------------------------------- cmt_imagenet.py
+def _inet_small_cfg():
+    """The real EDM2 U-Net at reduced size: latent-shaped 4x8x8, 10 classes, two levels (32/64 channels), one
+    block per level, self-attention at 4x4 (64 channels = 1 head, so the attention path really runs)."""
+    cfg = inet_cfg("--preset", "tiny", "--stage", "mid")
+    cfg.update(img_channels=4, res=8, latent=False, label_dim=10, model_channels=32, channel_mult=[1, 2],
+               num_blocks=1, attn_res=[4], dropout=0.0)
+    return cfg
+
+
+def _inet_net(cfg, seed, attention=True):
+    """A U-Net with non-zero gains (fresh EDM2 nets have out_gain = emb_gain = 0: D = c_skip x, no gradient)."""
+    torch.manual_seed(seed)
+    net = inet.build_net(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(0.3 + 0.5 * torch.rand([]).item())
+    assert any(b.num_heads for b in net.unet.dec.values()) == attention  # the attention blocks are in the graph
+    return net
+
+
+@needs_cuda
+def test_cuda_imagenet_fp32_mid_and_post_step_match_cpu(_backend_flags):
+    """fp32 (TF32 off): the CMT, ECD and ECT losses and gradients on CUDA equal the CPU's for the same weights and
+    inputs, and the script's optimiser (fused Adam on CUDA) takes the same step as CPU Adam."""
+    cfg = _inet_small_cfg()
+    teacher, guide, student = _inet_net(cfg, 1), _inet_net(cfg, 3), _inet_net(cfg, 2)
+    teacher.eval().requires_grad_(False), guide.eval().requires_grad_(False), student.train()
+    toy = inet.ToyMixture(cfg["label_dim"], cfg["res"], cfg["img_channels"])
+    b, n = 2, 8  # CMT: 2 trajectories x 16 states; ECD/ECT: 8 images
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(cfg["label_dim"], (b,), generator=g)
+    y, y_labels = toy.sample(n, generator=g)
+
+    def cmt(dev, noise):
+        st, te = copy.deepcopy(student).to(dev), copy.deepcopy(teacher).to(dev)
+        sigmas = inet.cmt_sigmas(cfg["nfe"], cfg["s_max"], cfg["s_lo"], dev)
+        x, s, lab, target = inet.cmt_batch(te, noise.to(dev), labels.to(dev), sigmas)
+        loss = inet.distance(st(x, s, lab), target, cfg["metric"], cfg["huber_c"])
+        return loss, torch.autograd.grad(loss.mean(), list(st.parameters())), target
+
+    def pair(dev, post_loss, t, eps):
+        st, te, gn = (copy.deepcopy(m).to(dev) for m in (student, teacher, guide))
+        yd, ld, td, ed = y.to(dev), y_labels.to(dev), t.to(dev), eps.to(dev)
+        r = inet.ect_t_to_r(td, cfg["ect_q"], 0, cfg["k"], cfg["b"])
+        x_t = yd + td.reshape(-1, 1, 1, 1) * ed
+        if post_loss == "ect":
+            x_r = yd + r.reshape(-1, 1, 1, 1) * ed
+        else:  # ECD: one Heun step of the autoguided teacher D_g = D_guide + w (D - D_guide)
+            with torch.no_grad():
+                x_r = inet.teacher_step(inet.guided_denoiser(te, gn, 2.05), x_t, td, r, ld, "heun")
+        loss = inet.consistency_pair_loss(st, x_t, td, x_r, r, yd, ld, cfg["huber_c"], cfg["sigma_data"])
+        return loss, torch.autograd.grad(loss.mean(), list(st.parameters())), x_r
+
+    with _tf32(False):
+        # The inputs above reproduce the scripts' own losses (same draws in the same order from one generator):
+        # checked on the CPU, so the CUDA comparison below is of cmt_loss / ecd_loss / ect_loss themselves.
+        gs = torch.Generator().manual_seed(7)
+        noise = torch.randn([b, cfg["img_channels"], cfg["res"], cfg["res"]], generator=gs)
+        script = inet.cmt_loss(copy.deepcopy(student), teacher, torch.Generator().manual_seed(7), labels.repeat(cfg["nfe"]), cfg)
+        torch.testing.assert_close(cmt(CPU, noise)[0].detach(), script.detach(), rtol=1e-6, atol=0)
+        gs = torch.Generator().manual_seed(8)
+        t = torch.exp(cfg["p_mean"] + cfg["p_std"] * torch.randn([n], generator=gs))
+        eps = torch.randn(y.shape, generator=gs)
+        for post_loss, fn in (("ect", lambda st, gen: inet.ect_loss(st, y, y_labels, gen, cfg, 0)),
+                              ("ecd", lambda st, gen: inet.ecd_loss(st, inet.guided_denoiser(teacher, guide, 2.05), y,
+                                                                      y_labels, gen, dict(cfg, solver="heun"), 0))):
+            ref = fn(copy.deepcopy(student), torch.Generator().manual_seed(8))
+            torch.testing.assert_close(pair(CPU, post_loss, t, eps)[0].detach(), ref.detach(), rtol=1e-6, atol=0)
+
+        # CPU vs CUDA. Measured on the CPU, float32 round-off moves these losses by ~1e-7 and the gradients by
+        # ~1e-6 (relative; contiguous vs channels_last kernels, or 1-ulp input changes): the 16-step solver and the
+        # network do not amplify it. cuDNN may pick Winograd convolutions (~1e-5 relative); rtol 1e-4 on the losses
+        # and 5e-4 on each gradient tensor leave a 50x margin over that. A leaked TF32 path would not pass: bf16
+        # autocast moved the worst gradient tensor by 1.6e-2 here, so TF32 (8x finer) by ~2e-3; a draw on the
+        # wrong device or a lost term errs by O(1).
+        l_cpu, g_cpu, tgt_cpu = cmt(CPU, noise)
+        l_gpu, g_gpu, tgt_gpu = cmt(CUDA, noise)
+        assert l_gpu.device.type == CUDA.type
+        assert _rel(tgt_gpu, tgt_cpu) < 1e-4  # the teacher's DPM-Solver++ trajectory end points
+        torch.testing.assert_close(l_gpu.detach().cpu(), l_cpu.detach(), rtol=1e-4, atol=1e-5)
+        _assert_grads_close(g_gpu, g_cpu, 5e-4, "cmt")
+        for post_loss in ("ecd", "ect"):
+            l_cpu, g_post_cpu, xr_cpu = pair(CPU, post_loss, t, eps)
+            l_gpu, g_post_gpu, xr_gpu = pair(CUDA, post_loss, t, eps)
+            assert _rel(xr_gpu, xr_cpu) < 1e-5, post_loss  # the guided teacher's Heun step
+            torch.testing.assert_close(l_gpu.detach().cpu(), l_cpu.detach(), rtol=1e-4, atol=1e-5)
+            _assert_grads_close(g_post_gpu, g_post_cpu, 5e-4, post_loss)
+
+        for stage, grads in (("mid", g_cpu), ("post", g_post_cpu)):  # the optimiser exactly as train() builds it
+            lr, betas = 2e-3, tuple(inet.STAGES[stage]["betas"])
+            _adam_steps_match(student, grads, lambda ps, fused: torch.optim.Adam(ps, lr=lr, betas=betas, eps=1e-8,
+                                                                                 fused=fused), lr)
+
+
+@needs_cuda
+def test_cuda_imagenet_dropout_mask_replayed_by_second_student_call():
+    """The ECT/ECD second (no-grad) student call reuses the first call's dropout mask on CUDA (its RNG state is
+    saved and restored on the device's generator): with x_r = x_t, r = t the two outputs agree."""
+    cfg = dict(_inet_small_cfg(), dropout=0.5)
+    net = _inet_net(cfg, 4).to(CUDA).train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 4, 8, 8, generator=g).to(CUDA)
+    t = torch.tensor([0.3, 1.0, 2.0, 5.0], device=CUDA)
+    y = torch.zeros_like(x)
+    labels = torch.arange(4, device=CUDA)
+    with torch.no_grad():  # replayed: only the weight normalisation differs (normalize(normalize(w)) vs normalize(w))
+        loss = inet.consistency_pair_loss(net, x, t, x, t, y, labels, 0.0, cfg["sigma_data"])
+        first = net(x, t, labels)
+        other = net(x, t, labels)  # a fresh mask: what a lost replay would compare against
+    scale = first.flatten(1).norm(dim=1)
+    assert (loss / ((t ** 2 + 0.25) / (t * 0.5) ** 2) < 1e-4 * scale).all(), (loss, scale)  # float32 round-off
+    assert ((first - other).flatten(1).norm(dim=1) > 1e-2 * scale).all()  # dropout 0.5 really changes the output
+
+
+def _inet_run(outdir, stage, iters, *extra):
+    return inet.main(inet_train_args(outdir, "--stage", stage, "--batch", "16", "--iters", str(iters), *extra))
+
+
+def _inet_live_init(path):
+    """An --init checkpoint of the tiny preset's U-Net with non-zero gains: a fresh EDM2 net has out_gain = 0, so its
+    loss would not depend on the U-Net at all and a precision change could not show (nor a resume error hide)."""
+    cfg = inet_cfg("--preset", "tiny", "--stage", "mid")
+    state = _inet_net(cfg, 5, attention=False).state_dict()
+    torch.save(dict(script=inet.SCRIPT, stage="pretrain", config=cfg, iter=0, ema=state), path)
+    return path
+
+
+@needs_cuda
+def test_cuda_imagenet_fast_paths_track_fp32(tmp_path, _backend_flags, capsys):
+    """--bf16, --tf32, --channels-last (mid and post) and --compile (mid; one run) each train 20 steps through
+    main() with finite losses that stay close to fp32's on the same data; every run steps with fused Adam on CUDA."""
+    iters = 20
+    init = ["--init", str(_inet_live_init(tmp_path / "init.pt"))]
+    # post: the tiny lr (1e-5) would leave the weights ~unchanged (no trajectory to track); and with the tiny
+    # q = 256, f(x_t) - sg(f(x_r)) is a ~t/256 difference of two outputs, below bfloat16's own noise (~4e-3 of each
+    # output: the bf16 ECD loss was measured 10-15% off fp32 there). q = 16 makes it a difference of the network's
+    # own scale, so the comparison measures the fast path, not that cancellation.
+    post = ["--lr", "1e-3", "--ect-q", "16"]
+    for stage, extra in (("mid", init), ("post", init + post)):
+        ema = _inet_run(tmp_path / f"{stage}-fp32", stage, iters, "--no-tf32", *extra)
+        assert next(ema.parameters()).device.type == CUDA.type
+        assert f"device {CUDA.type}" in capsys.readouterr().out
+        ref = _losses(tmp_path / f"{stage}-fp32", iters)
+        ckpt = torch.load(tmp_path / f"{stage}-fp32" / "ckpt-latest.pt", weights_only=True)
+        assert bool(ckpt["optimizer"]["param_groups"][0].get("fused")) == ON_GPU  # fused Adam exactly on CUDA
+        modes = [("bf16", ["--bf16", "--no-tf32"]), ("tf32", ["--tf32"]), ("channels-last", ["--channels-last", "--no-tf32"])]
+        if stage == "mid":
+            modes.append(("compile", ["--compile", "--no-tf32"]))
+        for mode, flags in modes:
+            out = tmp_path / f"{stage}-{mode}"
+            before = _dynamo_graphs(reset=mode == "compile")
+            with _compile_backend_for_rehearsal():
+                ema = _inet_run(out, stage, iters, *flags, *extra)
+            fast = _losses(out, iters)
+            if mode == "bf16":
+                # bfloat16 keeps 8 mantissa bits (~4e-3 relative per op); through the U-Net and 20 steps of
+                # training on the same data the per-step loss moved by <= 3e-3 on the CPU (mid and post):
+                # 5e-2 each and 2e-2 on the run's mean leave a margin for CUDA's autocast op list.
+                assert not np.array_equal(fast, ref)  # autocast really ran
+                _assert_tracks(fast, ref, 5e-2, 2e-2, (stage, mode))
+            elif mode == "tf32":
+                # TF32 keeps 10 mantissa bits (~5e-4 relative per matmul/conv): 2e-2 each, 1e-2 on the mean.
+                _assert_tracks(fast, ref, 2e-2, 1e-2, (stage, mode))
+            else:
+                # float32 in other kernels (memory layout, inductor fusions): round-off, ~1e-6 per step, amplified
+                # at most mildly by 20 Adam steps; 1e-3 still separates it from any change of the computation.
+                _assert_tracks(fast, ref, 1e-3, 1e-3, (stage, mode))
+            if mode == "channels-last":
+                w = ema.unet.enc["8x8_conv"].weight
+                assert w.ndim == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+            if mode == "compile":
+                assert _dynamo_graphs() > before  # the student really went through torch.compile
+            capsys.readouterr()
+
+
+@needs_cuda
+def test_cuda_imagenet_resume_continues_exactly(tmp_path):
+    """mid and post (dropout, autoguided ECD) on CUDA: 4 iterations in one go equal 2, then --resume auto for 2,
+    bit for bit with deterministic kernels (weights, EMA, Adam state, logged losses)."""
+    common = ["--batch", "16", "--iters", "4", "--ckpt-every", "2"]
+    stages = {"mid": [], "post": ["--dropout", "0.1", "--guide", "analytic", "--guidance", "1.5"]}
+    warn = _run_deterministic(tmp_path, "cmt_imagenet", [
+        inet_train_args(tmp_path / f"{s}-a", "--stage", s, *common, *extra) for s, extra in stages.items()])
+    for s in stages:
+        (tmp_path / f"{s}-b").mkdir()
+        shutil.copy(tmp_path / f"{s}-a" / "ckpt-0000002.pt", tmp_path / f"{s}-b" / "ckpt-latest.pt")
+    warn += _run_deterministic(tmp_path, "cmt_imagenet", [
+        inet_train_args(tmp_path / f"{s}-b", "--stage", s, *common, *extra, "--resume", "auto")
+        for s, extra in stages.items()])
+    exact = not warn  # every kernel deterministic: nothing may differ; else the warnings name the kernel
+    for s in stages:
+        a = torch.load(tmp_path / f"{s}-a" / "ckpt-latest.pt", weights_only=True)
+        b = torch.load(tmp_path / f"{s}-b" / "ckpt-latest.pt", weights_only=True)
+        assert a["iter"] == b["iter"] == 4
+        assert (a["rng"][0]["cuda"] is not None) == ON_GPU  # the CUDA generator's state is saved on CUDA
+        _assert_same_checkpoint(a, b, exact, f"{s} (nondeterministic kernels: {warn})")
+        la = [r["loss"] for r in _stats(tmp_path / f"{s}-a")][2:]
+        lb = [r["loss"] for r in _stats(tmp_path / f"{s}-b")]
+        assert len(la) == len(lb) == 2
+        if exact:
+            assert la == lb, (s, la, lb)
+        else:  # iteration 3's loss comes from the restored state before any new step: round-off only
+            assert la[0] == pytest.approx(lb[0], rel=1e-5) and la[1] == pytest.approx(lb[1], rel=1e-3), (s, la, lb, warn)
+
+
+@needs_cuda
+def test_cuda_imagenet_torchrun_one_process_writes_checkpoint(tmp_path):
+    """torchrun with one process (process group initialised: NCCL on CUDA) completes a mid stage on the GPU."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                        str(ROOT / "cmt_imagenet.py"),
+                        *inet_train_args(tmp_path / "run", "--stage", "mid", "--batch", "16", "--iters", "2")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert f"device {CUDA.type}" in p.stdout, p.stdout[-2000:]
+    ckpt = inet.read_checkpoint(tmp_path / "run" / "ckpt-latest.pt", "--resume")
+    assert ckpt["iter"] == 2 and ckpt["stage"] == "mid" and len(ckpt["rng"]) == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ----------------------------------------------------------------------------- meanflow_post.py
+def _mf_net(seed, hidden=64, heads=4, depth=2):
+    """DiT-MF at reduced size (4x8x8 latents, patch 2 = 16 tokens, 10 classes), with the adaLN-Zero and final layers
+    moved off zero (else u == 0 and every comparison would be vacuous)."""
+    torch.manual_seed(seed)
+    net = mf.DiTMF(input_size=8, in_channels=4, num_classes=10, depth=depth, hidden_size=hidden, num_heads=heads,
+                   patch_size=2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+MF_LOSS_CFG = dict(omega=0.6, kappa=0.3, t_start=0.0, t_end=0.8, norm_p=1.0, norm_eps=0.01)  # CFG on, with an interval
+
+
+def _mf_post_inputs(n=8, seed=0):
+    """One MeanFlow micro-batch from the script's own samplers, drawn on the CPU: (x, y, e, t, r, drop)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y = mf.toy_sample(*mf.toy_mixture(10, 4, 8), n, gen, "cpu")
+    e = torch.randn(x.shape, generator=gen)
+    t, r = mf.sample_t_r(n, -0.4, 1.0, 0.25, gen, "cpu")
+    drop = mf.label_drop_mask(n, 0.1, gen, "cpu") | (torch.arange(n) == 0)  # at least one dropped (first) row
+    return x, y, e, t, r, drop
+
+
+@needs_cuda
+def test_cuda_meanflow_fp32_mid_and_post_step_match_cpu(_backend_flags):
+    """fp32 (TF32 off): the CMT-MF loss (teacher trajectory + pairs) and the MeanFlow JVP loss with training-time CFG,
+    and their gradients, on CUDA equal the CPU's; the script's Adam (fused on CUDA) takes the same step."""
+    student, teacher = _mf_net(0), _mf_net(1, hidden=32, heads=2).eval().requires_grad_(False)
+    inputs = _mf_post_inputs()
+
+    def post(dev):
+        net = copy.deepcopy(student).to(dev)
+        loss, l = mf.meanflow_loss(net, *(v.to(dev) for v in inputs), MF_LOSS_CFG)
+        return loss, l, torch.autograd.grad(loss, list(net.parameters()))
+
+    steps, pairs, b = 4, 4, 4
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 11, (b,), generator=g)  # 10 = the null class: unconditional trajectories too
+    e = torch.randn(b, 4, 8, 8, generator=g)
+
+    def mid(dev):
+        states, grid = mf.teacher_trajectory(copy.deepcopy(teacher).to(dev), e.to(dev), y.to(dev), steps, "meanflow")
+        assert states.device.type == dev.type
+        # the same pairs on both sides: picked on the CPU from this device's states (a CUDA generator draws others)
+        z, r, t, u_tgt, n = mf.cmt_mf_pairs(states.cpu(), grid.cpu(), pairs, torch.Generator().manual_seed(2))
+        net = copy.deepcopy(student).to(dev)
+        loss = mf.cmt_mf_loss(net, z.to(dev), r.to(dev), t.to(dev), y[n].to(dev), u_tgt.to(dev))
+        return loss, states, torch.autograd.grad(loss, list(net.parameters()))
+
+    with _tf32(False):
+        # Float32 round-off on the CPU moves these by ~1e-7 (loss) and ~1e-6 (gradients, relative); the JVP's
+        # tangent pass and the adaptive weight 1/(l + c) add no amplification at these l (>> c). rtol 1e-4 / 5e-4
+        # allow for other reduction orders on the GPU with a wide margin; a TF32 matmul (~1e-3 on the worst
+        # gradient tensor) or a wrong tangent (~1) is outside.
+        (lc, per_c, gc), (lg, per_g, gg) = post(CPU), post(CUDA)
+        assert lg.device.type == CUDA.type
+        torch.testing.assert_close(per_g.detach().cpu(), per_c.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(lg.detach().cpu(), lc.detach(), rtol=1e-4, atol=1e-6)
+        _assert_grads_close(gg, gc, 5e-4, "meanflow")
+        (mc, sc, gmc), (mg, sg, gmg) = mid(CPU), mid(CUDA)
+        assert _rel(sg, sc) < 1e-5  # the teacher's 4-step trajectories
+        torch.testing.assert_close(mg.detach().cpu(), mc.detach(), rtol=1e-4, atol=1e-7)
+        _assert_grads_close(gmg, gmc, 5e-4, "cmt-mf")
+    for grads in (gc, gmc):  # the optimiser exactly as Trainer builds it
+        lr, betas = 1e-3, tuple(mf.BASE["adam_betas"])
+        _adam_steps_match(student, grads, lambda ps, fused: torch.optim.Adam(ps, lr=lr, betas=betas, weight_decay=0,
+                                                                             fused=fused or None), lr)
+
+
+@needs_cuda
+def test_cuda_meanflow_jvp_equals_central_differences_and_cpu(_backend_flags):
+    """du/dt = jvp(u, (z, t), (v, 1)) on CUDA equals float64 central differences on the CPU, and the CPU's jvp."""
+    net = _mf_net(3)
+    g = torch.Generator().manual_seed(4)
+    n = 6
+    z, v = torch.randn(n, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(n, 4, 8, 8, generator=g, dtype=torch.float64)
+    t = 0.2 + 0.7 * torch.rand(n, generator=g, dtype=torch.float64)
+    r = t * torch.rand(n, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, 5, 9, 10, 10])  # 10 = null class
+
+    def jvp(dev, dtype):
+        m = copy.deepcopy(net).to(dev, dtype)
+        zz, vv, tt, rr, yy = z.to(dev, dtype), v.to(dev, dtype), t.to(dev, dtype), r.to(dev, dtype), y.to(dev)
+        f = lambda z_, t_: mf.average_velocity(m, z_, rr, t_, yy)  # noqa: E731  (r held fixed: tangent 0, as the loss)
+        u, dudt = torch.func.jvp(f, (zz, tt), (vv, torch.ones_like(tt)))
+        with torch.no_grad():
+            assert torch.equal(u, f(zz, tt)) or _rel(u, f(zz, tt)) < 1e-6  # the primal is the plain forward
+        return u.detach(), dudt.detach()
+
+    with _tf32(False), torch.no_grad():
+        m64 = copy.deepcopy(net).double()
+        f64 = lambda z_, t_: mf.average_velocity(m64, z_, r, t_, y)  # noqa: E731
+        h = 1e-5  # float64 central differences: O(h^2) ~ 1e-10 truncation, ~1e-16/h ~ 1e-11 round-off
+        cd = (f64(z + h * v, t + h) - f64(z - h * v, t - h)) / (2 * h)
+    with _tf32(False):
+        _, d64_cpu = jvp(CPU, torch.float64)
+        u64, d64_gpu = jvp(CUDA, torch.float64)
+        u32_cpu, d32_cpu = jvp(CPU, torch.float32)
+        u32_gpu, d32_gpu = jvp(CUDA, torch.float32)
+    assert d32_gpu.device.type == CUDA.type and d32_gpu.dtype == torch.float32
+    assert cd.norm() > 1e-3 * v.norm()  # a non-trivial derivative
+    assert _rel(d64_cpu, cd) < 1e-7  # the CPU reference itself (truncation + round-off above)
+    assert _rel(d64_gpu, cd) < 1e-7  # CUDA forward-mode kernels in float64: same bound
+    # float32: ~1e-7 round-off per op, ~1e-6 through the network (measured on the CPU); 1e-4 leaves room for GPU
+    # reduction orders while a wrong tangent rule (e.g. attention or layer-norm forward-AD) errs by O(1).
+    assert _rel(d32_gpu, cd) < 1e-4
+    assert _rel(d32_gpu, d32_cpu) < 1e-4
+    assert _rel(u32_gpu, u64.cpu()) < 1e-5 and _rel(u32_gpu, u32_cpu) < 1e-5
+
+
+def _mf_run(outdir, stage, iters, *extra):
+    return run_main("--preset", "tiny", "--stage", stage, "--batch", 16, "--iters", iters, "--log-every", 1,
+                             "--outdir", outdir, *extra)
+
+
+def _mf_live_init(path):
+    """An --init checkpoint of the tiny preset's DiT-MF with its adaLN-Zero/final layers moved off zero, so that the
+    loss depends on every layer from the first step (a zero-initialised DiT outputs u = 0 whatever its precision)."""
+    cfg = mf.resolve_config(mf.parse_args(["--preset", "tiny", "--stage", "post"]), "post")
+    torch.manual_seed(6)
+    net = mf.build_net(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(dict(script=mf.SCRIPT, stage="pretrain", config=cfg, iter=0, ema=net.state_dict()), path)
+    return path
+
+
+@needs_cuda
+def test_cuda_meanflow_fast_paths_track_fp32(tmp_path, _backend_flags):
+    """--bf16 and --tf32 (mid and post, with training CFG) and --compile (post: the CFG forwards compiled, the jvp
+    eager; one run) each train 20 steps through main() with finite losses close to fp32's; fused Adam on CUDA."""
+    iters = 20
+    _mf_run(tmp_path / "teacher", "pretrain", 2, "--model", "tiny-teacher")
+    init = ["--init", _mf_live_init(tmp_path / "init.pt")]
+    # post: --norm-p 0 logs the plain loss mean(l); with the adaptive weight l / sg(l + c) ~ 1 for l >> c the
+    # logged value would hardly move whatever the precision, and the comparison would have no teeth.
+    stages = {"mid": ["--teacher", tmp_path / "teacher" / "ckpt-latest.pt", *init],
+              "post": ["--omega", "0.6", "--kappa", "0.3", "--norm-p", "0", *init]}
+    for stage, extra in stages.items():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 (see the test below)
+        tr = _mf_run(tmp_path / f"{stage}-fp32", stage, iters, *extra)
+        assert tr.device.type == CUDA.type
+        ref = _losses(tmp_path / f"{stage}-fp32", iters)
+        ckpt = torch.load(tmp_path / f"{stage}-fp32" / "ckpt-latest.pt", weights_only=True)
+        assert bool(ckpt["optimizer"]["param_groups"][0].get("fused")) == ON_GPU  # fused Adam exactly on CUDA
+        modes = [("bf16", ["--bf16"]), ("tf32", ["--tf32"])] + ([("compile", ["--compile"])] if stage == "post" else [])
+        for mode, flags in modes:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # --tf32 only turns on
+            out = tmp_path / f"{stage}-{mode}"
+            before = _dynamo_graphs(reset=mode == "compile")
+            with _compile_backend_for_rehearsal():
+                _mf_run(out, stage, iters, *flags, *extra)
+            fast = _losses(out, iters)
+            if mode == "bf16":
+                # bfloat16 forwards and tangents (~4e-3 relative per op) under 20 steps of lr 1e-3 training: on the
+                # CPU the mid (chord MSE) loss moved by up to 2.4e-2 in one step (1e-3 on the mean), the post loss
+                # by 3e-4: 1e-1 each and 2e-2 on the mean bound the noise; a broken path (fp32 tangent against bf16
+                # primal, a wrong cast of the target) moves the loss by O(1).
+                assert not np.array_equal(fast, ref)  # autocast really ran
+                _assert_tracks(fast, ref, 1e-1, 2e-2, (stage, mode))
+            elif mode == "tf32":
+                _assert_tracks(fast, ref, 2e-2, 1e-2, (stage, mode))  # 10-bit mantissa, ~5e-4 per matmul
+            else:
+                _assert_tracks(fast, ref, 1e-3, 1e-3, (stage, mode))  # float32, other kernels: round-off only
+                assert _dynamo_graphs() > before  # the CFG forwards really went through torch.compile
+
+
+@needs_cuda
+def test_cuda_meanflow_fp32_run_turns_tf32_off(tmp_path, _backend_flags):
+    """A run without --tf32 is float32 throughout (the docstring's promise): main() leaves TF32 off for cuBLAS and
+    cuDNN even where it was on (PyTorch's own default for cuDNN convolutions is TF32 on)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    _mf_run(tmp_path / "run", "post", 1)
+    if ON_GPU:  # the switches mean nothing on the CPU (rehearsal): there the run above only proves the wiring
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
+@needs_cuda
+def test_cuda_meanflow_resume_continues_exactly(tmp_path):
+    """mid (teacher trajectories) and post (JVP loss with CFG) on CUDA: 4 iterations in one go equal 2, then
+    --resume auto for 2, bit for bit with deterministic kernels (weights, EMA, Adam state, logged losses)."""
+    common = ["--preset", "tiny", "--batch", "16", "--iters", "4", "--log-every", "1", "--ckpt-every", "2",
+              "--snap-every", "2"]
+    teacher = tmp_path / "teacher" / "ckpt-latest.pt"
+    stages = {"mid": ["--teacher", teacher], "post": ["--omega", "0.6", "--kappa", "0.3"]}
+    warn = _run_deterministic(tmp_path, "meanflow_post", [
+        ["--preset", "tiny", "--stage", "pretrain", "--model", "tiny-teacher", "--batch", "16", "--iters", "2",
+         "--outdir", tmp_path / "teacher"]] + [
+        ["--stage", s, *common, *extra, "--outdir", tmp_path / f"{s}-a"] for s, extra in stages.items()])
+    for s in stages:
+        (tmp_path / f"{s}-b").mkdir()
+        shutil.copy(tmp_path / f"{s}-a" / "ckpt-0000002.pt", tmp_path / f"{s}-b" / "ckpt-latest.pt")
+    warn += _run_deterministic(tmp_path, "meanflow_post", [
+        ["--stage", s, *common, *extra, "--outdir", tmp_path / f"{s}-b", "--resume", "auto"] for s, extra in stages.items()])
+    exact = not warn
+    for s in stages:
+        a = torch.load(tmp_path / f"{s}-a" / "ckpt-latest.pt", weights_only=True)
+        b = torch.load(tmp_path / f"{s}-b" / "ckpt-latest.pt", weights_only=True)
+        assert a["iter"] == b["iter"] == 4
+        _assert_same_checkpoint(a, b, exact, f"{s} (nondeterministic kernels: {warn})")
+        la = [r["loss"] for r in _stats(tmp_path / f"{s}-a")][2:]
+        lb = [r["loss"] for r in _stats(tmp_path / f"{s}-b")]
+        assert len(la) == len(lb) == 2
+        if exact:
+            assert la == lb, (s, la, lb)
+        else:  # iteration 3's loss comes from the restored state before any new step: round-off only
+            assert la[0] == pytest.approx(lb[0], rel=1e-5) and la[1] == pytest.approx(lb[1], rel=1e-3), (s, la, lb, warn)
+
+
+@needs_cuda
+def test_cuda_meanflow_torchrun_one_process_writes_checkpoint(tmp_path):
+    """torchrun with one process (process group initialised: NCCL on CUDA) completes a post stage (JVP loss)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                        str(ROOT / "meanflow_post.py"), "--preset", "tiny", "--stage", "post", "--batch", "8",
+                        "--iters", "2", "--outdir", str(tmp_path / "run")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    ckpt = mf.read_checkpoint(tmp_path / "run" / "ckpt-latest.pt", "--resume")
+    assert ckpt["iter"] == 2 and ckpt["stage"] == "post"
+    assert bool(ckpt["optimizer"]["param_groups"][0].get("fused")) == ON_GPU  # it ran on the GPU: fused Adam
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 # ==================================================================================================
