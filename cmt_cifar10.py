@@ -3,7 +3,7 @@
 CMT (arXiv 2509.24526) inserts a cheap *mid-training* stage between a pre-trained diffusion teacher
 and consistency post-training. Three stages, one network family (EDM's SongUNet DDPM++):
 
-1. pretrain (EDM).  D(x, s) = c_skip(s) x + c_out(s) F(c_in(s) x, ln(s)/4)  (SPEC 1), trained with
+1. pretrain (EDM).  D(x, s) = c_skip(s) x + c_out(s) F(c_in(s) x, ln(s)/4)  (EDM paper, Table 1), trained with
        ln s ~ N(-1.2, 1.2^2),  loss = (s^2 + sd^2)/(s sd)^2 * |D(y + s n, s) - y|^2.
    Official runs start from EDM's published teacher instead (`--teacher edm-...pkl`).
 2. mid (CMT).  The frozen teacher solves its probability-flow ODE from x_T = y + 80 eps with
@@ -68,13 +68,13 @@ from PIL import Image
 
 # ----------------------------------------------------------------------------- config
 # A preset holds the network and data, then per-stage training recipes. A flag left unset takes the
-# stage's value, then the preset's. `cifar10` is the paper's recipe (SPEC 5, sony/cmt run_*.sh).
+# stage's value, then the preset's. `cifar10` is the paper's recipe (sony/cmt run_*.sh).
 
 SIGMA_DATA = 0.5
 ECM_SIGMA_MIN = 0.003        # student boundary s_min (ECMPrecond)
 T_MAX = 80.0                 # largest noise level of teacher solver and few-step sampler
-CMT_SIGMA_MIN = 0.002        # end of the CMT teacher trajectory (SPEC 2)
-CMT_STEPS = 16               # teacher steps per trajectory = pairs per trajectory (SPEC 3; --cmt-steps)
+CMT_SIGMA_MIN = 0.002        # end of the CMT teacher trajectory (t_0 of sony/cmt DPMSolverLoss)
+CMT_STEPS = 16               # teacher steps per trajectory = pairs per trajectory (sony/cmt --nfe; --cmt-steps)
 SCRIPT = "cmt_cifar10.py"    # recorded in every checkpoint: --init/--resume/--teacher refuse other scripts' files
 # Config fields a resumed run may change: how long it runs, how often it logs, checkpoints, samples and
 # evaluates, and speed switches. Every other field defines the run and must match the checkpoint's.
@@ -133,6 +133,8 @@ def resolve_config(args):
         elif args.mimg is not None and args.iters is None:
             cfg["iters"] = round(args.mimg * 1e6 / cfg["batch"])
         cfg["mimg"] = cfg["iters"] * cfg["batch"] / 1e6
+    if cfg["lr_decay"] is None:
+        cfg["lr_decay"] = "constant" if stage == "post" and cfg["ect_double"] else "linear"
     if stage == "sample":
         cfg["mid_t"] = args.mid_t  # None: the value of the sampled checkpoint's stage (MID_T)
     if cfg["data"] is None and stage in ("pretrain", "mid", "post"):
@@ -157,7 +159,8 @@ class CifarUnpickler(pickle.Unpickler):
 
 
 def load_cifar10(path):
-    """CIFAR-10 python tarball -> uint8 [50000, 3, 32, 32] and int64 labels (SPEC 8)."""
+    """CIFAR-10 python tarball (https://www.cs.toronto.edu/~kriz/cifar.html) -> uint8 [50000, 3, 32, 32]
+    and int64 labels."""
     images, labels = [], []
     try:
         with tarfile.open(path, "r:gz") as tar:
@@ -219,7 +222,7 @@ def load_image_folder(path):
 
 
 class ToyMixture:
-    """Built-in data (SPEC 8): an isotropic Gaussian mixture of smooth coloured patterns.
+    """Built-in data: an isotropic Gaussian mixture of smooth coloured patterns.
 
     Its ideal denoiser is closed-form, which gives an analytic teacher and exact flow maps for
     tests. The mixture is fixed (it does not depend on --seed) so every run sees the same data."""
@@ -260,7 +263,8 @@ class ToyMixture:
 
 
 def gaussian_flow_map(x, s_from, s_to, mean, std):
-    """Exact PF-ODE map of one Gaussian N(mean, std^2 I) from noise level s_from to s_to (SPEC 8)."""
+    """Exact PF-ODE map of one Gaussian N(mean, std^2 I) from noise level s_from to s_to: for a Gaussian
+    the PF-ODE (EDM Eq. 1) keeps x - mean proportional to sqrt(s^2 + std^2)."""
     return mean + (x - mean) * ((std ** 2 + s_to ** 2) / (std ** 2 + s_from ** 2)) ** 0.5
 
 
@@ -325,7 +329,10 @@ def open_data(spec):
     if spec == "toy":
         return ToyMixture()
     if spec == "cifar10":
-        spec = download(CIFAR10_URL, CACHE_DIR, md5=CIFAR10_MD5, flag="--data")
+        try:
+            spec = download(CIFAR10_URL, CACHE_DIR, md5=CIFAR10_MD5, flag="--data")
+        except (OSError, ValueError) as e:  # offline or a bad download: one line naming the flag
+            raise SystemExit(f"--data cifar10: {' '.join(str(e).split())}") from None
     path = Path(spec)
     if not path.exists():
         raise SystemExit(f"--data {spec}: no such file or folder")
@@ -499,7 +506,7 @@ class SongUNet(torch.nn.Module):
 
 
 def edm_precond(sigma, sigma_data=SIGMA_DATA):
-    """EDM coefficients (SPEC 1): c_skip, c_out, c_in, c_noise."""
+    """EDM coefficients (Karras et al. 2022, Table 1): c_skip, c_out, c_in, c_noise."""
     c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
     c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
     c_in = 1 / (sigma_data ** 2 + sigma ** 2).sqrt()
@@ -507,7 +514,8 @@ def edm_precond(sigma, sigma_data=SIGMA_DATA):
 
 
 def ecm_precond(sigma, train, sigma_data=SIGMA_DATA, sigma_min=ECM_SIGMA_MIN):
-    """ECM coefficients (SPEC 1): EDM's in train mode; in eval mode shifted so f(x, s_min) = x."""
+    """ECM coefficients (sony/cmt training/networks.py, ECMPrecond): EDM's in train mode; in eval mode
+    shifted so f(x, s_min) = x."""
     c_skip, c_out, c_in, c_noise = edm_precond(sigma, sigma_data)
     if not train:
         c_skip = sigma_data ** 2 / ((sigma - sigma_min) ** 2 + sigma_data ** 2)
@@ -543,11 +551,11 @@ def build_net(cfg, kind, label_dim=0, augment_dim=0, dropout=None):
                    dropout=cfg.get("dropout", 0.0) if dropout is None else dropout)
 
 # ----------------------------------------------------------------------------- official checkpoints
-# EDM / EDM2 publish their networks as pickles in which every network object is the call
-# torch_utils.persistence._reconstruct_persistent_obj(meta), meta = {type, version, module_src,
-# class_name, state}. A plain pickle.load would exec `module_src` (arbitrary code from the file).
-# Our unpickler answers only the globals below; the persistent objects become inert _PklObject
-# records (class name + state dict) and `module_src` is dropped unread (SPEC §7).
+# EDM / EDM2 publish their networks as pickles (the format of NVlabs/edm torch_utils/persistence.py) in
+# which every network object is the call torch_utils.persistence._reconstruct_persistent_obj(meta),
+# meta = {type, version, module_src, class_name, state}. A plain pickle.load would exec `module_src`
+# (arbitrary code from the file). Our unpickler answers only the globals below; the persistent objects
+# become inert _PklObject records (class name + state dict) and `module_src` is dropped unread.
 
 try:  # numpy >= 2 writes numpy._core.* into pickles, numpy 1.x writes numpy.core.*; accept both
     from numpy._core import multiarray as _pkl_np_multiarray
@@ -601,7 +609,7 @@ def _pkl_rebuild_parameter(data, requires_grad=False, backward_hooks=None):
     return data  # we only want the values; hooks are dropped
 
 
-# Every global an official EDM/EDM2 network pickle names (see the tests and SPEC §7). Nothing else.
+# Every global an official EDM/EDM2 network pickle names (see the tests). Nothing else.
 _PKL_ALLOWED = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _pkl_reconstruct_persistent_obj,
     ("torch.storage", "_load_from_bytes"): _pkl_load_storage,
@@ -622,7 +630,7 @@ class _PklUnpickler(pickle.Unpickler):
         obj = _PKL_ALLOWED.get((module, name))
         if obj is None:
             raise PickleRefusedError(f"refusing to load global '{module}.{name}': it is not on the allowlist of "
-                                     "objects an official EDM/EDM2 network pickle needs (SPEC §7)")
+                                     "objects an official EDM/EDM2 network pickle needs")
         return obj
 
 
@@ -666,7 +674,7 @@ def _pkl_flatten(obj, prefix, out, where):
 
 
 def load_official_pkl(path, key="ema", cache_dir=None, sha256=None, md5=None):
-    """Load an official EDM/EDM2 network pickle without running its code (SPEC §7).
+    """Load an official EDM/EDM2 network pickle without running its code.
 
     path: a local file or an http(s)/file URL (downloaded once into cache_dir, default
     $CMT_CACHE or ~/.cache/cmt, verified against sha256/md5 when given).
@@ -714,7 +722,7 @@ def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
                     for h in hashes.values():
                         h.update(chunk)
         except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
-            raise RuntimeError(f"cannot download {url}: {e}; "
+            raise OSError(f"cannot download {url}: {e}; "
                                f"download it manually and pass its path with {flag}") from e
         bad = [f"{k} expected {v}, got {hashes[k].hexdigest()}" for k, v in want.items() if hashes[k].hexdigest() != v]
         if bad:
@@ -776,7 +784,7 @@ def check_init_kwargs(init_kwargs, expected, source, defaults=None):
         raise ValueError(f"{source} does not match the configured architecture:\n  " + "\n  ".join(diffs))
 
 
-# Teacher-only tensors: EDM's augmentation conditioning, EDM2's uncertainty (logvar) head (SPEC §3).
+# Teacher-only tensors: EDM's augmentation conditioning, EDM2's uncertainty (logvar) head.
 TEACHER_ONLY_KEYS = ("map_augment", "logvar_fourier", "logvar_linear")
 
 
@@ -808,19 +816,21 @@ def copy_by_name(state_dict, module, ignore=TEACHER_ONLY_KEYS, prefix_map=None):
 
 
 def logsnr_grid(n=CMT_STEPS, s_max=T_MAX, s_min=CMT_SIGMA_MIN, dtype=torch.float64):
-    """s_i = s_max (s_min/s_max)^(i/n): uniform in lambda = -ln s (SPEC 2); 17 values for n = 16."""
+    """s_i = s_max (s_min/s_max)^(i/n): uniform in lambda = -ln s (sony/cmt training/dpm_solver.py,
+    DPM_Solver.get_time_steps 'logSNR'); 17 values for n = 16."""
     return s_max * (s_min / s_max) ** (torch.arange(n + 1, dtype=dtype) / n)
 
 
 def karras_grid(n=18, s_max=T_MAX, s_min=CMT_SIGMA_MIN, rho=7.0, dtype=torch.float64):
-    """EDM's Heun grid t_0..t_{n-1} plus t_n = 0 (SPEC 2)."""
+    """EDM's Heun grid t_0..t_{n-1} plus t_n = 0 (NVlabs/edm generate.py, edm_sampler)."""
     i = torch.arange(n, dtype=dtype)
     t = (s_max ** (1 / rho) + i / (n - 1) * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     return torch.cat([t, torch.zeros(1, dtype=dtype)])
 
 
 def dpm_solver_pp_step(x, ms, lams, order):
-    """One multistep DPM-Solver++ update of the given order (SPEC 2) from lambda lams[-2] to lams[-1].
+    """One multistep DPM-Solver++ update of the given order from lambda lams[-2] to lams[-1] (Lu et al.
+    2022; sony/cmt training/dpm_solver.py, DPM_Solver.multistep_dpm_solver_update).
 
     ms: denoiser outputs at the last `order` states (newest last); lams: their lambda = -ln s
     followed by the target's. x_next = (s_next/s_cur) x - phi_1 m_0 [+ phi_2 D1 - phi_3 D2]."""
@@ -888,7 +898,8 @@ def edm_loss(net, y, labels, P_mean=-1.2, P_std=1.2):
 
 
 def cmt_trajectories(teacher, y, labels, steps=CMT_STEPS):
-    """Teacher trajectories from x_T = y + 80 eps (SPEC 3) -> (16 states [16, b, ...], target [b, ...])."""
+    """Teacher trajectories from x_T = y + 80 eps (sony/cmt training/loss.py, DPMSolverLoss) -> (16 states
+    [16, b, ...], target [b, ...])."""
     sigmas = logsnr_grid(steps)  # on the CPU: the solver reads its coefficients without a host-device sync
     with torch.no_grad():
         states = dpm_solver_pp(teacher_denoiser(teacher, labels), y + T_MAX * torch.randn_like(y), sigmas)
@@ -897,7 +908,8 @@ def cmt_trajectories(teacher, y, labels, steps=CMT_STEPS):
 
 
 def cmt_pairs(states, target, labels):
-    """Step-major pair layout of SPEC 3: row i*b + j holds (x_{s_i} of trajectory j, s_i, x_hat_0 of j)."""
+    """Step-major pair layout of sony/cmt DPMSolverLoss: row i*b + j holds (x_{s_i} of trajectory j, s_i,
+    x_hat_0 of j)."""
     steps, b = states.shape[:2]
     sigmas = logsnr_grid(steps).to(states.device, torch.float32)[:steps].repeat_interleave(b)
     targets = target.repeat(steps, *[1] * (target.dim() - 1))
@@ -906,7 +918,8 @@ def cmt_pairs(states, target, labels):
 
 
 def distance(a, b, metric, c=None, lpips=None):
-    """Per-sample distance of the CMT loss (SPEC 3): l2, huber, cauchy or lpips."""
+    """Per-sample distance of the CMT loss: l2, huber (pseudo-Huber as in iCT, Song & Dhariwal 2023), cauchy,
+    or lpips (sony/cmt training/loss.py, DPMSolverLoss: LPIPS-VGG on the 32x32 outputs)."""
     sq = (a - b).square().flatten(1).sum(1)
     c = 0.00054 * math.sqrt(a[0].numel()) if c is None else c  # iCT's pixel-space rule
     if metric == "l2":
@@ -981,8 +994,23 @@ def make_lpips(cfg, device):
 
 
 def ect_t_to_r(t, q, stage=0, k=8.0, b=1.0):
-    """ECT's sigmoid map (SPEC 4): r = clamp(t (1 - q^-(stage+1) (1 + k sigmoid(-b t))), min=0)."""
+    """ECT's sigmoid map (locuslab/ect training/loss.py, ECMLoss.t_to_r_sigmoid):
+    r = clamp(t (1 - q^-(stage+1) (1 + k sigmoid(-b t))), min=0)."""
     return (t * (1 - q ** -(stage + 1) * (1 + k * torch.sigmoid(-b * t)))).clamp(min=0)
+
+
+# locuslab/ect's plain-ECT schedule halves Delta t on progress-tick boundaries (run_ecm.sh --tick=12.8):
+# ct_training_loop.py ends tick 0 after the first iteration, every later tick after
+# ceil(12.8 kimg / batch) iterations, and starts stage (ticks done - 1) // --double after each tick.
+ECT_TICK_KIMG = 12.8
+
+
+def ect_stage(it, batch, double, tick_kimg=ECT_TICK_KIMG):
+    """Delta t halvings before iteration `it` (0-based) when Delta t halves every `double` ticks (0 = never)."""
+    if not double or it == 0:
+        return 0
+    per_tick = math.ceil(round(tick_kimg * 1000) / batch)
+    return (it - 1) // per_tick // double
 
 
 def ect_loss(net, y, labels, q, stage, c=0.0, P_mean=-1.1, P_std=2.0):
@@ -1313,9 +1341,8 @@ def make_loss(cfg, stream, teacher, batch_gpu, rounds, device):
         return (lambda net, it, r: edm_loss(net, *src.get(batch_gpu))), src
     if stage == "post":
         src = PlainBatches(stream, device)
-        ect_stage = lambda it: it // cfg["ect_double"] if cfg["ect_double"] else 0
-        return (lambda net, it, r: ect_loss(net, *src.get(batch_gpu), q=cfg["ect_q"], stage=ect_stage(it),
-                                            c=cfg["ect_c"])), src
+        return (lambda net, it, r: ect_loss(net, *src.get(batch_gpu), q=cfg["ect_q"],
+                                            stage=ect_stage(it, cfg["batch"], cfg["ect_double"]), c=cfg["ect_c"])), src
     steps = cfg["cmt_steps"]
     if batch_gpu % steps:
         raise SystemExit(f"--batch-gpu {batch_gpu}: mid-training needs a multiple of --cmt-steps {steps} "
@@ -1345,7 +1372,8 @@ def accumulate_gradients(ddp, micro_loss, it, rounds, bf16=False):
 
 
 def apply_update(net, ema, optimizer, lr, ema_beta):
-    """nan_to_num the gradients (SPEC 5), step, EMA p_ema = lerp(p, p_ema, beta); returns the grad norm."""
+    """nan_to_num the gradients (as sony/cmt training/cmt_training_loop.py), step, EMA
+    p_ema = lerp(p, p_ema, beta); returns the grad norm."""
     params = [p for p in net.parameters() if p.grad is not None]
     for p in params:
         torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
@@ -1449,7 +1477,7 @@ def train(cfg):
     it_log = start
     stats = open(outdir / "stats.jsonl", "a") if rank == 0 else None
     for it in range(start, iters):
-        lr = cfg["lr"] * (1 - it / iters)  # linear decay to 0, a function of `it` (no scheduler state)
+        lr = cfg["lr"] * (1 - it / iters) if cfg["lr_decay"] == "linear" else cfg["lr"]  # a function of `it`: no state
         optimizer.zero_grad(set_to_none=True)
         loss_sum, rows, bad = accumulate_gradients(step_net, micro_loss, it, rounds, cfg["bf16"])
         if world > 1:
@@ -1745,7 +1773,10 @@ def parse_args(argv=None):
                                     "(default: batch / processes)")
     a("--iters", type=int_at_least(1), help="training iterations (default: from --mimg)")
     a("--mimg", type=float, help="training length in millions of images (default: 38.4 mid, 12.8 post, 200 pretrain)")
-    a("--lr", type=float, help="peak learning rate, decayed linearly to 0 (default: 2e-4 mid, 1e-4 post, 1e-3 pretrain)")
+    a("--lr", type=float, help="peak learning rate (default: 2e-4 mid, 1e-4 post, 1e-3 pretrain)")
+    a("--lr-decay", choices=["linear", "constant"],
+      help="learning rate over the run: linear to 0 (sony/cmt) or constant (locuslab/ect's plain ECT, whose decay line "
+           "is commented out) (default: constant with --ect-double, else linear)")
     a("--ema", type=float, help="EMA decay per iteration (default: 0.999 mid, 0.9999 post)")
     a("--optimizer", choices=["adam", "radam"], help="(default: radam mid/post, adam pretrain)")
     a("--dropout", type=float, help="dropout probability (default: 0.2 mid/post, 0.13 pretrain)")
@@ -1759,7 +1790,8 @@ def parse_args(argv=None):
     a("--mid-t", type=float, help="noise level of the 2-step sampler's second step (default: 0.821 post, "
                                   "0.77569 mid, as sony/cmt; --stage sample: that of the checkpoint's stage)")
     a("--ect-q", type=float, help="ECT q, Delta t = 1/q at stage 0 (default: 4096 CIFAR, 512 FFHQ, 1024 AFHQ)")
-    a("--ect-double", type=int_at_least(0), default=0, help="halve Delta t every N iterations, plain ECT (default: 0 = fixed q)")
+    a("--ect-double", type=int_at_least(0), default=0,
+      help="plain ECT: halve Delta t every N ticks of 12.8 kimg, as locuslab/ect's --double (default: 0 = fixed q)")
     a("--ect-c", type=float, default=0.0, help="ECT pseudo-Huber c (default: 0 = L2)")
     a("--fid-ref", help="reference statistics .npz (mu, sigma) for FID via fid.py (default: no FID)")
     a("--fid-every", type=int_at_least(0), default=0, help="FID every N iterations, 0 = only at the end (default: 0)")

@@ -11,8 +11,9 @@ The method in one screen (EDM notation: noise level s, x_s = y + s*eps, sigma_da
      teacher's 16-step DPM-Solver++(3M) on the logSNR grid s_0 = 80 > ... > s_16 = 0.002 and train
      the student f_theta (initialised from the teacher) to map *every* state to the end point:
          L_CMT = mean_i d( f_theta(x_{s_i}, s_i | c), sg(x_{s_16}) ),  i = 0..15
-     with d = pseudo-Huber  sqrt(|a-b|^2 + c^2) - c  (c = 0.06; the paper's latent LPIPS weights are
-     unpublished), or Cauchy / L2.
+     with d = pseudo-Huber  sqrt(|a-b|^2 + c^2) - c  (c = 0.06), Cauchy / L2, or sony/cmt's
+     E-LatentLPIPS (`--metric elatentlpips`; its backbone is unpublished: experiments/train_latent_vgg.py).
+     The trajectories of many micro-steps are solved in one batch (`--traj-buffer`), each with its own noise.
   3. Post-training (`--stage post`): consistency distillation (ECD) from the CMT weights.
      t ~ LogNormal(-0.8, 1.6), r = t (1 - q^-1 (1 + 8 sigmoid(-t))), q = 1024;
      x_r = one Heun step from x_t = y + t*eps to r of the guided teacher
@@ -52,8 +53,9 @@ stabilityai/sd-vae-ft-mse, passed with --vae (file or folder).
 
 Notes where this file follows the official code (sony/cmt imagenet512/) rather than the family
 defaults: the student uses plain EDM2 preconditioning (no s_min shift: s_min = 0, `--s-min` to
-change), the gradients pass through nan_to_num(nan=0, posinf=0, neginf=0), and mid-training
-uses Adam betas (0.9, 0.999).
+change), the gradients pass through nan_to_num(nan=0, posinf=0, neginf=0), mid-training
+uses Adam betas (0.9, 0.999), the guiding network runs as its pickle says (float16 on CUDA) while the
+teacher is float32, and `--ect-double` counts ticks of 6.4 kimg.
 """
 
 import argparse
@@ -101,17 +103,17 @@ EDM2_AUTOGUIDED = {
     ("img64", "s"): ("s-1073741-0.045", "xs-0134217-0.110", 1.70),
 }
 
-COMMON = dict(  # shared by every preset; the paper's ImageNet-512 recipe (SPEC §5)
+COMMON = dict(  # shared by every preset; the paper's ImageNet-512 recipe (sony/cmt imagenet512/run_*_512.sh)
     res=64, img_channels=4, latent=True, label_dim=1000, model_channels=448, channel_mult=[1, 2, 3, 4],
     num_blocks=3, attn_res=[16, 8], dropout=0.0, s_min=0.0, sigma_data=0.5,
-    data=None, teacher=None, guide=None, guidance=1.0, init=None, vae=None,
+    data=None, teacher=None, guide=None, guide_fp16=None, guidance=1.0, init=None, vae=None,
     batch=128, batch_gpu=None, seed=0, tf32=True, bf16=False, compile=False, channels_last=False,
     ckpt_every=2000, sample_every=20000, log_every=100, max_nonfinite=100, skip_nonfinite=False, workers=2,
-    nfe=16, metric="huber", huber_c=0.06, s_max=80.0, s_lo=0.002,
+    nfe=16, traj_buffer=128, metric="huber", elpips_weights=None, huber_c=0.06, s_max=80.0, s_lo=0.002,
     post_loss="ecd", solver="heun", ect_q=1024.0, ect_double=0, p_mean=-0.8, p_std=1.6, k=8.0, b=1.0,
     mid_t=1.526, sample_steps=2, heun_steps=32, num=50000, fid_ref=None,
 )
-STAGES = {  # optimiser and length per stage (SPEC §5; sony/cmt run_cmt_512.sh, run_ecd_512.sh)
+STAGES = {  # optimiser and length per stage (sony/cmt imagenet512/run_cmt_512.sh, run_ecd_512.sh)
     "pretrain": dict(lr=1e-2, lr_decay="linear", betas=[0.9, 0.99], ema=0.999, mimg=128.0, p_mean=-0.4, p_std=1.0,
                      init="random"),
     "mid": dict(lr=2e-4, lr_decay="linear", betas=[0.9, 0.999], ema=0.999, mimg=12.8, init="teacher"),
@@ -132,7 +134,7 @@ def _edm2_preset(kind, size):
 
 
 PRESETS = {f"{kind}-{size}": _edm2_preset(kind, size) for kind in ("img512", "img64") for size in EDM2_CHANNELS}
-PRESETS["tiny"] = dict(  # CPU demo on the built-in class-conditional Gaussian mixture (SPEC §8)
+PRESETS["tiny"] = dict(  # CPU demo on the built-in class-conditional Gaussian mixture (ToyMixture)
     res=8, img_channels=3, latent=False, label_dim=6, model_channels=16, channel_mult=[1, 2], num_blocks=1,
     attn_res=[4], data="toy", teacher="pretrain", batch=128, tf32=False, ckpt_every=200, sample_every=0,
     log_every=50, workers=0, huber_c=0.00054 * math.sqrt(3 * 8 * 8), mid_t=0.821, heun_steps=18, num=4096,
@@ -145,7 +147,7 @@ SCRIPT = "cmt_imagenet.py"  # recorded in every checkpoint: --init/--resume/--te
 # Config fields a resumed run may change: how long it runs, how often it logs, checkpoints and samples,
 # and speed switches. Every other field defines the run and must match the checkpoint's.
 RESUME_MAY_CHANGE = {"outdir", "resume", "iters", "mimg", "batch_gpu", "log_every", "ckpt_every", "sample_every",
-                     "max_nonfinite", "workers", "bf16", "tf32", "compile", "channels_last", "fid_ref", "num",
+                     "traj_buffer", "max_nonfinite", "workers", "bf16", "tf32", "compile", "channels_last", "fid_ref", "num",
                      "sample_steps", "heun_steps", "vae"}
 
 
@@ -167,12 +169,21 @@ def resolve_config(args):
     cfg["mimg"] = cfg["iters"] * cfg["batch"] / 1e6
     if cfg["guide"] in ("none", ""):
         cfg["guide"] = None
+    if cfg["metric"] == "elatentlpips":
+        if not cfg["elpips_weights"]:
+            raise SystemExit("--metric elatentlpips: give the latent VGG's state dict with --elpips-weights PATH (none is "
+                             "published; experiments/train_latent_vgg.py trains one as sony/cmt's train_latent_vgg.py)")
+        if cfg["img_channels"] != 4 or cfg["res"] < 22:
+            raise SystemExit(f"--metric elatentlpips: compares 4-channel SD latents of at least 22x22; preset "
+                             f"{args.preset} trains on {cfg['img_channels']}x{cfg['res']}x{cfg['res']}")
+    elif cfg["elpips_weights"]:
+        raise SystemExit("--elpips-weights: only --metric elatentlpips uses it")
     return cfg
 
 
 # ----------------------------------------------------------------------------- data
 class ToyMixture:
-    """Class-conditional Gaussian mixture in image space (SPEC §8): class k ~ N(mu_k, s_k^2 I).
+    """Class-conditional Gaussian mixture in image space: class k ~ N(mu_k, s_k^2 I).
 
     mu_k are smooth coloured cosine patterns; the conditional denoiser and the PF-ODE flow of each
     class are closed-form, so the tiny demo can measure flow-map errors exactly."""
@@ -214,7 +225,8 @@ class ToyMixture:
         return (w * (mu[None] + vk / (vk + s2[:, None]) * d)).sum(1).to(x.dtype)
 
     def flow(self, x, s_from, s_to, labels):
-        """Exact PF-ODE map of class `labels` from noise level s_from to s_to (SPEC §8)."""
+        """Exact PF-ODE map of class `labels` from noise level s_from to s_to: for a Gaussian the
+        PF-ODE (EDM Eq. 1) keeps x - mu proportional to sqrt(s^2 + s_k^2)."""
         m, v = self.mu.to(x.device)[labels], (self.std.to(x.device)[labels] ** 2).reshape(-1, 1, 1, 1)
         s_from = torch.as_tensor(s_from, dtype=torch.float64, device=x.device).reshape(-1, 1, 1, 1)
         s_to = torch.as_tensor(s_to, dtype=torch.float64, device=x.device).reshape(-1, 1, 1, 1)
@@ -235,7 +247,7 @@ class ToyDenoiser(nn.Module):
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     """EDM/EDM2 dataset: a zip or folder of PNGs (pixels) or of .npy [mean, std] VAE latents
-    (8 x 64 x 64, SPEC §8), with labels from dataset.json {"labels": [[name, class], ...]}."""
+    (8 x 64 x 64, EDM2 dataset_tool.py), with labels from dataset.json {"labels": [[name, class], ...]}."""
 
     def __init__(self, path, latent, res, img_channels, label_dim):
         self.path, self.latent = path, latent
@@ -322,10 +334,12 @@ def rank_seed(seed, rank):
     return micro_seed(seed, 1 << 40, rank)
 
 
-def micro_seed(seed, it, slot):
+def micro_seed(seed, it, slot, stream=0):
     """Seed of one micro-batch. slot = micro_step * world_size + rank, so the global batch of an
-    iteration depends on (seed, iter, batch_gpu) only, not on how it is spread over GPUs."""
-    return int(np.random.SeedSequence([seed, it, slot]).generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
+    iteration depends on (seed, iter, batch_gpu) only, not on how it is spread over GPUs. stream 1: an
+    independent second stream of the same micro-batch (E-LatentLPIPS's augmentation)."""
+    entropy = [seed, it, slot] + ([stream] if stream else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
 
 
 class BatchSource:
@@ -580,7 +594,7 @@ class UNet(nn.Module):
 
 
 def edm_precond(sigma, sigma_data=0.5):
-    """EDM preconditioning (SPEC §1): c_skip, c_out, c_in, c_noise."""
+    """EDM preconditioning (Karras et al. 2022, Table 1): c_skip, c_out, c_in, c_noise."""
     c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
     c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
     c_in = 1 / (sigma_data ** 2 + sigma ** 2).sqrt()
@@ -588,8 +602,9 @@ def edm_precond(sigma, sigma_data=0.5):
 
 
 def ecm_precond(sigma, sigma_data=0.5, s_min=0.0, train=True):
-    """ECM preconditioning (SPEC §1): EDM's in train mode (and for every training target); in eval
-    mode shifted by s_min so that f(x, s_min) = x. The official ImageNet-512 code uses s_min = 0."""
+    """ECM preconditioning (sony/cmt training/networks.py, ECMPrecond): EDM's in train mode (and for every
+    training target); in eval mode shifted by s_min so that f(x, s_min) = x. The official ImageNet-512
+    code uses s_min = 0."""
     c_skip, c_out, c_in, c_noise = edm_precond(sigma, sigma_data)
     if not train and s_min > 0:
         c_skip = sigma_data ** 2 / ((sigma - s_min) ** 2 + sigma_data ** 2)
@@ -602,13 +617,14 @@ class Precond(nn.Module):
 
     `logvar=True` adds EDM2's uncertainty head (logvar_fourier, logvar_linear), used only by the
     pre-training loss; official teachers carry it, CMT students drop it. `eval_mode=True` selects
-    ECM's eval-mode coefficients (only differs when s_min > 0)."""
+    ECM's eval-mode coefficients (only differs when s_min > 0). `use_fp16` runs the U-Net in float16 on
+    CUDA, as EDM2's Precond does when its pickle says so; only an official guiding network sets it."""
 
     def __init__(self, img_resolution, img_channels, label_dim, sigma_data=0.5, s_min=0.0, logvar=False,
                  logvar_channels=128, **unet_kwargs):
         super().__init__()
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
-        self.sigma_data, self.s_min = sigma_data, s_min
+        self.sigma_data, self.s_min, self.use_fp16 = sigma_data, s_min, False
         self.unet = UNet(img_resolution, img_channels, label_dim, **unet_kwargs)
         if logvar:
             self.logvar_fourier = MPFourier(logvar_channels)
@@ -624,7 +640,8 @@ class Precond(nn.Module):
             if labels is not None:
                 onehot = F.one_hot(labels.reshape(-1), self.label_dim).to(torch.float32)
         c_skip, c_out, c_in, c_noise = ecm_precond(sigma, self.sigma_data, self.s_min, train=not eval_mode)
-        F_x = self.unet(c_in * x, c_noise.flatten(), onehot)
+        dtype = torch.float16 if self.use_fp16 and x.device.type == "cuda" else torch.float32
+        F_x = self.unet((c_in * x).to(dtype), c_noise.flatten(), onehot)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if return_logvar:
             return D_x, self.logvar_linear(self.logvar_fourier(c_noise.flatten())).reshape(-1, 1, 1, 1)
@@ -643,7 +660,8 @@ def build_net(cfg, logvar=False, s_min=None):
 # torch_utils.persistence._reconstruct_persistent_obj(meta), meta = {type, version, module_src,
 # class_name, state}. A plain pickle.load would exec `module_src` (arbitrary code from the file).
 # Our unpickler answers only the globals below; the persistent objects become inert _PklObject
-# records (class name + state dict) and `module_src` is dropped unread (SPEC §7).
+# records (class name + state dict) and `module_src` is dropped unread (the format of NVlabs/edm
+# torch_utils/persistence.py).
 
 try:  # numpy >= 2 writes numpy._core.* into pickles, numpy 1.x writes numpy.core.*; accept both
     from numpy._core import multiarray as _pkl_np_multiarray
@@ -697,7 +715,7 @@ def _pkl_rebuild_parameter(data, requires_grad=False, backward_hooks=None):
     return data  # we only want the values; hooks are dropped
 
 
-# Every global an official EDM/EDM2 network pickle names (see the tests and SPEC §7). Nothing else.
+# Every global an official EDM/EDM2 network pickle names (see the tests). Nothing else.
 _PKL_ALLOWED = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _pkl_reconstruct_persistent_obj,
     ("torch.storage", "_load_from_bytes"): _pkl_load_storage,
@@ -718,7 +736,7 @@ class _PklUnpickler(pickle.Unpickler):
         obj = _PKL_ALLOWED.get((module, name))
         if obj is None:
             raise PickleRefusedError(f"refusing to load global '{module}.{name}': it is not on the allowlist of "
-                                     "objects an official EDM/EDM2 network pickle needs (SPEC §7)")
+                                     "objects an official EDM/EDM2 network pickle needs")
         return obj
 
 
@@ -762,7 +780,7 @@ def _pkl_flatten(obj, prefix, out, where):
 
 
 def load_official_pkl(path, key="ema", cache_dir=None, sha256=None, md5=None):
-    """Load an official EDM/EDM2 network pickle without running its code (SPEC §7).
+    """Load an official EDM/EDM2 network pickle without running its code.
 
     path: a local file or an http(s)/file URL (downloaded once into cache_dir, default
     $CMT_CACHE or ~/.cache/cmt, verified against sha256/md5 when given).
@@ -810,7 +828,7 @@ def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
                     for h in hashes.values():
                         h.update(chunk)
         except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
-            raise RuntimeError(f"cannot download {url}: {e}; "
+            raise OSError(f"cannot download {url}: {e}; "
                                f"download it manually and pass its path with {flag}") from e
         bad = [f"{k} expected {v}, got {hashes[k].hexdigest()}" for k, v in want.items() if hashes[k].hexdigest() != v]
         if bad:
@@ -872,7 +890,7 @@ def check_init_kwargs(init_kwargs, expected, source, defaults=None):
         raise ValueError(f"{source} does not match the configured architecture:\n  " + "\n  ".join(diffs))
 
 
-# Teacher-only tensors: EDM's augmentation conditioning, EDM2's uncertainty (logvar) head (SPEC §3).
+# Teacher-only tensors: EDM's augmentation conditioning, EDM2's uncertainty (logvar) head.
 TEACHER_ONLY_KEYS = ("map_augment", "logvar_fourier", "logvar_linear")
 
 
@@ -901,7 +919,7 @@ def copy_by_name(state_dict, module, ignore=TEACHER_ONLY_KEYS, prefix_map=None):
     return [k for k in src if k not in dst]
 
 # ----------------------------------------------------------------------------- SD-VAE
-# Stability AI's sd-vae-ft-mse (SPEC §7), written out in plain PyTorch with the state_dict names of
+# Stability AI's sd-vae-ft-mse, written out in plain PyTorch with the state_dict names of
 # diffusers' AutoencoderKL (block_out_channels 128/256/512/512, layers_per_block 2, 248 tensors,
 # 83,653,863 parameters) so that `diffusion_pytorch_model.safetensors` (or `.bin`) from the Hugging Face
 # repo `stabilityai/sd-vae-ft-mse` loads strictly. Pixels -> 8x smaller 4-channel latents and back.
@@ -1175,13 +1193,13 @@ def load_vae(path, device="cpu"):
 
 def sample_latents(mean, std, generator=None):
     """One draw from the VAE posterior N(mean, std^2). Datasets store the 8-channel [mean, std]
-    ("raw latents", SPEC §8) so that every epoch sees a fresh draw (EDM2 and MeanFlow both do this).
+    ("raw latents") so that every epoch sees a fresh draw (EDM2 and MeanFlow both do this).
     A generator must live on the device of `mean`."""
     noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + noise * std
 
 
-# EDM2 convention (SPEC §7; NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are
+# EDM2 convention (NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are
 # divided by 255 and the VAE sees [0, 1] (not the [-1, 1] it was trained on: EDM2's statistics and
 # checkpoints were made that way, so keep it); datasets hold [mean, std]; a latent drawn from them is
 # normalised per channel to std 0.5; decoded pixels are clamped to [0, 1] and scaled to uint8.
@@ -1231,7 +1249,7 @@ def edm2_decode(vae, z, batch=8):
     return x.clamp(0, 1).mul(255).to(torch.uint8)
 
 
-# MeanFlow/DiT convention (SPEC §6, §7; facebookresearch/DiT train.py and sample_ddp.py,
+# MeanFlow/DiT convention (facebookresearch/DiT train.py and sample_ddp.py,
 # Gsunshine/meanflow utils/vae_util.py): pixels in [-1, 1] (x/127.5 - 1), latent = draw * 0.18215
 # (diffusers' scaling_factor for this VAE); decoded pixels become uint8 as clip(127.5 x + 128, 0, 255).
 SD_LATENT_SCALE = 0.18215
@@ -1304,6 +1322,11 @@ def load_network(spec, cfg, what):
         cfg = dict(cfg, model_channels=expected["model_channels"], label_dim=expected["label_dim"])
     net = build_net(cfg, logvar=any(k.startswith("logvar_") for k in state), s_min=0.0)
     copy_into(state, net, f"--{what} {spec}", ignore=())
+    if what == "guide":
+        # sony/cmt imagenet512/training/cd_guid_training_loop_512.py unpickles the guide unchanged
+        # (pickle.load(f)['ema']), so it runs in float16 on CUDA when its use_fp16 says so; the teacher is rebuilt in float32 (--fp16=0).
+        official = not spec.endswith(".pt") and bool(init_kwargs.get("use_fp16", False))
+        net.use_fp16 = official if cfg["guide_fp16"] is None else cfg["guide_fp16"]
     return net.eval().requires_grad_(False)
 
 
@@ -1324,7 +1347,7 @@ def copy_into(state, net, source, **kw):
 
 
 def guided_denoiser(net, gnet=None, w=1.0):
-    """D_g = D_gnet + w (D_net - D_gnet) (autoguidance / CFG; SPEC §4). w = 1: the plain teacher."""
+    """D_g = D_gnet + w (D_net - D_gnet) (autoguidance, Karras et al. 2024; CFG). w = 1: the plain teacher."""
     if gnet is None or w == 1:
         return net
     return lambda x, s, labels: gnet(x, s, labels).lerp(net(x, s, labels), w)
@@ -1332,7 +1355,8 @@ def guided_denoiser(net, gnet=None, w=1.0):
 
 @functools.lru_cache(maxsize=8)  # built once per device: no host->device copy in the training step
 def cmt_sigmas(nfe=16, s_max=80.0, s_min=0.002, device="cpu", dtype=torch.float32):
-    """logSNR-uniform grid s_i = s_max (s_min/s_max)^(i/N), i = 0..N (SPEC §2). Do not modify it in place."""
+    """logSNR-uniform grid s_i = s_max (s_min/s_max)^(i/N), i = 0..N (sony/cmt training/loss.py,
+    DPMSolverLoss, get_time_steps "logSNR"). Do not modify it in place."""
     i = torch.arange(nfe + 1, dtype=torch.float64)
     return (s_max * (s_min / s_max) ** (i / nfe)).to(device, dtype)
 
@@ -1340,7 +1364,8 @@ def cmt_sigmas(nfe=16, s_max=80.0, s_min=0.002, device="cpu", dtype=torch.float3
 @torch.no_grad()
 def dpm_solver_pp(denoise, x, labels, sigmas, order=3):
     """Multistep DPM-Solver++ (data prediction) with warm-up and lower-order final steps
-    (orders 1, 2, 3, ..., 3, 2, 1; SPEC §2). Returns all len(sigmas) states, x first."""
+    (orders 1, 2, 3, ..., 3, 2, 1; sony/cmt training/dpm_solver.py, lower_order_final).
+    Returns all len(sigmas) states, x first."""
     n = len(sigmas) - 1
     lam = -torch.log(sigmas.to(torch.float64))
     states, ms, hs = [x], [], []
@@ -1400,10 +1425,236 @@ def teacher_step(denoise, x, t, r, labels, solver="heun"):
     return torch.where(r > 0, x + (r - t) * 0.5 * (d + d_prime), x_euler)
 
 
+# ----------------------------------------------------------------------------- E-LatentLPIPS
+# sony/cmt's ImageNet-512 mid-training distance (run_cmt_512.sh --loss_metric=ELatentLPIPS; training/loss.py
+# builds elatentlpips/models.py ELatentLPIPS2 with aug_type "bgcfnc", strength 1):
+#   d(a, b) = sum over 5 VGG taps of mean_hw sum_c (n(f(A a)) - n(f(A b)))^2,  n = unit norm over channels,
+# f a VGG16 with GroupNorm trained to classify EDM2 latents, A one random ADA transform shared by a and b.
+# Its augmentation file is not in sony/cmt's public tree; we follow SNU-VGILab/e-latentlpips
+# augmentations/ada_aug.py, the package whose models.py sony/cmt's extends.
+#
+# sony/cmt imagenet512/elatentlpips/models.py cfg['VGG16_Latent']: VGG16 without its first two pools
+# (64x64 latents keep their resolution through the 256-channel block) and without the last pool.
+VGG16_LATENT_CFG = [64, 64, 128, 128, 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+TAPS = (6, 12, 21, 31, 41)  # ends of features[0:6], [6:12], [12:21], [21:31], [31:41] (after a ReLU)
+
+
+class LatentVGG16GN(nn.Module):
+    """VGG16_Latent_GN: conv3x3 -> GroupNorm(32) -> ReLU per cfg entry, max-pool at 'M', and the
+    torchvision VGG head (adaptive 7x7 pool, 3 linears with dropout) that only the class loss uses
+    (`head=False` leaves out its 103M parameters). Module indices, hence state_dict keys, match the
+    official VGGBase (features.N / classifier.N)."""
+
+    def __init__(self, in_channels=4, num_classes=1000, groups=32, head=True):
+        super().__init__()
+        layers, c = [], in_channels
+        for v in VGG16_LATENT_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+                continue
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.GroupNorm(groups, v), nn.ReLU(inplace=True)]
+            c = v
+        self.features = nn.Sequential(*layers)
+        if not head:
+            return
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(nn.Linear(512 * 49, 4096), nn.ReLU(True), nn.Dropout(),
+                                        nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(), nn.Linear(4096, num_classes))
+
+    def forward(self, x):  # class logits
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+    def taps(self, x):
+        """The 5 feature maps E-LatentLPIPS compares: [64, H], [128, H], [256, H], [512, H/2], [512, H/4]."""
+        out, start = [], 0
+        for end in TAPS:
+            x = self.features[start:end](x)
+            out.append(x)
+            start = end
+        return out
+
+
+def load_latent_vgg(path, device):
+    """The frozen E-LatentLPIPS backbone from a state dict (--elpips-weights; experiments/train_latent_vgg.py
+    writes one). The official vgg.pt pickles the whole module ({'model': VGGBase}); convert it once where the
+    official code imports: torch.save(torch.load('vgg.pt', weights_only=False)['model'].state_dict(), PATH)."""
+    net = LatentVGG16GN(head=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict({k: v for k, v in state.items() if not k.startswith("classifier.")})
+    except (OSError, RuntimeError, pickle.UnpicklingError, AttributeError, TypeError) as e:
+        raise SystemExit(f"--elpips-weights {path}: not a VGG16_Latent_GN state dict ({' '.join(str(e).split())[:160]})") from None
+    return net.to(device).eval().requires_grad_(False)
+
+
+def unit_channels(f, eps=1e-8):
+    # sony/cmt elatentlpips/models.py normalize_tensor: eps inside the sqrt
+    return f / torch.sqrt(f.square().sum(1, keepdim=True) + eps)
+
+
+def elatentlpips_distance(taps, a, b, generator=None, p=1.0):
+    """ELatentLPIPS2 per sample [N]: no learned 1x1 heads, channel sum, spatial mean, sum over taps.
+    generator=None: no augmentation. Both inputs go through `taps` (e.g. LatentVGG16GN.taps) in one
+    batch (GroupNorm is per sample); gradients reach a and b through augmentation and backbone."""
+    if generator is not None:
+        a, b = augment_pair(a, b, generator, p)
+    d = 0
+    for f in taps(torch.cat([a, b])):
+        fa, fb = unit_channels(f).chunk(2)
+        d = d + (fa - fb).square().sum(1).mean((1, 2))
+    return d
+
+
+# ADA 'bgcfnc' (Karras et al. 2020, NVlabs/stylegan2-ada-pytorch training/augment.py) as adapted to
+# latent pairs in SNU-VGILab/e-latentlpips elatentlpips/augmentations/ada_aug.py, the package whose
+# models.py sony/cmt copied. Every op fires with probability p (official aug_strength = 1).
+SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+        0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
+        -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148]
+SYM2 = [-0.12940952255092145, 0.22414386804185735, 0.836516303737469, 0.48296291314469025]
+
+
+def aug_matrix(n, like, *e):  # row-major entries (floats or [n] tensors) -> [n, k, k]
+    k = math.isqrt(len(e))
+    return torch.stack([torch.as_tensor(v, dtype=like.dtype, device=like.device).expand(n) for v in e], -1).view(n, k, k)
+
+
+def aug_scale(sx, sy, n, like):
+    return aug_matrix(n, like, sx, 0, 0, 0, sy, 0, 0, 0, 1)
+
+
+def aug_shift(tx, ty, n, like):
+    return aug_matrix(n, like, 1, 0, tx, 0, 1, ty, 0, 0, 1)
+
+
+def aug_rotate(t, n, like):
+    return aug_matrix(n, like, t.cos(), -t.sin(), 0, t.sin(), t.cos(), 0, 0, 0, 1)
+
+
+def sample_aug(shape, gen, p, like):
+    """Random parameters of one bgcfnc transform per sample: G [n,3,3] (output pixel -> input pixel,
+    centred pixel units), C [n,4,4] (colour), gain [n,4] (filter bands), noise [n,c,h,w], cutout."""
+    n, c, h, w = shape
+    u = lambda *s: torch.rand(s or (n,), generator=gen, device=like.device, dtype=like.dtype)
+    g = lambda *s: torch.randn(s or (n,), generator=gen, device=like.device, dtype=like.dtype)
+    gate = lambda v, off, q=p: torch.where((u(n) < q).view(-1, *[1] * (v.dim() - 1)), v, torch.full_like(v, off))
+    one = torch.ones(n, dtype=like.dtype, device=like.device)
+    G = torch.eye(3, dtype=like.dtype, device=like.device).expand(n, 3, 3)
+    G = G @ aug_scale(1 - 2 * gate(u().mul(2).floor(), 0), 1, n, like)                   # xflip
+    G = G @ aug_rotate(math.pi / 2 * gate(u().mul(4).floor(), 0), n, like)                  # rotate90
+    t = gate((u(n, 2) * 2 - 1) * 0.125, 0)                                            # xint
+    G = G @ aug_shift(-(t[:, 0] * w).round(), -(t[:, 1] * h).round(), n, like)
+    s = gate(torch.exp2(g() * 0.2), 1)                                                # scale
+    G = G @ aug_scale(1 / s, 1 / s, n, like)
+    p_rot = 1 - math.sqrt(min(max(1 - p, 0), 1))  # pre or post rotation: P(either) = p
+    G = G @ aug_rotate(gate((u() * 2 - 1) * math.pi, 0, p_rot), n, like)                    # rotate (pre)
+    s = gate(torch.exp2(g() * 0.2), 1)                                                # aniso
+    G = G @ aug_scale(1 / s, s, n, like)
+    G = G @ aug_rotate(gate((u() * 2 - 1) * math.pi, 0, p_rot), n, like)                    # rotate (post)
+    t = gate(g(n, 2) * 0.125, 0)                                                      # xfrac
+    G = G @ aug_shift(-t[:, 0] * w, -t[:, 1] * h, n, like)
+    # Colour: homogeneous 4x4 on (c0, c1, c2, 1); luma axis v = (1, 1, 1, 0)/sqrt(3).
+    eye = torch.eye(4, dtype=like.dtype, device=like.device)
+    v = torch.tensor([1.0, 1, 1, 0], dtype=like.dtype, device=like.device) / math.sqrt(3)
+    vv, k = torch.outer(v, v), torch.zeros(4, 4, dtype=like.dtype, device=like.device)
+    k[0, 1], k[0, 2], k[1, 0], k[1, 2], k[2, 0], k[2, 1] = -v[2], v[1], v[2], -v[0], -v[1], v[0]  # v x .
+    C = eye.expand(n, 4, 4).clone()
+    C[:, :3, 3] = gate(g() * 0.2, 0)[:, None]                                         # brightness
+    C = torch.diag_embed(torch.stack([gate(torch.exp2(g() * 0.5), 1)] * 3 + [one], 1)) @ C  # contrast
+    C = (eye - 2 * vv * gate(u().mul(2).floor(), 0).view(n, 1, 1)) @ C                  # lumaflip
+    th, e3 = gate((u() * 2 - 1) * math.pi, 0).view(n, 1, 1), torch.diag(v.ceil())  # hue: Rodrigues about v
+    C = (vv + (e3 - vv) * th.cos() + k * th.sin() + eye - e3) @ C
+    C = (vv + (eye - vv) * gate(torch.exp2(g() * 1.0), 1).view(n, 1, 1)) @ C          # saturation
+    # Filter: 4 octave bands, log2-normal gains (std 1), power normalised to the 1/f spectrum.
+    ep = torch.tensor([10.0, 1, 1, 1], dtype=like.dtype, device=like.device) / 13
+    gain = torch.ones(n, 4, dtype=like.dtype, device=like.device)
+    for i in range(4):
+        t = torch.ones_like(gain)
+        t[:, i] = gate(torch.exp2(g()), 1)
+        gain = gain * t / (ep * t.square()).sum(1, keepdim=True).sqrt()
+    sigma = gate(g().abs() * 0.1, 0).view(n, 1, 1, 1)                                 # noise
+    noise = g(n, c, h, w) * sigma
+    return dict(G=G, C=C, gain=gain, noise=noise, cut=(gate(0.5 * one, 0), u(n, 2)))
+
+
+def upfirdn(x, f, up=1, pad=(0, 0), down=1):
+    """Separable upfirdn2d: zero-stuff by `up`, pad (negative crops), correlate rows and columns
+    with the 1-D filter f, keep every `down`-th sample."""
+    n, c, h, w = x.shape
+    if up > 1:
+        x = F.pad(x.reshape(n, c, h, 1, w, 1), [0, up - 1, 0, 0, 0, up - 1]).reshape(n, c, h * up, w * up)
+    x = F.pad(x, [pad[0], pad[1], pad[0], pad[1]])
+    x = x.reshape(n * c, 1, *x.shape[2:])
+    x = F.conv2d(F.conv2d(x, f.view(1, 1, 1, -1)), f.view(1, 1, -1, 1))[:, :, ::down, ::down]
+    return x.reshape(n, c, *x.shape[2:])
+
+
+def aug_geometry(x, G):
+    """ADA geometry: reflect-pad, 2x upsample (sym6), bilinear resample, 2x downsample (sym6)."""
+    n, c, h, w = x.shape
+    f = torch.tensor(SYM6, dtype=x.dtype, device=x.device)
+    f = f / f.sum()
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    corners = torch.tensor([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1.0] * 4], dtype=x.dtype, device=x.device)
+    xy = (G @ corners)[:, :2].transpose(0, 1).reshape(2, -1)  # [2, n*4] input positions of output corners
+    m = (torch.cat([-xy, xy]).amax(1) + torch.tensor([6 - cx, 6 - cy] * 2, dtype=x.dtype, device=x.device)).tolist()
+    mx0, my0, mx1, my1 = [min(max(math.ceil(v), 0), lim) for v, lim in zip(m, [w - 1, h - 1] * 2)]
+    x = F.pad(x, [mx0, mx1, my0, my1], mode="reflect")
+    G = aug_shift((mx0 - mx1) / 2, (my0 - my1) / 2, n, x) @ G
+    x = upfirdn(x, f.flip(0) * 2, up=2, pad=(6, 5))
+    G = aug_scale(2, 2, n, x) @ G @ aug_scale(0.5, 0.5, n, x)
+    G = aug_shift(-0.5, -0.5, n, x) @ G @ aug_shift(0.5, 0.5, n, x)
+    oh, ow = (h + 6) * 2, (w + 6) * 2
+    G = aug_scale(2 / x.shape[3], 2 / x.shape[2], n, x) @ G @ aug_scale(ow / 2, oh / 2, n, x)
+    grid = F.affine_grid(G[:, :2], [n, c, oh, ow], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return upfirdn(x, f, pad=(-1, -1), down=2)
+
+
+def aug_filter_bank(like):
+    """[4, 43] band filters whose sum is a unit impulse (ADA's sym2 octave bank)."""
+    full = lambda a, k: F.conv1d(F.pad(a[:, None], [k.numel() - 1] * 2), k.flip(0).view(1, 1, -1))[:, 0]
+    lo = torch.tensor(SYM2, dtype=torch.float64)
+    hi = lo * torch.tensor([1.0, -1, 1, -1], dtype=torch.float64)
+    lo2, hi2 = full(lo[None], lo.flip(0))[0] / 2, full(hi[None], hi.flip(0))[0] / 2
+    bank = torch.eye(4, 1, dtype=torch.float64)
+    for i in range(1, 4):
+        up = torch.zeros(4, 2 * bank.shape[1] - 1, dtype=torch.float64)
+        up[:, ::2] = bank
+        bank = full(up, lo2)
+        j = (bank.shape[1] - hi2.numel()) // 2
+        bank[i, j:j + hi2.numel()] += hi2
+    return bank.to(like)
+
+
+def apply_aug(x, prm):
+    """Apply one sampled transform to x [n, k, c, h, w]: the k stacked images of a sample share it."""
+    n, k, c, h, w = x.shape
+    x = aug_geometry(x.reshape(n, k * c, h, w), prm["G"]).reshape(n, k, c, h * w)
+    C = prm["C"][:, None]
+    # Official 4-channel rule (ada_aug.py `num_channels == 4`): C @ x, latent channel 3 standing in
+    # for the homogeneous 1 (brightness adds b * x3; saturation also scales x3).
+    x = (C @ x) if c == 4 else (C[..., :3, :3] @ x + C[..., :3, 3:])
+    hz = (prm["gain"] @ aug_filter_bank(x)).repeat_interleave(k * c, 0)  # [n*k*c, 43]
+    x = F.pad(x.reshape(1, n * k * c, h, w), [21] * 4, mode="reflect")
+    x = F.conv2d(F.conv2d(x, hz[:, None, None], groups=n * k * c), hz[:, None, :, None], groups=n * k * c)
+    x = x.reshape(n, k, c, h, w) + prm["noise"][:, None]  # one noise draw for both images
+    size, centre = prm["cut"]
+    mx = ((torch.arange(w, device=x.device) + 0.5) / w - centre[:, :1]).abs() >= size[:, None] / 2
+    my = ((torch.arange(h, device=x.device) + 0.5) / h - centre[:, 1:]).abs() >= size[:, None] / 2
+    return x * (mx[:, None, :] | my[:, :, None]).to(x.dtype)[:, None, None]
+
+
+def augment_pair(a, b, generator, p=1.0):
+    """The same random bgcfnc transform on a and b (both differentiable); generator on a's device."""
+    prm = sample_aug(a.shape, generator, p, a)
+    return apply_aug(torch.stack([a, b], 1), prm).unbind(1)
+
+
 # ----------------------------------------------------------------------------- losses
 def distance(a, b, metric, c):
     """Per-sample distance over all elements: l2 (sum of squares), huber (sqrt(sum + c^2) - c),
-    cauchy (log(1 + sum / (2 c^2))) (SPEC §3)."""
+    cauchy (log(1 + sum / (2 c^2))); pseudo-Huber as in iCT (Song & Dhariwal 2023)."""
     sq = (a - b).square().flatten(1).sum(1)
     if metric == "l2":
         return sq
@@ -1414,29 +1665,72 @@ def distance(a, b, metric, c):
     raise ValueError(f"--metric: unknown metric {metric!r} (huber, cauchy, l2)")
 
 
+def cmt_pairs(states, sigmas, labels):
+    """The CMT training pairs of b trajectories (states [N+1, b, ...], x_T first), stacked step-major: every
+    state but the last, at its noise level, with the trajectory's end point as target (sony/cmt training/loss.py,
+    DPMSolverLoss). Returns (x [N*b], s [N*b], labels [N*b], target [N*b])."""
+    n, b = states.shape[0] - 1, states.shape[1]
+    x = states[:-1].reshape(n * b, *states.shape[2:])
+    return x, sigmas[:-1].repeat_interleave(b), labels.repeat(n), states[-1].repeat(n, 1, 1, 1)
+
+
 def cmt_batch(teacher, noise, labels, sigmas):
-    """Data-free CMT batch (SPEC §3): teacher trajectories from x_T = 80 noise, stacked step-major.
-    Returns (states [N*b], sigmas [N*b], labels [N*b], targets [N*b]) for N = len(sigmas) - 1."""
-    states = dpm_solver_pp(teacher, sigmas[0] * noise, labels, sigmas)
-    n, b = len(sigmas) - 1, noise.shape[0]
-    # sony/cmt training/loss.py (DPMSolverLoss) cleans the trajectory and its target before regressing on them.
-    states = [torch.nan_to_num(st) for st in states]
-    x = torch.cat(states[:-1])
-    s = sigmas[:-1].repeat_interleave(b)
-    return x, s, labels.repeat(n), states[-1].repeat(n, 1, 1, 1)
+    """Data-free CMT pairs: the teacher's DPM-Solver++ trajectories from x_T = 80 noise. sony/cmt's
+    DPMSolverLoss cleans the trajectory and its target (nan_to_num) before regressing on them."""
+    states = torch.stack(dpm_solver_pp(teacher, sigmas[0] * noise, labels, sigmas)).nan_to_num()
+    return cmt_pairs(states, sigmas, labels)
 
 
-def cmt_loss(net, teacher, gen, labels, cfg):
-    """L_CMT (SPEC §3): d(f(x_{s_i}, s_i), sg(x_hat_0)) over the 16 states of each trajectory."""
-    b = labels.shape[0] // cfg["nfe"]
-    sigmas = cmt_sigmas(cfg["nfe"], cfg["s_max"], cfg["s_lo"], labels.device)
-    noise = torch.randn([b, cfg["img_channels"], cfg["res"], cfg["res"]], generator=gen, device=labels.device)
-    x, s, lab, target = cmt_batch(teacher, noise, labels[:b], sigmas)
-    return distance(net(x, s, lab), target, cfg["metric"], cfg["huber_c"])
+def cmt_loss(net, pairs, cfg, vgg=None, gen=None):
+    """L_CMT (paper Sec. 3): d(f(x_{s_i}, s_i), sg(x_hat_0)) over the 16 states of each trajectory.
+    E-LatentLPIPS (`vgg`, augmentation drawn from `gen`) runs in float32, outside autocast, as sony/cmt's."""
+    x, s, labels, target = pairs
+    out = net(x, s, labels)
+    if cfg["metric"] == "elatentlpips":
+        with torch.autocast(out.device.type, enabled=False):
+            return elatentlpips_distance(vgg.taps, out.float(), target.float(), gen)
+    return distance(out, target, cfg["metric"], cfg["huber_c"])
+
+
+class TeacherPairs:
+    """This rank's CMT pairs, micro-step by micro-step, solved in bulk: one batched DPM-Solver++ run covers the
+    trajectories of `traj_buffer` // (trajectories per iteration) iterations. Each micro-step still draws its
+    labels and noise from its own micro_seed generator, exactly as a solve of its own would, so the pairs
+    are those of the official one-at-a-time loop (to float rounding: only the teacher's batch grows), each
+    trajectory is used once, and a resumed run re-solves its chunk and continues bit-exactly. A buffer smaller
+    than one iteration's trajectories solves each micro-step alone (sony/cmt's schedule)."""
+
+    def __init__(self, teacher, source, cfg, device, rank, world, accum):
+        self.teacher, self.source, self.cfg, self.device = teacher, source, cfg, device
+        self.slot = lambda m: m * world + rank
+        self.accum, self.b = accum, cfg["batch_gpu"] // cfg["nfe"]
+        self.chunk = cfg["traj_buffer"] // (accum * self.b)  # iterations per solve, 0: one solve per micro-step
+        self.sigmas = cmt_sigmas(cfg["nfe"], cfg["s_max"], cfg["s_lo"], device)
+        self.first, self.states, self.labels = None, None, None
+
+    def draw(self, it, m):
+        gen = torch.Generator(self.device).manual_seed(micro_seed(self.cfg["seed"], it, self.slot(m)))
+        _, labels = self.source.next(gen)
+        shape = [self.b, self.cfg["img_channels"], self.cfg["res"], self.cfg["res"]]
+        return torch.randn(shape, generator=gen, device=self.device), labels[:self.b]
+
+    def get(self, it, m):
+        if not self.chunk:
+            return cmt_batch(self.teacher, *self.draw(it, m), self.sigmas)
+        first = it - it % self.chunk
+        if first != self.first:
+            last = min(first + self.chunk, self.cfg["iters"])
+            noise, labels = zip(*(self.draw(i, k) for i in range(first, last) for k in range(self.accum)))
+            self.labels = torch.cat(labels)
+            states = dpm_solver_pp(self.teacher, self.sigmas[0] * torch.cat(noise), self.labels, self.sigmas)
+            self.first, self.states = first, torch.stack(states).nan_to_num()
+        j = ((it - first) * self.accum + m) * self.b
+        return cmt_pairs(self.states[:, j:j + self.b], self.sigmas, self.labels[j:j + self.b])
 
 
 def ect_t_to_r(t, q, stage=0, k=8.0, b=1.0):
-    """r = t (1 - q^-(stage+1) (1 + k sigmoid(-b t))), clamped at 0 (SPEC §4)."""
+    """r = t (1 - q^-(stage+1) (1 + k sigmoid(-b t))), clamped at 0 (ECT, Geng et al. 2024;
+    locuslab/ect training/loss.py, ECMLoss)."""
     return (t * (1 - q ** -(stage + 1) * (1 + k * torch.sigmoid(-b * t)))).clamp(min=0)
 
 
@@ -1456,14 +1750,27 @@ def consistency_pair_loss(net, x_t, t, x_r, r, y, labels, c, sigma_data):
     return distance(f_t, f_r, "huber", c) * weight  # c = 0: the plain L2 norm |f_t - f_r|
 
 
+# sony/cmt imagenet512 ct/cd_train_512 (run_ect_512.sh --tick=6.4 --double 50000) halve Delta t on progress-tick
+# boundaries: tick 0 ends after the first iteration, every later tick after ceil(6.4 kimg / batch) iterations,
+# and each tick's end starts stage (ticks done - 1) // --double (ct_training_loop_simpleema_512.py).
+ECT_TICK_KIMG = 6.4
+
+
+def ect_stage(it, batch, double, tick_kimg=ECT_TICK_KIMG):
+    """Delta t halvings before iteration `it` (0-based) when Delta t halves every `double` ticks (0 = never)."""
+    if not double or it == 0:
+        return 0
+    per_tick = math.ceil(round(tick_kimg * 1000) / batch)
+    return (it - 1) // per_tick // double
+
+
 def sample_t_r(y, gen, cfg, it):
     t = torch.exp(cfg["p_mean"] + cfg["p_std"] * torch.randn([y.shape[0]], generator=gen, device=y.device))
-    stage = it // cfg["ect_double"] if cfg["ect_double"] else 0
-    return t, ect_t_to_r(t, cfg["ect_q"], stage, cfg["k"], cfg["b"])
+    return t, ect_t_to_r(t, cfg["ect_q"], ect_stage(it, cfg["batch"], cfg["ect_double"]), cfg["k"], cfg["b"])
 
 
 def ect_loss(net, y, labels, gen, cfg, it):
-    """ECT (SPEC §4, weighting and Huber of sony/cmt imagenet512 ECMLoss): x_r = y + r eps."""
+    """ECT (Geng et al. 2024; weighting and Huber of sony/cmt imagenet512 ECMLoss): x_r = y + r eps."""
     t, r = sample_t_r(y, gen, cfg, it)
     eps = torch.randn(y.shape, generator=gen, device=y.device)
     x_t, x_r = y + t.reshape(-1, 1, 1, 1) * eps, y + r.reshape(-1, 1, 1, 1) * eps
@@ -1471,7 +1778,8 @@ def ect_loss(net, y, labels, gen, cfg, it):
 
 
 def ecd_loss(net, teacher, y, labels, gen, cfg, it):
-    """ECD (SPEC §4): x_r = one Heun/Euler step of the guided teacher from x_t = y + t eps to r."""
+    """ECD (sony/cmt imagenet512/cd_train_512.py): x_r = one Heun/Euler step of the guided teacher from
+    x_t = y + t eps to r."""
     t, r = sample_t_r(y, gen, cfg, it)
     x_t = y + t.reshape(-1, 1, 1, 1) * torch.randn(y.shape, generator=gen, device=y.device)
     with torch.no_grad():
@@ -1503,7 +1811,7 @@ def sample_fewstep(net, noise, labels, steps=2, mid_t=1.526, s_max=80.0, gen=Non
 
 
 def to_uint8(x, cfg, vae):
-    """Model output -> uint8 NCHW pixels (EDM2 VAE decode for latents; SPEC §5 rounding for pixels)."""
+    """Model output -> uint8 NCHW pixels (EDM2 VAE decode for latents; EDM rounding (x 127.5 + 128) for pixels)."""
     if cfg["latent"]:
         return edm2_decode(vae, x)
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
@@ -1816,13 +2124,18 @@ def train(cfg, stage):
     source = BatchSource(cfg, kind, device, rank, world, accum, start, toy)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg["bf16"] else contextlib.nullcontext()
 
-    def micro_loss(gen, it):
+    pairs = TeacherPairs(teacher_fn, source, cfg, device, rank, world, accum) if stage == "mid" else None
+    vgg = load_latent_vgg(cfg["elpips_weights"], device) if stage == "mid" and cfg["metric"] == "elatentlpips" else None
+
+    def micro_loss(gen, it, m):
+        if stage == "mid":
+            aug = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, m * world + rank, 1)) if vgg else None
+            with amp:
+                return cmt_loss(model, pairs.get(it, m), cfg, vgg, aug)
         y, labels = source.next(gen)
         with amp:
             if stage == "pretrain":
                 return edm2_loss(model, y, labels, gen, cfg)
-            if stage == "mid":
-                return cmt_loss(model, teacher_fn, gen, labels, cfg)
             if cfg["post_loss"] == "ect":
                 return ect_loss(model, y, labels, gen, cfg, it)
             return ecd_loss(model, teacher_fn, y, labels, gen, cfg, it)
@@ -1847,7 +2160,7 @@ def train(cfg, stage):
             gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, m * world + rank))
             sync = m == accum - 1 or world == 1
             with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                loss = micro_loss(gen, it).mean() / accum
+                loss = micro_loss(gen, it, m).mean() / accum
                 loss.backward()
             loss_acc += loss.detach()
         # Non-finite losses are counted: one device->host read per step (the only per-step sync), agreed over
@@ -2108,6 +2421,9 @@ def build_parser():
                         "teacher; tiny: pretrain)")
     a("--guide", help="guiding network for D_g = D_guide + w (D_teacher - D_guide): .pkl/.pt, 'analytic' (toy: the "
                       "unconditional mixture) or 'none' (default: the preset's autoguidance net for post)")
+    a("--guide-fp16", action=argparse.BooleanOptionalAction, default=None,
+      help="run the guiding network in float16 on CUDA (default: as its EDM2 pickle's use_fp16, like sony/cmt; "
+           "float32 for a .pt)")
     a("--guidance", type=float, help="guidance weight w; 1 = no guidance (default: preset, 2.05 for img512-xxl post)")
     a("--init", help="student init: checkpoint .pt (its EMA), EDM2 .pkl, 'teacher' or 'random'; for sample: the "
                      "checkpoint, or 'teacher' for the Heun reference (default: mid teacher; post and sample: "
@@ -2117,7 +2433,9 @@ def build_parser():
     a("--batch-gpu", type=int_at_least(1), help="per-GPU micro-batch (default: batch / GPUs; sample: 32)")
     a("--iters", type=int_at_least(1), help="training iterations (default: derived from --mimg)")
     a("--mimg", type=float, help="training length in million images (default: mid 12.8, post 16)")
-    a("--lr", type=float, help="Adam learning rate (default: mid 2e-4 linear decay, post 1e-6 constant)")
+    a("--lr", type=float, help="Adam learning rate (default: mid 2e-4, post 1e-6)")
+    a("--lr-decay", choices=["linear", "constant"],
+      help="learning rate over the run: linear to 0 or constant (default: mid linear, post constant, as sony/cmt)")
     a("--ema", type=float, help="EMA decay per iteration (default: mid 0.999, post 0.9999)")
     a("--seed", type=int_at_least(0), help="random seed (default: 0)")
     a("--fid-ref", help="reference statistics for FID in stage sample: .npz (mu, sigma) or EDM2 .pkl (default: none)")
@@ -2135,13 +2453,20 @@ def build_parser():
     a("--dropout", type=float, help="student dropout probability (default: 0)")
     a("--s-min", type=float, help="ECM eval-mode shift s_min, a noise level (default: 0, as the official EDM2 code)")
     a("--nfe", type=int_at_least(1), help="teacher DPM-Solver++ steps in mid-training (default: 16)")
-    a("--metric", choices=["huber", "cauchy", "l2"], help="CMT distance (default: huber)")
+    a("--traj-buffer", type=int_at_least(0),
+      help="mid: teacher trajectories per rank solved in one batch, rounded down to whole iterations; fewer than "
+           "one iteration's: one solve per micro-step, as sony/cmt (same pairs either way) (default: 128)")
+    a("--metric", choices=["huber", "cauchy", "l2", "elatentlpips"],
+      help="CMT distance; elatentlpips is sony/cmt's ImageNet-512 choice, but its weights are unpublished (default: huber)")
+    a("--elpips-weights", help="--metric elatentlpips: state dict of the latent VGG16-GN (experiments/train_latent_vgg.py) "
+                               "(default: none)")
     a("--huber-c", type=float, help="Huber/Cauchy constant c, in data units (latent or [-1, 1] pixel values) "
                                     "(default: 0.06; tiny: 0.00054 sqrt(dim))")
     a("--post-loss", choices=["ecd", "ect"], help="post-training loss (default: ecd)")
     a("--solver", choices=["heun", "euler"], help="ECD teacher step (default: heun)")
     a("--ect-q", type=float, help="ECT/ECD r-mapping: Delta t = 1/q (default: 1024)")
-    a("--ect-double", type=int_at_least(0), help="halve Delta t every this many iterations, 0 = fixed q (default: 0)")
+    a("--ect-double", type=int_at_least(0),
+      help="halve Delta t every N ticks of 6.4 kimg, as sony/cmt's --double (default: 0 = fixed q)")
     a("--p-mean", type=float, help="post: mean of ln t (default: -0.8)")
     a("--p-std", type=float, help="post: std of ln t (default: 1.6)")
     a("--mid-t", type=float, help="2-step sampling: intermediate noise level (default: 1.526)")

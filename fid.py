@@ -533,7 +533,8 @@ def _tf1_resize_axis(x, dim):
 
 
 def preprocess(images, resize="tf1"):
-    """uint8 [N, 3, H, W] -> float32 [N, 3, 299, 299] in [-1, 1] (channels_last), per SPEC 9."""
+    """uint8 [N, 3, H, W] -> float32 [N, 3, 299, 299] in [-1, 1] (channels_last), per the
+    module docstring's resize modes."""
     if resize == "tf1":
         x = _tf1_resize_axis(_tf1_resize_axis(images.float(), 3), 2)
         x = (x - 128) / 128
@@ -724,7 +725,7 @@ def trace_sqrt_product(sigma1, sigma2):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (SPEC 9), trace term via `trace_sqrt_product`."""
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017), trace term via `trace_sqrt_product`."""
     mu1, sigma1, mu2, sigma2 = _check_stats(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)

@@ -122,7 +122,7 @@ MODELS = {
 IMAGENET_IMAGES = 1_281_167
 EPOCH_ITERS_256 = IMAGENET_IMAGES / 256  # iterations per epoch at batch 256
 
-# Shared defaults (MeanFlow ImageNet recipe, SPEC §6 / official configs/default.py).
+# Shared defaults (MeanFlow ImageNet recipe, Gsunshine/meanflow configs/default.py).
 BASE = dict(
     model="XL/2", data=None, res=32, channels=4, num_classes=1000, batch=256, batch_gpu=None,
     lr=1e-4, ema=0.9999, adam_betas=(0.9, 0.95), seed=0,
@@ -160,7 +160,7 @@ PRESETS = {
 
 
 def toy_mixture(num_classes=8, channels=4, res=8):
-    """SPEC §8 toy data: one isotropic Gaussian N(mu_k, s_k^2 I) per class, smooth patterned means."""
+    """Built-in toy data: one isotropic Gaussian N(mu_k, s_k^2 I) per class, smooth patterned means."""
     g = np.random.RandomState(0)  # fixed: the toy data set is part of the program
     ii, jj = np.meshgrid(np.arange(res), np.arange(res), indexing="ij")
     mu = np.zeros((num_classes, channels, res, res))
@@ -180,12 +180,13 @@ def toy_sample(mu, std, n, gen, device):
 
 
 def gaussian_sigma(t, s):
-    """Std of z_t for data N(mu, s^2 I): sig(t) = sqrt((1-t)^2 s^2 + t^2) (SPEC §8)."""
+    """Std of z_t for data N(mu, s^2 I): sig(t) = sqrt((1-t)^2 s^2 + t^2)."""
     return ((1 - t) ** 2 * s ** 2 + t ** 2).sqrt()
 
 
 def gaussian_average_velocity(z, r, t, mu, s):
-    """Exact u(z, r, t) for data N(mu, s^2 I), finite at r = t (SPEC §8). t, r, s broadcast against z."""
+    """Exact u(z, r, t) for data N(mu, s^2 I), finite at r = t: each trajectory is z_t = (1-t) mu + sig(t) xi
+    with xi fixed, so u = (z_t - z_r)/(t - r) in closed form. t, r, s broadcast against z."""
     xi = (z - (1 - t) * mu) / gaussian_sigma(t, s)
     return -mu + ((1 + s ** 2) * (t + r) - 2 * s ** 2) / (gaussian_sigma(t, s) + gaussian_sigma(r, s)) * xi
 
@@ -232,7 +233,7 @@ class LatentShards:
 
 
 # ----------------------------------------------------------------------------- SD-VAE
-# Stability AI's sd-vae-ft-mse (SPEC §7), written out in plain PyTorch with the state_dict names of
+# Stability AI's sd-vae-ft-mse, written out in plain PyTorch with the state_dict names of
 # diffusers' AutoencoderKL (block_out_channels 128/256/512/512, layers_per_block 2, 248 tensors,
 # 83,653,863 parameters) so that `diffusion_pytorch_model.safetensors` (or `.bin`) from the Hugging Face
 # repo `stabilityai/sd-vae-ft-mse` loads strictly. Pixels -> 8x smaller 4-channel latents and back.
@@ -506,13 +507,14 @@ def load_vae(path, device="cpu"):
 
 def sample_latents(mean, std, generator=None):
     """One draw from the VAE posterior N(mean, std^2). Datasets store the 8-channel [mean, std]
-    ("raw latents", SPEC §8) so that every epoch sees a fresh draw (EDM2 and MeanFlow both do this).
+    (the "raw latents" of NVlabs/edm2 training/encoders.py) so that every epoch sees a fresh draw (EDM2 and
+    MeanFlow both do this).
     A generator must live on the device of `mean`."""
     noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + noise * std
 
 
-# EDM2 convention (SPEC §7; NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are
+# EDM2 convention (NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are
 # divided by 255 and the VAE sees [0, 1] (not the [-1, 1] it was trained on: EDM2's statistics and
 # checkpoints were made that way, so keep it); datasets hold [mean, std]; a latent drawn from them is
 # normalised per channel to std 0.5; decoded pixels are clamped to [0, 1] and scaled to uint8.
@@ -562,7 +564,7 @@ def edm2_decode(vae, z, batch=8):
     return x.clamp(0, 1).mul(255).to(torch.uint8)
 
 
-# MeanFlow/DiT convention (SPEC §6, §7; facebookresearch/DiT train.py and sample_ddp.py,
+# MeanFlow/DiT convention (facebookresearch/DiT train.py and sample_ddp.py,
 # Gsunshine/meanflow utils/vae_util.py): pixels in [-1, 1] (x/127.5 - 1), latent = draw * 0.18215
 # (diffusers' scaling_factor for this VAE); decoded pixels become uint8 as clip(127.5 x + 128, 0, 255).
 SD_LATENT_SCALE = 0.18215
@@ -841,8 +843,9 @@ def label_drop_mask(n, p, gen, device):
 
 
 def guided_velocity(net, z, t, v, y, y_null, omega, kappa, t_start, t_end):
-    """CFG inside training (SPEC §6): v_g = w v + k u(z,t,t|y) + (1-w-k) u(z,t,t|null) with (w, k) =
-    (omega, kappa) for t in [t_start, t_end] and (1, 0) outside. Both extra evaluations without grad."""
+    """CFG inside training (Gsunshine/meanflow meanflow.py, MeanFlow.guidance_fn): v_g = w v + k u(z,t,t|y)
+    + (1-w-k) u(z,t,t|null) with (w, k) = (omega, kappa) for t in [t_start, t_end] and (1, 0) outside.
+    Both extra evaluations without grad."""
     if omega == 1.0 and kappa == 0.0:
         return v
     inside = ((t >= t_start) & (t <= t_end)).view(-1, 1, 1, 1)
@@ -924,7 +927,7 @@ def sample_fewstep(net, e, y, steps):
 
 
 def to_uint8(images):
-    """[-1, 1] NCHW -> uint8 NHWC, (x * 127.5 + 128).clip(0, 255) (SPEC §5)."""
+    """[-1, 1] NCHW -> uint8 NHWC, (x * 127.5 + 128).clip(0, 255) (as NVlabs/edm generate.py)."""
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

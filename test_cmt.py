@@ -48,6 +48,7 @@ import meanflow_post as mf
 import plot
 import study_ect
 import study_meanflow
+import train_latent_vgg
 
 torch.set_num_threads(1)  # CI has 2 cores; several tests start worker processes of their own
 
@@ -1072,9 +1073,9 @@ def test_pkl_download_file_url(pkl, tmp_path):
 
 def test_pkl_download_offline_errors(pkl, tmp_path):
     for url in ((tmp_path / "missing.pkl").as_uri(), "http://127.0.0.1:9/edm.pkl"):
-        with pytest.raises(RuntimeError, match="cannot download .*--teacher"):
+        with pytest.raises(OSError, match="cannot download .*--teacher"):
             pkl.download(url, str(tmp_path / "cache"))
-    with pytest.raises(RuntimeError, match="pass its path with --data"):
+    with pytest.raises(OSError, match="pass its path with --data"):
         pkl.download((tmp_path / "missing.tar.gz").as_uri(), str(tmp_path / "cache"), flag="--data")
     assert not list((tmp_path / "cache").iterdir())
 
@@ -1519,7 +1520,7 @@ BAD_INPUTS_CIFAR = [pytest.param("cmt_cifar10.py", argv, setup, expected, id="ci
 ]]
 
 
-# A single Gaussian N(mu, std^2): linear denoiser, closed-form flow map (SPEC 8).
+# A single Gaussian N(mu, std^2): linear denoiser, closed-form flow map (cc.gaussian_flow_map).
 G_MU, G_STD = 0.3, 0.5
 
 
@@ -1547,8 +1548,8 @@ def tiny_cfg(**over):
 # ----------------------------------------------------------------------------- grid and solvers
 
 def test_logsnr_grid_values():
-    # s_i = 80 (0.002/80)^(i/16) to 6 significant digits. SPEC 2 prints 0.0145851, 0.00752054, 0.00387814
-    # for i = 13..15; those three are typos (the formula and sony/cmt's get_time_steps give the values here).
+    # s_i = 80 (0.002/80)^(i/16) to 6 significant digits, as the formula and sony/cmt's get_time_steps
+    # (training/dpm_solver.py) give them.
     spec = [80, 41.2535, 21.2732, 10.9699, 5.65685, 2.91707, 1.50424, 0.775691, 0.4, 0.206268, 0.106366,
             0.0548495, 0.0282843, 0.0145853, 0.00752121, 0.00387845, 0.002]
     grid = cc.logsnr_grid()
@@ -1559,9 +1560,10 @@ def test_logsnr_grid_values():
 
 def test_dpm_solver_pp_local_orders():
     # One update from exact history: local error O(h^(k+1)) for orders 1 and 2. The official third-order
-    # multistep update (sony/cmt training/dpm_solver.py, same as SPEC 2) scales D2 ~ h^2 m''/2 by phi_3
-    # where the Taylor expansion needs h^2 m'', so its local error is O(h^3) as well -- we reproduce it
-    # exactly, and check that doubling D2 would give O(h^4), i.e. that the measurement is sharp.
+    # multistep update (sony/cmt training/dpm_solver.py, multistep_dpm_solver_third_update) scales
+    # D2 ~ h^2 m''/2 by phi_3 where the Taylor expansion needs h^2 m'', so its local error is O(h^3) as well
+    # -- we reproduce it exactly, and check that doubling D2 would give O(h^4), i.e. that the measurement
+    # is sharp.
     x_ref = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
     hs = [0.02, 0.01, 0.005, 0.0025]  # small enough to be asymptotic, large enough to stay above roundoff
 
@@ -1755,14 +1757,74 @@ def test_ect_t_to_r_values():
     np.testing.assert_allclose(cc.ect_t_to_r(t, 2.0, stage=3), (t * (1 - (1 + 8 * sig) / 16)).clamp(min=0), rtol=1e-12)
 
 
-def test_ect_stage_follows_halving_schedule(monkeypatch):
+def official_ect_stages(iters, batch, double, tick_kimg=12.8):
+    """The stage each iteration trains with, replayed from locuslab/ect training/ct_training_loop.py: tick 0
+    ends after the first step, later ticks after `tick_kimg` more kimg, and after each tick the stage
+    becomes (cur_tick - 1) // double_ticks."""
+    stages, stage, cur_tick, nimg, tick_start = [], 0, 0, 0, 0
+    for _ in range(iters):
+        stages.append(stage)
+        nimg += batch
+        if cur_tick != 0 and nimg < tick_start + tick_kimg * 1000:
+            continue
+        cur_tick, tick_start = cur_tick + 1, nimg
+        stage = max(stage, (cur_tick - 1) // double)
+    return stages
+
+
+@pytest.mark.parametrize("batch,double", [(128, 2), (96, 3), (512, 1)])
+def test_ect_stage_halves_on_locuslab_tick_boundaries(batch, double):
+    # run_ecm.sh: --tick=12.8 --double=250 --batch=128; here fewer ticks per stage to see several stages,
+    # and batches that do (128) and do not (96) divide a tick.
+    n = 1 + 4 * double * math.ceil(12800 / batch) + 5
+    want = official_ect_stages(n, batch, double)
+    assert [cc.ect_stage(it, batch, double) for it in range(n)] == want and max(want) == 4
+    assert all(cc.ect_stage(it, batch, 0) == 0 for it in range(0, n, 7))  # --ect-double 0: q stays fixed
+
+
+def test_ect_stage_reaches_the_loss(monkeypatch):
     seen = []
     monkeypatch.setattr(cc, "ect_loss", lambda net, y, labels, q, stage, c: seen.append((q, stage)) or y.flatten(1).sum(1))
-    cfg = tiny_cfg(stage="post", ect_double=100, ect_q=2.0)
+    cfg = tiny_cfg(stage="post", ect_double=1, ect_q=2.0, batch=6400)  # 2 iterations per tick
     loss, _ = cc.make_loss(cfg, cc.DataStream(cc.ToyMixture(), 0), None, 4, 1, torch.device("cpu"))
-    for it in (0, 99, 100, 250):
+    for it in (0, 2, 3, 5):
         loss(None, it, 0)
     assert seen == [(2.0, 0), (2.0, 0), (2.0, 1), (2.0, 2)]
+
+
+@pytest.mark.parametrize("flags,decay", [([], "linear"), (["--ect-double", "250"], "constant"),
+                                         (["--ect-double", "250", "--lr-decay", "linear"], "linear"),
+                                         (["--lr-decay", "constant"], "constant")])
+def test_cifar10_lr_decay_follows_the_official_recipe(tmp_path, flags, decay):
+    # sony/cmt training/ct_training_loop.py decays linearly (learning_rate_schedule); locuslab/ect's plain ECT,
+    # the only recipe that halves Delta t, keeps it constant (ct_training_loop.py: the ramp/decay line is
+    # commented out).
+    args = cc.parse_args(["--preset", "tiny", "--stage", "post", "--outdir", str(tmp_path / "x"), *flags])
+    cfg = cc.resolve_config(args)
+    assert cfg["lr_decay"] == decay
+    cfg.update(init="random", batch=32, iters=4, log_every=1, ckpt_every=0, outdir=str(tmp_path / "run"))
+    cc.train(cfg)
+    lrs = [json.loads(l)["lr"] for l in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    want = [cfg["lr"] * (1 - it / 4) if decay == "linear" else cfg["lr"] for it in range(4)]
+    assert lrs == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("batch,double", [(128, 2), (96, 3)])
+def test_imagenet_ect_stage_halves_on_sony_cmt_tick_boundaries(batch, double):
+    # imagenet512/run_ect_512.sh: --tick=6.4 --double 50000 --batch=128 (ct_training_loop_simpleema_512.py).
+    n = 1 + 4 * double * math.ceil(6400 / batch) + 5
+    want = official_ect_stages(n, batch, double, tick_kimg=6.4)
+    assert [inet.ect_stage(it, batch, double) for it in range(n)] == want and max(want) == 4
+
+
+@pytest.mark.parametrize("stage,flags,decay", [("mid", [], "linear"), ("post", [], "constant"),
+                                               ("post", ["--lr-decay", "linear"], "linear")])
+def test_imagenet_lr_decay_default_and_flag(stage, flags, decay):
+    # sony/cmt imagenet512: run_cmt_512.sh decays linearly, run_ecd_512.sh / run_ect_512.sh pass --sch Constant.
+    cfg = inet_cfg("--stage", stage, *flags)
+    assert cfg["lr_decay"] == decay
+    lrs = [inet.learning_rate(cfg, it) for it in (0, cfg["iters"] // 2)]
+    assert lrs == ([cfg["lr"], cfg["lr"] * (1 - (cfg["iters"] // 2) / cfg["iters"])] if decay == "linear" else [cfg["lr"]] * 2)
 
 
 class MaskRecorder(torch.nn.Module):
@@ -1878,7 +1940,8 @@ def test_teacher_state_with_map_augment_copies_by_name(tmp_path):
 
 def write_edm_pickle(path, net, init_kwargs):
     """A synthetic official EDM network pickle: every module is the persistence call
-    torch_utils.persistence._reconstruct_persistent_obj(meta) of SPEC 7, tensors pickled natively."""
+    torch_utils.persistence._reconstruct_persistent_obj(meta) of NVlabs/edm torch_utils/persistence.py,
+    tensors pickled natively."""
     import types
     persistence = types.ModuleType("torch_utils.persistence")
 
@@ -1984,7 +2047,7 @@ def test_cifar10_download_is_md5_checked(tmp_path, monkeypatch):
             tar.addfile(info, io.BytesIO(data))
     monkeypatch.setattr(cc, "CACHE_DIR", tmp_path / "cache")
     monkeypatch.setattr(cc, "CIFAR10_URL", src.as_uri())
-    with pytest.raises(ValueError, match="hash mismatch"):  # the real md5 is that of the official archive
+    with pytest.raises(SystemExit, match="--data cifar10: hash mismatch"):  # the real md5 is that of the official archive
         cc.open_data("cifar10")
     assert not (tmp_path / "cache" / "cifar-10-python.tar.gz").exists()
     monkeypatch.setattr(cc, "CIFAR10_MD5", hashlib.md5(src.read_bytes()).hexdigest())
@@ -1992,7 +2055,7 @@ def test_cifar10_download_is_md5_checked(tmp_path, monkeypatch):
     assert images.shape == (5, 3, 32, 32) and (tmp_path / "cache" / "cifar-10-python.tar.gz").exists()
     monkeypatch.setattr(cc, "CIFAR10_URL", (tmp_path / "nowhere.tar.gz").as_uri())
     monkeypatch.setattr(cc, "CACHE_DIR", tmp_path / "empty")
-    with pytest.raises(RuntimeError, match="--data"):  # offline: the error names the flag to use instead
+    with pytest.raises(SystemExit, match="--data cifar10: cannot download"):  # offline: the error names the flag to use instead
         cc.open_data("cifar10")
 
 
@@ -2234,8 +2297,8 @@ def test_cifar10_tiny_preset_end_to_end(tmp_path, capsys):
 # ----------------------------------------------------------------------------- evidence study and benchmark (experiments/)
 
 def test_exact_flow_map_is_second_order_and_matches_the_gaussian():
-    # One component: the per-sample flow map has the closed form of SPEC 8. The vectorised multistep
-    # solver is second order (first-order first and last steps keep the global error O(h^2)).
+    # One component: the per-sample flow map has the closed form of cc.gaussian_flow_map. The vectorised
+    # multistep solver is second order (first-order first and last steps keep the global error O(h^2)).
     toy = cc.ToyMixture(resolution=2, components=1)
     mean, std = toy.means[0].double(), float(toy.stds[0])
     g = torch.Generator().manual_seed(0)
@@ -2437,7 +2500,7 @@ def test_imagenet_official_key_layout():
 
 
 def test_imagenet_presets_and_paper_recipe():
-    # SPEC §5 (ImageNet-512 columns); sony/cmt imagenet512/run_cmt_512.sh and run_ecd_512.sh
+    # sony/cmt imagenet512/run_cmt_512.sh and run_ecd_512.sh
     mid = inet_cfg("--stage", "mid")  # the default preset is the paper's img512-xxl
     assert (mid["lr"], mid["lr_decay"], tuple(mid["betas"]), mid["ema"], mid["batch"]) == \
         (2e-4, "linear", (0.9, 0.999), 0.999, 128)
@@ -2474,7 +2537,7 @@ def test_imagenet_cli_help_and_names(tmp_path):
     flags = {s for action in parser._actions for s in action.option_strings}
     assert flags >= {"--stage", "--preset", "--outdir", "--data", "--teacher", "--init", "--resume", "--batch",
                      "--batch-gpu", "--iters", "--mimg", "--lr", "--ema", "--seed", "--fid-ref", "--bf16", "--tf32",
-                     "--compile", "--ckpt-every", "--sample-every"}  # SPEC §11
+                     "--compile", "--ckpt-every", "--sample-every"}
     stage = next(action for action in parser._actions if action.dest == "stage")
     assert set(stage.choices) >= {"pretrain", "mid", "post", "sample"}
     for name in ("load_official_pkl", "edm_precond", "ecm_precond", "dpm_solver_pp", "heun_sampler", "cmt_loss",
@@ -2540,6 +2603,65 @@ def test_imagenet_edm2_pickle_loads_float32(tmp_path):
         inet.load_network(str(path), bad, "teacher")
 
 
+def inet_official_pkl(tmp_path, cfg, use_fp16=True):
+    """The tiny preset's network pickled as an official EDM2 Precond with the given use_fp16."""
+    torch.manual_seed(3)
+    net = inet.build_net(cfg, logvar=True).half().eval()
+    for m in net.modules():
+        if type(m) is not torch.nn.ModuleDict:
+            m.__class__ = type(type(m).__name__, (type(m),), {"__reduce__": inet_persistent_reduce})
+    net._init_kwargs = dict(img_resolution=8, img_channels=3, label_dim=6, model_channels=16, channel_mult=[1, 2],
+                            num_blocks=1, attn_resolutions=[4], dropout=0.0, use_fp16=use_fp16)
+    path = tmp_path / f"edm2-fp16-{use_fp16}.pkl"
+    with inet_fake_official_modules(), open(path, "wb") as f:
+        pickle.dump(InetEasyDict(dataset_kwargs=InetEasyDict(path="x.zip"), loss_fn=None, ema=net), f)
+    return str(path)
+
+
+@pytest.mark.parametrize("pickled,flag,want", [(True, None, True), (False, None, False), (True, False, False),
+                                               (False, True, True)])
+def test_imagenet_guide_runs_as_its_pickle_says(tmp_path, pickled, flag, want):
+    # sony/cmt imagenet512/training/cd_guid_training_loop_512.py: gnet = pickle.load(f)['ema'], i.e. EDM2's
+    # Precond with its own use_fp16 (float16 on CUDA); the teacher (net_ref) is rebuilt in float32.
+    cfg = dict(inet_cfg("--stage", "post", "--preset", "tiny"), guide_fp16=flag)
+    path = inet_official_pkl(tmp_path, cfg, use_fp16=pickled)
+    assert inet.load_network(path, cfg, "guide").use_fp16 is want
+    assert inet.load_network(path, cfg, "teacher").use_fp16 is False
+
+
+def test_imagenet_guide_fp16_cli_default_and_flag():
+    assert inet_cfg("--stage", "post")["guide_fp16"] is None  # None: as the pickle says
+    assert inet_cfg("--stage", "post", "--no-guide-fp16")["guide_fp16"] is False
+
+
+def test_imagenet_fp16_precond_is_float32_off_cuda(tmp_path):
+    # EDM2's Precond picks float16 only for CUDA inputs: on the CPU a use_fp16 guide computes in float32.
+    cfg = inet_cfg("--stage", "post", "--preset", "tiny")
+    path = inet_official_pkl(tmp_path, cfg)
+    gnet, ref = inet.load_network(path, cfg, "guide"), inet.load_network(path, dict(cfg, guide_fp16=False), "guide")
+    x, s, lab = torch.randn(3, 3, 8, 8), torch.tensor([0.1, 1.0, 20.0]), torch.tensor([0, 2, 5])
+    assert torch.equal(gnet(x, s, lab), ref(x, s, lab))
+
+
+@needs_cuda
+def test_cuda_imagenet_fp16_guide_runs_unet_in_float16(tmp_path):
+    cfg = inet_cfg("--stage", "post", "--preset", "tiny")
+    path = inet_official_pkl(tmp_path, cfg)
+    gnet = inet.load_network(path, cfg, "guide").to(CUDA)
+    ref = inet.load_network(path, dict(cfg, guide_fp16=False), "guide")
+    seen = []
+    gnet.unet.out_conv.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    x, s, lab = torch.randn(3, 3, 8, 8), torch.tensor([0.1, 1.0, 20.0]), torch.tensor([0, 2, 5])
+    got, want = gnet(x.to(CUDA), s.to(CUDA), lab.to(CUDA)), ref(x, s, lab)
+    assert got.dtype == torch.float32  # D_x = c_skip x + c_out F_x.float(), as EDM2
+    if CUDA.type == "cuda":
+        assert seen == [torch.float16]
+        # float16 keeps 11 significant bits: ~5e-4 per rounding, a few dozen roundings deep.
+        assert (got.cpu() - want).norm() <= 2e-2 * want.norm()
+    else:
+        assert seen == [torch.float32] and torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------- teacher and solver
 def test_imagenet_guided_teacher_formula():
     x = torch.zeros(3, 2, 4, 4)
@@ -2579,13 +2701,13 @@ class InetIdentity(torch.nn.Module):
 
 def test_imagenet_ecd_loss_weighting_and_target():
     toy, denoise = inet_gaussian()
-    cfg = dict(p_mean=-0.8, p_std=1.6, ect_q=1024.0, ect_double=0, k=8.0, b=1.0, solver="heun", huber_c=0.06,
+    cfg = dict(p_mean=-0.8, p_std=1.6, ect_q=1024.0, ect_double=0, batch=128, k=8.0, b=1.0, solver="heun", huber_c=0.06,
                sigma_data=0.5)
     labels = torch.tensor([0, 1, 1, 0])
     y = toy.mu[labels] + 0.1 * torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     guided = inet.guided_denoiser(denoise, lambda x, s, lab: toy.denoise(x, s, None), 2.0)
     loss = inet.ecd_loss(InetIdentity(), guided, y, labels, torch.Generator().manual_seed(0), cfg, 0)
-    # by hand, in ecd_loss's draw order (t, then eps): SPEC §4
+    # by hand, in ecd_loss's draw order (t, then eps)
     g = torch.Generator().manual_seed(0)
     t = torch.exp(-0.8 + 1.6 * torch.randn([4], generator=g))  # float32, as drawn by the script
     r = t * (1 - (1 + 8 * torch.sigmoid(-t)) / 1024)  # q = 1024, k = 8, b = 1 (exact in float32 like the script)
@@ -2645,6 +2767,265 @@ def test_imagenet_dpm_solver_converges():
                     .abs().max().item())
     # doubling the steps divides the error by >= 4 here (first order would give 2): a multistep solver of order >= 2
     assert errs[1] < errs[0] / 3.5 and errs[2] < errs[1] / 3.5, errs
+
+
+# ----------------------------------------------------------------------------- E-LatentLPIPS
+# (features index of the conv, in channels, out channels), written out from the official cfg
+# 'VGG16_Latent' = [64, 64, 128, 128, 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512] with
+# conv/GroupNorm/ReLU triples (sony/cmt imagenet512/elatentlpips/models.py, _make_layers 'group').
+ELPIPS_CONVS = [(0, 4, 64), (3, 64, 64), (6, 64, 128), (9, 128, 128), (12, 128, 256), (15, 256, 256),
+         (18, 256, 256), (22, 256, 512), (25, 512, 512), (28, 512, 512), (32, 512, 512),
+         (35, 512, 512), (38, 512, 512)]
+ELPIPS_LINEARS = [(0, 512 * 7 * 7, 4096), (3, 4096, 4096), (6, 4096, 1000)]
+
+
+def elpips_official_layout():
+    out = {}
+    for i, cin, cout in ELPIPS_CONVS:
+        out[f"features.{i}.weight"] = (cout, cin, 3, 3)
+        out[f"features.{i}.bias"] = (cout,)
+        out[f"features.{i + 1}.weight"] = (cout,)  # GroupNorm(32, cout) affine
+        out[f"features.{i + 1}.bias"] = (cout,)
+    for i, fin, fout in ELPIPS_LINEARS:
+        out[f"classifier.{i}.weight"] = (fout, fin)
+        out[f"classifier.{i}.bias"] = (fout,)
+    return out
+
+
+def elpips_features_only(vgg, dtype=torch.float32):
+    """taps of a copy of vgg.features (skips copying the 100M-parameter classifier)."""
+    v = types.SimpleNamespace(features=copy.deepcopy(vgg.features).to(dtype))
+    return v, lambda x: inet.LatentVGG16GN.taps(v, x)
+
+
+@pytest.fixture(scope="module")
+def elpips_vgg():
+    torch.manual_seed(0)
+    return inet.LatentVGG16GN().eval().requires_grad_(False)
+
+
+def test_imagenet_elpips_state_dict_layout(elpips_vgg):
+    vgg = elpips_vgg
+    want = elpips_official_layout()
+    got = {k: tuple(v.shape) for k, v in vgg.state_dict().items()}
+    assert list(got) == list(want) and got == want and len(got) == 58
+    # an official-shaped state dict loads strictly (no buffers: GroupNorm has none)
+    vgg.load_state_dict({k: vgg.state_dict()[k] for k in want}, strict=True)  # values unchanged
+    assert [type(vgg.features[i]).__name__ for i in (21, 31)] == ["MaxPool2d", "MaxPool2d"]
+    assert len(vgg.features) == inet.TAPS[-1] == 41
+
+
+def test_imagenet_elpips_taps_shapes_and_logits(elpips_vgg):
+    vgg = elpips_vgg
+    x = torch.randn(2, 4, 16, 16)
+    shapes = [tuple(f.shape) for f in vgg.taps(x)]
+    assert shapes == [(2, 64, 16, 16), (2, 128, 16, 16), (2, 256, 16, 16), (2, 512, 8, 8), (2, 512, 4, 4)]
+    assert torch.equal(vgg.taps(x)[-1], vgg.features(x))
+    assert vgg(x).shape == (2, 1000)
+
+
+def test_imagenet_elpips_distance_hand_values():
+    e = torch.eye(4, dtype=torch.float64)
+    const = lambda v, n=1: v.view(1, 4, 1, 1).expand(n, 4, 3, 5).clone()
+    taps = lambda x: [x] * 5  # identity "backbone": 5 taps equal to the input
+    # orthogonal unit vectors: |e0 - e1|^2 = 2 per pixel, 5 taps -> 10 (eps 1e-8 shrinks the norms)
+    d = inet.elatentlpips_distance(taps, const(e[0]), const(e[1]))
+    assert d.shape == (1,) and d.item() == pytest.approx(10 / (1 + 1e-8), rel=1e-12)
+    # channel normalisation: 3 e0 vs e0 -> 0 up to eps
+    assert inet.elatentlpips_distance(taps, const(3 * e[0]), const(e[0])).item() < 1e-8
+    # 2 of 5 columns differ -> the spatial mean takes 2/5 of it; samples are independent
+    a, b = const(e[0], 2), const(e[0], 2)
+    b[1, :, :, :2] = 0
+    b[1, 1, :, :2] = -1  # antiparallel would be 4; here orthogonal (e0 vs -e1): 2 per pixel
+    d = inet.elatentlpips_distance(taps, a, b)
+    assert d[0].item() == 0 and d[1].item() == pytest.approx(5 * 2 * (2 / 5) / (1 + 1e-8), rel=1e-12)
+
+
+def test_imagenet_elpips_distance_properties(elpips_vgg):
+    vgg = elpips_vgg
+    torch.manual_seed(1)
+    a, b = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    d = inet.elatentlpips_distance(vgg.taps, a, b)
+    assert d.shape == (3,) and (d > 0).all()
+    assert inet.elatentlpips_distance(vgg.taps, a, a).abs().max() == 0
+    assert torch.allclose(d, inet.elatentlpips_distance(vgg.taps, b, a), rtol=1e-5)
+    f = torch.randn(2, 7, 3, 3)
+    assert torch.allclose(inet.unit_channels(5.0 * f), inet.unit_channels(f), atol=1e-6)
+    assert torch.allclose(inet.unit_channels(f).square().sum(1), torch.ones(2, 3, 3), atol=1e-6)
+    # GroupNorm after a bias-free first conv makes the whole distance invariant to input scale
+    v, taps = elpips_features_only(vgg)
+    v.features[0].bias.zero_()
+    d1 = inet.elatentlpips_distance(taps, a, b)
+    assert torch.allclose(d1, inet.elatentlpips_distance(taps, 4 * a, 4 * b), rtol=1e-3)
+
+
+def test_imagenet_elpips_gradcheck_distance_no_aug(elpips_vgg):
+    vgg = elpips_vgg
+    torch.manual_seed(2)
+    _, taps = elpips_features_only(vgg, torch.float64)
+    a = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)  # taps: 4x4 .. 1x1
+    b = torch.randn(1, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    dist = lambda taps: (lambda a, b: inet.elatentlpips_distance(taps, a, b))
+    # the full VGG: directional derivative along a random u by central differences (what gradcheck's
+    # fast mode does; the full gradcheck takes ~1 min on 2 CPU cores)
+    u, h = torch.randn_like(a), 1e-6
+    ga, gb = torch.autograd.grad(dist(taps)(a, b).sum(), (a, b))
+    for x, gx in ((a, ga), (b, gb)):
+        with torch.no_grad():
+            fd = (dist(taps)(*(x + h * u if y is x else y for y in (a, b))) -
+                  dist(taps)(*(x - h * u if y is x else y for y in (a, b)))).item() / (2 * h)
+        assert fd == pytest.approx((gx * u).sum().item(), rel=1e-5, abs=1e-8)
+    # the distance formula in full: 5 taps from a small conv/GroupNorm/ReLU stack
+    conv, gn = torch.nn.Conv2d(4, 8, 3, padding=1).double(), torch.nn.GroupNorm(2, 8).double()
+    small = lambda x: [torch.relu(gn(conv(x)))[..., :k, :k] for k in (3, 3, 2, 2, 1)]
+    a3, b3 = (x[..., :3, :3].detach().contiguous().requires_grad_() for x in (a, b))
+    assert torch.autograd.gradcheck(dist(small), (a3, b3))
+
+
+def test_imagenet_elpips_gradcheck_augment_fast():
+    torch.manual_seed(3)
+    a = torch.randn(1, 4, 24, 24, dtype=torch.float64, requires_grad=True)  # >= 22: filter's reflect pad
+    b = torch.randn(1, 4, 24, 24, dtype=torch.float64, requires_grad=True)
+    fn = lambda a, b: inet.augment_pair(a, b, torch.Generator().manual_seed(5), 1.0)
+    assert torch.autograd.gradcheck(fn, (a, b), fast_mode=True)
+
+
+def test_imagenet_elpips_augment_identity_same_and_grad():
+    torch.manual_seed(4)
+    a, b = torch.randn(3, 4, 32, 32, dtype=torch.float64), torch.randn(3, 4, 32, 32, dtype=torch.float64)
+    # p = 0: every op still runs with identity parameters (as in ADA), so this checks that the sym6
+    # up/down pair and the filter bank reconstruct perfectly
+    a0, b0 = inet.augment_pair(a, b, torch.Generator().manual_seed(0), 0.0)
+    assert (a0 - a).abs().max() < 1e-9 and (b0 - b).abs().max() < 1e-9
+    x1, x2 = inet.augment_pair(a, a, torch.Generator().manual_seed(1), 1.0)
+    assert torch.equal(x1, x2) and (x1 - a).abs().max() > 0.1
+    y1, _ = inet.augment_pair(a, b, torch.Generator().manual_seed(1), 1.0)
+    assert torch.equal(x1, y1)  # same generator state -> same transform
+    a.requires_grad_(True), b.requires_grad_(True)
+    o1, o2 = inet.augment_pair(a, b, torch.Generator().manual_seed(2), 1.0)
+    (o1.square().sum() + o2.sum()).backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0 and a.grad.isfinite().all()
+
+
+def test_imagenet_elpips_warp_integer_shift_exact():
+    x = torch.randn(2, 4, 32, 32, dtype=torch.float64)
+    y = inet.aug_geometry(x, inet.aug_shift(-3.0, 0.0, 2, x))  # output(u) = input(u - 3)
+    assert (y[..., 3:] - x[..., :-3]).abs().max() < 1e-9
+
+
+# Binomial/normal tolerances below: n = 4000 samples, allowed error = 5 standard errors (a false
+# failure has probability < 1e-6 per check), e.g. P(xflip) = 0.5: SE = sqrt(0.25 / n) = 0.0079.
+ELPIPS_N = 4000
+
+
+@pytest.mark.parametrize("p", [1.0, 0.5])
+def test_imagenet_elpips_augment_statistics(p):
+    like = torch.zeros((), dtype=torch.float64)
+    prm = inet.sample_aug((ELPIPS_N, 4, 4, 4), torch.Generator().manual_seed(7), p, like)
+    # only x-flip has det < 0 (rotations, shifts and scalings keep the orientation)
+    q = 0.5 * p
+    flipped = (torch.linalg.det(prm["G"]) < 0).double().mean().item()
+    assert abs(flipped - q) < 5 * math.sqrt(q * (1 - q) / ELPIPS_N)
+    # noise: sigma = |N(0, 1)| * 0.1 with probability p -> E[noise^2] = 0.01 p; a sample's mean
+    # square m has Var(m) = 1e-4 (3p (1 + 2/64) - p^2) < 1e-4 * 3p, so SE < 0.01 sqrt(3p / ELPIPS_N)
+    ms = prm["noise"].square().mean((1, 2, 3))
+    assert abs(ms.mean().item() - 0.01 * p) < 5 * 0.01 * math.sqrt(3 * p / ELPIPS_N)
+    assert (ms == 0).double().mean().item() == pytest.approx(1 - p, abs=5 * math.sqrt(p * (1 - p) / ELPIPS_N) + 1e-9)
+    # saturation scales latent channel 3 (official 4-channel rule): log2 C[3, 3] ~ N(0, 1) w.p. p
+    l = torch.log2(prm["C"][:, 3, 3])
+    assert torch.allclose(prm["C"][:, 3, :3], torch.zeros(ELPIPS_N, 3, dtype=torch.float64))
+    assert abs(l.square().mean().item() - p) < 5 * math.sqrt((3 * p - p * p) / ELPIPS_N)  # Var(l^2) = 3p - p^2
+    # cutout: size 0.5 w.p. p, centre uniform
+    size, centre = prm["cut"]
+    assert abs((size > 0).double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / ELPIPS_N) + 1e-9
+    assert abs(centre.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / (2 * ELPIPS_N))
+
+
+def test_imagenet_elpips_distance_with_augmentation(elpips_vgg):
+    vgg = elpips_vgg
+    torch.manual_seed(5)
+    a, b = torch.randn(2, 4, 24, 24), torch.randn(2, 4, 24, 24)
+    g = lambda: torch.Generator().manual_seed(3)
+    d = inet.elatentlpips_distance(vgg.taps, a, b, g())
+    assert d.shape == (2,) and torch.equal(d, inet.elatentlpips_distance(vgg.taps, a, b, g()))
+    assert inet.elatentlpips_distance(vgg.taps, a, a, g()).abs().max() == 0
+
+
+def test_imagenet_elpips_weights_load_official_layout_or_features_only(tmp_path, elpips_vgg):
+    full = tmp_path / "full.pt"
+    torch.save(elpips_vgg.state_dict(), full)  # the official VGGBase layout, classifier included
+    features = tmp_path / "features.pt"
+    torch.save(elpips_vgg.features.state_dict(prefix="features."), features)
+    for path in (full, features):
+        net = inet.load_latent_vgg(str(path), torch.device("cpu"))
+        assert not net.training and not any(p.requires_grad for p in net.parameters())
+        assert not hasattr(net, "classifier")  # the distance needs the features only
+        assert all(torch.equal(v, elpips_vgg.state_dict()[k]) for k, v in net.state_dict().items())
+    torch.save({"features.0.weight": torch.zeros(3)}, tmp_path / "bad.pt")
+    for bad in (tmp_path / "bad.pt", tmp_path / "missing.pt"):
+        with pytest.raises(SystemExit, match=f"--elpips-weights {re.escape(str(bad))}: not a VGG16_Latent_GN state dict"):
+            inet.load_latent_vgg(str(bad), torch.device("cpu"))
+
+
+def test_imagenet_cmt_loss_with_elatentlpips_is_the_distance_of_output_and_target():
+    # sony/cmt imagenet512/training/loss.py DPMSolverLoss: ELatentLPIPS2(D_yt, D_y_ref), no weighting.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+    vgg = types.SimpleNamespace(taps=lambda x: [torch.relu(conv(x))] * 5)
+    net = lambda x, s, lab: 0.9 * x + 0.01 * s.view(-1, 1, 1, 1)  # noqa: E731
+    pairs = (torch.randn(4, 4, 24, 24), torch.rand(4) + 0.1, torch.zeros(4, dtype=torch.long), torch.randn(4, 4, 24, 24))
+    cfg = dict(metric="elatentlpips", huber_c=0.06)
+    got = inet.cmt_loss(net, pairs, cfg, vgg, torch.Generator().manual_seed(3))
+    want = inet.elatentlpips_distance(vgg.taps, net(*pairs[:3]), pairs[3], torch.Generator().manual_seed(3))
+    assert got.shape == (4,) and torch.equal(got, want)
+    plain = inet.elatentlpips_distance(vgg.taps, net(*pairs[:3]), pairs[3])
+    assert not torch.allclose(got, plain)  # the augmentation is on: generator given, p = 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--metric", "elatentlpips"], "--metric elatentlpips: give the latent VGG's state dict with --elpips-weights PATH"),
+    (["--metric", "elatentlpips", "--preset", "img64-s", "--elpips-weights", "v.pt"],
+     "--metric elatentlpips: compares 4-channel SD latents of at least 22x22; preset img64-s trains on 3x64x64"),
+    (["--elpips-weights", "v.pt"], "--elpips-weights: only --metric elatentlpips uses it")])
+def test_imagenet_elpips_flags_refused_in_one_line(flags, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        inet_cfg("--stage", "mid", *flags)
+
+
+def test_imagenet_mid_trains_with_elatentlpips(tmp_path, inet_one_thread, elpips_vgg):
+    # One data-free mid step on 4x24x24 latents (the toy teacher), the backbone from a features-only file.
+    torch.save(elpips_vgg.features.state_dict(prefix="features."), tmp_path / "vgg.pt")
+    cfg = inet_cfg("--stage", "mid", "--preset", "tiny", "--teacher", "analytic", "--init", "random", "--batch", "16",
+                   "--iters", "1", "--outdir", str(tmp_path / "run"))
+    cfg.update(res=24, img_channels=4, metric="elatentlpips", elpips_weights=str(tmp_path / "vgg.pt"), sample_every=0)
+    inet.train(cfg, "mid")
+    row = json.loads((tmp_path / "run" / "stats.jsonl").read_text().splitlines()[-1])
+    assert row["iter"] == 1 and math.isfinite(row["loss"]) and row["loss"] > 0 and row["grad_norm"] > 0
+
+
+def test_train_latent_vgg_writes_a_backbone_cmt_imagenet_loads(tmp_path):
+    # experiments/train_latent_vgg.py on 4 EDM2 latents (8x64x64 [mean, std] .npy): 2 SGD steps at batch 2.
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "lat" / "00000")
+    labels = []
+    for i in range(4):
+        arr = np.concatenate([rng.standard_normal((4, 64, 64)) * 4, np.full((4, 64, 64), 0.1)]).astype(np.float32)
+        np.save(tmp_path / "lat" / f"00000/img-mean-std-{i:08d}.npy", arr)
+        labels.append([f"00000/img-mean-std-{i:08d}.npy", 10 * i])
+    (tmp_path / "lat" / "dataset.json").write_text(json.dumps(dict(labels=labels)))
+    out = tmp_path / "vgg.pt"
+    argv = ["--data", str(tmp_path / "lat"), "--out", str(out), "--batch", "2", "--iters", "2"]
+    net = train_latent_vgg.main(argv)
+    state = torch.load(out, weights_only=True)
+    assert list(state) == list(inet.LatentVGG16GN().state_dict())  # the official VGGBase layout
+    assert all(torch.equal(v.cpu(), net.state_dict()[k].cpu()) for k, v in state.items())
+    torch.manual_seed(0)
+    assert not torch.equal(state["features.0.weight"], inet.LatentVGG16GN().features[0].weight)  # it trained
+    inet.load_latent_vgg(str(out), torch.device("cpu"))
+    before = out.read_bytes()
+    with pytest.raises(SystemExit, match="--out .*exists"):
+        train_latent_vgg.main(argv)
+    assert out.read_bytes() == before
 
 
 def test_imagenet_data_free_batch_layout():
@@ -2727,6 +3108,54 @@ def test_imagenet_run_folder_refuses_another_run_and_checks_resume(tmp_path, ine
         assert folder_bytes(tmp_path / "run") == before
     inet.main(run + ["--stage", "pretrain", "--resume", "auto", "--iters", "3"])  # a longer run of the same recipe
     assert inet.read_checkpoint(tmp_path / "run" / "ckpt-latest.pt", "--resume")["iter"] == 3
+
+
+def test_imagenet_mid_resume_inside_a_trajectory_buffer_is_bit_exact(tmp_path, inet_one_thread):
+    # --traj-buffer 12 at 4 trajectories per iteration: one solve serves 3 iterations, so the resume at
+    # iteration 2 lands inside the chunk [0, 3) and must re-solve it exactly as the first run did.
+    args = ["--stage", "mid", "--batch", "64", "--batch-gpu", "32", "--iters", "5", "--ckpt-every", "2",
+            "--traj-buffer", "12", "--dropout", "0.1"]
+    inet.main(inet_train_args(tmp_path / "a", *args))
+    inet.main(inet_train_args(tmp_path / "b", *args, "--resume", str(tmp_path / "a" / "ckpt-0000002.pt")))
+    full = torch.load(tmp_path / "a" / "ckpt-0000005.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "b" / "ckpt-0000005.pt", weights_only=True)
+    for key in ("model", "ema"):
+        assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key]), key
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_imagenet_bulk_trajectories_equal_one_solve_per_micro_step(world):
+    # Same noise and labels per micro-step as a solve of its own; each trajectory used once; one teacher
+    # solve per chunk of iterations. The toy teacher is per-sample, so batching may only change rounding.
+    cfg = dict(inet_cfg("--stage", "mid", "--preset", "tiny", "--batch", "64", "--batch-gpu", "16"), iters=5)
+    toy = inet.ToyMixture(cfg["label_dim"], cfg["res"], cfg["img_channels"])
+    sizes = []
+    teacher = lambda x, s, lab: sizes.append(x.shape[0]) or toy.denoise(x, s, lab)  # noqa: E731
+    accum = cfg["batch"] // (16 * world)
+    for rank in range(world):
+        src = inet.BatchSource(cfg, "labels", torch.device("cpu"), rank, world, accum, 0)
+        one = inet.TeacherPairs(teacher, src, dict(cfg, traj_buffer=0), torch.device("cpu"), rank, world, accum)
+        bulk = inet.TeacherPairs(teacher, src, dict(cfg, traj_buffer=3 * accum), torch.device("cpu"), rank, world, accum)
+        assert bulk.chunk == 3 and one.chunk == 0
+        starts = set()
+        for it in range(cfg["iters"]):
+            for m in range(accum):
+                sizes.clear()
+                a = one.get(it, m)
+                assert sizes == [1] * 16  # batch_gpu 16 = one trajectory of 16 states
+                # The official draw order: the micro-step's labels first (BatchSource), then x_T's noise.
+                gen = torch.Generator().manual_seed(inet.micro_seed(cfg["seed"], it, m * world + rank))
+                _, labels = src.next(gen)
+                noise = torch.randn([1, 3, 8, 8], generator=gen)
+                ref = inet.cmt_batch(teacher, noise, labels[:1], bulk.sigmas)
+                sizes.clear()
+                b = bulk.get(it, m)
+                assert sizes == ([16 * min(3, cfg["iters"] - it) * accum // 16] * 16 if it % 3 == 0 and m == 0 else [])
+                for u, v, w in zip(a, b, ref):
+                    torch.testing.assert_close(u, w, rtol=0, atol=0)
+                    torch.testing.assert_close(v, w, rtol=1e-6, atol=1e-6)
+                starts.add(b[0][0].flatten()[:4].tolist().__repr__())
+        assert len(starts) == cfg["iters"] * accum  # every micro-step got trajectories of its own
 
 
 def test_imagenet_resume_bit_exact(tmp_path, inet_one_thread):
@@ -2991,8 +3420,8 @@ BAD_INPUTS_MEANFLOW = [pytest.param("meanflow_post.py", argv, setup, expected, i
 
 
 class ExactU(torch.nn.Module):
-    """The exact average velocity of class-conditional Gaussian data (SPEC §8) behind the network
-    interface net(z, t, h, y): class k is N(mu_k, s_k^2 I)."""
+    """The exact average velocity of class-conditional Gaussian data (mf.gaussian_average_velocity) behind
+    the network interface net(z, t, h, y): class k is N(mu_k, s_k^2 I)."""
 
     def __init__(self, mu, s):
         super().__init__()
@@ -3068,7 +3497,7 @@ def test_u_at_r_equals_t_is_the_velocity():
     t = torch.linspace(0.05, 0.95, 6, dtype=torch.float64)
     b = lambda a: a.view(-1, 1, 1, 1)
     sig2 = mf.gaussian_sigma(b(t), b(s[y])) ** 2
-    v_closed = -mu[y] + ((1 + b(s[y]) ** 2) * b(t) - b(s[y]) ** 2) / sig2 * (z - (1 - b(t)) * mu[y])  # SPEC §8
+    v_closed = -mu[y] + ((1 + b(s[y]) ** 2) * b(t) - b(s[y]) ** 2) / sig2 * (z - (1 - b(t)) * mu[y])
     torch.testing.assert_close(mf.average_velocity(net, z, t, t, y), v_closed, rtol=1e-12, atol=1e-12)
     # and it is the limit r -> t of the finite-interval formula: error (t - r)/2 |du/dr| <= 1e-6 * O(10)
     d = 1e-6
@@ -3468,8 +3897,9 @@ def test_bf16_forward_keeps_loss_close_to_fp32():
 def test_meanflow_presets_hold_the_paper_recipe(tmp_path):
     resolve = lambda preset, stage: mf.resolve_config(mf.parse_args(["--preset", preset, "--stage", stage]), stage)
     post, teacher = resolve("xl2", "post"), resolve("xl2", "pretrain")
+    # Gsunshine/meanflow configs/default.py
     recipe = dict(lr=1e-4, adam_betas=[0.9, 0.95], ema=0.9999, batch=256, p_mean=-0.4, p_std=1.0, ratio_neq=0.25,
-                  label_drop=0.1, norm_p=1.0, norm_eps=0.01, res=32, channels=4, num_classes=1000)  # SPEC §6
+                  label_drop=0.1, norm_p=1.0, norm_eps=0.01, res=32, channels=4, num_classes=1000)
     assert {k: post[k] for k in recipe} == recipe
     assert (post["model"], post["omega"], post["kappa"], post["t_start"], post["t_end"]) == ("XL/2", 0.2, 0.92, 0.0, 0.75)
     assert (teacher["model"], teacher["omega"], teacher["kappa"], teacher["t_end"]) == ("B/4", 1.0, 0.5, 1.0)
@@ -3488,7 +3918,8 @@ def test_dit_mf_key_names_and_sizes():
     counts = {n: sum(p.numel() for p in net.parameters()) for n, net in nets.items()}
 
     def dit_mf_count(depth, hidden_size, num_heads, patch_size, C=4, K=1000):
-        """Counted by hand from the DiT layer list (SPEC §7); pos_embed is a fixed buffer, not counted."""
+        """Counted by hand from the DiT layer list (facebookresearch/DiT models.py); pos_embed is a fixed
+        buffer, not counted."""
         H, o = hidden_size, patch_size ** 2 * C
         block = (3 * H * H + 3 * H) + (H * H + H) + (4 * H * H + 4 * H) + (4 * H * H + H) + (6 * H * H + 6 * H)
         embed = (o * H + H) + 2 * (256 * H + H + H * H + H) + (K + 1) * H  # x, t and h (256 freqs), y (+ null)
@@ -4395,7 +4826,9 @@ def test_cuda_imagenet_fp32_mid_and_post_step_match_cpu(_backend_flags):
         # checked on the CPU, so the CUDA comparison below is of cmt_loss / ecd_loss / ect_loss themselves.
         gs = torch.Generator().manual_seed(7)
         noise = torch.randn([b, cfg["img_channels"], cfg["res"], cfg["res"]], generator=gs)
-        script = inet.cmt_loss(copy.deepcopy(student), teacher, torch.Generator().manual_seed(7), labels.repeat(cfg["nfe"]), cfg)
+        noise7 = torch.randn([b, cfg["img_channels"], cfg["res"], cfg["res"]], generator=torch.Generator().manual_seed(7))
+        pairs = inet.cmt_batch(teacher, noise7, labels, inet.cmt_sigmas(cfg["nfe"], cfg["s_max"], cfg["s_lo"]))
+        script = inet.cmt_loss(copy.deepcopy(student), pairs, cfg)
         torch.testing.assert_close(cmt(CPU, noise)[0].detach(), script.detach(), rtol=1e-6, atol=0)
         gs = torch.Generator().manual_seed(8)
         t = torch.exp(cfg["p_mean"] + cfg["p_std"] * torch.randn([n], generator=gs))

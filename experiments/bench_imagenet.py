@@ -1,6 +1,7 @@
 """Speed of cmt_imagenet.py: seconds per training micro-step at real size, random weights, batch
 --batch-gpu on one device. A plain step is a student forward+backward+Adam on given noisy inputs;
-a mid step adds the teacher's 16-step DPM-Solver++ solve of batch/16 trajectories (the CMT loss);
+a mid step adds the teacher's 16-step DPM-Solver++ solve of batch/16 trajectories (the CMT loss), solved
+alone as sony/cmt does or amortised over a --traj-buffer of trajectories solved together (mid_bulk);
 a post step is one ECD step (one Heun step of the autoguided teacher, 4 forwards, plus the student's).
 Trains nothing.
 
@@ -32,7 +33,8 @@ def peak_memory_gb(device):
 
 
 def bench(cfg, sizes, reps=1):
-    """{size: {plain_s, mid_s, post_s, mid_over_plain, img_per_s_{plain,mid,post}, peak_gb, params_m}}."""
+    """{size: {plain_s, mid_s, mid_student_s, post_s, mid_bulk_s, mid_over_plain, mid_bulk_over_plain,
+    teacher_s_per_traj_{1,bulk}, traj_buffer, img_per_s_{plain,mid,mid_student,post,mid_bulk}, peak_gb, params_m}}."""
     device, _, _ = inet.dist_setup()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
     bg = cfg["batch_gpu"] or cfg["nfe"]
@@ -57,8 +59,12 @@ def bench(cfg, sizes, reps=1):
         y = 0.5 * torch.randn([bg, c["img_channels"], c["res"], c["res"]], device=device)
         sigma = torch.exp(torch.randn([bg], device=device) * 1.2 - 1.2)
         guided = inet.guided_denoiser(teacher, gnet, 2.05)
+        b, sigmas = bg // c["nfe"], inet.cmt_sigmas(c["nfe"], c["s_max"], c["s_lo"], device)
+        noise = lambda n: torch.randn([n, c["img_channels"], c["res"], c["res"]], generator=gen, device=device)  # noqa: E731
+        pairs = inet.cmt_batch(teacher, noise(b), labels[:b], sigmas)
         losses = dict(plain=lambda: (model(y + sigma.view(-1, 1, 1, 1) * torch.randn_like(y), sigma, labels) - y).square(),
-                      mid=lambda: inet.cmt_loss(model, teacher, gen, labels, c),
+                      mid=lambda: inet.cmt_loss(model, inet.cmt_batch(teacher, noise(b), labels[:b], sigmas), c),
+                      mid_student=lambda: inet.cmt_loss(model, pairs, c),  # pairs ready: the bulk path's step
                       post=lambda: inet.ecd_loss(model, guided, y, labels, gen, c, 0))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -82,9 +88,28 @@ def bench(cfg, sizes, reps=1):
             row[f"img_per_s_{name}"] = bg / row[f"{name}_s"]
             print(f"[bench] {size:>4} {name:>5}: {row[f'{name}_s']:.3f} s/step, {row[f'img_per_s_{name}']:.1f} img/s "
                   f"({row['params_m']:.1f}M params)", flush=True)
+        # Bulk trajectories (--traj-buffer): one solve of the buffer, amortised over the micro-steps it serves.
+        n = max(b, c["traj_buffer"] // b * b)
+        with torch.no_grad(), amp():
+            inet.cmt_batch(teacher, noise(n), labels[:1].repeat(n), sigmas)  # warm-up at this batch
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            inet.cmt_batch(teacher, noise(n), labels[:1].repeat(n), sigmas)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        row["teacher_s_per_traj_1"] = (row["mid_s"] - row["mid_student_s"]) / b
+        row["teacher_s_per_traj_bulk"] = (time.perf_counter() - t0) / n
+        row["traj_buffer"] = n
+        row["mid_bulk_s"] = row["mid_student_s"] + b * row["teacher_s_per_traj_bulk"]
+        row["img_per_s_mid_bulk"] = bg / row["mid_bulk_s"]
         row["mid_over_plain"] = row["mid_s"] / row["plain_s"]
+        row["mid_bulk_over_plain"] = row["mid_bulk_s"] / row["plain_s"]
         row["peak_gb"] = peak_memory_gb(device)
-        print(f"[bench] {size:>4} mid step = {row['mid_over_plain']:.3f}x the plain step; peak memory "
+        print(f"[bench] {size:>4} teacher per trajectory {row['teacher_s_per_traj_1']:.4f} s alone, "
+              f"{row['teacher_s_per_traj_bulk']:.4f} s in a buffer of {n}; mid step {row['mid_over_plain']:.3f}x "
+              f"the plain step, {row['mid_bulk_over_plain']:.3f}x with the buffer", flush=True)
+        print(f"[bench] {size:>4} peak memory "
               f"{row['peak_gb']:.2f} GB", flush=True)
         results[size] = row
     return results

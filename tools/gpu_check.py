@@ -139,15 +139,17 @@ def markdown(report):
     lines += [f"CUDA tests: {t['summary']} ({t['sec']:.0f} s)"
               + (f"; failed: {', '.join(t['failed'])}" if t["failed"] else "")
               + (f"; skip reasons: {'; '.join(t['skip_reasons'])}" if t["skip_reasons"] else ""), ""]
-    lines += ["| script | network | mode | plain step (s) | img/s plain | mid step (s) | mid / plain | img/s mid | peak GiB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| script | network | mode | plain step (s) | img/s plain | mid step (s) | mid / plain | img/s mid | "
+              "bulk mid / plain | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["benches"]:
         if row["result"] is None:
-            lines.append(f"| {row['script']} | | {row['mode']} | {row['status']} | | | | | |")
+            lines.append(f"| {row['script']} | | {row['mode']} | {row['status']} | | | | | | |")
             continue
         for net, r in flatten(row["script"], row["result"]):
+            bulk = f"{r['mid_bulk_over_plain']:.3f}" if "mid_bulk_over_plain" in r else "-"
             lines.append(f"| {row['script']} | {net} | {row['mode']} | {r['plain_s']:.4f} | {r['img_per_s_plain']:.1f} | "
-                         f"{r['mid_s']:.4f} | {r['mid_over_plain']:.3f} | {r['img_per_s_mid']:.1f} | {r['peak_gb']:.2f} |")
+                         f"{r['mid_s']:.4f} | {r['mid_over_plain']:.3f} | {r['img_per_s_mid']:.1f} | {bulk} | "
+                         f"{r['peak_gb']:.2f} |")
     f = report["fid"]
     lines += ["", "FID features: " + (f"{f['result']['img_per_s']:.0f} images/s ({f['result']['images']} images, "
                                        f"batch {f['result']['batch']})" if f["result"] else f["status"])]
