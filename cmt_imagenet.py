@@ -2391,7 +2391,32 @@ def quality_table(cfg, toy, teacher, nets, walls, n=None):
           + table, flush=True)
     with open(os.path.join(cfg["outdir"], "quality.txt"), "w") as f:
         f.write(table + "\n")
+    k = 2 * cfg["label_dim"]  # the picture: two samples per class, the same noise in every row
+    zk, lk = z[:k], torch.arange(k) % cfg["label_dim"]
+    pics = [("exact flow map", toy.flow(zk * cfg["s_max"], cfg["s_max"], 0.0, lk)),
+            ("teacher (Heun)", heun_sampler(teacher, zk, lk, cfg["heun_steps"], cfg["s_max"], cfg["s_lo"]))]
+    for stage, net in nets.items():
+        for steps in (1, 2):
+            x = sample_fewstep(net, zk, lk, steps, cfg["mid_t"], cfg["s_max"], torch.Generator().manual_seed(7))
+            pics.append((f"{names[stage]}, {steps} step{'s' * (steps > 1)}", x))
+    save_comparison(pics, os.path.join(cfg["outdir"], "comparison.png"))
     return rows
+
+
+def save_comparison(rows, path, scale=8, gap=4):
+    """One labelled row of tiles per (name, x [k, C, H, W] in [-1, 1]), each enlarged `scale` times."""
+    import PIL.ImageDraw
+    k, _, h, w = rows[0][1].shape
+    label_w, th, tw = 190, h * scale, w * scale
+    canvas = PIL.Image.new("RGB", (label_w + k * (tw + gap), len(rows) * (th + gap)), "white")
+    draw = PIL.ImageDraw.Draw(canvas)
+    for i, (name, x) in enumerate(rows):
+        img = (x[:, :3].float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for j in range(k):
+            tile = PIL.Image.fromarray(img[j]).resize((tw, th), PIL.Image.NEAREST)
+            canvas.paste(tile, (label_w + j * (tw + gap), i * (th + gap)))
+        draw.text((6, i * (th + gap) + th // 2 - 6), name, fill="black")
+    canvas.save(path)
 
 
 # ----------------------------------------------------------------------------- entry point

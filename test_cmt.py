@@ -3213,6 +3213,18 @@ def test_imagenet_tiny_end_to_end(tmp_path, inet_one_thread, capsys, monkeypatch
         for name in ("config.json", "stats.jsonl", "ckpt-latest.pt", "ckpt-0000003.pt"):
             assert (tmp_path / stage / name).is_file(), (stage, name)
     assert (tmp_path / "mid" / "samples-0000003.png").is_file()
+    # The comparison picture: 6 labelled rows (exact map, teacher, mid and post at 1 and 2 steps) of 12 toy
+    # samples enlarged 8x, one row per model from the same noise; its first tile is the exact map's image.
+    pic = np.asarray(Image.open(tmp_path / "comparison.png"))
+    assert pic.shape == (6 * (8 * 8 + 4), 190 + 12 * (8 * 8 + 4), 3)
+    toy = inet.ToyMixture(6, 8, 3)
+    cfg = inet_cfg("--stage", "mid", "--preset", "tiny")
+    gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+    torch.randint(6, (64,), generator=gen)
+    z = torch.randn([64, 3, 8, 8], generator=gen)
+    first = toy.flow(z[:1] * 80.0, 80.0, 0.0, torch.tensor([0]))
+    want = (first[0] * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(pic[0:64:8, 190:190 + 64:8], want)
     out = capsys.readouterr().out
     assert "flow-map err" in out and "pixel FD" in out and "[mid] it 3/3" in out
     assert " it/s " in out and "| ETA " in out  # progress lines
