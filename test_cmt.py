@@ -40,6 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "experiments"), str(ROOT / "tools")]
 import bench_cifar10
 import bench_imagenet
 import bench_meanflow
+import bench_parity
 import cmt_cifar10 as cc
 import cmt_imagenet as inet
 import fid
@@ -4074,6 +4075,33 @@ def test_meanflow_study_cost_and_end_to_end(tmp_path):
 # ==================================================================================================
 # experiments/: studies, benchmarks and their plotting helper import the scripts, never the reverse
 # ==================================================================================================
+
+def test_bench_parity_times_two_networks_with_the_same_weights(tmp_path, capsys):
+    # A stand-in "official checkout" whose training/networks.py is our SongUNet behind EDM's constructor and
+    # forward signature: the plumbing (import by path, weights copied by name, outputs compared, alternating
+    # timings) is what is tested; the real comparison needs an NVlabs/edm checkout (--edm-src).
+    (tmp_path / "edm" / "training").mkdir(parents=True)
+    (tmp_path / "edm" / "training" / "networks.py").write_text(f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import cmt_cifar10 as cc
+class SongUNet(cc.SongUNet):
+    def __init__(self, img_resolution, in_channels, out_channels, model_channels, channel_mult, num_blocks,
+                 attn_resolutions, dropout):
+        super().__init__(img_resolution, in_channels, model_channels=model_channels, channel_mult=channel_mult,
+                         num_blocks=num_blocks, attn_resolutions=attn_resolutions, dropout=dropout)
+    def forward(self, x, noise_labels, class_labels):
+        return super().forward(x, noise_labels, class_labels)
+""")
+    res = bench_parity.main(["--edm-src", str(tmp_path / "edm"), "--batch", "1", "--reps", "1"])
+    r = res["DDPM++"]
+    assert r["max_abs_diff"] == 0  # same class, same weights, same inputs
+    for k in ("fwd", "fwdbwd"):
+        assert r[f"ours_{k}_s"] > 0 and r[f"{k}_ratio"] == pytest.approx(r[f"ours_{k}_s"] / r[f"theirs_{k}_s"])
+    assert "[parity] DDPM++ batch 1: forward" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no training/networks_edm2.py here"):
+        bench_parity.main(["--edm2-src", str(tmp_path / "edm")])
+
 
 def test_bench_imagenet_times_plain_mid_and_post_steps(capsys):
     res = bench_imagenet.main(["--preset", "tiny", "--sizes", "tiny", "--batch-gpu", "16"])["tiny"]
