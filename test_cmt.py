@@ -3116,12 +3116,18 @@ def test_imagenet_mid_resume_inside_a_trajectory_buffer_is_bit_exact(tmp_path, i
     # iteration 2 lands inside the chunk [0, 3) and must re-solve it exactly as the first run did.
     args = ["--stage", "mid", "--batch", "64", "--batch-gpu", "32", "--iters", "5", "--ckpt-every", "2",
             "--traj-buffer", "12", "--dropout", "0.1"]
+    inet_run_and_resume(tmp_path, args, at=2, end=5)
+
+
+def inet_run_and_resume(tmp_path, args, at, end):
+    """Run `args` in a/, resume its iteration-`at` checkpoint in b/; the final weights must be bit-equal."""
     inet.main(inet_train_args(tmp_path / "a", *args))
-    inet.main(inet_train_args(tmp_path / "b", *args, "--resume", str(tmp_path / "a" / "ckpt-0000002.pt")))
-    full = torch.load(tmp_path / "a" / "ckpt-0000005.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "b" / "ckpt-0000005.pt", weights_only=True)
+    inet.main(inet_train_args(tmp_path / "b", *args, "--resume", str(tmp_path / "a" / f"ckpt-{at:07d}.pt")))
+    full = torch.load(tmp_path / "a" / f"ckpt-{end:07d}.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "b" / f"ckpt-{end:07d}.pt", weights_only=True)
     for key in ("model", "ema"):
         assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key]), key
+    return full, resumed
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -3164,12 +3170,7 @@ def test_imagenet_resume_bit_exact(tmp_path, inet_one_thread):
     # and the same-dropout-mask replay of the second student call.
     args = ["--stage", "post", "--batch", "32", "--iters", "4", "--ckpt-every", "2", "--dropout", "0.1",
             "--guide", "analytic", "--guidance", "1.5"]  # autoguided by the unconditional mixture
-    inet.main(inet_train_args(tmp_path / "a", *args))
-    inet.main(inet_train_args(tmp_path / "b", *args, "--resume", str(tmp_path / "a" / "ckpt-0000002.pt")))
-    full = torch.load(tmp_path / "a" / "ckpt-0000004.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "b" / "ckpt-0000004.pt", weights_only=True)
-    for key in ("model", "ema"):
-        assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key]), key
+    full, resumed = inet_run_and_resume(tmp_path, args, at=2, end=4)
     opt_a, opt_b = full["optimizer"]["state"], resumed["optimizer"]["state"]
     assert all(torch.equal(opt_a[i][s], opt_b[i][s]) for i in opt_a for s in opt_a[i])
     assert full["iter"] == resumed["iter"] == 4 and full["stage"] == "post"
