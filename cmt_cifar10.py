@@ -37,7 +37,10 @@ evidence study: experiments/bench_cifar10.py and experiments/study_ect.py (they 
 Deviations from the official code (sony/cmt), all deliberate and documented at the code:
 the loss is averaged over the global batch (the official loop sums micro-batch means, which only
 rescales the gradient when accumulating); mid-training loads B/16 data images per micro-batch instead
-of loading B and discarding the rest; `--traj-reuse K > 1` is an option the official code lacks.
+of loading B and discarding the rest; `--traj-reuse K > 1` is an option the official code lacks; the
+teacher solves the trajectories of many micro-steps in one batch (`--traj-buffer`, default 128 per process;
+0: one solve per micro-step, as sony/cmt), the same pairs computed ahead, each x_T's noise drawn from a
+generator seeded by (seed, draw, slot) instead of the global RNG.
 Resampling by average pooling / nearest doubling and attention by SDPA compute what EDM's [1,1]
 filter convolutions and einsum attention compute (same outputs to float32 rounding), faster.
 """
@@ -78,10 +81,12 @@ CMT_STEPS = 16               # teacher steps per trajectory = pairs per trajecto
 SCRIPT = "cmt_cifar10.py"    # recorded in every checkpoint: --init/--resume/--teacher refuse other scripts' files
 # Config fields a resumed run may change: how long it runs, how often it logs, checkpoints, samples and
 # evaluates, and speed switches. Every other field defines the run and must match the checkpoint's.
+# --traj-buffer only groups the teacher's solves: a resumed run finishes the checkpoint's chunk as it was
+# solved, then solves chunks of the new size (the same pairs, to float rounding).
 RESUME_MAY_CHANGE = {"outdir", "resume", "iters", "mimg", "batch_gpu", "log_every", "ckpt_every", "snap_every",
                      "sample_every", "fid_ref", "fid_every", "fid_num", "num", "sample_steps", "bf16", "tf32",
                      "channels_last", "compile", "max_nonfinite", "eval_num", "baselines", "lpips_weights",
-                     "teacher_sha256"}
+                     "teacher_sha256", "traj_buffer"}
 
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 _DDPMPP = dict(model_channels=128, num_blocks=4, attn_resolutions=[16])
@@ -897,12 +902,13 @@ def edm_loss(net, y, labels, P_mean=-1.2, P_std=1.2):
     return (weight * (D - y).square()).flatten(1).sum(1)
 
 
-def cmt_trajectories(teacher, y, labels, steps=CMT_STEPS):
+def cmt_trajectories(teacher, y, labels, steps=CMT_STEPS, noise=None):
     """Teacher trajectories from x_T = y + 80 eps (sony/cmt training/loss.py, DPMSolverLoss) -> (16 states
-    [16, b, ...], target [b, ...])."""
+    [16, b, ...], target [b, ...]). eps = `noise`, or a draw from the global RNG."""
     sigmas = logsnr_grid(steps)  # on the CPU: the solver reads its coefficients without a host-device sync
+    noise = torch.randn_like(y) if noise is None else noise
     with torch.no_grad():
-        states = dpm_solver_pp(teacher_denoiser(teacher, labels), y + T_MAX * torch.randn_like(y), sigmas)
+        states = dpm_solver_pp(teacher_denoiser(teacher, labels), y + T_MAX * noise, sigmas)
     # sony/cmt training/loss.py (DPMSolverLoss) cleans the trajectory and its target before regressing on them.
     return torch.nan_to_num(torch.stack(states[:-1])), torch.nan_to_num(states[-1])
 
@@ -1289,31 +1295,73 @@ def rank0_first(fn, rank, world):
     return out
 
 
-class TeacherPairs:
-    """CMT training pairs for each micro-step. With --traj-reuse K each teacher trajectory serves K
-    consecutive iterations (K = 1: a fresh solve every iteration, the official behaviour), cutting
-    the teacher's share of the step cost by K. The cache is part of the resumable data state."""
+def noise_seed(seed, draw, slot):
+    """Seed of the x_T noise of one micro-step's trajectories: a function of (--seed, trajectory draw, slot =
+    micro-step x processes + rank) only, so a bulk solve, a solve per micro-step and a resumed run all draw the
+    same noise (sony/cmt draws it from the global RNG: the same distribution; ours leaves that to dropout)."""
+    return int(np.random.SeedSequence([seed, draw, slot]).generate_state(1, np.uint64)[0] & ((1 << 63) - 1))
 
-    def __init__(self, teacher, stream, trajectories, steps, reuse, rounds, device):
-        self.teacher, self.stream, self.b, self.reuse, self.device = teacher, stream, trajectories, reuse, device
-        self.steps = steps
-        self.cache = [None] * rounds
+
+class TeacherPairs:
+    """CMT training pairs for each micro-step, the teacher's trajectories solved in bulk.
+
+    Micro-step r of iteration `it` takes trajectory draw q = it // K (--traj-reuse K: each trajectory serves K
+    consecutive iterations, cutting the teacher's share of the step cost by K; 1 = official): the next
+    `trajectories` images of this rank's stream and noise seeded by noise_seed(seed, q, slot). One teacher solve
+    (cmt_trajectories) covers a chunk of `buffer` // (trajectories per iteration) consecutive draws
+    (--traj-buffer; with K > 1 a chunk serves K times as many iterations); a buffer smaller than one
+    iteration's trajectories solves each micro-step alone, when it is first used, as sony/cmt (training/loss.py,
+    DPMSolverLoss). Either way a micro-step's pairs are those of a solve of its own (to float rounding: only the
+    teacher's batch grows) and each trajectory serves exactly its K iterations. state_dict() holds the stream's
+    position at the chunk's start and the chunk, so a resumed run re-draws and re-solves exactly that chunk
+    (same inputs, same batch: bit-exact) and goes on from it."""
+
+    def __init__(self, teacher, stream, trajectories, steps, reuse, rounds, device, buffer, seed, draws):
+        self.teacher, self.stream, self.b, self.steps, self.device = teacher, stream, trajectories, steps, device
+        self.reuse, self.rounds, self.seed, self.draws = reuse, rounds, seed, draws
+        self.chunk = buffer // (rounds * trajectories)  # draws per bulk solve; 0: one solve per micro-step
+        self.span, self.mark = None, None  # the chunk (first draw, draws, bulk) and the stream at its start
+        self.inputs, self.solved = [], {}
+
+    def draw(self, q, r):
+        """(y, eps, labels) of micro-step r's trajectories of draw q, on the device."""
+        y, labels = self.stream.next(self.b)
+        slot = r * self.stream.world_size + self.stream.rank
+        gen = torch.Generator(self.device).manual_seed(noise_seed(self.seed, q, slot))
+        eps = torch.randn(y.shape, generator=gen, device=self.device)
+        return y.to(self.device), eps, labels.to(self.device) if labels is not None else None
+
+    def start(self, first, n, bulk):
+        self.span, self.mark = (first, n, bulk), self.stream.state_dict()
+        self.inputs = [self.draw(q, r) for q in range(first, first + n) for r in range(self.rounds)]
+        self.solved = {}
+
+    def solve(self, j):
+        """Micro-step j's trajectories: with the whole chunk's in one teacher batch, or alone."""
+        parts = range(len(self.inputs)) if self.span[2] else [j]
+        y, eps, labels = (None if v[0] is None else torch.cat(v) for v in zip(*(self.inputs[k] for k in parts)))
+        states, target = cmt_trajectories(self.teacher, y, labels, self.steps, eps)
+        for i, k in enumerate(parts):
+            rows = slice(i * self.b, (i + 1) * self.b)
+            self.solved[k] = (states[:, rows], target[rows], None if labels is None else labels[rows])
 
     def get(self, it, r):
-        if self.cache[r] is None or it % self.reuse == 0:
-            y, labels = self.stream.next(self.b)
-            y, labels = y.to(self.device), labels.to(self.device) if labels is not None else None
-            self.cache[r] = (*cmt_trajectories(self.teacher, y, labels, self.steps), labels)
-        return self.cache[r]
+        q = it // self.reuse
+        first, n, _ = self.span or (0, 0, False)
+        if not first <= q < first + n:
+            self.start(q, max(1, min(self.chunk, self.draws - q)), self.chunk > 0)
+        j = (q - self.span[0]) * self.rounds + r
+        if j not in self.solved:
+            self.solve(j)
+        return self.solved[j]
 
     def state_dict(self):
-        cache = [[t.cpu() if t is not None else None for t in c] for c in self.cache] if self.reuse > 1 else []
-        return {"stream": self.stream.state_dict(), "cache": cache}
+        return {"stream": self.stream.state_dict() if self.span is None else self.mark, "chunk": self.span}
 
     def load_state_dict(self, state):
         self.stream.load_state_dict(state["stream"])
-        if state["cache"]:
-            self.cache = [[t.to(self.device) if t is not None else None for t in c] for c in state["cache"]]
+        if state.get("chunk"):  # the chunk it stood in: drawn again from its start, solved again when used
+            self.start(*state["chunk"])
 
 
 class PlainBatches:
@@ -1348,7 +1396,9 @@ def make_loss(cfg, stream, teacher, batch_gpu, rounds, device):
         raise SystemExit(f"--batch-gpu {batch_gpu}: mid-training needs a multiple of --cmt-steps {steps} "
                          f"(each trajectory gives {steps} pairs)")
     lpips = make_lpips(cfg, device)
-    src = TeacherPairs(teacher, stream, batch_gpu // steps, steps, cfg["traj_reuse"], rounds, device)
+    reuse = cfg["traj_reuse"]
+    src = TeacherPairs(teacher, stream, batch_gpu // steps, steps, reuse, rounds, device, cfg["traj_buffer"],
+                       cfg["seed"], draws=-(-cfg["iters"] // reuse))
     return (lambda net, it, r: cmt_loss(net, *src.get(it, r), metric=cfg["metric"], c=cfg["huber_c"],
                                         lpips=lpips)), src
 
@@ -1787,6 +1837,9 @@ def parse_args(argv=None):
     a("--cmt-steps", type=int_at_least(1), default=CMT_STEPS, help="teacher DPM-Solver++ steps per trajectory = pairs per "
                                                          "trajectory (default: 16, official)")
     a("--traj-reuse", type=int_at_least(1), default=1, help="iterations each teacher trajectory serves (default: 1, official)")
+    a("--traj-buffer", type=int_at_least(0), default=128,
+      help="mid: teacher trajectories per process solved in one batch, rounded down to whole iterations; fewer than "
+           "one iteration's: one solve per micro-step, as sony/cmt (same pairs either way) (default: 128)")
     a("--mid-t", type=float, help="noise level of the 2-step sampler's second step (default: 0.821 post, "
                                   "0.77569 mid, as sony/cmt; --stage sample: that of the checkpoint's stage)")
     a("--ect-q", type=float, help="ECT q, Delta t = 1/q at stage 0 (default: 4096 CIFAR, 512 FFHQ, 1024 AFHQ)")

@@ -31,9 +31,11 @@ Every ordered pair i > j of one trajectory gives an exact flow-map target for th
     u_theta(z_{t_i}, r = t_j, t = t_i)  ~  (z_{t_i} - z_{t_j}) / (t_i - t_j)        plain MSE, no JVP
 
 (j = 0 is CMT-CM's "trajectory point -> endpoint"). Labels are dropped (prob 0.1) before the teacher
-runs, so the student also learns the unconditional map. The mid-trained student then initialises
-MeanFlow post-training, which converges far faster than from random init (paper: MF-XL/2 1-NFE FID
-3.34 in 760 GPU-h vs 3.43 in 1520 GPU-h from scratch).
+runs, so the student also learns the unconditional map. The teacher solves the trajectories of many
+micro-steps in one batch (`--traj-buffer`, default 128 per rank; 0: one solve per micro-step), the same
+pairs computed ahead. The mid-trained student then initialises MeanFlow post-training, which converges
+far faster than from random init (paper: MF-XL/2 1-NFE FID 3.34 in 760 GPU-h vs 3.43 in 1520 GPU-h from
+scratch).
 
 Stages (`--stage`):
     pretrain  MeanFlow from scratch (the small CMT teacher, e.g. MF-B/4; or a from-scratch baseline)
@@ -104,9 +106,10 @@ SCRIPT = "meanflow_post.py"  # recorded in every checkpoint: --init/--teacher/--
 # Config fields a resumed run may change: its length, how often it logs, checkpoints and samples, what the
 # sample stage and the tiny table compute, speed switches, and the per-process split of the batch (the
 # world size is not in the config). Every other field defines the run and must match the checkpoint's.
+# --traj-buffer only groups the teacher's solves of inputs drawn per micro-step: the same pairs, to float rounding.
 RESUME_MAY_CHANGE = {"iters", "mimg", "log_every", "ckpt_every", "snap_every", "sample_every", "resume", "outdir",
                      "max_nonfinite", "num_eval", "bf16", "tf32", "compile", "fid_ref", "num", "sample_steps", "vae",
-                     "batch_gpu"}
+                     "batch_gpu", "traj_buffer"}
 
 # DiT sizes (depth, hidden, heads, patch); MeanFlow paper / official JAX models_dit.py. `tiny` is the CPU demo.
 MODELS = {
@@ -128,7 +131,7 @@ BASE = dict(
     lr=1e-4, ema=0.9999, adam_betas=(0.9, 0.95), seed=0,
     p_mean=-0.4, p_std=1.0, ratio_neq=0.25, label_drop=0.1, norm_p=1.0, norm_eps=0.01,
     omega=1.0, kappa=0.5, t_start=0.0, t_end=1.0,
-    teacher=None, teacher_solver="meanflow", teacher_steps=8, pairs=8,
+    teacher=None, teacher_solver="meanflow", teacher_steps=8, pairs=8, traj_buffer=128,
     init="random", log_every=100, ckpt_every=5000, snap_every=50000, sample_every=20000, max_nonfinite=100,
 )
 
@@ -1089,6 +1092,38 @@ def allreduce_grads(params, extra, world, bucket_numel=25_000_000):
     return extra
 
 
+class TeacherPairs:
+    """This rank's CMT-MF teacher trajectories, micro-step by micro-step, solved in bulk: one teacher run covers
+    the trajectories of `traj_buffer` // (trajectories per iteration) iterations, a chunk. Each micro-step still
+    draws its labels, noise and pair picks from its own micro_seed generator, exactly as a solve of its own would,
+    so the pairs are those of the one-at-a-time loop (to float rounding: only the teacher's batch grows) and each
+    trajectory is used once. Chunks start at multiples of their length: a resumed run re-solves the chunk it
+    stopped in from the same inputs at the same batch and continues bit-exactly (nothing to checkpoint). A buffer
+    smaller than one iteration's trajectories solves each micro-step alone, when it is used (one teacher run
+    per micro-step, as sony/cmt training/loss.py, DPMSolverLoss, does for CMT)."""
+
+    def __init__(self, solve, inputs, cfg, rank, accum, b):
+        self.solve, self.inputs, self.iters, self.b = solve, inputs, cfg["iters"], b
+        self.slots = range(rank * accum, (rank + 1) * accum)  # this rank's micro-batch slots (Trainer.step_gradients)
+        self.chunk = cfg["traj_buffer"] // (accum * b)  # iterations per solve, 0: one solve per micro-step
+        self.first, self.states, self.grid, self.y, self.gens = None, None, None, None, None
+
+    def get(self, it, slot):
+        """(states [M+1, b, ...], grid, y, gen) of one micro-step; gen goes on to pick its pairs."""
+        if not self.chunk:
+            gen, y, e = self.inputs(it, slot)
+            return (*self.solve(e, y), y, gen)
+        first = it - it % self.chunk
+        if first != self.first:
+            last = min(first + self.chunk, self.iters)
+            self.gens, ys, es = zip(*(self.inputs(i, s) for i in range(first, last) for s in self.slots))
+            self.y = torch.cat(ys)
+            (self.states, self.grid), self.first = self.solve(torch.cat(es), self.y), first
+        k = (it - first) * len(self.slots) + slot - self.slots[0]
+        rows = slice(k * self.b, (k + 1) * self.b)
+        return self.states[:, rows], self.grid, self.y[rows], self.gens[k]
+
+
 class Trainer:
     """One training loop for every stage; only the per-micro-batch loss differs (`micro_loss`)."""
 
@@ -1131,6 +1166,8 @@ class Trainer:
                 raise SystemExit(f"--data: --stage {stage} needs --data PATH (latent shards from --stage encode) or --data toy")
             self.data = LatentShards(cfg["data"])
         self.toy = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"]) if cfg["data"] == "toy" else None
+        self.pairs = TeacherPairs(self.solve_teacher, self.mid_inputs, cfg, rank, self.accum, bg // cfg["pairs"]) \
+            if stage == "mid" else None
         self.it, self.nonfinite = 0, 0
 
     def init_weights(self):
@@ -1168,18 +1205,30 @@ class Trainer:
         t, r = sample_t_r(x.shape[0], self.cfg["p_mean"], self.cfg["p_std"], self.cfg["ratio_neq"], gen, self.device)
         return x, y, e, t, r, label_drop_mask(x.shape[0], self.cfg["label_drop"], gen, self.device)
 
-    def micro_loss(self, it, slot):
+    def mid_inputs(self, it, slot):
+        """Everything random in one CMT-MF micro-batch before its teacher runs: (gen, y, e); gen goes on to pick
+        the pairs."""
         cfg = self.cfg
-        if self.stage != "mid":
-            return meanflow_loss(self.fwd_net, *self.mf_inputs(it, slot), cfg, eager_net=self.net, autocast=self.autocast())[0]
         gen, _, y = self.draw(it, slot)
         drop = torch.rand(y.shape[0], generator=gen, device=self.device) < cfg["label_drop"]
         y = torch.where(drop, cfg["num_classes"], y)  # dropped before the teacher runs
         e = torch.randn((y.shape[0], cfg["channels"], cfg["res"], cfg["res"]), generator=gen, device=self.device)
+        return gen, y, e
+
+    def solve_teacher(self, e, y):
+        """The teacher's trajectories from e (any number of them) -> (states [M+1, B, ...], grid)."""
+        cfg = self.cfg
         with self.autocast():
             states, grid = teacher_trajectory(self.teacher, e, y, cfg["teacher_steps"], cfg["teacher_solver"])
         # As sony/cmt training/loss.py (DPMSolverLoss), the trajectory is cleaned before it becomes targets.
-        z, r, t, u_tgt, n = cmt_mf_pairs(torch.nan_to_num(states.float()), grid, cfg["pairs"], gen)
+        return torch.nan_to_num(states.float()), grid
+
+    def micro_loss(self, it, slot):
+        cfg = self.cfg
+        if self.stage != "mid":
+            return meanflow_loss(self.fwd_net, *self.mf_inputs(it, slot), cfg, eager_net=self.net, autocast=self.autocast())[0]
+        states, grid, y, gen = self.pairs.get(it, slot)
+        z, r, t, u_tgt, n = cmt_mf_pairs(states, grid, cfg["pairs"], gen)
         with self.autocast():
             return cmt_mf_loss(self.fwd_net, z, r, t, y[n], u_tgt)
 
@@ -1586,6 +1635,8 @@ def parse_args(argv=None):
     a("--teacher-solver", choices=["meanflow", "euler", "heun"], default=None, help="mid: teacher sampler; default: preset (meanflow)")
     a("--teacher-steps", type=int, default=None, help="mid: teacher steps M; default: preset (8; tiny 4)")
     a("--pairs", type=int, default=None, help="mid: ordered pairs (i > j) per trajectory per step; default: preset (8)")
+    a("--traj-buffer", type=int, default=None, help="mid: teacher trajectories per rank solved in one batch, rounded "
+      "down to whole iterations; fewer than one iteration's: one solve per micro-step (same pairs either way) (default 128)")
     a("--init", default=None, help="post: PATH (a checkpoint: its EMA weights) | teacher | random; sample: the "
       "checkpoint PATH to sample, or teacher; default: random")
     a("--resume", default=None, help="PATH | auto (= outdir/ckpt-latest.pt if present, else a fresh start in an "
@@ -1624,9 +1675,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-FLAG_KEYS = ["data", "model", "teacher", "teacher_solver", "teacher_steps", "pairs", "init", "batch", "batch_gpu",
-             "iters", "lr", "ema", "seed", "omega", "kappa", "t_start", "t_end", "ratio_neq", "label_drop", "norm_p",
-             "norm_eps", "ckpt_every", "snap_every", "sample_every", "log_every", "max_nonfinite", "num_eval"]
+FLAG_KEYS = ["data", "model", "teacher", "teacher_solver", "teacher_steps", "pairs", "traj_buffer", "init", "batch",
+             "batch_gpu", "iters", "lr", "ema", "seed", "omega", "kappa", "t_start", "t_end", "ratio_neq", "label_drop",
+             "norm_p", "norm_eps", "ckpt_every", "snap_every", "sample_every", "log_every", "max_nonfinite", "num_eval"]
 
 
 def _int_list(text, flag):
@@ -1640,7 +1691,7 @@ def _int_list(text, flag):
 
 
 POSITIVE_KEYS = ["batch", "batch_gpu", "iters", "teacher_steps", "pairs", "num", "num_eval", "log_every"]
-NONNEGATIVE_KEYS = ["ckpt_every", "snap_every", "sample_every", "max_nonfinite"]
+NONNEGATIVE_KEYS = ["ckpt_every", "snap_every", "sample_every", "max_nonfinite", "traj_buffer"]
 
 
 def check_values(cfg):

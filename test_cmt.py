@@ -1677,16 +1677,76 @@ def test_cmt_loss_zero_for_exact_flow_map_and_grows():
     assert losses[1] > 1e-6 and abs(losses[2] / losses[1] - 100) < 1
 
 
-def test_traj_reuse_solves_once_per_k_iterations(monkeypatch):
+@pytest.mark.parametrize("buffer, solved", [(0, [2, 2, 2, 2]), (8, [8])])
+def test_traj_reuse_solves_once_per_k_iterations(monkeypatch, buffer, solved):
+    # --traj-reuse 3 over 6 iterations: 2 trajectory draws of 2 micro-batches x 2 trajectories. --traj-buffer 0
+    # solves each micro-batch alone when it is first used; 8 = both draws' 8 trajectories in one solve.
     solves = []
     real = cc.cmt_trajectories
-    monkeypatch.setattr(cc, "cmt_trajectories", lambda *a: solves.append(1) or real(*a))
+    monkeypatch.setattr(cc, "cmt_trajectories", lambda *a: solves.append(a[1].shape[0]) or real(*a))
     stream = cc.DataStream(cc.ToyMixture(), 0)
-    pairs = cc.TeacherPairs(cc.ToyMixture(), stream, trajectories=2, steps=16, reuse=3, rounds=2, device="cpu")
+    pairs = cc.TeacherPairs(cc.ToyMixture(), stream, trajectories=2, steps=16, reuse=3, rounds=2, device="cpu",
+                            buffer=buffer, seed=0, draws=2)
     got = [[pairs.get(it, r)[1] for r in range(2)] for it in range(6)]
-    assert len(solves) == 4  # iterations 0 and 3, two micro-batches each
+    assert solves == solved  # iterations 0 and 3, two micro-batches each, or one solve for both
     assert torch.equal(got[0][0], got[2][0]) and not torch.equal(got[0][0], got[3][0])
     assert not torch.equal(got[0][0], got[0][1])  # micro-batches keep their own trajectories
+
+
+def c10_tiny_teacher(seed=1):
+    """The tiny preset's EDM teacher (SongUNet DDPM++) in eval mode, its weights moved off their near-zero init
+    (else D(x) ~ c_skip x and every comparison of trajectories would be nearly vacuous)."""
+    torch.manual_seed(seed)
+    net = cc.build_net(tiny_cfg(stage="mid"), "edm", dropout=0.0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_cifar10_bulk_trajectories_equal_one_solve_per_micro_step(world):
+    # Per rank (DDP simulated: each rank its own stream shard and noise slots), 5 iterations of 2 micro-steps x 2
+    # trajectories; --traj-buffer 12 = 3 iterations per solve: chunks [0, 3) and [3, 5). The reference solves each
+    # micro-step alone from the images its stream gives and the noise of noise_seed(seed, iteration, slot).
+    teacher = c10_tiny_teacher()
+    sizes = []
+    teacher.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    b, rounds, iters = 2, 2, 5
+    n_img = iters * rounds * b * world  # one epoch: every image once over the whole run, all ranks together
+    images = torch.randint(0, 256, (n_img, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[:, 0, 0, 0] = torch.arange(n_img, dtype=torch.uint8)  # an image's index, readable from y
+    used = []
+    for rank in range(world):
+        stream = lambda: cc.DataStream((images, None), 0, rank, world)  # noqa: E731
+        one, bulk = (cc.TeacherPairs(teacher, stream(), b, 16, 1, rounds, torch.device("cpu"), buffer, 0, iters)
+                     for buffer in (0, 3 * rounds * b))
+        ref_stream = stream()
+        assert one.chunk == 0 and bulk.chunk == 3
+        for it in range(iters):
+            for r in range(rounds):
+                y, _ = ref_stream.next(b)
+                seed = cc.noise_seed(0, it, r * world + rank)  # --seed 0, draw = iteration, slot
+                eps = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+                sizes.clear()
+                ref = cc.cmt_trajectories(teacher, y, None, 16, eps)
+                sizes.clear()
+                a = one.get(it, r)
+                assert sizes == [b] * 16  # the official schedule: this micro-step's trajectories alone
+                sizes.clear()
+                c = bulk.get(it, r)
+                chunk_start = it in (0, 3) and r == 0
+                assert sizes == ([min(3, iters - it) * rounds * b] * 16 if chunk_start else [])  # one solve per chunk
+                for u, v, w in zip(a[:2], c[:2], ref):  # states, target
+                    assert torch.equal(u, w)
+                    # The bulk solve's only difference is the teacher's batch (eval mode, no dropout, GroupNorm
+                    # and attention per sample): float32 rounding of other kernel blockings. Measured <= 7.6e-6
+                    # absolute on states up to ~350 (x_T = y + 80 eps) and targets ~2; 1e-4 + 1e-5 |x| is >10x.
+                    torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-4)
+                assert a[2] is None and c[2] is None  # unconditional: no labels
+                assert torch.equal(c[0][0], ref[0][0])  # x_T = y + 80 eps of exactly this micro-step's inputs
+                used += ((y[:, 0, 0, 0] + 1) * 127.5).round().long().tolist()
+    assert sorted(used) == list(range(n_img))  # every trajectory used once over micro-steps and ranks
 
 
 def test_distances():
@@ -2088,10 +2148,8 @@ def run_stage(tmp_path, **over):
     return cfg, cc.train(cfg)
 
 
-@pytest.mark.parametrize("stage", ["mid", "post"])
-def test_cifar10_resume_is_bit_exact(tmp_path, monkeypatch, stage):
-    over = dict(stage=stage, teacher="analytic", init="random", traj_reuse=2, dropout=0.1)
-    _, (net_a, ema_a) = run_stage(tmp_path / "a", **over)
+def interrupt_in_iteration_5(tmp_path, monkeypatch, **over):
+    """run_stage, killed in iteration 5: its folder holds the checkpoint of iteration 3."""
     real_update, calls = cc.apply_update, []
 
     def interrupted(*args):
@@ -2101,8 +2159,15 @@ def test_cifar10_resume_is_bit_exact(tmp_path, monkeypatch, stage):
         return real_update(*args)
     monkeypatch.setattr(cc, "apply_update", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_stage(tmp_path / "b", **over)
+        run_stage(tmp_path, **over)
     monkeypatch.setattr(cc, "apply_update", real_update)
+
+
+@pytest.mark.parametrize("stage", ["mid", "post"])
+def test_cifar10_resume_is_bit_exact(tmp_path, monkeypatch, stage):
+    over = dict(stage=stage, teacher="analytic", init="random", traj_reuse=2, dropout=0.1)
+    _, (net_a, ema_a) = run_stage(tmp_path / "a", **over)
+    interrupt_in_iteration_5(tmp_path / "b", monkeypatch, **over)
     _, (net_b, ema_b) = run_stage(tmp_path / "b", resume="auto", **over)
     for a, b in zip(list(net_a.state_dict().values()) + list(ema_a.state_dict().values()),
                     list(net_b.state_dict().values()) + list(ema_b.state_dict().values())):
@@ -2111,6 +2176,47 @@ def test_cifar10_resume_is_bit_exact(tmp_path, monkeypatch, stage):
     assert set(ckpt) == {"model", "ema", "optimizer", "iter", "rng", "data_state", "config", "stage", "script"}
     assert ckpt["iter"] == 6 and ckpt["stage"] == stage and (tmp_path / "b" / "ckpt-0000006.pt").exists()
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+
+
+def test_cifar10_mid_resume_inside_a_trajectory_buffer_is_bit_exact(tmp_path, monkeypatch):
+    # --traj-buffer 8 at 2 trajectories per iteration (batch 32 = 2 micro-steps of 16 rows, 1 trajectory each): one
+    # solve serves 4 iterations, so the checkpoint at iteration 3 lies inside the chunk [0, 4). The resumed run
+    # re-draws the chunk's images from the stream position saved at its start and re-solves it at the same batch.
+    # A network teacher, whose kernels may round differently at another batch: only the same solve is bit-exact.
+    cc.main(["--preset", "tiny", "--stage", "pretrain", "--iters", "1", "--outdir", str(tmp_path / "t")])
+    over = dict(stage="mid", teacher=str(tmp_path / "t" / "ckpt-latest.pt"), batch_gpu=16, traj_buffer=8, dropout=0.1)
+    _, (net_a, ema_a) = run_stage(tmp_path / "a", **over)
+    interrupt_in_iteration_5(tmp_path / "b", monkeypatch, **over)
+    state = torch.load(tmp_path / "b" / "ckpt-latest.pt", weights_only=True)["data_state"][0]
+    assert tuple(state["chunk"]) == (0, 4, True)  # (first draw, draws, one bulk solve)
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    _, (net_b, ema_b) = run_stage(tmp_path / "b", resume="auto", **over)
+    weights = lambda net, ema: list(net.state_dict().values()) + list(ema.state_dict().values())  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(weights(net_a, ema_a), weights(net_b, ema_b)))
+    # --traj-buffer may change on resume (RESUME_MAY_CHANGE): the chunk [0, 4) is finished as it was solved, then
+    # each micro-step is solved alone. The pairs are the same to float rounding (see the bulk-solve test), and
+    # RAdam's first steps are linear in the gradient: the weights agree to float32 round-off.
+    sizes, real = [], cc.cmt_trajectories
+    monkeypatch.setattr(cc, "cmt_trajectories", lambda *a: sizes.append(a[1].shape[0]) or real(*a))
+    _, (net_c, ema_c) = run_stage(tmp_path / "c", resume="auto", **dict(over, traj_buffer=0))
+    assert sizes == [8, 1, 1, 1, 1]  # the chunk again, then iterations 4 and 5: 2 micro-steps each
+    for a, c in zip(weights(net_a, ema_a), weights(net_c, ema_c)):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("buffer, solved", [(None, [12]), (0, [1] * 12), (1, [1] * 12), (4, [4, 4, 4])])
+def test_cifar10_mid_solves_in_bulk_by_default_and_per_micro_step_at_traj_buffer_0(tmp_path, monkeypatch, buffer,
+                                                                                     solved):
+    # 6 iterations x 2 micro-steps x 1 trajectory. Default --traj-buffer 128: the whole run's 12 in one solve (the
+    # chunk ends with the run); 0, or fewer than one iteration's 2: sony/cmt's one solve per micro-step; 4: 2
+    # iterations per solve.
+    official = cc.resolve_config(cc.parse_args(["--stage", "mid"]))
+    assert tiny_cfg(stage="mid")["traj_buffer"] == 128 == official["traj_buffer"]
+    sizes, real = [], cc.cmt_trajectories
+    monkeypatch.setattr(cc, "cmt_trajectories", lambda *a: sizes.append(a[1].shape[0]) or real(*a))
+    run_stage(tmp_path, stage="mid", teacher="analytic", init="random", batch_gpu=16,
+              **({} if buffer is None else {"traj_buffer": buffer}))
+    assert sizes == solved
 
 
 def test_cifar10_run_folder_refuses_another_run_and_checks_resume(tmp_path, capsys):
@@ -2363,6 +2469,12 @@ def test_bench_cifar10_reports_flop_rate_and_mid_to_plain_ratio(capsys):
     assert "of fp32 matmul peak" in out and "plain student step (batch 16)" in out
     ratios = [float(line.split("= ")[-1].split("x")[0]) for line in out.splitlines() if line.startswith("mid step")]
     assert len(ratios) == 2 and all(r > 0 for r in ratios)  # --traj-reuse 1 and 4
+    # Bulk trajectories: 16 rows / 16 steps = 1 trajectory per micro-step, the default buffer of 128 in one solve.
+    assert res["traj_buffer"] == 128 and res["teacher_s_per_traj_1"] > 0 and res["teacher_s_per_traj_bulk"] > 0
+    assert res["teacher_s_per_traj_1"] == pytest.approx(res["mid_s"] - res["mid_student_s"])
+    assert res["mid_bulk_s"] == pytest.approx(res["mid_student_s"] + res["teacher_s_per_traj_bulk"])
+    assert res["mid_bulk_over_plain"] == pytest.approx(res["mid_bulk_s"] / res["plain_s"])
+    assert res["img_per_s_mid_bulk"] == pytest.approx(16 / res["mid_bulk_s"]) and "in a buffer of 128" in out
 
 
 # ==================================================================================================
@@ -3796,6 +3908,108 @@ def test_meanflow_resume_is_bit_exact(tmp_path):
     assert tr.it == 7 and torch.load(tmp_path / "pretrain-b" / "ckpt-latest.pt", weights_only=True)["iter"] == 7
 
 
+def mf_tiny_teacher(outdir, iters=1):
+    """A teacher checkpoint of this script: the tiny preset's tiny-teacher pretrained for `iters` steps."""
+    run_main("--preset", "tiny", "--model", "tiny-teacher", "--stage", "pretrain", "--iters", iters, "--batch", 16,
+             "--outdir", outdir)
+    return Path(outdir) / "ckpt-latest.pt"
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_meanflow_bulk_trajectories_equal_one_solve_per_micro_step(tmp_path, world):
+    # Per rank (DDP simulated: each rank its own micro-batch slots), 5 iterations of 4 / world micro-steps x 4
+    # trajectories (batch 64, --batch-gpu 16, --pairs 4); --traj-buffer = 3 iterations' trajectories: chunks [0, 3)
+    # and [3, 5). The reference solves each micro-step alone from the inputs its micro_seed generator draws.
+    argv = ["--preset", "tiny", "--stage", "mid", "--teacher", str(mf_tiny_teacher(tmp_path / "t")), "--batch", "64",
+            "--batch-gpu", "16", "--pairs", "4", "--iters", "5"]
+    cfg = mf.resolve_config(mf.parse_args(argv), "mid")
+    tr = mf.Trainer(cfg, "mid", tmp_path / "m", 0, world)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # off the adaLN-Zero init: a teacher with u = 0 would make every trajectory constant
+        for p in tr.teacher.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    teacher, sizes = tr.teacher, []
+    tr.teacher = lambda z, t, h, y: sizes.append(z.shape[0]) or teacher(z, t, h, y)
+    accum, b, M, iters = tr.accum, 4, cfg["teacher_steps"], 5
+    assert accum == 4 // world
+    slots, noises = [], []
+    for rank in range(world):
+        one, bulk = (mf.TeacherPairs(tr.solve_teacher, tr.mid_inputs, dict(cfg, traj_buffer=n), rank, accum, b)
+                     for n in (0, 3 * accum * b))
+        assert one.chunk == 0 and bulk.chunk == 3
+        for it in range(iters):
+            for slot in range(rank * accum, (rank + 1) * accum):
+                gen, y, e = tr.mid_inputs(it, slot)
+                ref_states, grid = tr.solve_teacher(e, y)
+                ref = mf.cmt_mf_pairs(ref_states, grid, cfg["pairs"], gen)
+                sizes.clear()
+                a = one.get(it, slot)
+                assert sizes == [b] * M  # one solve per micro-step: its own trajectories alone
+                sizes.clear()
+                c = bulk.get(it, slot)
+                chunk_start = it in (0, 3) and slot == rank * accum
+                assert sizes == ([min(3, iters - it) * accum * b] * M if chunk_start else [])  # one solve per chunk
+                assert torch.equal(a[0], ref_states) and torch.equal(a[2], y) and torch.equal(c[2], y)
+                # The bulk solve differs in the teacher's batch only (eval mode, LayerNorm and attention per sample):
+                # float32 rounding of other matmul blockings, measured 0 on this CPU; states are O(5), 1e-5 is ~20 ulp.
+                torch.testing.assert_close(c[0], ref_states, rtol=1e-5, atol=1e-5)
+                assert torch.equal(c[0][M], e)  # z_{t_M} = e: exactly this micro-step's noise
+                for got in (a, c):  # the pair picks continue the micro-step's own generator
+                    _, r, t, u_tgt, n = mf.cmt_mf_pairs(got[0], got[1], cfg["pairs"], got[3])
+                    assert torch.equal(n, ref[4]) and torch.equal(r, ref[1]) and torch.equal(t, ref[2])
+                    torch.testing.assert_close(u_tgt, ref[3], rtol=1e-4, atol=1e-4)  # chords over t_i - t_j >= 1/4
+                slots.append((it, slot))
+                noises.append(e.flatten(1))
+    assert sorted(slots) == [(it, s) for it in range(iters) for s in range(4)]  # every micro-batch once, over ranks
+    assert len(torch.unique(torch.cat(noises), dim=0)) == iters * 4 * b  # every trajectory its own noise
+
+
+def test_meanflow_mid_resume_inside_a_trajectory_buffer_is_bit_exact(tmp_path, monkeypatch):
+    # --traj-buffer 8 at 4 trajectories per iteration (batch 16 / --pairs 4): chunks [0, 2), [2, 4), [4, 5). The
+    # checkpoint at iteration 3 lies inside [2, 4), which the resumed run re-solves from the same micro_seed inputs at
+    # the same batch: bit-exact, nothing of the buffer in the checkpoint.
+    common = ["--preset", "tiny", "--model", "tiny-teacher", "--stage", "mid", "--batch", 16, "--iters", 5,
+              "--log-every", 1, "--ckpt-every", 3, "--snap-every", 3, "--teacher", mf_tiny_teacher(tmp_path / "t", 2)]
+    run_main(*common, "--traj-buffer", 8, "--outdir", tmp_path / "a")
+    for run in "bc":
+        (tmp_path / run).mkdir()
+        shutil.copy(tmp_path / "a" / "ckpt-0000003.pt", tmp_path / run / "ckpt-latest.pt")
+    sizes, real = [], mf.teacher_trajectory
+    monkeypatch.setattr(mf, "teacher_trajectory", lambda net, e, *a: sizes.append(e.shape[0]) or real(net, e, *a))
+    run_main(*common, "--traj-buffer", 8, "--outdir", tmp_path / "b", "--resume", "auto")
+    assert sizes == [8, 4]  # the chunk [2, 4) again, then [4, 5)
+    a, b = (torch.load(tmp_path / run / "ckpt-latest.pt", weights_only=True) for run in "ab")
+    assert a["iter"] == b["iter"] == 5
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert [r["loss"] for r in _stats(tmp_path / "a")][3:] == [r["loss"] for r in _stats(tmp_path / "b")]
+    # --traj-buffer may change on resume (RESUME_MAY_CHANGE): the same inputs solved in other batches, the same
+    # pairs to float rounding, so the weights agree to float32 round-off.
+    sizes.clear()
+    run_main(*common, "--traj-buffer", 0, "--outdir", tmp_path / "c", "--resume", "auto")
+    assert sizes == [4, 4]
+    c = torch.load(tmp_path / "c" / "ckpt-latest.pt", weights_only=True)
+    for key in ("model", "ema"):
+        for k in a[key]:
+            torch.testing.assert_close(c[key][k], a[key][k], rtol=1e-4, atol=1e-6)
+
+
+def test_meanflow_mid_solves_in_bulk_by_default_and_per_micro_step_at_traj_buffer_0(tmp_path, monkeypatch):
+    # 4 iterations x 4 trajectories (batch 16 / --pairs 4). Default --traj-buffer 128: the whole run's 16 in one solve
+    # (the chunk ends with the run); 0, or fewer than one iteration's 4: one solve per micro-step; 8: 2 iterations.
+    assert all(mf.resolve_config(mf.parse_args(["--preset", p, "--stage", "mid"]), "mid")["traj_buffer"] == 128
+               for p in mf.PRESETS)
+    teacher = mf_tiny_teacher(tmp_path / "t")
+    sizes, real = [], mf.teacher_trajectory
+    monkeypatch.setattr(mf, "teacher_trajectory", lambda net, e, *a: sizes.append(e.shape[0]) or real(net, e, *a))
+    for i, (flags, solved) in enumerate([([], [16]), (["--traj-buffer", 0], [4] * 4), (["--traj-buffer", 3], [4] * 4),
+                                         (["--traj-buffer", 8], [8, 8])]):
+        sizes.clear()
+        run_main("--preset", "tiny", "--model", "tiny-teacher", "--stage", "mid", "--batch", 16, "--iters", 4,
+                 "--teacher", teacher, "--outdir", tmp_path / f"m{i}", *flags)
+        assert sizes == solved, flags
+
+
 def test_200_steps_finite_and_injected_nan_steps_as_sony_cmt_or_is_skipped(tmp_path, monkeypatch, capsys):
     orig = mf.Trainer.micro_loss
 
@@ -4029,10 +4243,21 @@ def test_encode_folder_to_shards_then_train_on_them(tmp_path, monkeypatch):
 def test_bench_meanflow_reports_ratios_to_a_plain_step(capsys):
     with pytest.raises(SystemExit, match="--pairs"):  # CMT-MF rows must equal the plain batch
         bench_meanflow.main(["--models", "tiny", "--batch-gpu", "4"])
-    res = bench_meanflow.main(["--models", "tiny", "--batch-gpu", "8", "--reps", "1"])["tiny"]
+    # --traj-buffer 4: the MF-B/4 teacher's bulk solve stays at seconds on a CPU (as gpu_check's CPU mode runs it)
+    res = bench_meanflow.main(["--models", "tiny", "--batch-gpu", "8", "--reps", "1", "--traj-buffer", "4"])["tiny"]
     assert all(res[f"{k}_ratio"] > 0 for k in ("jvp", "cfg", "cmt", "cmt_teacher")) and res["peak_gb"] > 0
     assert res["img_per_s_jvp"] == pytest.approx(8 / (res["plain_s"] * res["jvp_ratio"]))
-    assert "ratios to plain" in capsys.readouterr().out
+    # Bulk trajectories: 8 rows / 8 pairs = 1 trajectory per micro-step, a buffer of 4 of them solved together.
+    assert res["traj_buffer"] == 4 and res["teacher_s_per_traj_1"] > 0 and res["teacher_s_per_traj_bulk"] > 0
+    student = res["plain_s"] * res["cmt_ratio"]
+    assert res["mid_bulk_s"] == pytest.approx(student + res["teacher_s_per_traj_bulk"])
+    assert res["mid_bulk_over_plain"] == pytest.approx(res["mid_bulk_s"] / res["plain_s"])
+    assert res["img_per_s_mid_bulk"] == pytest.approx(8 / res["mid_bulk_s"])
+    assert res["teacher_s_per_traj_1"] == pytest.approx(res["plain_s"] * (res["cmt_teacher_ratio"] - res["cmt_ratio"]))
+    (net, row), = gpu_check.flatten("meanflow", {"tiny": res})
+    assert row["mid_bulk_over_plain"] == res["mid_bulk_over_plain"]  # the report's "bulk mid / plain" column
+    out = capsys.readouterr().out
+    assert "ratios to plain" in out and "in a buffer of 4" in out
 
 
 def test_flow_matching_teacher_solvers_converge_at_their_order():

@@ -1,12 +1,15 @@
 """Speed of cmt_cifar10.py: DDPM++ forward+backward FLOP rate against this machine's fp32 matmul peak,
 and the cost of one mid-training step (the teacher's 16-step solve on B/16 trajectories, plus the
-student's step) against a plain student step at the same batch. Trains nothing.
+student's step) against a plain student step at the same batch: with the trajectories solved alone per
+micro-step as sony/cmt does (mid), and amortised over a --traj-buffer of trajectories solved together
+(mid_bulk = the student's step on ready pairs + B/16 x the teacher's cost per trajectory in the buffer).
+Trains nothing.
 
     python experiments/bench_cifar10.py --batch-gpu 16                     # the paper's per-GPU batch
     python experiments/bench_cifar10.py --batch-gpu 16 --bf16 --compile    # GPU fast paths
 
 Flags other than --reps go to cmt_cifar10.py (network from --preset, default cifar10; --bf16,
---channels-last, --compile, --metric, --lpips-weights, --traj-reuse, --seed).
+--channels-last, --compile, --metric, --lpips-weights, --traj-reuse, --traj-buffer, --seed).
 """
 
 import argparse
@@ -88,17 +91,44 @@ def bench(cfg, reps):
     metric = cfg["metric"] if cfg["metric"] != "lpips" or cfg["lpips_weights"] else "l2"
     if metric != cfg["metric"]:
         print("mid steps use --metric l2: no --lpips-weights given (LPIPS adds a VGG16 pass per step)")
-    for reuse in sorted({1, 4, cfg["traj_reuse"]}):
-        mid_cfg = dict(cfg, stage="mid", traj_reuse=reuse, metric=metric)
+    for reuse in sorted({1, 4, cfg["traj_reuse"]}):  # the official schedule: one teacher solve per micro-step
+        mid_cfg = dict(cfg, stage="mid", traj_reuse=reuse, metric=metric, traj_buffer=0, iters=10 ** 9)
         mid, _ = cc.make_loss(mid_cfg, cc.DataStream((images, None), 0), teacher, bs, 1, device)
         counter_it = iter(range(10 ** 9))
         t_mid = timed(lambda: [step(mid, next(counter_it)) for _ in range(reuse)], reps) / reuse
         print(f"mid step, --traj-reuse {reuse}: {t_mid:.3f} s = {t_mid / t_plain:.3f}x the plain step")
         out[f"mid_s_reuse{reuse}"] = t_mid
     out.update(mid_s=out["mid_s_reuse1"], img_per_s_mid=bs / out["mid_s_reuse1"],
-               mid_over_plain=out["mid_s_reuse1"] / t_plain, peak_gb=peak_memory_gb(device))
+               mid_over_plain=out["mid_s_reuse1"] / t_plain)
+    out.update(bulk_rates(dict(cfg, metric=metric), teacher, bs, device, timed, step, reps, t_plain, out["mid_s"]))
+    print(f"teacher per trajectory {out['teacher_s_per_traj_1']:.4f} s alone, {out['teacher_s_per_traj_bulk']:.4f} s "
+          f"in a buffer of {out['traj_buffer']}; mid step {out['mid_over_plain']:.3f}x the plain step, "
+          f"{out['mid_bulk_over_plain']:.3f}x with the buffer ({out['mid_bulk_s']:.3f} s)")
+    out["peak_gb"] = peak_memory_gb(device)
     print(f"peak memory {out['peak_gb']:.2f} GB")
     return out
+
+
+def bulk_rates(cfg, teacher, bs, device, timed, step, reps, t_plain, t_mid):
+    """Bulk trajectories (--traj-buffer): the student's step on ready pairs plus the teacher's cost per
+    trajectory in one solve of the buffer, against the teacher's cost per trajectory solved alone."""
+    steps = cfg["cmt_steps"]
+    b, res = bs // steps, cfg["resolution"]
+    n = max(b, cfg["traj_buffer"] // b * b)  # rounded down to whole micro-steps, as TeacherPairs does
+    gen = torch.Generator(device).manual_seed(0)
+    draw = lambda k: (0.5 * torch.randn(k, 3, res, res, generator=gen, device=device),  # noqa: E731
+                      torch.randn(k, 3, res, res, generator=gen, device=device))
+    y, eps = draw(b)
+    states, target = cc.cmt_trajectories(teacher, y, None, steps, eps)
+    lpips = cc.make_lpips(cfg, device)
+    ready = lambda m, it, r: cc.cmt_loss(m, states, target, None, cfg["metric"], cfg["huber_c"], lpips)  # noqa: E731
+    t_student = timed(lambda: step(ready, 0), reps)
+    y, eps = draw(n)
+    with torch.autocast(device.type, torch.bfloat16, enabled=cfg["bf16"]):
+        t_solve = timed(lambda: cc.cmt_trajectories(teacher, y, None, steps, eps), 1)
+    out = dict(mid_student_s=t_student, teacher_s_per_traj_1=(t_mid - t_student) / b,
+               teacher_s_per_traj_bulk=t_solve / n, traj_buffer=n, mid_bulk_s=t_student + b * t_solve / n)
+    return dict(out, mid_bulk_over_plain=out["mid_bulk_s"] / t_plain, img_per_s_mid_bulk=bs / out["mid_bulk_s"])
 
 
 def main(argv=None):

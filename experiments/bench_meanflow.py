@@ -1,13 +1,15 @@
 """Speed of meanflow_post.py: one MeanFlow (jvp) step, one with CFG, one CMT-MF student step and one CMT-MF
 step including its teacher (MF-B/4, --teacher-steps), each relative to a plain forward+backward of the same
-network at the same batch (32x32x4 latents, 1000 classes, random weights). Trains nothing; run it on a
+network at the same batch (32x32x4 latents, 1000 classes, random weights); the teacher's trajectories solved
+alone per micro-step (CMT+teach) and amortised over a --traj-buffer solved together (mid_bulk = the CMT-MF
+student step + batch/pairs x the teacher's cost per trajectory in the buffer). Trains nothing; run it on a
 quiet machine.
 
     python experiments/bench_meanflow.py --models B/4,XL/2 --batch-gpu 32
     python experiments/bench_meanflow.py --models XL/2 --batch-gpu 32 --bf16
 
-Flags other than --models / --reps go to meanflow_post.py (--batch-gpu, --pairs, --teacher-steps, --bf16,
---compile).
+Flags other than --models / --reps go to meanflow_post.py (--batch-gpu, --pairs, --teacher-steps, --traj-buffer,
+--bf16, --compile).
 """
 
 import argparse
@@ -85,9 +87,32 @@ def bench(cfg, device, models, reps):
         row = dict(plain_s=times[0], peak_gb=peak_memory_gb(device))
         row.update({f"{k}_ratio": tm / times[0] for k, tm in zip(kinds[1:], times[1:])})
         row.update({f"img_per_s_{k}": bs / tm for k, tm in zip(kinds, times)})
+        row.update(bulk_rates(teacher, cfg, bs, times, autocast, device))
+        print(f"{name:<6} teacher per trajectory {row['teacher_s_per_traj_1'] * 1e3:.2f}ms alone, "
+              f"{row['teacher_s_per_traj_bulk'] * 1e3:.2f}ms in a buffer of {row['traj_buffer']}; CMT+teacher step "
+              f"{row['cmt_teacher_ratio']:.2f}x plain, {row['mid_bulk_over_plain']:.2f}x with the buffer", flush=True)
         out[name] = row
     print("\n".join(lines))
     return out
+
+
+def bulk_rates(teacher, cfg, bs, times, autocast, device):
+    """Bulk trajectories (--traj-buffer): the CMT-MF student step on ready states plus the teacher's cost per
+    trajectory in one solve of the buffer (mid_bulk), against the teacher's cost per trajectory solved alone."""
+    b, steps = bs // cfg["pairs"], cfg["teacher_steps"]
+    n = max(b, cfg["traj_buffer"] // b * b)  # rounded down to whole micro-steps, as TeacherPairs does
+    gen = torch.Generator(device).manual_seed(2)
+    e = torch.randn((n, 4, 32, 32), generator=gen, device=device)
+    y = torch.randint(0, 1000, (n,), generator=gen, device=device)
+
+    def solve():
+        with autocast():
+            mf.teacher_trajectory(teacher, e, y, steps, "meanflow")
+    t_solve = time_it(solve, device, reps=1, warmup=1)
+    plain, student, with_teacher = times[0], times[3], times[4]
+    row = dict(teacher_s_per_traj_1=(with_teacher - student) / b, teacher_s_per_traj_bulk=t_solve / n, traj_buffer=n,
+               mid_bulk_s=student + b * t_solve / n)
+    return dict(row, mid_bulk_over_plain=row["mid_bulk_s"] / plain, img_per_s_mid_bulk=bs / row["mid_bulk_s"])
 
 
 def peak_memory_gb(device):
