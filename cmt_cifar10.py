@@ -86,7 +86,7 @@ SCRIPT = "cmt_cifar10.py"    # recorded in every checkpoint: --init/--resume/--t
 RESUME_MAY_CHANGE = {"outdir", "resume", "iters", "mimg", "batch_gpu", "log_every", "ckpt_every", "snap_every",
                      "sample_every", "fid_ref", "fid_every", "fid_num", "num", "sample_steps", "bf16", "tf32",
                      "channels_last", "compile", "max_nonfinite", "eval_num", "baselines", "lpips_weights",
-                     "teacher_sha256", "traj_buffer"}
+                     "teacher_sha256", "traj_buffer", "grid"}
 
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 _DDPMPP = dict(model_channels=128, num_blocks=4, attn_resolutions=[16])
@@ -109,6 +109,16 @@ PRESETS = {
                    channel_mult=[1, 2, 2, 2], **_DDPMPP, ect_q=512.0, metric="lpips", **_RUN, **_RECIPE),
     "afhq64": dict(data=None, teacher=EDM_URL + "edm-afhqv2-64x64-uncond-vp.pkl", resolution=64,
                    channel_mult=[1, 2, 2, 2], **_DDPMPP, ect_q=1024.0, metric="lpips", **_RUN, **_RECIPE),
+    # Your own 32x32 images on a laptop CPU (--data FOLDER of PNGs, then --teacher its pretrain checkpoint): a
+    # 1.75M-parameter DDPM++, short stages at batch 32, the l2 distance (LPIPS needs VGG weights on disk).
+    "small32": dict(data=None, teacher=None, resolution=32, channel_mult=[1, 2, 2], model_channels=32, num_blocks=2,
+                    attn_resolutions=[16], ect_q=4096.0, metric="l2",
+                    **dict(_RUN, log_every=20, ckpt_every=100, snap_every=0, sample_every=0),
+                    pretrain=dict(init="random", optimizer="adam", lr=1e-3, ema=0.999, batch=32, iters=400, dropout=0.1),
+                    mid=dict(init="teacher", optimizer="radam", lr=2e-4, ema=0.999, batch=32, iters=100, dropout=0.0,
+                             mid_t=MID_T["mid"]),
+                    post=dict(init=None, optimizer="adam", lr=1e-4, ema=0.999, batch=32, iters=100, dropout=0.0,
+                              mid_t=MID_T["post"])),
     # CPU demo on the built-in Gaussian mixture (3x8x8) with a small DDPM++ (0.19M parameters). Post-training
     # uses Adam: RAdam's first five steps are un-normalised momentum SGD, and ECT's gradient norms (~1e4
     # here, from the 1/(t - r) weight) make those steps wreck a small pre-trained network.
@@ -1569,7 +1579,7 @@ def train(cfg):
             log_loss, log_rows, log_gnorm, log_n, t_log, it_log = 0.0, 0, 0.0, 0, time.time(), done
         if cfg["ckpt_every"] and done % cfg["ckpt_every"] == 0 or done == iters:
             checkpoint(done, snapshot=done == iters or (cfg["snap_every"] and done % cfg["snap_every"] == 0))
-        if rank == 0 and (done == iters or cfg["sample_every"] and done % cfg["sample_every"] == 0):
+        if rank == 0 and cfg["grid"] and (done == iters or cfg["sample_every"] and done % cfg["sample_every"] == 0):
             write_samples(ema, cfg, outdir / f"samples-{done:07d}", stream.label_dim, device)
         if cfg["fid_ref"] and (done == iters or cfg["fid_every"] and done % cfg["fid_every"] == 0):
             fids = {}
@@ -1599,11 +1609,13 @@ def generate(net, n, cfg, label_dim, device, seed, steps):
     return sample_fewstep(net, z, steps, cfg["mid_t"], labels, generator=g)
 
 
-def write_samples(net, cfg, stem, label_dim, device, n=64):
+def write_samples(net, cfg, stem, label_dim, device):
+    """The --grid images of a training run's samples-*.png (1- and 2-step for a student), from --seed."""
+    n = cfg["grid"]
     for steps in ((1, 2) if net.kind == "ecm" else (None,)):
         suffix = "" if steps in (None, 1) else f"-{steps}step"
         x = generate(net, n, cfg, label_dim, device, seed=cfg["seed"], steps=steps)
-        save_samples(to_uint8(x), Path(str(stem) + suffix))
+        save_samples(to_uint8(x), Path(str(stem) + suffix), grid=math.ceil(math.sqrt(n)))
 
 
 def evaluate_fid(net, cfg, label_dim, device, rank, world, steps):
@@ -1657,35 +1669,59 @@ class ToyQuality:
         self.exact = exact_ode_solution(self.toy, self.z)
         self.fresh = self.toy.sample(n, torch.Generator().manual_seed(seed + 1)).double()
 
+    def sample(self, net, steps=None):
+        """The model's samples from self.z: Heun for a teacher (steps None), else its `steps`-step flow map."""
+        if steps is None:
+            return sample_teacher(net, self.z)
+        return sample_fewstep(net.eval(), self.z, steps, self.mid_t, generator=torch.Generator().manual_seed(self.seed + 3))
+
     def row(self, x):
         return float((x - self.exact).square().mean()), pixel_fd(x, self.fresh)
 
     def teacher(self, net):
-        return self.row(sample_teacher(net, self.z))
+        return self.row(self.sample(net))
 
     def __call__(self, student):
         """{err1, fd1, err2, fd2} of a student's 1- and 2-step samples."""
         out = {}
         for steps in (1, 2):
-            x = sample_fewstep(student.eval(), self.z, steps, self.mid_t, generator=torch.Generator().manual_seed(self.seed + 3))
-            out[f"err{steps}"], out[f"fd{steps}"] = self.row(x)
+            out[f"err{steps}"], out[f"fd{steps}"] = self.row(self.sample(student, steps))
         return out
 
 
-def quality_table(models, cfg, n, seed=123):
-    """Rows (name, net, wall s) -> the printed table. The 'data' row is FD's finite-sample floor."""
+def quality_table(models, cfg, n, seed=123, picture=None, k=12):
+    """Rows (name, net, wall s) -> the printed table. The 'data' row is FD's finite-sample floor. With
+    `picture` (a path) also the comparison PNG: the first k samples of every row, the same noise throughout."""
     q = ToyQuality(cfg, n, seed)
     rows = [("data (FD floor)", "-", float("nan"), pixel_fd(q.toy.sample(n, torch.Generator().manual_seed(seed + 2)), q.fresh), 0.0)]
+    tiles = [("exact flow map", q.exact[:k])]
     for name, net, wall in models:
-        if isinstance(net, ToyMixture) or net.kind == "edm":
-            rows.append((name, "35 (Heun)", *q.teacher(net), wall))
-            continue
-        m = q(net)
-        rows += [(name, str(k), m[f"err{k}"], m[f"fd{k}"], wall) for k in (1, 2)]
+        is_teacher = isinstance(net, ToyMixture) or net.kind == "edm"
+        for steps in ((None,) if is_teacher else (1, 2)):
+            x = q.sample(net, steps)
+            rows.append((name, "35 (Heun)" if is_teacher else str(steps), *q.row(x), wall))
+            tiles.append((name if is_teacher else f"{name}, {steps} step{'s' * (steps > 1)}", x[:k]))
     lines = [f"{'model':<26} {'steps':>10} {'flow-map err':>13} {'pixel FD':>10} {'wall time':>10}"]
     for name, steps, err, fd, wall in rows:
         lines.append(f"{name:<26} {steps:>10} {err:>13.5f} {fd:>10.4f} {wall:>9.1f}s")
+    if picture:
+        save_comparison(tiles, picture)
     return "\n".join(lines), rows
+
+
+def save_comparison(rows, path, scale=8, gap=4):
+    """One labelled row of tiles per (name, x [k, 3, H, W] in [-1, 1]), each enlarged `scale` times."""
+    import PIL.ImageDraw
+    k, _, h, w = rows[0][1].shape
+    label_w, th, tw = 190, h * scale, w * scale
+    canvas = Image.new("RGB", (label_w + k * (tw + gap), len(rows) * (th + gap)), "white")
+    draw = PIL.ImageDraw.Draw(canvas)
+    for i, (name, x) in enumerate(rows):
+        img = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+        for j in range(k):
+            canvas.paste(Image.fromarray(img[j]).resize((tw, th), Image.NEAREST), (label_w + j * (tw + gap), i * (th + gap)))
+        draw.text((6, i * (th + gap) + th // 2 - 6), name, fill="black")
+    canvas.save(path)
 
 
 def run_tiny(args):
@@ -1728,10 +1764,11 @@ def run_tiny(args):
             models.append(("baseline ECT, teacher init", ema, wall))
         ema, wall, _ = stage("post", "post-from-random", init="random", teacher=None)
         models.append(("baseline ECT, random init", ema, wall))
-    table, _ = quality_table(models, cfg, args.eval_num)
+    table, _ = quality_table(models, cfg, args.eval_num, picture=root / "comparison.png")
     print("\nQuality on the toy mixture (flow-map err: MSE per element vs the exact ODE solution from the "
           "same noise; pixel FD vs fresh data; post rows share one budget):\n" + table)
     (root / "quality.txt").write_text(table + "\n")
+    print(f"wrote {root / 'quality.txt'} and {root / 'comparison.png'} (the same noise in every row)")
     return table
 
 # ----------------------------------------------------------------------------- sampling stage
@@ -1860,6 +1897,8 @@ def parse_args(argv=None):
     a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt (default: 5000)")
     a("--snap-every", type=int_at_least(0), help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only (default: 50000)")
     a("--sample-every", type=int_at_least(0), help="iterations per samples-NNNNNNN.png grid, 0 = end only (default: 10000)")
+    a("--grid", type=int_at_least(0), default=64, help="images in each samples-NNNNNNN.png grid (and .npz), 0 = none: "
+                                                     "a teacher's grid costs 35 network passes per image (default: 64)")
     a("--max-nonfinite", type=int_at_least(0), default=100, help="abort after this many steps with a non-finite "
                                                                     "loss (default: 100)")
     a("--skip-nonfinite", action="store_true", help="drop a step whose loss is non-finite (default: off: step with "

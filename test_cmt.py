@@ -2399,6 +2399,47 @@ def test_cifar10_tiny_preset_end_to_end(tmp_path, capsys):
              "--outdir", str(tmp_path / "s"), "--num", "16"])
     data = np.load(tmp_path / "s" / "samples-2step.npz")["images"]
     assert data.shape == (16, 8, 8, 3) and data.dtype == np.uint8 and (tmp_path / "s" / "samples-1step.png").exists()
+    # The comparison picture: 10 labelled rows (exact map, teacher, then mid, post and the two baselines at 1 and
+    # 2 steps) of the quality table's first 12 samples, enlarged 8x with 4-pixel gaps. The noise is the table's in
+    # every row: the exact map's first tile is that of its first noise, and the 1-step rows sample f(80 z, 80).
+    pic = np.asarray(Image.open(tmp_path / "comparison.png"))
+    assert pic.shape == (10 * (8 * 8 + 4), 190 + 12 * (8 * 8 + 4), 3)
+    q = cc.ToyQuality(tiny_cfg(stage="post"), 300)
+    tile = lambda row, j: pic[row * 68:row * 68 + 64:8, 190 + j * 68:190 + j * 68 + 64:8]  # noqa: E731
+    assert np.array_equal(tile(0, 0), cc.to_uint8(q.exact[0]).permute(1, 2, 0).numpy())
+    post = cc.build_net(tiny_cfg(stage="post"), "ecm", dropout=0.0)
+    post.load_state_dict(torch.load(tmp_path / "post" / "ckpt-latest.pt", weights_only=True)["ema"])
+    one_step = cc.to_uint8(q.sample(post, 1)[:12]).permute(0, 2, 3, 1).numpy()
+    assert all(np.array_equal(tile(4, j), one_step[j]) for j in (0, 11))  # row 4: post, 1 step
+    assert not np.array_equal(tile(4, 0), tile(2, 0))  # mid and post differ
+
+
+def test_cifar10_small32_preset_runs_the_pipeline_on_a_folder_of_pngs(tmp_path, capsys):
+    # A user's own 32x32 images: pretrain -> mid -> post -> sample with the small32 preset (1.75M parameters), from
+    # a generated folder of 40 PNGs (smooth random colour fields: any RGB image will do), 2 iterations a stage.
+    g = np.random.default_rng(0)
+    (tmp_path / "png").mkdir()
+    for i in range(40):
+        field = g.normal(size=(4, 4, 3)).repeat(8, 0).repeat(8, 1)
+        Image.fromarray(np.uint8(np.clip(128 + 60 * field, 0, 255))).save(tmp_path / "png" / f"{i:03d}.png")
+    assert sum(p.numel() for p in cc.build_net(cc.PRESETS["small32"], "ecm").parameters()) == pytest.approx(1.75e6, rel=0.01)
+    common = ["--preset", "small32", "--data", str(tmp_path / "png"), "--iters", "2"]
+    cc.main(common + ["--stage", "pretrain", "--outdir", str(tmp_path / "t"), "--grid", "4"])
+    cc.main(common + ["--stage", "mid", "--teacher", str(tmp_path / "t" / "ckpt-latest.pt"), "--outdir",
+                      str(tmp_path / "m"), "--grid", "0"])
+    cc.main(common + ["--stage", "post", "--init", str(tmp_path / "m" / "ckpt-latest.pt"), "--outdir", str(tmp_path / "p")])
+    cc.main(["--stage", "sample", "--init", str(tmp_path / "p" / "ckpt-latest.pt"), "--num", "4", "--outdir",
+             str(tmp_path / "s")])
+    out = capsys.readouterr().out
+    assert "[pretrain] it 2/2" in out and "[mid] it 2/2" in out and "[post] it 2/2" in out
+    # --grid 4: a 2x2 grid (each 32x32 image at its size); --grid 0: none; the default 64 for the post student,
+    # 1- and 2-step; the sample stage writes --num images.
+    assert Image.open(tmp_path / "t" / "samples-0000002.png").size == (64, 64)
+    assert np.load(tmp_path / "t" / "samples-0000002.npz")["images"].shape == (4, 32, 32, 3)
+    assert not list((tmp_path / "m").glob("samples-*"))
+    assert Image.open(tmp_path / "p" / "samples-0000002-2step.png").size == (256, 256)
+    assert np.load(tmp_path / "s" / "samples-2step.npz")["images"].shape == (4, 32, 32, 3)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["batch"] == 32
 
 
 # ----------------------------------------------------------------------------- evidence study and benchmark (experiments/)
@@ -5543,7 +5584,7 @@ def test_gpu_check_cpu_mode_writes_the_whole_report(tmp_path):
     # torch.compile is left to the GPU run: compiling the three tiny networks costs ~150 s on 2 cores.
     env = dict(os.environ, OMP_NUM_THREADS="1", CMT_TEST_CUDA="cuda")
     p = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--cpu", "--out", str(tmp_path),
-                        "--modes", "fp32,bf16"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                        "--modes", "fp32,bf16", "--budget", "540"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     tests = report["tests"]
