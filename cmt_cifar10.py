@@ -565,267 +565,7 @@ def build_net(cfg, kind, label_dim=0, augment_dim=0, dropout=None):
                    attn_resolutions=cfg["attn_resolutions"],
                    dropout=cfg.get("dropout", 0.0) if dropout is None else dropout)
 
-# ----------------------------------------------------------------------------- official checkpoints
-# EDM / EDM2 publish their networks as pickles (the format of NVlabs/edm torch_utils/persistence.py) in
-# which every network object is the call torch_utils.persistence._reconstruct_persistent_obj(meta),
-# meta = {type, version, module_src, class_name, state}. A plain pickle.load would exec `module_src`
-# (arbitrary code from the file). Our unpickler answers only the globals below; the persistent objects
-# become inert _PklObject records (class name + state dict) and `module_src` is dropped unread.
-
-try:  # numpy >= 2 writes numpy._core.* into pickles, numpy 1.x writes numpy.core.*; accept both
-    from numpy._core import multiarray as _pkl_np_multiarray
-except ImportError:
-    from numpy.core import multiarray as _pkl_np_multiarray
-
-
-class _PklObject:
-    """An unpickled EDM object: its class name and its __dict__, nothing callable."""
-    class_name, state = None, {}  # class defaults for a container pickled without state
-
-    def __init__(self, class_name=None, state=None):
-        self.class_name, self.state = class_name, dict(state or {})
-
-    def __setstate__(self, state):  # pickle's BUILD for plain torch containers (ModuleDict)
-        self.state = dict(state or {})
-
-
-class _PklModuleDict(_PklObject):
-    class_name = "ModuleDict"
-
-
-class _PklEasyDict(dict):
-    """Stands in for dnnlib.util.EasyDict (a dict with attribute access) at load time."""
-
-
-class PickleRefusedError(pickle.UnpicklingError):
-    pass
-
-
-def _pkl_reconstruct_persistent_obj(meta):
-    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
-        raise pickle.UnpicklingError("malformed torch_utils.persistence record (want type='class' and a state dict)")
-    return _PklObject(meta.get("class_name"), meta["state"])  # meta["module_src"] is never executed
-
-
-def _pkl_load_storage(blob):
-    # Each storage is a nested legacy torch.save blob: the weights-only loader reads it safely.
-    try:
-        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), str(e))
-        raise PickleRefusedError(f"a tensor storage blob was refused by torch.load(weights_only=True): {why}") from None
-
-
-def _pkl_rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, collections.OrderedDict())
-
-
-def _pkl_rebuild_parameter(data, requires_grad=False, backward_hooks=None):
-    return data  # we only want the values; hooks are dropped
-
-
-# Every global an official EDM/EDM2 network pickle names (see the tests). Nothing else.
-_PKL_ALLOWED = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _pkl_reconstruct_persistent_obj,
-    ("torch.storage", "_load_from_bytes"): _pkl_load_storage,
-    ("torch._utils", "_rebuild_tensor_v2"): _pkl_rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _pkl_rebuild_parameter,
-    ("collections", "OrderedDict"): collections.OrderedDict,  # module dicts (torch < 2) and tensor hooks
-    ("torch.nn.modules.container", "ModuleDict"): _PklModuleDict,  # enc/dec of SongUNet, DhariwalUNet, EDM2 UNet
-    ("dnnlib.util", "EasyDict"): _PklEasyDict,  # EDM2's top level and dataset_kwargs
-    ("numpy", "ndarray"): np.ndarray,  # EDM2's StabilityVAEEncoder keeps numpy scale/bias arrays,
-    ("numpy", "dtype"): np.dtype,  # EDM keeps numpy scalars (UNetBlock.skip_scale = np.sqrt(0.5), ...)
-    **{(m, n): getattr(_pkl_np_multiarray, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
-       for n in ("_reconstruct", "scalar")},
-}
-
-
-class _PklUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        obj = _PKL_ALLOWED.get((module, name))
-        if obj is None:
-            raise PickleRefusedError(f"refusing to load global '{module}.{name}': it is not on the allowlist of "
-                                     "objects an official EDM/EDM2 network pickle needs")
-        return obj
-
-
-def _pkl_unpickle(path):
-    """Restricted unpickling of a local .pkl file: returns the top-level object with _PklObject records."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"official checkpoint not found: {path} (pass --teacher PATH|URL)")
-    with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(0)
-        if head.startswith(b"PK\x03\x04"):
-            raise ValueError(f"{path} is a zip archive (a torch.save checkpoint?), not an EDM/EDM2 .pkl pickle")
-        try:
-            return _PklUnpickler(f).load()
-        except PickleRefusedError as e:
-            raise PickleRefusedError(f"{path}: {e}") from None
-        except Exception as e:  # garbage drives the pickle machine into any error type; all mean the same
-            raise ValueError(f"{path} is not a readable EDM/EDM2 pickle: {type(e).__name__}: {e}") from e
-
-
-def _pkl_flatten(obj, prefix, out, where):
-    """module.state_dict() order: own parameters, persistent buffers, then children, recursively."""
-    if not isinstance(obj, _PklObject) or not isinstance(obj.state.get("_parameters"), dict):
-        what = obj.class_name if isinstance(obj, _PklObject) else type(obj).__name__
-        raise ValueError(f"{where}: {prefix or 'the object'} is not a torch module (it is a {what})")
-    st = obj.state
-    skip = st.get("_non_persistent_buffers_set") or set()
-    items = list(st["_parameters"].items())
-    items += [(k, v) for k, v in (st.get("_buffers") or {}).items() if k not in skip]
-    for name, t in items:
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{where}: '{prefix}{name}' is a {type(t).__name__}, not a tensor")
-        t = t.detach()  # a fresh tensor object: nothing the pickle attached to the original comes along
-        out[prefix + name] = t.float() if t.is_floating_point() else t  # EDM2 stores float16
-    for name, child in (st.get("_modules") or {}).items():
-        if child is not None:
-            _pkl_flatten(child, f"{prefix}{name}.", out, where)
-    return out
-
-
-def load_official_pkl(path, key="ema", cache_dir=None, sha256=None, md5=None):
-    """Load an official EDM/EDM2 network pickle without running its code.
-
-    path: a local file or an http(s)/file URL (downloaded once into cache_dir, default
-    $CMT_CACHE or ~/.cache/cmt, verified against sha256/md5 when given).
-    Returns (state_dict, init_kwargs, class_name): the tensors of data[key] under the names and in
-    the order module.state_dict() gives, floating tensors as float32; the constructor kwargs the
-    object was built with (EDM/EDM2 record them in `_init_kwargs`); its class name, e.g. 'EDMPrecond'.
-    """
-    if urllib.parse.urlparse(str(path)).scheme in ("http", "https", "file"):
-        cache_dir = cache_dir or os.environ.get("CMT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cmt")
-        path = download(path, cache_dir, sha256=sha256, md5=md5)
-    data = _pkl_unpickle(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict at the top level (EDM: ema, loss_fn, augment_pipe, "
-                         f"dataset_kwargs; EDM2: encoder, dataset_kwargs, loss_fn, ema), got {type(data).__name__}")
-    if key not in data:
-        raise ValueError(f"{path}: no key {key!r}; available top-level keys: {', '.join(map(str, data))}")
-    state_dict = _pkl_flatten(data[key], "", {}, f"{path}[{key!r}]")
-    return state_dict, dict(data[key].state.get("_init_kwargs") or {}), data[key].class_name
-
-
-def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
-    """Fetch url into dest_dir/<file name> and return that path. The bytes go to a temp file that
-    replaces the target only after the hash check; a copy already there that passes is reused.
-    `flag` is the CLI flag the offline error points to (e.g. "--data" for a dataset).
-    Multi-process runs: call it on rank 0 first, then barrier, then everywhere."""
-    name = urllib.parse.unquote(os.path.basename(urllib.parse.urlparse(url).path))
-    if not name:
-        raise ValueError(f"cannot derive a file name from the URL {url}")
-    path = os.path.join(dest_dir, name)
-    want = {k: v.lower() for k, v in (("sha256", sha256), ("md5", md5)) if v}
-    if os.path.isfile(path):
-        if all(_pkl_file_hash(path, k) == v for k, v in want.items()):
-            return path
-        print(f"{path} fails its hash check; downloading it again", flush=True)
-    os.makedirs(dest_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    hashes = {k: hashlib.new(k, usedforsecurity=False) for k in want}
-    try:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-                size = int(r.headers.get("Content-Length") or 0)
-                print(f"downloading {url} ({size / 2**20:.0f} MiB) -> {path}", flush=True)
-                while chunk := r.read(1 << 22):
-                    f.write(chunk)
-                    for h in hashes.values():
-                        h.update(chunk)
-        except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
-            raise OSError(f"cannot download {url}: {e}; "
-                               f"download it manually and pass its path with {flag}") from e
-        bad = [f"{k} expected {v}, got {hashes[k].hexdigest()}" for k, v in want.items() if hashes[k].hexdigest() != v]
-        if bad:
-            raise ValueError(f"hash mismatch for {url} ({'; '.join(bad)}); the download was deleted")
-        os.replace(tmp, path)
-    finally:
-        _pkl_remove(tmp)  # a no-op after os.replace; otherwise no partial file is left behind
-    return path
-
-
-def _pkl_file_hash(path, algo):
-    h = hashlib.new(algo, usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _pkl_remove(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _pkl_plain(v):
-    """Comparable form of a kwarg value: tuples -> lists, numpy scalars/arrays -> Python."""
-    if isinstance(v, (list, tuple)):
-        return [_pkl_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _pkl_plain(x) for k, x in v.items()}
-    if isinstance(v, (np.generic, np.ndarray)):
-        return v.tolist()
-    return v
-
-
-class _PklAbsent:
-    def __repr__(self):
-        return "<not recorded>"
-
-
-def check_init_kwargs(init_kwargs, expected, source, defaults=None):
-    """Raise if an official pickle's constructor kwargs differ from ours on any key of `expected`.
-
-    EDM/EDM2 record only the kwargs their train.py passed, flat: EDMPrecond has model_type,
-    model_channels, channel_mult, augment_dim, dropout, img_resolution, ... (all of SongUNet's kwargs
-    that were set, passed through **model_kwargs); EDM2 Precond has img_resolution, img_channels,
-    label_dim, use_fp16, model_channels, dropout. A key that was not recorded took the official
-    constructor default: pass those defaults in `defaults` to check such keys too. Leave training-only
-    kwargs (dropout, use_fp16) out of `expected`: the student may differ there on purpose.
-    """
-    defaults = defaults or {}
-    diffs = []
-    for k, want in expected.items():
-        have = init_kwargs[k] if k in init_kwargs else defaults.get(k, _PklAbsent())
-        if _pkl_plain(have) != _pkl_plain(want):
-            diffs.append(f"{k}: {source} has {have!r}, this model has {want!r}")
-    if diffs:
-        raise ValueError(f"{source} does not match the configured architecture:\n  " + "\n  ".join(diffs))
-
-
-# Teacher-only tensors: EDM's augmentation conditioning, EDM2's uncertainty (logvar) head.
-TEACHER_ONLY_KEYS = ("map_augment", "logvar_fourier", "logvar_linear")
-
-
-def copy_by_name(state_dict, module, ignore=TEACHER_ONLY_KEYS, prefix_map=None):
-    """Load state_dict into module (unwrapped: no DDP/compile prefixes) by name, strictly: every key
-    must be on both sides with the same shape, except keys with a dotted component in `ignore`,
-    which are copied when both sides have them and skipped otherwise. prefix_map {old: new} renames
-    checkpoint key prefixes first (e.g. {"model.": ""}). Returns the checkpoint keys skipped."""
-    src = {}
-    for k, v in state_dict.items():
-        old = next((p for p in (prefix_map or {}) if k.startswith(p)), None)
-        src[k if old is None else prefix_map[old] + k[len(old):]] = v
-    dst = module.state_dict()
-    required = {k for k in set(src) | set(dst) if not set(k.split(".")) & set(ignore)}
-    problems = {
-        "missing in checkpoint": [k for k in dst if k in required and k not in src],
-        "unexpected in checkpoint": [k for k in src if k in required and k not in dst],
-        "shape mismatch": [f"{k}: checkpoint {tuple(src[k].shape)} vs model {tuple(dst[k].shape)}"
-                           for k in dst if k in src and src[k].shape != dst[k].shape],
-    }
-    if any(problems.values()):
-        lines = [f"\n  {what} ({len(ks)}): " + ", ".join(ks[:12]) + (" ..." if len(ks) > 12 else "")
-                 for what, ks in problems.items() if ks]
-        raise ValueError(f"checkpoint does not fit {type(module).__name__}:" + "".join(lines))
-    module.load_state_dict({k: src[k] for k in dst if k in src}, strict=False)
-    return [k for k in src if k not in dst]
+# Official EDM/EDM2 .pkl loading, downloads and copy_by_name: see the appendix at the end of this file.
 
 # ----------------------------------------------------------------------------- teacher and solver
 
@@ -1923,6 +1663,278 @@ def main(argv=None):
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # a rank that tears gloo down while a peer is still talking aborts
         torch.distributed.destroy_process_group()
+
+
+# ============================================================================= appendix
+# Plumbing pasted verbatim between the scripts so that each one stays self-contained: here the official
+# .pkl loader (also in cmt_imagenet.py). It stands after the method because a reader needs none of it to
+# follow the method. test_cmt.py checks that the text between the marker lines is the same in every copy:
+# edit all copies alike.
+
+
+# >>> pasted: official-pkl
+# ----------------------------------------------------------------------------- official checkpoints
+# EDM / EDM2 publish their networks as pickles (the format of NVlabs/edm torch_utils/persistence.py) in
+# which every network object is the call torch_utils.persistence._reconstruct_persistent_obj(meta),
+# meta = {type, version, module_src, class_name, state}. A plain pickle.load would exec `module_src`
+# (arbitrary code from the file). Our unpickler answers only the globals below; the persistent objects
+# become inert _PklObject records (class name + state dict) and `module_src` is dropped unread.
+
+try:  # numpy >= 2 writes numpy._core.* into pickles, numpy 1.x writes numpy.core.*; accept both
+    from numpy._core import multiarray as _pkl_np_multiarray
+except ImportError:
+    from numpy.core import multiarray as _pkl_np_multiarray
+
+
+class _PklObject:
+    """An unpickled EDM object: its class name and its __dict__, nothing callable."""
+    class_name, state = None, {}  # class defaults for a container pickled without state
+
+    def __init__(self, class_name=None, state=None):
+        self.class_name, self.state = class_name, dict(state or {})
+
+    def __setstate__(self, state):  # pickle's BUILD for plain torch containers (ModuleDict)
+        self.state = dict(state or {})
+
+
+class _PklModuleDict(_PklObject):
+    class_name = "ModuleDict"
+
+
+class _PklEasyDict(dict):
+    """Stands in for dnnlib.util.EasyDict (a dict with attribute access) at load time."""
+
+
+class PickleRefusedError(pickle.UnpicklingError):
+    pass
+
+
+def _pkl_reconstruct_persistent_obj(meta):
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
+        raise pickle.UnpicklingError("malformed torch_utils.persistence record (want type='class' and a state dict)")
+    return _PklObject(meta.get("class_name"), meta["state"])  # meta["module_src"] is never executed
+
+
+def _pkl_load_storage(blob):
+    # Each storage is a nested legacy torch.save blob: the weights-only loader reads it safely.
+    try:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), str(e))
+        raise PickleRefusedError(f"a tensor storage blob was refused by torch.load(weights_only=True): {why}") from None
+
+
+def _pkl_rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, collections.OrderedDict())
+
+
+def _pkl_rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    return data  # we only want the values; hooks are dropped
+
+
+# Every global an official EDM/EDM2 network pickle names (see the tests). Nothing else.
+_PKL_ALLOWED = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _pkl_reconstruct_persistent_obj,
+    ("torch.storage", "_load_from_bytes"): _pkl_load_storage,
+    ("torch._utils", "_rebuild_tensor_v2"): _pkl_rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _pkl_rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,  # module dicts (torch < 2) and tensor hooks
+    ("torch.nn.modules.container", "ModuleDict"): _PklModuleDict,  # enc/dec of SongUNet, DhariwalUNet, EDM2 UNet
+    ("dnnlib.util", "EasyDict"): _PklEasyDict,  # EDM2's top level and dataset_kwargs
+    ("numpy", "ndarray"): np.ndarray,  # EDM2's StabilityVAEEncoder keeps numpy scale/bias arrays,
+    ("numpy", "dtype"): np.dtype,  # EDM keeps numpy scalars (UNetBlock.skip_scale = np.sqrt(0.5), ...)
+    **{(m, n): getattr(_pkl_np_multiarray, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+       for n in ("_reconstruct", "scalar")},
+}
+
+
+class _PklUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        obj = _PKL_ALLOWED.get((module, name))
+        if obj is None:
+            raise PickleRefusedError(f"refusing to load global '{module}.{name}': it is not on the allowlist of "
+                                     "objects an official EDM/EDM2 network pickle needs")
+        return obj
+
+
+def _pkl_unpickle(path):
+    """Restricted unpickling of a local .pkl file: returns the top-level object with _PklObject records."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"official checkpoint not found: {path} (pass --teacher PATH|URL)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(0)
+        if head.startswith(b"PK\x03\x04"):
+            raise ValueError(f"{path} is a zip archive (a torch.save checkpoint?), not an EDM/EDM2 .pkl pickle")
+        try:
+            return _PklUnpickler(f).load()
+        except PickleRefusedError as e:
+            raise PickleRefusedError(f"{path}: {e}") from None
+        except Exception as e:  # garbage drives the pickle machine into any error type; all mean the same
+            raise ValueError(f"{path} is not a readable EDM/EDM2 pickle: {type(e).__name__}: {e}") from e
+
+
+def _pkl_flatten(obj, prefix, out, where):
+    """module.state_dict() order: own parameters, persistent buffers, then children, recursively."""
+    if not isinstance(obj, _PklObject) or not isinstance(obj.state.get("_parameters"), dict):
+        what = obj.class_name if isinstance(obj, _PklObject) else type(obj).__name__
+        raise ValueError(f"{where}: {prefix or 'the object'} is not a torch module (it is a {what})")
+    st = obj.state
+    skip = st.get("_non_persistent_buffers_set") or set()
+    items = list(st["_parameters"].items())
+    items += [(k, v) for k, v in (st.get("_buffers") or {}).items() if k not in skip]
+    for name, t in items:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where}: '{prefix}{name}' is a {type(t).__name__}, not a tensor")
+        t = t.detach()  # a fresh tensor object: nothing the pickle attached to the original comes along
+        out[prefix + name] = t.float() if t.is_floating_point() else t  # EDM2 stores float16
+    for name, child in (st.get("_modules") or {}).items():
+        if child is not None:
+            _pkl_flatten(child, f"{prefix}{name}.", out, where)
+    return out
+
+
+def load_official_pkl(path, key="ema", cache_dir=None, sha256=None, md5=None):
+    """Load an official EDM/EDM2 network pickle without running its code.
+
+    path: a local file or an http(s)/file URL (downloaded once into cache_dir, default
+    $CMT_CACHE or ~/.cache/cmt, verified against sha256/md5 when given).
+    Returns (state_dict, init_kwargs, class_name): the tensors of data[key] under the names and in
+    the order module.state_dict() gives, floating tensors as float32; the constructor kwargs the
+    object was built with (EDM/EDM2 record them in `_init_kwargs`); its class name, e.g. 'EDMPrecond'.
+    """
+    if urllib.parse.urlparse(str(path)).scheme in ("http", "https", "file"):
+        cache_dir = cache_dir or os.environ.get("CMT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cmt")
+        path = download(path, cache_dir, sha256=sha256, md5=md5)
+    data = _pkl_unpickle(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a dict at the top level (EDM: ema, loss_fn, augment_pipe, "
+                         f"dataset_kwargs; EDM2: encoder, dataset_kwargs, loss_fn, ema), got {type(data).__name__}")
+    if key not in data:
+        raise ValueError(f"{path}: no key {key!r}; available top-level keys: {', '.join(map(str, data))}")
+    state_dict = _pkl_flatten(data[key], "", {}, f"{path}[{key!r}]")
+    return state_dict, dict(data[key].state.get("_init_kwargs") or {}), data[key].class_name
+
+
+def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
+    """Fetch url into dest_dir/<file name> and return that path. The bytes go to a temp file that
+    replaces the target only after the hash check; a copy already there that passes is reused.
+    `flag` is the CLI flag the offline error points to (e.g. "--data" for a dataset).
+    Multi-process runs: call it on rank 0 first, then barrier, then everywhere."""
+    name = urllib.parse.unquote(os.path.basename(urllib.parse.urlparse(url).path))
+    if not name:
+        raise ValueError(f"cannot derive a file name from the URL {url}")
+    path = os.path.join(dest_dir, name)
+    want = {k: v.lower() for k, v in (("sha256", sha256), ("md5", md5)) if v}
+    if os.path.isfile(path):
+        if all(_pkl_file_hash(path, k) == v for k, v in want.items()):
+            return path
+        print(f"{path} fails its hash check; downloading it again", flush=True)
+    os.makedirs(dest_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    hashes = {k: hashlib.new(k, usedforsecurity=False) for k in want}
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                size = int(r.headers.get("Content-Length") or 0)
+                print(f"downloading {url} ({size / 2**20:.0f} MiB) -> {path}", flush=True)
+                while chunk := r.read(1 << 22):
+                    f.write(chunk)
+                    for h in hashes.values():
+                        h.update(chunk)
+        except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
+            raise OSError(f"cannot download {url}: {e}; "
+                               f"download it manually and pass its path with {flag}") from e
+        bad = [f"{k} expected {v}, got {hashes[k].hexdigest()}" for k, v in want.items() if hashes[k].hexdigest() != v]
+        if bad:
+            raise ValueError(f"hash mismatch for {url} ({'; '.join(bad)}); the download was deleted")
+        os.replace(tmp, path)
+    finally:
+        _pkl_remove(tmp)  # a no-op after os.replace; otherwise no partial file is left behind
+    return path
+
+
+def _pkl_file_hash(path, algo):
+    h = hashlib.new(algo, usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pkl_remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _pkl_plain(v):
+    """Comparable form of a kwarg value: tuples -> lists, numpy scalars/arrays -> Python."""
+    if isinstance(v, (list, tuple)):
+        return [_pkl_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _pkl_plain(x) for k, x in v.items()}
+    if isinstance(v, (np.generic, np.ndarray)):
+        return v.tolist()
+    return v
+
+
+class _PklAbsent:
+    def __repr__(self):
+        return "<not recorded>"
+
+
+def check_init_kwargs(init_kwargs, expected, source, defaults=None):
+    """Raise if an official pickle's constructor kwargs differ from ours on any key of `expected`.
+
+    EDM/EDM2 record only the kwargs their train.py passed, flat: EDMPrecond has model_type,
+    model_channels, channel_mult, augment_dim, dropout, img_resolution, ... (all of SongUNet's kwargs
+    that were set, passed through **model_kwargs); EDM2 Precond has img_resolution, img_channels,
+    label_dim, use_fp16, model_channels, dropout. A key that was not recorded took the official
+    constructor default: pass those defaults in `defaults` to check such keys too. Leave training-only
+    kwargs (dropout, use_fp16) out of `expected`: the student may differ there on purpose.
+    """
+    defaults = defaults or {}
+    diffs = []
+    for k, want in expected.items():
+        have = init_kwargs[k] if k in init_kwargs else defaults.get(k, _PklAbsent())
+        if _pkl_plain(have) != _pkl_plain(want):
+            diffs.append(f"{k}: {source} has {have!r}, this model has {want!r}")
+    if diffs:
+        raise ValueError(f"{source} does not match the configured architecture:\n  " + "\n  ".join(diffs))
+
+
+# Teacher-only tensors: EDM's augmentation conditioning, EDM2's uncertainty (logvar) head.
+TEACHER_ONLY_KEYS = ("map_augment", "logvar_fourier", "logvar_linear")
+
+
+def copy_by_name(state_dict, module, ignore=TEACHER_ONLY_KEYS, prefix_map=None):
+    """Load state_dict into module (unwrapped: no DDP/compile prefixes) by name, strictly: every key
+    must be on both sides with the same shape, except keys with a dotted component in `ignore`,
+    which are copied when both sides have them and skipped otherwise. prefix_map {old: new} renames
+    checkpoint key prefixes first (e.g. {"model.": ""}). Returns the checkpoint keys skipped."""
+    src = {}
+    for k, v in state_dict.items():
+        old = next((p for p in (prefix_map or {}) if k.startswith(p)), None)
+        src[k if old is None else prefix_map[old] + k[len(old):]] = v
+    dst = module.state_dict()
+    required = {k for k in set(src) | set(dst) if not set(k.split(".")) & set(ignore)}
+    problems = {
+        "missing in checkpoint": [k for k in dst if k in required and k not in src],
+        "unexpected in checkpoint": [k for k in src if k in required and k not in dst],
+        "shape mismatch": [f"{k}: checkpoint {tuple(src[k].shape)} vs model {tuple(dst[k].shape)}"
+                           for k in dst if k in src and src[k].shape != dst[k].shape],
+    }
+    if any(problems.values()):
+        lines = [f"\n  {what} ({len(ks)}): " + ", ".join(ks[:12]) + (" ..." if len(ks) > 12 else "")
+                 for what, ks in problems.items() if ks]
+        raise ValueError(f"checkpoint does not fit {type(module).__name__}:" + "".join(lines))
+    module.load_state_dict({k: src[k] for k in dst if k in src}, strict=False)
+    return [k for k in src if k not in dst]
+# <<< pasted: official-pkl
 
 
 if __name__ == "__main__":

@@ -655,636 +655,8 @@ def build_net(cfg, logvar=False, s_min=None):
                    num_blocks=cfg["num_blocks"], attn_resolutions=cfg["attn_res"], dropout=cfg["dropout"])
 
 
-# ----------------------------------------------------------------------------- official checkpoints
-# EDM / EDM2 publish their networks as pickles in which every network object is the call
-# torch_utils.persistence._reconstruct_persistent_obj(meta), meta = {type, version, module_src,
-# class_name, state}. A plain pickle.load would exec `module_src` (arbitrary code from the file).
-# Our unpickler answers only the globals below; the persistent objects become inert _PklObject
-# records (class name + state dict) and `module_src` is dropped unread (the format of NVlabs/edm
-# torch_utils/persistence.py).
-
-try:  # numpy >= 2 writes numpy._core.* into pickles, numpy 1.x writes numpy.core.*; accept both
-    from numpy._core import multiarray as _pkl_np_multiarray
-except ImportError:
-    from numpy.core import multiarray as _pkl_np_multiarray
-
-
-class _PklObject:
-    """An unpickled EDM object: its class name and its __dict__, nothing callable."""
-    class_name, state = None, {}  # class defaults for a container pickled without state
-
-    def __init__(self, class_name=None, state=None):
-        self.class_name, self.state = class_name, dict(state or {})
-
-    def __setstate__(self, state):  # pickle's BUILD for plain torch containers (ModuleDict)
-        self.state = dict(state or {})
-
-
-class _PklModuleDict(_PklObject):
-    class_name = "ModuleDict"
-
-
-class _PklEasyDict(dict):
-    """Stands in for dnnlib.util.EasyDict (a dict with attribute access) at load time."""
-
-
-class PickleRefusedError(pickle.UnpicklingError):
-    pass
-
-
-def _pkl_reconstruct_persistent_obj(meta):
-    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
-        raise pickle.UnpicklingError("malformed torch_utils.persistence record (want type='class' and a state dict)")
-    return _PklObject(meta.get("class_name"), meta["state"])  # meta["module_src"] is never executed
-
-
-def _pkl_load_storage(blob):
-    # Each storage is a nested legacy torch.save blob: the weights-only loader reads it safely.
-    try:
-        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), str(e))
-        raise PickleRefusedError(f"a tensor storage blob was refused by torch.load(weights_only=True): {why}") from None
-
-
-def _pkl_rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, collections.OrderedDict())
-
-
-def _pkl_rebuild_parameter(data, requires_grad=False, backward_hooks=None):
-    return data  # we only want the values; hooks are dropped
-
-
-# Every global an official EDM/EDM2 network pickle names (see the tests). Nothing else.
-_PKL_ALLOWED = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _pkl_reconstruct_persistent_obj,
-    ("torch.storage", "_load_from_bytes"): _pkl_load_storage,
-    ("torch._utils", "_rebuild_tensor_v2"): _pkl_rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _pkl_rebuild_parameter,
-    ("collections", "OrderedDict"): collections.OrderedDict,  # module dicts (torch < 2) and tensor hooks
-    ("torch.nn.modules.container", "ModuleDict"): _PklModuleDict,  # enc/dec of SongUNet, DhariwalUNet, EDM2 UNet
-    ("dnnlib.util", "EasyDict"): _PklEasyDict,  # EDM2's top level and dataset_kwargs
-    ("numpy", "ndarray"): np.ndarray,  # EDM2's StabilityVAEEncoder keeps numpy scale/bias arrays,
-    ("numpy", "dtype"): np.dtype,  # EDM keeps numpy scalars (UNetBlock.skip_scale = np.sqrt(0.5), ...)
-    **{(m, n): getattr(_pkl_np_multiarray, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
-       for n in ("_reconstruct", "scalar")},
-}
-
-
-class _PklUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        obj = _PKL_ALLOWED.get((module, name))
-        if obj is None:
-            raise PickleRefusedError(f"refusing to load global '{module}.{name}': it is not on the allowlist of "
-                                     "objects an official EDM/EDM2 network pickle needs")
-        return obj
-
-
-def _pkl_unpickle(path):
-    """Restricted unpickling of a local .pkl file: returns the top-level object with _PklObject records."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"official checkpoint not found: {path} (pass --teacher PATH|URL)")
-    with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(0)
-        if head.startswith(b"PK\x03\x04"):
-            raise ValueError(f"{path} is a zip archive (a torch.save checkpoint?), not an EDM/EDM2 .pkl pickle")
-        try:
-            return _PklUnpickler(f).load()
-        except PickleRefusedError as e:
-            raise PickleRefusedError(f"{path}: {e}") from None
-        except Exception as e:  # garbage drives the pickle machine into any error type; all mean the same
-            raise ValueError(f"{path} is not a readable EDM/EDM2 pickle: {type(e).__name__}: {e}") from e
-
-
-def _pkl_flatten(obj, prefix, out, where):
-    """module.state_dict() order: own parameters, persistent buffers, then children, recursively."""
-    if not isinstance(obj, _PklObject) or not isinstance(obj.state.get("_parameters"), dict):
-        what = obj.class_name if isinstance(obj, _PklObject) else type(obj).__name__
-        raise ValueError(f"{where}: {prefix or 'the object'} is not a torch module (it is a {what})")
-    st = obj.state
-    skip = st.get("_non_persistent_buffers_set") or set()
-    items = list(st["_parameters"].items())
-    items += [(k, v) for k, v in (st.get("_buffers") or {}).items() if k not in skip]
-    for name, t in items:
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{where}: '{prefix}{name}' is a {type(t).__name__}, not a tensor")
-        t = t.detach()  # a fresh tensor object: nothing the pickle attached to the original comes along
-        out[prefix + name] = t.float() if t.is_floating_point() else t  # EDM2 stores float16
-    for name, child in (st.get("_modules") or {}).items():
-        if child is not None:
-            _pkl_flatten(child, f"{prefix}{name}.", out, where)
-    return out
-
-
-def load_official_pkl(path, key="ema", cache_dir=None, sha256=None, md5=None):
-    """Load an official EDM/EDM2 network pickle without running its code.
-
-    path: a local file or an http(s)/file URL (downloaded once into cache_dir, default
-    $CMT_CACHE or ~/.cache/cmt, verified against sha256/md5 when given).
-    Returns (state_dict, init_kwargs, class_name): the tensors of data[key] under the names and in
-    the order module.state_dict() gives, floating tensors as float32; the constructor kwargs the
-    object was built with (EDM/EDM2 record them in `_init_kwargs`); its class name, e.g. 'EDMPrecond'.
-    """
-    if urllib.parse.urlparse(str(path)).scheme in ("http", "https", "file"):
-        cache_dir = cache_dir or os.environ.get("CMT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cmt")
-        path = download(path, cache_dir, sha256=sha256, md5=md5)
-    data = _pkl_unpickle(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict at the top level (EDM: ema, loss_fn, augment_pipe, "
-                         f"dataset_kwargs; EDM2: encoder, dataset_kwargs, loss_fn, ema), got {type(data).__name__}")
-    if key not in data:
-        raise ValueError(f"{path}: no key {key!r}; available top-level keys: {', '.join(map(str, data))}")
-    state_dict = _pkl_flatten(data[key], "", {}, f"{path}[{key!r}]")
-    return state_dict, dict(data[key].state.get("_init_kwargs") or {}), data[key].class_name
-
-
-def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
-    """Fetch url into dest_dir/<file name> and return that path. The bytes go to a temp file that
-    replaces the target only after the hash check; a copy already there that passes is reused.
-    `flag` is the CLI flag the offline error points to (e.g. "--data" for a dataset).
-    Multi-process runs: call it on rank 0 first, then barrier, then everywhere."""
-    name = urllib.parse.unquote(os.path.basename(urllib.parse.urlparse(url).path))
-    if not name:
-        raise ValueError(f"cannot derive a file name from the URL {url}")
-    path = os.path.join(dest_dir, name)
-    want = {k: v.lower() for k, v in (("sha256", sha256), ("md5", md5)) if v}
-    if os.path.isfile(path):
-        if all(_pkl_file_hash(path, k) == v for k, v in want.items()):
-            return path
-        print(f"{path} fails its hash check; downloading it again", flush=True)
-    os.makedirs(dest_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    hashes = {k: hashlib.new(k, usedforsecurity=False) for k in want}
-    try:
-        try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-                size = int(r.headers.get("Content-Length") or 0)
-                print(f"downloading {url} ({size / 2**20:.0f} MiB) -> {path}", flush=True)
-                while chunk := r.read(1 << 22):
-                    f.write(chunk)
-                    for h in hashes.values():
-                        h.update(chunk)
-        except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
-            raise OSError(f"cannot download {url}: {e}; "
-                               f"download it manually and pass its path with {flag}") from e
-        bad = [f"{k} expected {v}, got {hashes[k].hexdigest()}" for k, v in want.items() if hashes[k].hexdigest() != v]
-        if bad:
-            raise ValueError(f"hash mismatch for {url} ({'; '.join(bad)}); the download was deleted")
-        os.replace(tmp, path)
-    finally:
-        _pkl_remove(tmp)  # a no-op after os.replace; otherwise no partial file is left behind
-    return path
-
-
-def _pkl_file_hash(path, algo):
-    h = hashlib.new(algo, usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _pkl_remove(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _pkl_plain(v):
-    """Comparable form of a kwarg value: tuples -> lists, numpy scalars/arrays -> Python."""
-    if isinstance(v, (list, tuple)):
-        return [_pkl_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _pkl_plain(x) for k, x in v.items()}
-    if isinstance(v, (np.generic, np.ndarray)):
-        return v.tolist()
-    return v
-
-
-class _PklAbsent:
-    def __repr__(self):
-        return "<not recorded>"
-
-
-def check_init_kwargs(init_kwargs, expected, source, defaults=None):
-    """Raise if an official pickle's constructor kwargs differ from ours on any key of `expected`.
-
-    EDM/EDM2 record only the kwargs their train.py passed, flat: EDMPrecond has model_type,
-    model_channels, channel_mult, augment_dim, dropout, img_resolution, ... (all of SongUNet's kwargs
-    that were set, passed through **model_kwargs); EDM2 Precond has img_resolution, img_channels,
-    label_dim, use_fp16, model_channels, dropout. A key that was not recorded took the official
-    constructor default: pass those defaults in `defaults` to check such keys too. Leave training-only
-    kwargs (dropout, use_fp16) out of `expected`: the student may differ there on purpose.
-    """
-    defaults = defaults or {}
-    diffs = []
-    for k, want in expected.items():
-        have = init_kwargs[k] if k in init_kwargs else defaults.get(k, _PklAbsent())
-        if _pkl_plain(have) != _pkl_plain(want):
-            diffs.append(f"{k}: {source} has {have!r}, this model has {want!r}")
-    if diffs:
-        raise ValueError(f"{source} does not match the configured architecture:\n  " + "\n  ".join(diffs))
-
-
-# Teacher-only tensors: EDM's augmentation conditioning, EDM2's uncertainty (logvar) head.
-TEACHER_ONLY_KEYS = ("map_augment", "logvar_fourier", "logvar_linear")
-
-
-def copy_by_name(state_dict, module, ignore=TEACHER_ONLY_KEYS, prefix_map=None):
-    """Load state_dict into module (unwrapped: no DDP/compile prefixes) by name, strictly: every key
-    must be on both sides with the same shape, except keys with a dotted component in `ignore`,
-    which are copied when both sides have them and skipped otherwise. prefix_map {old: new} renames
-    checkpoint key prefixes first (e.g. {"model.": ""}). Returns the checkpoint keys skipped."""
-    src = {}
-    for k, v in state_dict.items():
-        old = next((p for p in (prefix_map or {}) if k.startswith(p)), None)
-        src[k if old is None else prefix_map[old] + k[len(old):]] = v
-    dst = module.state_dict()
-    required = {k for k in set(src) | set(dst) if not set(k.split(".")) & set(ignore)}
-    problems = {
-        "missing in checkpoint": [k for k in dst if k in required and k not in src],
-        "unexpected in checkpoint": [k for k in src if k in required and k not in dst],
-        "shape mismatch": [f"{k}: checkpoint {tuple(src[k].shape)} vs model {tuple(dst[k].shape)}"
-                           for k in dst if k in src and src[k].shape != dst[k].shape],
-    }
-    if any(problems.values()):
-        lines = [f"\n  {what} ({len(ks)}): " + ", ".join(ks[:12]) + (" ..." if len(ks) > 12 else "")
-                 for what, ks in problems.items() if ks]
-        raise ValueError(f"checkpoint does not fit {type(module).__name__}:" + "".join(lines))
-    module.load_state_dict({k: src[k] for k in dst if k in src}, strict=False)
-    return [k for k in src if k not in dst]
-
-# ----------------------------------------------------------------------------- SD-VAE
-# Stability AI's sd-vae-ft-mse, written out in plain PyTorch with the state_dict names of
-# diffusers' AutoencoderKL (block_out_channels 128/256/512/512, layers_per_block 2, 248 tensors,
-# 83,653,863 parameters) so that `diffusion_pytorch_model.safetensors` (or `.bin`) from the Hugging Face
-# repo `stabilityai/sd-vae-ft-mse` loads strictly. Pixels -> 8x smaller 4-channel latents and back.
-# Every norm is GroupNorm(32 groups, eps 1e-6), every activation SiLU, dropout 0. The VAE is frozen
-# and never differentiated with a JVP, so its attention may use F.scaled_dot_product_attention.
-
-
-class VAEResnetBlock(nn.Module):
-    """diffusers ResnetBlock2D without time embedding: x + conv2(silu(norm2(conv1(silu(norm1(x))))))."""
-
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(32, cin, eps=1e-6)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(32, cout, eps=1e-6)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None  # 1x1 only when widths change
-
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
-
-
-class VAEAttention(nn.Module):
-    """Single-head self-attention over all H*W positions with a GroupNorm in front and a residual."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.group_norm = nn.GroupNorm(32, ch, eps=1e-6)
-        self.to_q = nn.Linear(ch, ch)
-        self.to_k = nn.Linear(ch, ch)
-        self.to_v = nn.Linear(ch, ch)
-        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers keeps a Dropout(0) at to_out.1
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        t = self.group_norm(x).reshape(n, c, h * w).transpose(1, 2)  # [N, HW, C]
-        a = F.scaled_dot_product_attention(self.to_q(t), self.to_k(t), self.to_v(t))  # scale 1/sqrt(C): one head
-        return x + self.to_out[0](a).transpose(1, 2).reshape(n, c, h, w)
-
-
-class VAEResample(nn.Module):
-    """Downsample2D: zero-pad right and bottom by one, 3x3 conv stride 2 (H -> H/2 for even H).
-    Upsample2D: nearest-neighbour 2x, then 3x3 conv."""
-
-    def __init__(self, ch, up):
-        super().__init__()
-        self.up = up
-        self.conv = nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1 if up else 0)
-
-    def forward(self, x):
-        if self.up:
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as in the original LDM autoencoder
-
-
-class VAEDownBlock(nn.Module):
-    """diffusers DownEncoderBlock2D: resnets, then (except in the last block) a stride-2 downsampler."""
-
-    def __init__(self, cin, cout, num_resnets, down):
-        super().__init__()
-        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
-        self.downsamplers = nn.ModuleList([VAEResample(cout, up=False)]) if down else None
-
-    def forward(self, x):
-        for layer in [*self.resnets, *(self.downsamplers or [])]:
-            x = layer(x)
-        return x
-
-
-class VAEUpBlock(nn.Module):
-    """diffusers UpDecoderBlock2D: resnets, then (except in the last block) a 2x upsampler."""
-
-    def __init__(self, cin, cout, num_resnets, up):
-        super().__init__()
-        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
-        self.upsamplers = nn.ModuleList([VAEResample(cout, up=True)]) if up else None
-
-    def forward(self, x):
-        for layer in [*self.resnets, *(self.upsamplers or [])]:
-            x = layer(x)
-        return x
-
-
-class VAEMidBlock(nn.Module):
-    """diffusers UNetMidBlock2D at the lowest resolution: resnet, attention, resnet."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.attentions = nn.ModuleList([VAEAttention(ch)])
-        self.resnets = nn.ModuleList([VAEResnetBlock(ch, ch), VAEResnetBlock(ch, ch)])
-
-    def forward(self, x):
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
-
-
-class VAEEncoder(nn.Module):
-    def __init__(self, channels=(128, 256, 512, 512), num_resnets=2):
-        super().__init__()
-        self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
-        cins = [channels[0], *channels[:-1]]
-        self.down_blocks = nn.ModuleList([VAEDownBlock(ci, co, num_resnets, down=i < len(channels) - 1)
-                                          for i, (ci, co) in enumerate(zip(cins, channels))])
-        self.mid_block = VAEMidBlock(channels[-1])
-        self.conv_norm_out = nn.GroupNorm(32, channels[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(channels[-1], 8, 3, padding=1)  # 2 x 4 latent channels: mean and logvar
-
-    def forward(self, x):
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
-
-
-class VAEDecoder(nn.Module):
-    def __init__(self, channels=(128, 256, 512, 512), num_resnets=3):
-        super().__init__()
-        rev = channels[::-1]
-        self.conv_in = nn.Conv2d(4, rev[0], 3, padding=1)
-        # Registered before mid_block only to list the keys in diffusers' order; the data flows mid -> up.
-        self.up_blocks = nn.ModuleList([VAEUpBlock(ci, co, num_resnets, up=i < len(rev) - 1)
-                                        for i, (ci, co) in enumerate(zip([rev[0], *rev[:-1]], rev))])
-        self.mid_block = VAEMidBlock(rev[0])
-        self.conv_norm_out = nn.GroupNorm(32, rev[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(rev[-1], 3, 3, padding=1)
-
-    def forward(self, z):
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
-
-
-class AutoencoderKL(nn.Module):
-    """sd-vae-ft-mse. encode: pixels [N, 3, H, W] -> posterior (mean, std), each [N, 4, H/8, W/8];
-    decode: latents [N, 4, h, w] -> pixels [N, 3, 8h, 8w], not clamped. The SD convention feeds and
-    returns pixels in [-1, 1]; EDM2 deliberately feeds [0, 1] (see edm2_encode_pixels). `batch` splits
-    the work into micro-batches to bound memory; GroupNorm is per sample, so results do not depend on it.
-    EDM2 and DiT run it in float32: call it outside a bf16 autocast region to reproduce their numbers."""
-
-    def __init__(self):
-        super().__init__()
-        self.encoder = VAEEncoder()
-        self.decoder = VAEDecoder()
-        self.quant_conv = nn.Conv2d(8, 8, 1)
-        self.post_quant_conv = nn.Conv2d(4, 4, 1)
-
-    def encode(self, x, batch=None):
-        moments = torch.cat([self.quant_conv(self.encoder(c)) for c in x.split(batch or len(x))])
-        mean, logvar = moments.chunk(2, dim=1)
-        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers DiagonalGaussianDistribution
-
-    def decode(self, z, batch=None):
-        return torch.cat([self.decoder(self.post_quant_conv(c)) for c in z.split(batch or len(z))])
-
-
-_VAE_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_VAE_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # BF16 read as raw bits
-
-
-def read_safetensors(path):
-    """Reads a .safetensors file into {name: CPU tensor} in its stored dtype, without the safetensors
-    package. Format: 8-byte little-endian header length n, n bytes of JSON mapping each name to
-    {dtype, shape, data_offsets: [begin, end]} (offsets into the data that follows; an optional
-    "__metadata__" entry holds strings), then the raw little-endian tensor data."""
-    with open(path, "rb") as f:
-        blob = f.read()
-    if len(blob) < 8:
-        raise ValueError(f"{path}: not a safetensors file (only {len(blob)} bytes; truncated?)")
-    n = int.from_bytes(blob[:8], "little")
-    if 8 + n > len(blob):
-        raise ValueError(f"{path}: safetensors header claims {n} bytes but the file has {len(blob) - 8} "
-                         "after the length field (truncated, or not a safetensors file)")
-    try:
-        header = json.loads(blob[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: safetensors header is not a JSON object")
-    data = memoryview(blob)[8 + n:]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape = info["dtype"], [int(s) for s in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: malformed safetensors entry for {name!r}: {info!r}") from None
-        if dtype not in _VAE_SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}; supported: "
-                             f"{', '.join(_VAE_SAFETENSORS_DTYPES)}")
-        np_dtype = np.dtype(_VAE_SAFETENSORS_DTYPES[dtype])
-        count = int(np.prod(shape, dtype=np.int64))
-        if not 0 <= begin <= end or end - begin != count * np_dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name!r} has data_offsets {[begin, end]} inconsistent with "
-                             f"dtype {dtype} and shape {shape}")
-        if end > len(data):
-            raise ValueError(f"{path}: tensor {name!r} ends at byte {end} of the data section but the file "
-                             f"holds only {len(data)} bytes of data (truncated file)")
-        a = np.frombuffer(data, dtype=np_dtype, count=count, offset=begin).astype(np_dtype.newbyteorder("="))
-        if dtype == "BF16":  # bfloat16 = the upper 16 bits of a float32; numpy has no bfloat16
-            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-        else:
-            t = torch.from_numpy(a)
-        tensors[name] = t.reshape(shape)
-    return tensors
-
-
-def load_vae(path, device="cpu"):
-    """Loads sd-vae-ft-mse weights in the diffusers layout from a .safetensors file, a .bin/.pt/.pth
-    state_dict (torch.load with weights_only=True), or a folder holding diffusion_pytorch_model.* (the
-    Hugging Face repo layout). Accepts the attention names of diffusers before 0.15
-    (query/key/value/proj_attn) and attention weights stored as 1x1 convs. Returns the float32 model in
-    eval mode with requires_grad False."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        found = [os.path.join(path, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
-        found = [p for p in found if os.path.isfile(p)]
-        if not found:
-            raise FileNotFoundError(f"VAE folder {path} holds neither diffusion_pytorch_model.safetensors nor "
-                                    "diffusion_pytorch_model.bin (expected the stabilityai/sd-vae-ft-mse layout)")
-        path = found[0]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VAE weights not found: {path} (expected sd-vae-ft-mse in the diffusers layout, "
-                                "e.g. diffusion_pytorch_model.safetensors from stabilityai/sd-vae-ft-mse)")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
-        state = read_safetensors(path)
-    elif ext in (".bin", ".pt", ".pth"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path}: expected a flat state_dict of tensors (diffusers layout)")
-    else:
-        raise ValueError(f"{path}: unknown VAE weight format {ext!r}; expected .safetensors, .bin, .pt or .pth "
-                         "in the diffusers AutoencoderKL layout")
-
-    converted = {}
-    for name, t in state.items():
-        m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", name)
-        if m:  # older diffusers names, which diffusers itself renames on load (_convert_deprecated_attention_blocks)
-            name = f"{m[1]}.{_VAE_OLD_ATTENTION_NAMES[m[2]]}.{m[3]}"
-        if name in converted:
-            raise ValueError(f"{path}: {name} is present under both its old and its new attention name")
-        if re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", name) and t.ndim == 4 \
-                and t.shape[2:] == (1, 1):
-            t = t.reshape(t.shape[:2])  # a 1x1 conv over pixels is the same linear map over channels
-        converted[name] = t
-
-    with torch.device("meta"):  # shapes only: skips a random init that the weights would overwrite
-        vae = AutoencoderKL()
-    expected = vae.state_dict()
-    missing = [k for k in expected if k not in converted]
-    unexpected = [k for k in converted if k not in expected]
-    if missing or unexpected:
-        hint = " (this looks like the original CompVis/LDM layout; use the diffusers export)" \
-            if any(k.startswith(("encoder.down.", "first_stage_model.")) for k in unexpected) else ""
-        raise ValueError(f"{path}: not an sd-vae-ft-mse state_dict in the diffusers layout{hint}: "
-                         f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
-                         f"{unexpected[:5]}")
-    bad = [f"{k} {list(converted[k].shape)} != {list(v.shape)}" for k, v in expected.items()
-           if converted[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{path}: {len(bad)} tensors have the wrong shape, e.g. {bad[:3]}")
-    if not all(t.is_floating_point() for t in converted.values()):
-        raise ValueError(f"{path}: VAE weights must be floating point")
-    vae.load_state_dict({k: t.to(torch.float32) for k, t in converted.items()}, strict=True, assign=True)
-    return vae.eval().requires_grad_(False).to(device)
-
-
-def sample_latents(mean, std, generator=None):
-    """One draw from the VAE posterior N(mean, std^2). Datasets store the 8-channel [mean, std]
-    ("raw latents") so that every epoch sees a fresh draw (EDM2 and MeanFlow both do this).
-    A generator must live on the device of `mean`."""
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + noise * std
-
-
-# EDM2 convention (NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are
-# divided by 255 and the VAE sees [0, 1] (not the [-1, 1] it was trained on: EDM2's statistics and
-# checkpoints were made that way, so keep it); datasets hold [mean, std]; a latent drawn from them is
-# normalised per channel to std 0.5; decoded pixels are clamped to [0, 1] and scaled to uint8.
-EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)  # assumed mean of the raw latents, per channel
-EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)  # assumed std of the raw latents, per channel
-EDM2_FINAL_STD = 0.5  # = sigma_data
-
-
-def _edm2_scale_bias(z):
-    scale = np.float32(EDM2_FINAL_STD) / np.array(EDM2_RAW_STD, np.float32)  # float32 as in EDM2
-    bias = -np.array(EDM2_RAW_MEAN, np.float32) * scale
-    return [torch.as_tensor(a, dtype=z.dtype, device=z.device).reshape(1, -1, 1, 1) for a in (scale, bias)]
-
-
-def edm2_normalize_latents(z_raw):
-    """Raw VAE latent [N, 4, h, w] -> EDM2 model latent: z * scale + bias, scale = 0.5/raw_std,
-    bias = -raw_mean*scale."""
-    scale, bias = _edm2_scale_bias(z_raw)
-    return z_raw * scale + bias
-
-
-def edm2_unnormalize_latents(z):
-    """Inverse of edm2_normalize_latents: (z - bias) / scale."""
-    scale, bias = _edm2_scale_bias(z)
-    return (z - bias) / scale
-
-
-@torch.no_grad()
-def edm2_encode_pixels(vae, images, batch=8):
-    """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [0, 1]."""
-    p = next(vae.parameters())
-    mean, std = vae.encode(images.to(p.device, torch.float32) / 255, batch=batch)
-    return torch.cat([mean, std], dim=1)
-
-
-def edm2_encode_latents(raw, generator=None):
-    """Raw latents [N, 8, h, w] (mean, std) -> EDM2 model latents [N, 4, h, w]: draw, then normalise."""
-    mean, std = raw.to(torch.float32).chunk(2, dim=1)
-    return edm2_normalize_latents(sample_latents(mean, std, generator))
-
-
-@torch.no_grad()
-def edm2_decode(vae, z, batch=8):
-    """EDM2 model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (clamp [0, 1], x255, truncate)."""
-    p = next(vae.parameters())
-    x = vae.decode(edm2_unnormalize_latents(z.to(p.device, torch.float32)), batch=batch)
-    return x.clamp(0, 1).mul(255).to(torch.uint8)
-
-
-# MeanFlow/DiT convention (facebookresearch/DiT train.py and sample_ddp.py,
-# Gsunshine/meanflow utils/vae_util.py): pixels in [-1, 1] (x/127.5 - 1), latent = draw * 0.18215
-# (diffusers' scaling_factor for this VAE); decoded pixels become uint8 as clip(127.5 x + 128, 0, 255).
-SD_LATENT_SCALE = 0.18215
-
-
-def sd_scale_latents(z_raw):
-    """Raw VAE latent -> MeanFlow/DiT model latent."""
-    return z_raw * SD_LATENT_SCALE
-
-
-def sd_unscale_latents(z):
-    """MeanFlow/DiT model latent -> raw VAE latent."""
-    return z / SD_LATENT_SCALE
-
-
-@torch.no_grad()
-def sd_encode_pixels(vae, images, batch=8):
-    """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [-1, 1]."""
-    p = next(vae.parameters())
-    mean, std = vae.encode(images.to(p.device, torch.float32) / 127.5 - 1, batch=batch)
-    return torch.cat([mean, std], dim=1)
-
-
-def sd_encode_latents(raw, generator=None):
-    """Raw latents [N, 8, h, w] (mean, std) -> MeanFlow/DiT model latents [N, 4, h, w]: draw, then scale."""
-    mean, std = raw.to(torch.float32).chunk(2, dim=1)
-    return sd_scale_latents(sample_latents(mean, std, generator))
-
-
-@torch.no_grad()
-def sd_decode(vae, z, batch=8):
-    """MeanFlow/DiT model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (127.5 x + 128, clip, truncate)."""
-    p = next(vae.parameters())
-    x = vae.decode(sd_unscale_latents(z.to(p.device, torch.float32)), batch=batch)
-    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+# Official EDM/EDM2 .pkl loading, downloads and copy_by_name: see the appendix at the end of this file.
+# The SD-VAE, its safetensors reader and its latent conventions: see the appendix at the end of this file.
 
 # ----------------------------------------------------------------------------- teacher and solver
 def edm2_arch_kwargs(cfg):
@@ -2517,6 +1889,650 @@ def main(argv=None):
     if args.stage in ("pretrain", "mid", "post"):
         return train(cfg, args.stage)
     return dict(sample=run_sample, encode=run_encode)[args.stage](cfg)
+
+
+# ============================================================================= appendix
+# Plumbing pasted verbatim between the scripts so that each one stays self-contained: here the official
+# .pkl loader (also in cmt_cifar10.py) and the SD-VAE (also in meanflow_post.py). It stands after the method
+# because a reader needs none of it to follow the method. test_cmt.py checks that the text between the
+# marker lines is the same in every copy: edit all copies alike.
+
+
+# >>> pasted: official-pkl
+# ----------------------------------------------------------------------------- official checkpoints
+# EDM / EDM2 publish their networks as pickles (the format of NVlabs/edm torch_utils/persistence.py) in
+# which every network object is the call torch_utils.persistence._reconstruct_persistent_obj(meta),
+# meta = {type, version, module_src, class_name, state}. A plain pickle.load would exec `module_src`
+# (arbitrary code from the file). Our unpickler answers only the globals below; the persistent objects
+# become inert _PklObject records (class name + state dict) and `module_src` is dropped unread.
+
+try:  # numpy >= 2 writes numpy._core.* into pickles, numpy 1.x writes numpy.core.*; accept both
+    from numpy._core import multiarray as _pkl_np_multiarray
+except ImportError:
+    from numpy.core import multiarray as _pkl_np_multiarray
+
+
+class _PklObject:
+    """An unpickled EDM object: its class name and its __dict__, nothing callable."""
+    class_name, state = None, {}  # class defaults for a container pickled without state
+
+    def __init__(self, class_name=None, state=None):
+        self.class_name, self.state = class_name, dict(state or {})
+
+    def __setstate__(self, state):  # pickle's BUILD for plain torch containers (ModuleDict)
+        self.state = dict(state or {})
+
+
+class _PklModuleDict(_PklObject):
+    class_name = "ModuleDict"
+
+
+class _PklEasyDict(dict):
+    """Stands in for dnnlib.util.EasyDict (a dict with attribute access) at load time."""
+
+
+class PickleRefusedError(pickle.UnpicklingError):
+    pass
+
+
+def _pkl_reconstruct_persistent_obj(meta):
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
+        raise pickle.UnpicklingError("malformed torch_utils.persistence record (want type='class' and a state dict)")
+    return _PklObject(meta.get("class_name"), meta["state"])  # meta["module_src"] is never executed
+
+
+def _pkl_load_storage(blob):
+    # Each storage is a nested legacy torch.save blob: the weights-only loader reads it safely.
+    try:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), str(e))
+        raise PickleRefusedError(f"a tensor storage blob was refused by torch.load(weights_only=True): {why}") from None
+
+
+def _pkl_rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, collections.OrderedDict())
+
+
+def _pkl_rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    return data  # we only want the values; hooks are dropped
+
+
+# Every global an official EDM/EDM2 network pickle names (see the tests). Nothing else.
+_PKL_ALLOWED = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _pkl_reconstruct_persistent_obj,
+    ("torch.storage", "_load_from_bytes"): _pkl_load_storage,
+    ("torch._utils", "_rebuild_tensor_v2"): _pkl_rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _pkl_rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,  # module dicts (torch < 2) and tensor hooks
+    ("torch.nn.modules.container", "ModuleDict"): _PklModuleDict,  # enc/dec of SongUNet, DhariwalUNet, EDM2 UNet
+    ("dnnlib.util", "EasyDict"): _PklEasyDict,  # EDM2's top level and dataset_kwargs
+    ("numpy", "ndarray"): np.ndarray,  # EDM2's StabilityVAEEncoder keeps numpy scale/bias arrays,
+    ("numpy", "dtype"): np.dtype,  # EDM keeps numpy scalars (UNetBlock.skip_scale = np.sqrt(0.5), ...)
+    **{(m, n): getattr(_pkl_np_multiarray, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+       for n in ("_reconstruct", "scalar")},
+}
+
+
+class _PklUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        obj = _PKL_ALLOWED.get((module, name))
+        if obj is None:
+            raise PickleRefusedError(f"refusing to load global '{module}.{name}': it is not on the allowlist of "
+                                     "objects an official EDM/EDM2 network pickle needs")
+        return obj
+
+
+def _pkl_unpickle(path):
+    """Restricted unpickling of a local .pkl file: returns the top-level object with _PklObject records."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"official checkpoint not found: {path} (pass --teacher PATH|URL)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(0)
+        if head.startswith(b"PK\x03\x04"):
+            raise ValueError(f"{path} is a zip archive (a torch.save checkpoint?), not an EDM/EDM2 .pkl pickle")
+        try:
+            return _PklUnpickler(f).load()
+        except PickleRefusedError as e:
+            raise PickleRefusedError(f"{path}: {e}") from None
+        except Exception as e:  # garbage drives the pickle machine into any error type; all mean the same
+            raise ValueError(f"{path} is not a readable EDM/EDM2 pickle: {type(e).__name__}: {e}") from e
+
+
+def _pkl_flatten(obj, prefix, out, where):
+    """module.state_dict() order: own parameters, persistent buffers, then children, recursively."""
+    if not isinstance(obj, _PklObject) or not isinstance(obj.state.get("_parameters"), dict):
+        what = obj.class_name if isinstance(obj, _PklObject) else type(obj).__name__
+        raise ValueError(f"{where}: {prefix or 'the object'} is not a torch module (it is a {what})")
+    st = obj.state
+    skip = st.get("_non_persistent_buffers_set") or set()
+    items = list(st["_parameters"].items())
+    items += [(k, v) for k, v in (st.get("_buffers") or {}).items() if k not in skip]
+    for name, t in items:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where}: '{prefix}{name}' is a {type(t).__name__}, not a tensor")
+        t = t.detach()  # a fresh tensor object: nothing the pickle attached to the original comes along
+        out[prefix + name] = t.float() if t.is_floating_point() else t  # EDM2 stores float16
+    for name, child in (st.get("_modules") or {}).items():
+        if child is not None:
+            _pkl_flatten(child, f"{prefix}{name}.", out, where)
+    return out
+
+
+def load_official_pkl(path, key="ema", cache_dir=None, sha256=None, md5=None):
+    """Load an official EDM/EDM2 network pickle without running its code.
+
+    path: a local file or an http(s)/file URL (downloaded once into cache_dir, default
+    $CMT_CACHE or ~/.cache/cmt, verified against sha256/md5 when given).
+    Returns (state_dict, init_kwargs, class_name): the tensors of data[key] under the names and in
+    the order module.state_dict() gives, floating tensors as float32; the constructor kwargs the
+    object was built with (EDM/EDM2 record them in `_init_kwargs`); its class name, e.g. 'EDMPrecond'.
+    """
+    if urllib.parse.urlparse(str(path)).scheme in ("http", "https", "file"):
+        cache_dir = cache_dir or os.environ.get("CMT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cmt")
+        path = download(path, cache_dir, sha256=sha256, md5=md5)
+    data = _pkl_unpickle(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a dict at the top level (EDM: ema, loss_fn, augment_pipe, "
+                         f"dataset_kwargs; EDM2: encoder, dataset_kwargs, loss_fn, ema), got {type(data).__name__}")
+    if key not in data:
+        raise ValueError(f"{path}: no key {key!r}; available top-level keys: {', '.join(map(str, data))}")
+    state_dict = _pkl_flatten(data[key], "", {}, f"{path}[{key!r}]")
+    return state_dict, dict(data[key].state.get("_init_kwargs") or {}), data[key].class_name
+
+
+def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
+    """Fetch url into dest_dir/<file name> and return that path. The bytes go to a temp file that
+    replaces the target only after the hash check; a copy already there that passes is reused.
+    `flag` is the CLI flag the offline error points to (e.g. "--data" for a dataset).
+    Multi-process runs: call it on rank 0 first, then barrier, then everywhere."""
+    name = urllib.parse.unquote(os.path.basename(urllib.parse.urlparse(url).path))
+    if not name:
+        raise ValueError(f"cannot derive a file name from the URL {url}")
+    path = os.path.join(dest_dir, name)
+    want = {k: v.lower() for k, v in (("sha256", sha256), ("md5", md5)) if v}
+    if os.path.isfile(path):
+        if all(_pkl_file_hash(path, k) == v for k, v in want.items()):
+            return path
+        print(f"{path} fails its hash check; downloading it again", flush=True)
+    os.makedirs(dest_dir, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    hashes = {k: hashlib.new(k, usedforsecurity=False) for k in want}
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                size = int(r.headers.get("Content-Length") or 0)
+                print(f"downloading {url} ({size / 2**20:.0f} MiB) -> {path}", flush=True)
+                while chunk := r.read(1 << 22):
+                    f.write(chunk)
+                    for h in hashes.values():
+                        h.update(chunk)
+        except (OSError, ValueError) as e:  # URLError, HTTPError and timeouts are OSErrors
+            raise OSError(f"cannot download {url}: {e}; "
+                               f"download it manually and pass its path with {flag}") from e
+        bad = [f"{k} expected {v}, got {hashes[k].hexdigest()}" for k, v in want.items() if hashes[k].hexdigest() != v]
+        if bad:
+            raise ValueError(f"hash mismatch for {url} ({'; '.join(bad)}); the download was deleted")
+        os.replace(tmp, path)
+    finally:
+        _pkl_remove(tmp)  # a no-op after os.replace; otherwise no partial file is left behind
+    return path
+
+
+def _pkl_file_hash(path, algo):
+    h = hashlib.new(algo, usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pkl_remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _pkl_plain(v):
+    """Comparable form of a kwarg value: tuples -> lists, numpy scalars/arrays -> Python."""
+    if isinstance(v, (list, tuple)):
+        return [_pkl_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _pkl_plain(x) for k, x in v.items()}
+    if isinstance(v, (np.generic, np.ndarray)):
+        return v.tolist()
+    return v
+
+
+class _PklAbsent:
+    def __repr__(self):
+        return "<not recorded>"
+
+
+def check_init_kwargs(init_kwargs, expected, source, defaults=None):
+    """Raise if an official pickle's constructor kwargs differ from ours on any key of `expected`.
+
+    EDM/EDM2 record only the kwargs their train.py passed, flat: EDMPrecond has model_type,
+    model_channels, channel_mult, augment_dim, dropout, img_resolution, ... (all of SongUNet's kwargs
+    that were set, passed through **model_kwargs); EDM2 Precond has img_resolution, img_channels,
+    label_dim, use_fp16, model_channels, dropout. A key that was not recorded took the official
+    constructor default: pass those defaults in `defaults` to check such keys too. Leave training-only
+    kwargs (dropout, use_fp16) out of `expected`: the student may differ there on purpose.
+    """
+    defaults = defaults or {}
+    diffs = []
+    for k, want in expected.items():
+        have = init_kwargs[k] if k in init_kwargs else defaults.get(k, _PklAbsent())
+        if _pkl_plain(have) != _pkl_plain(want):
+            diffs.append(f"{k}: {source} has {have!r}, this model has {want!r}")
+    if diffs:
+        raise ValueError(f"{source} does not match the configured architecture:\n  " + "\n  ".join(diffs))
+
+
+# Teacher-only tensors: EDM's augmentation conditioning, EDM2's uncertainty (logvar) head.
+TEACHER_ONLY_KEYS = ("map_augment", "logvar_fourier", "logvar_linear")
+
+
+def copy_by_name(state_dict, module, ignore=TEACHER_ONLY_KEYS, prefix_map=None):
+    """Load state_dict into module (unwrapped: no DDP/compile prefixes) by name, strictly: every key
+    must be on both sides with the same shape, except keys with a dotted component in `ignore`,
+    which are copied when both sides have them and skipped otherwise. prefix_map {old: new} renames
+    checkpoint key prefixes first (e.g. {"model.": ""}). Returns the checkpoint keys skipped."""
+    src = {}
+    for k, v in state_dict.items():
+        old = next((p for p in (prefix_map or {}) if k.startswith(p)), None)
+        src[k if old is None else prefix_map[old] + k[len(old):]] = v
+    dst = module.state_dict()
+    required = {k for k in set(src) | set(dst) if not set(k.split(".")) & set(ignore)}
+    problems = {
+        "missing in checkpoint": [k for k in dst if k in required and k not in src],
+        "unexpected in checkpoint": [k for k in src if k in required and k not in dst],
+        "shape mismatch": [f"{k}: checkpoint {tuple(src[k].shape)} vs model {tuple(dst[k].shape)}"
+                           for k in dst if k in src and src[k].shape != dst[k].shape],
+    }
+    if any(problems.values()):
+        lines = [f"\n  {what} ({len(ks)}): " + ", ".join(ks[:12]) + (" ..." if len(ks) > 12 else "")
+                 for what, ks in problems.items() if ks]
+        raise ValueError(f"checkpoint does not fit {type(module).__name__}:" + "".join(lines))
+    module.load_state_dict({k: src[k] for k in dst if k in src}, strict=False)
+    return [k for k in src if k not in dst]
+# <<< pasted: official-pkl
+
+
+# >>> pasted: sd-vae
+# ----------------------------------------------------------------------------- SD-VAE
+# Stability AI's sd-vae-ft-mse, written out in plain PyTorch with the state_dict names of
+# diffusers' AutoencoderKL (block_out_channels 128/256/512/512, layers_per_block 2, 248 tensors,
+# 83,653,863 parameters) so that `diffusion_pytorch_model.safetensors` (or `.bin`) from the Hugging Face
+# repo `stabilityai/sd-vae-ft-mse` loads strictly. Pixels -> 8x smaller 4-channel latents and back.
+# Every norm is GroupNorm(32 groups, eps 1e-6), every activation SiLU, dropout 0. The VAE is frozen
+# and never differentiated with a JVP, so its attention may use F.scaled_dot_product_attention.
+
+
+class VAEResnetBlock(nn.Module):
+    """diffusers ResnetBlock2D without time embedding: x + conv2(silu(norm2(conv1(silu(norm1(x))))))."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(32, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(32, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None  # 1x1 only when widths change
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over all H*W positions with a GroupNorm in front and a residual."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(32, ch, eps=1e-6)
+        self.to_q = nn.Linear(ch, ch)
+        self.to_k = nn.Linear(ch, ch)
+        self.to_v = nn.Linear(ch, ch)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers keeps a Dropout(0) at to_out.1
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        t = self.group_norm(x).reshape(n, c, h * w).transpose(1, 2)  # [N, HW, C]
+        a = F.scaled_dot_product_attention(self.to_q(t), self.to_k(t), self.to_v(t))  # scale 1/sqrt(C): one head
+        return x + self.to_out[0](a).transpose(1, 2).reshape(n, c, h, w)
+
+
+class VAEResample(nn.Module):
+    """Downsample2D: zero-pad right and bottom by one, 3x3 conv stride 2 (H -> H/2 for even H).
+    Upsample2D: nearest-neighbour 2x, then 3x3 conv."""
+
+    def __init__(self, ch, up):
+        super().__init__()
+        self.up = up
+        self.conv = nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1 if up else 0)
+
+    def forward(self, x):
+        if self.up:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as in the original LDM autoencoder
+
+
+class VAEDownBlock(nn.Module):
+    """diffusers DownEncoderBlock2D: resnets, then (except in the last block) a stride-2 downsampler."""
+
+    def __init__(self, cin, cout, num_resnets, down):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
+        self.downsamplers = nn.ModuleList([VAEResample(cout, up=False)]) if down else None
+
+    def forward(self, x):
+        for layer in [*self.resnets, *(self.downsamplers or [])]:
+            x = layer(x)
+        return x
+
+
+class VAEUpBlock(nn.Module):
+    """diffusers UpDecoderBlock2D: resnets, then (except in the last block) a 2x upsampler."""
+
+    def __init__(self, cin, cout, num_resnets, up):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
+        self.upsamplers = nn.ModuleList([VAEResample(cout, up=True)]) if up else None
+
+    def forward(self, x):
+        for layer in [*self.resnets, *(self.upsamplers or [])]:
+            x = layer(x)
+        return x
+
+
+class VAEMidBlock(nn.Module):
+    """diffusers UNetMidBlock2D at the lowest resolution: resnet, attention, resnet."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.attentions = nn.ModuleList([VAEAttention(ch)])
+        self.resnets = nn.ModuleList([VAEResnetBlock(ch, ch), VAEResnetBlock(ch, ch)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, channels=(128, 256, 512, 512), num_resnets=2):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
+        cins = [channels[0], *channels[:-1]]
+        self.down_blocks = nn.ModuleList([VAEDownBlock(ci, co, num_resnets, down=i < len(channels) - 1)
+                                          for i, (ci, co) in enumerate(zip(cins, channels))])
+        self.mid_block = VAEMidBlock(channels[-1])
+        self.conv_norm_out = nn.GroupNorm(32, channels[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(channels[-1], 8, 3, padding=1)  # 2 x 4 latent channels: mean and logvar
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, channels=(128, 256, 512, 512), num_resnets=3):
+        super().__init__()
+        rev = channels[::-1]
+        self.conv_in = nn.Conv2d(4, rev[0], 3, padding=1)
+        # Registered before mid_block only to list the keys in diffusers' order; the data flows mid -> up.
+        self.up_blocks = nn.ModuleList([VAEUpBlock(ci, co, num_resnets, up=i < len(rev) - 1)
+                                        for i, (ci, co) in enumerate(zip([rev[0], *rev[:-1]], rev))])
+        self.mid_block = VAEMidBlock(rev[0])
+        self.conv_norm_out = nn.GroupNorm(32, rev[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(rev[-1], 3, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    """sd-vae-ft-mse. encode: pixels [N, 3, H, W] -> posterior (mean, std), each [N, 4, H/8, W/8];
+    decode: latents [N, 4, h, w] -> pixels [N, 3, 8h, 8w], not clamped. The SD convention feeds and
+    returns pixels in [-1, 1]; EDM2 deliberately feeds [0, 1] (see edm2_encode_pixels). `batch` splits
+    the work into micro-batches to bound memory; GroupNorm is per sample, so results do not depend on it.
+    EDM2 and DiT run it in float32: call it outside a bf16 autocast region to reproduce their numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = VAEEncoder()
+        self.decoder = VAEDecoder()
+        self.quant_conv = nn.Conv2d(8, 8, 1)
+        self.post_quant_conv = nn.Conv2d(4, 4, 1)
+
+    def encode(self, x, batch=None):
+        moments = torch.cat([self.quant_conv(self.encoder(c)) for c in x.split(batch or len(x))])
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers DiagonalGaussianDistribution
+
+    def decode(self, z, batch=None):
+        return torch.cat([self.decoder(self.post_quant_conv(c)) for c in z.split(batch or len(z))])
+
+
+_VAE_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_VAE_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # BF16 read as raw bits
+
+
+def read_safetensors(path):
+    """Reads a .safetensors file into {name: CPU tensor} in its stored dtype, without the safetensors
+    package. Format: 8-byte little-endian header length n, n bytes of JSON mapping each name to
+    {dtype, shape, data_offsets: [begin, end]} (offsets into the data that follows; an optional
+    "__metadata__" entry holds strings), then the raw little-endian tensor data."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    if len(blob) < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {len(blob)} bytes; truncated?)")
+    n = int.from_bytes(blob[:8], "little")
+    if 8 + n > len(blob):
+        raise ValueError(f"{path}: safetensors header claims {n} bytes but the file has {len(blob) - 8} "
+                         "after the length field (truncated, or not a safetensors file)")
+    try:
+        header = json.loads(blob[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is not a JSON object")
+    data = memoryview(blob)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = info["dtype"], [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: malformed safetensors entry for {name!r}: {info!r}") from None
+        if dtype not in _VAE_SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}; supported: "
+                             f"{', '.join(_VAE_SAFETENSORS_DTYPES)}")
+        np_dtype = np.dtype(_VAE_SAFETENSORS_DTYPES[dtype])
+        count = int(np.prod(shape, dtype=np.int64))
+        if not 0 <= begin <= end or end - begin != count * np_dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name!r} has data_offsets {[begin, end]} inconsistent with "
+                             f"dtype {dtype} and shape {shape}")
+        if end > len(data):
+            raise ValueError(f"{path}: tensor {name!r} ends at byte {end} of the data section but the file "
+                             f"holds only {len(data)} bytes of data (truncated file)")
+        a = np.frombuffer(data, dtype=np_dtype, count=count, offset=begin).astype(np_dtype.newbyteorder("="))
+        if dtype == "BF16":  # bfloat16 = the upper 16 bits of a float32; numpy has no bfloat16
+            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(a)
+        tensors[name] = t.reshape(shape)
+    return tensors
+
+
+def load_vae(path, device="cpu"):
+    """Loads sd-vae-ft-mse weights in the diffusers layout from a .safetensors file, a .bin/.pt/.pth
+    state_dict (torch.load with weights_only=True), or a folder holding diffusion_pytorch_model.* (the
+    Hugging Face repo layout). Accepts the attention names of diffusers before 0.15
+    (query/key/value/proj_attn) and attention weights stored as 1x1 convs. Returns the float32 model in
+    eval mode with requires_grad False."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = [os.path.join(path, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
+        found = [p for p in found if os.path.isfile(p)]
+        if not found:
+            raise FileNotFoundError(f"VAE folder {path} holds neither diffusion_pytorch_model.safetensors nor "
+                                    "diffusion_pytorch_model.bin (expected the stabilityai/sd-vae-ft-mse layout)")
+        path = found[0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VAE weights not found: {path} (expected sd-vae-ft-mse in the diffusers layout, "
+                                "e.g. diffusion_pytorch_model.safetensors from stabilityai/sd-vae-ft-mse)")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        state = read_safetensors(path)
+    elif ext in (".bin", ".pt", ".pth"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path}: expected a flat state_dict of tensors (diffusers layout)")
+    else:
+        raise ValueError(f"{path}: unknown VAE weight format {ext!r}; expected .safetensors, .bin, .pt or .pth "
+                         "in the diffusers AutoencoderKL layout")
+
+    converted = {}
+    for name, t in state.items():
+        m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", name)
+        if m:  # older diffusers names, which diffusers itself renames on load (_convert_deprecated_attention_blocks)
+            name = f"{m[1]}.{_VAE_OLD_ATTENTION_NAMES[m[2]]}.{m[3]}"
+        if name in converted:
+            raise ValueError(f"{path}: {name} is present under both its old and its new attention name")
+        if re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", name) and t.ndim == 4 \
+                and t.shape[2:] == (1, 1):
+            t = t.reshape(t.shape[:2])  # a 1x1 conv over pixels is the same linear map over channels
+        converted[name] = t
+
+    with torch.device("meta"):  # shapes only: skips a random init that the weights would overwrite
+        vae = AutoencoderKL()
+    expected = vae.state_dict()
+    missing = [k for k in expected if k not in converted]
+    unexpected = [k for k in converted if k not in expected]
+    if missing or unexpected:
+        hint = " (this looks like the original CompVis/LDM layout; use the diffusers export)" \
+            if any(k.startswith(("encoder.down.", "first_stage_model.")) for k in unexpected) else ""
+        raise ValueError(f"{path}: not an sd-vae-ft-mse state_dict in the diffusers layout{hint}: "
+                         f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
+                         f"{unexpected[:5]}")
+    bad = [f"{k} {list(converted[k].shape)} != {list(v.shape)}" for k, v in expected.items()
+           if converted[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensors have the wrong shape, e.g. {bad[:3]}")
+    if not all(t.is_floating_point() for t in converted.values()):
+        raise ValueError(f"{path}: VAE weights must be floating point")
+    vae.load_state_dict({k: t.to(torch.float32) for k, t in converted.items()}, strict=True, assign=True)
+    return vae.eval().requires_grad_(False).to(device)
+
+
+def sample_latents(mean, std, generator=None):
+    """One draw from the VAE posterior N(mean, std^2). Datasets store the 8-channel [mean, std]
+    (the "raw latents" of NVlabs/edm2 training/encoders.py) so that every epoch sees a fresh draw (EDM2 and
+    MeanFlow both do this).
+    A generator must live on the device of `mean`."""
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + noise * std
+
+
+# EDM2 convention (NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are
+# divided by 255 and the VAE sees [0, 1] (not the [-1, 1] it was trained on: EDM2's statistics and
+# checkpoints were made that way, so keep it); datasets hold [mean, std]; a latent drawn from them is
+# normalised per channel to std 0.5; decoded pixels are clamped to [0, 1] and scaled to uint8.
+EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)  # assumed mean of the raw latents, per channel
+EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)  # assumed std of the raw latents, per channel
+EDM2_FINAL_STD = 0.5  # = sigma_data
+
+
+def _edm2_scale_bias(z):
+    scale = np.float32(EDM2_FINAL_STD) / np.array(EDM2_RAW_STD, np.float32)  # float32 as in EDM2
+    bias = -np.array(EDM2_RAW_MEAN, np.float32) * scale
+    return [torch.as_tensor(a, dtype=z.dtype, device=z.device).reshape(1, -1, 1, 1) for a in (scale, bias)]
+
+
+def edm2_normalize_latents(z_raw):
+    """Raw VAE latent [N, 4, h, w] -> EDM2 model latent: z * scale + bias, scale = 0.5/raw_std,
+    bias = -raw_mean*scale."""
+    scale, bias = _edm2_scale_bias(z_raw)
+    return z_raw * scale + bias
+
+
+def edm2_unnormalize_latents(z):
+    """Inverse of edm2_normalize_latents: (z - bias) / scale."""
+    scale, bias = _edm2_scale_bias(z)
+    return (z - bias) / scale
+
+
+@torch.no_grad()
+def edm2_encode_pixels(vae, images, batch=8):
+    """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [0, 1]."""
+    p = next(vae.parameters())
+    mean, std = vae.encode(images.to(p.device, torch.float32) / 255, batch=batch)
+    return torch.cat([mean, std], dim=1)
+
+
+def edm2_encode_latents(raw, generator=None):
+    """Raw latents [N, 8, h, w] (mean, std) -> EDM2 model latents [N, 4, h, w]: draw, then normalise."""
+    mean, std = raw.to(torch.float32).chunk(2, dim=1)
+    return edm2_normalize_latents(sample_latents(mean, std, generator))
+
+
+@torch.no_grad()
+def edm2_decode(vae, z, batch=8):
+    """EDM2 model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (clamp [0, 1], x255, truncate)."""
+    p = next(vae.parameters())
+    x = vae.decode(edm2_unnormalize_latents(z.to(p.device, torch.float32)), batch=batch)
+    return x.clamp(0, 1).mul(255).to(torch.uint8)
+
+
+# MeanFlow/DiT convention (facebookresearch/DiT train.py and sample_ddp.py,
+# Gsunshine/meanflow utils/vae_util.py): pixels in [-1, 1] (x/127.5 - 1), latent = draw * 0.18215
+# (diffusers' scaling_factor for this VAE); decoded pixels become uint8 as clip(127.5 x + 128, 0, 255).
+SD_LATENT_SCALE = 0.18215
+
+
+def sd_scale_latents(z_raw):
+    """Raw VAE latent -> MeanFlow/DiT model latent."""
+    return z_raw * SD_LATENT_SCALE
+
+
+def sd_unscale_latents(z):
+    """MeanFlow/DiT model latent -> raw VAE latent."""
+    return z / SD_LATENT_SCALE
+
+
+@torch.no_grad()
+def sd_encode_pixels(vae, images, batch=8):
+    """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [-1, 1]."""
+    p = next(vae.parameters())
+    mean, std = vae.encode(images.to(p.device, torch.float32) / 127.5 - 1, batch=batch)
+    return torch.cat([mean, std], dim=1)
+
+
+def sd_encode_latents(raw, generator=None):
+    """Raw latents [N, 8, h, w] (mean, std) -> MeanFlow/DiT model latents [N, 4, h, w]: draw, then scale."""
+    mean, std = raw.to(torch.float32).chunk(2, dim=1)
+    return sd_scale_latents(sample_latents(mean, std, generator))
+
+
+@torch.no_grad()
+def sd_decode(vae, z, batch=8):
+    """MeanFlow/DiT model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (127.5 x + 128, clip, truncate)."""
+    p = next(vae.parameters())
+    x = vae.decode(sd_unscale_latents(z.to(p.device, torch.float32)), batch=batch)
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+# <<< pasted: sd-vae
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """MeanFlow post-training initialised by Consistency Mid-Training (CMT-MF) on ImageNet-256 latents.
 
 Reference implementation of the MeanFlow part of "Consistency Mid-Training" (CMT, arXiv 2509.24526),
-built on MeanFlow (Geng et al., arXiv 2505.13447). One file: DiT-MF network, SD-VAE, teacher sampler,
-both losses, sampling, DDP training loop. Convention (MeanFlow): t = 1 is noise, t = 0 is data,
+built on MeanFlow (Geng et al., arXiv 2505.13447). One file: DiT-MF network, teacher sampler, both losses,
+sampling, DDP training loop, and the SD-VAE in an appendix at the end (shared verbatim with cmt_imagenet.py).
+Convention (MeanFlow): t = 1 is noise, t = 0 is data,
 
     z_t = (1 - t) x + t e,   v = e - x,   e ~ N(0, I),   x = SD-VAE latent * 0.18215.
 
@@ -235,375 +236,7 @@ class LatentShards:
         return x, torch.from_numpy(labels.astype(np.int64)).to(device)
 
 
-# ----------------------------------------------------------------------------- SD-VAE
-# Stability AI's sd-vae-ft-mse, written out in plain PyTorch with the state_dict names of
-# diffusers' AutoencoderKL (block_out_channels 128/256/512/512, layers_per_block 2, 248 tensors,
-# 83,653,863 parameters) so that `diffusion_pytorch_model.safetensors` (or `.bin`) from the Hugging Face
-# repo `stabilityai/sd-vae-ft-mse` loads strictly. Pixels -> 8x smaller 4-channel latents and back.
-# Every norm is GroupNorm(32 groups, eps 1e-6), every activation SiLU, dropout 0. The VAE is frozen
-# and never differentiated with a JVP, so its attention may use F.scaled_dot_product_attention.
-
-
-class VAEResnetBlock(nn.Module):
-    """diffusers ResnetBlock2D without time embedding: x + conv2(silu(norm2(conv1(silu(norm1(x))))))."""
-
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(32, cin, eps=1e-6)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(32, cout, eps=1e-6)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None  # 1x1 only when widths change
-
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
-
-
-class VAEAttention(nn.Module):
-    """Single-head self-attention over all H*W positions with a GroupNorm in front and a residual."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.group_norm = nn.GroupNorm(32, ch, eps=1e-6)
-        self.to_q = nn.Linear(ch, ch)
-        self.to_k = nn.Linear(ch, ch)
-        self.to_v = nn.Linear(ch, ch)
-        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers keeps a Dropout(0) at to_out.1
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        t = self.group_norm(x).reshape(n, c, h * w).transpose(1, 2)  # [N, HW, C]
-        a = F.scaled_dot_product_attention(self.to_q(t), self.to_k(t), self.to_v(t))  # scale 1/sqrt(C): one head
-        return x + self.to_out[0](a).transpose(1, 2).reshape(n, c, h, w)
-
-
-class VAEResample(nn.Module):
-    """Downsample2D: zero-pad right and bottom by one, 3x3 conv stride 2 (H -> H/2 for even H).
-    Upsample2D: nearest-neighbour 2x, then 3x3 conv."""
-
-    def __init__(self, ch, up):
-        super().__init__()
-        self.up = up
-        self.conv = nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1 if up else 0)
-
-    def forward(self, x):
-        if self.up:
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as in the original LDM autoencoder
-
-
-class VAEDownBlock(nn.Module):
-    """diffusers DownEncoderBlock2D: resnets, then (except in the last block) a stride-2 downsampler."""
-
-    def __init__(self, cin, cout, num_resnets, down):
-        super().__init__()
-        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
-        self.downsamplers = nn.ModuleList([VAEResample(cout, up=False)]) if down else None
-
-    def forward(self, x):
-        for layer in [*self.resnets, *(self.downsamplers or [])]:
-            x = layer(x)
-        return x
-
-
-class VAEUpBlock(nn.Module):
-    """diffusers UpDecoderBlock2D: resnets, then (except in the last block) a 2x upsampler."""
-
-    def __init__(self, cin, cout, num_resnets, up):
-        super().__init__()
-        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
-        self.upsamplers = nn.ModuleList([VAEResample(cout, up=True)]) if up else None
-
-    def forward(self, x):
-        for layer in [*self.resnets, *(self.upsamplers or [])]:
-            x = layer(x)
-        return x
-
-
-class VAEMidBlock(nn.Module):
-    """diffusers UNetMidBlock2D at the lowest resolution: resnet, attention, resnet."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.attentions = nn.ModuleList([VAEAttention(ch)])
-        self.resnets = nn.ModuleList([VAEResnetBlock(ch, ch), VAEResnetBlock(ch, ch)])
-
-    def forward(self, x):
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
-
-
-class VAEEncoder(nn.Module):
-    def __init__(self, channels=(128, 256, 512, 512), num_resnets=2):
-        super().__init__()
-        self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
-        cins = [channels[0], *channels[:-1]]
-        self.down_blocks = nn.ModuleList([VAEDownBlock(ci, co, num_resnets, down=i < len(channels) - 1)
-                                          for i, (ci, co) in enumerate(zip(cins, channels))])
-        self.mid_block = VAEMidBlock(channels[-1])
-        self.conv_norm_out = nn.GroupNorm(32, channels[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(channels[-1], 8, 3, padding=1)  # 2 x 4 latent channels: mean and logvar
-
-    def forward(self, x):
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
-
-
-class VAEDecoder(nn.Module):
-    def __init__(self, channels=(128, 256, 512, 512), num_resnets=3):
-        super().__init__()
-        rev = channels[::-1]
-        self.conv_in = nn.Conv2d(4, rev[0], 3, padding=1)
-        # Registered before mid_block only to list the keys in diffusers' order; the data flows mid -> up.
-        self.up_blocks = nn.ModuleList([VAEUpBlock(ci, co, num_resnets, up=i < len(rev) - 1)
-                                        for i, (ci, co) in enumerate(zip([rev[0], *rev[:-1]], rev))])
-        self.mid_block = VAEMidBlock(rev[0])
-        self.conv_norm_out = nn.GroupNorm(32, rev[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(rev[-1], 3, 3, padding=1)
-
-    def forward(self, z):
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
-
-
-class AutoencoderKL(nn.Module):
-    """sd-vae-ft-mse. encode: pixels [N, 3, H, W] -> posterior (mean, std), each [N, 4, H/8, W/8];
-    decode: latents [N, 4, h, w] -> pixels [N, 3, 8h, 8w], not clamped. The SD convention feeds and
-    returns pixels in [-1, 1]; EDM2 deliberately feeds [0, 1] (see edm2_encode_pixels). `batch` splits
-    the work into micro-batches to bound memory; GroupNorm is per sample, so results do not depend on it.
-    EDM2 and DiT run it in float32: call it outside a bf16 autocast region to reproduce their numbers."""
-
-    def __init__(self):
-        super().__init__()
-        self.encoder = VAEEncoder()
-        self.decoder = VAEDecoder()
-        self.quant_conv = nn.Conv2d(8, 8, 1)
-        self.post_quant_conv = nn.Conv2d(4, 4, 1)
-
-    def encode(self, x, batch=None):
-        moments = torch.cat([self.quant_conv(self.encoder(c)) for c in x.split(batch or len(x))])
-        mean, logvar = moments.chunk(2, dim=1)
-        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers DiagonalGaussianDistribution
-
-    def decode(self, z, batch=None):
-        return torch.cat([self.decoder(self.post_quant_conv(c)) for c in z.split(batch or len(z))])
-
-
-_VAE_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_VAE_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # BF16 read as raw bits
-
-
-def read_safetensors(path):
-    """Reads a .safetensors file into {name: CPU tensor} in its stored dtype, without the safetensors
-    package. Format: 8-byte little-endian header length n, n bytes of JSON mapping each name to
-    {dtype, shape, data_offsets: [begin, end]} (offsets into the data that follows; an optional
-    "__metadata__" entry holds strings), then the raw little-endian tensor data."""
-    with open(path, "rb") as f:
-        blob = f.read()
-    if len(blob) < 8:
-        raise ValueError(f"{path}: not a safetensors file (only {len(blob)} bytes; truncated?)")
-    n = int.from_bytes(blob[:8], "little")
-    if 8 + n > len(blob):
-        raise ValueError(f"{path}: safetensors header claims {n} bytes but the file has {len(blob) - 8} "
-                         "after the length field (truncated, or not a safetensors file)")
-    try:
-        header = json.loads(blob[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: safetensors header is not a JSON object")
-    data = memoryview(blob)[8 + n:]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape = info["dtype"], [int(s) for s in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: malformed safetensors entry for {name!r}: {info!r}") from None
-        if dtype not in _VAE_SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}; supported: "
-                             f"{', '.join(_VAE_SAFETENSORS_DTYPES)}")
-        np_dtype = np.dtype(_VAE_SAFETENSORS_DTYPES[dtype])
-        count = int(np.prod(shape, dtype=np.int64))
-        if not 0 <= begin <= end or end - begin != count * np_dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name!r} has data_offsets {[begin, end]} inconsistent with "
-                             f"dtype {dtype} and shape {shape}")
-        if end > len(data):
-            raise ValueError(f"{path}: tensor {name!r} ends at byte {end} of the data section but the file "
-                             f"holds only {len(data)} bytes of data (truncated file)")
-        a = np.frombuffer(data, dtype=np_dtype, count=count, offset=begin).astype(np_dtype.newbyteorder("="))
-        if dtype == "BF16":  # bfloat16 = the upper 16 bits of a float32; numpy has no bfloat16
-            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-        else:
-            t = torch.from_numpy(a)
-        tensors[name] = t.reshape(shape)
-    return tensors
-
-
-def load_vae(path, device="cpu"):
-    """Loads sd-vae-ft-mse weights in the diffusers layout from a .safetensors file, a .bin/.pt/.pth
-    state_dict (torch.load with weights_only=True), or a folder holding diffusion_pytorch_model.* (the
-    Hugging Face repo layout). Accepts the attention names of diffusers before 0.15
-    (query/key/value/proj_attn) and attention weights stored as 1x1 convs. Returns the float32 model in
-    eval mode with requires_grad False."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        found = [os.path.join(path, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
-        found = [p for p in found if os.path.isfile(p)]
-        if not found:
-            raise FileNotFoundError(f"VAE folder {path} holds neither diffusion_pytorch_model.safetensors nor "
-                                    "diffusion_pytorch_model.bin (expected the stabilityai/sd-vae-ft-mse layout)")
-        path = found[0]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VAE weights not found: {path} (expected sd-vae-ft-mse in the diffusers layout, "
-                                "e.g. diffusion_pytorch_model.safetensors from stabilityai/sd-vae-ft-mse)")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
-        state = read_safetensors(path)
-    elif ext in (".bin", ".pt", ".pth"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path}: expected a flat state_dict of tensors (diffusers layout)")
-    else:
-        raise ValueError(f"{path}: unknown VAE weight format {ext!r}; expected .safetensors, .bin, .pt or .pth "
-                         "in the diffusers AutoencoderKL layout")
-
-    converted = {}
-    for name, t in state.items():
-        m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", name)
-        if m:  # older diffusers names, which diffusers itself renames on load (_convert_deprecated_attention_blocks)
-            name = f"{m[1]}.{_VAE_OLD_ATTENTION_NAMES[m[2]]}.{m[3]}"
-        if name in converted:
-            raise ValueError(f"{path}: {name} is present under both its old and its new attention name")
-        if re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", name) and t.ndim == 4 \
-                and t.shape[2:] == (1, 1):
-            t = t.reshape(t.shape[:2])  # a 1x1 conv over pixels is the same linear map over channels
-        converted[name] = t
-
-    with torch.device("meta"):  # shapes only: skips a random init that the weights would overwrite
-        vae = AutoencoderKL()
-    expected = vae.state_dict()
-    missing = [k for k in expected if k not in converted]
-    unexpected = [k for k in converted if k not in expected]
-    if missing or unexpected:
-        hint = " (this looks like the original CompVis/LDM layout; use the diffusers export)" \
-            if any(k.startswith(("encoder.down.", "first_stage_model.")) for k in unexpected) else ""
-        raise ValueError(f"{path}: not an sd-vae-ft-mse state_dict in the diffusers layout{hint}: "
-                         f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
-                         f"{unexpected[:5]}")
-    bad = [f"{k} {list(converted[k].shape)} != {list(v.shape)}" for k, v in expected.items()
-           if converted[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{path}: {len(bad)} tensors have the wrong shape, e.g. {bad[:3]}")
-    if not all(t.is_floating_point() for t in converted.values()):
-        raise ValueError(f"{path}: VAE weights must be floating point")
-    vae.load_state_dict({k: t.to(torch.float32) for k, t in converted.items()}, strict=True, assign=True)
-    return vae.eval().requires_grad_(False).to(device)
-
-
-def sample_latents(mean, std, generator=None):
-    """One draw from the VAE posterior N(mean, std^2). Datasets store the 8-channel [mean, std]
-    (the "raw latents" of NVlabs/edm2 training/encoders.py) so that every epoch sees a fresh draw (EDM2 and
-    MeanFlow both do this).
-    A generator must live on the device of `mean`."""
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + noise * std
-
-
-# EDM2 convention (NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are
-# divided by 255 and the VAE sees [0, 1] (not the [-1, 1] it was trained on: EDM2's statistics and
-# checkpoints were made that way, so keep it); datasets hold [mean, std]; a latent drawn from them is
-# normalised per channel to std 0.5; decoded pixels are clamped to [0, 1] and scaled to uint8.
-EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)  # assumed mean of the raw latents, per channel
-EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)  # assumed std of the raw latents, per channel
-EDM2_FINAL_STD = 0.5  # = sigma_data
-
-
-def _edm2_scale_bias(z):
-    scale = np.float32(EDM2_FINAL_STD) / np.array(EDM2_RAW_STD, np.float32)  # float32 as in EDM2
-    bias = -np.array(EDM2_RAW_MEAN, np.float32) * scale
-    return [torch.as_tensor(a, dtype=z.dtype, device=z.device).reshape(1, -1, 1, 1) for a in (scale, bias)]
-
-
-def edm2_normalize_latents(z_raw):
-    """Raw VAE latent [N, 4, h, w] -> EDM2 model latent: z * scale + bias, scale = 0.5/raw_std,
-    bias = -raw_mean*scale."""
-    scale, bias = _edm2_scale_bias(z_raw)
-    return z_raw * scale + bias
-
-
-def edm2_unnormalize_latents(z):
-    """Inverse of edm2_normalize_latents: (z - bias) / scale."""
-    scale, bias = _edm2_scale_bias(z)
-    return (z - bias) / scale
-
-
-@torch.no_grad()
-def edm2_encode_pixels(vae, images, batch=8):
-    """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [0, 1]."""
-    p = next(vae.parameters())
-    mean, std = vae.encode(images.to(p.device, torch.float32) / 255, batch=batch)
-    return torch.cat([mean, std], dim=1)
-
-
-def edm2_encode_latents(raw, generator=None):
-    """Raw latents [N, 8, h, w] (mean, std) -> EDM2 model latents [N, 4, h, w]: draw, then normalise."""
-    mean, std = raw.to(torch.float32).chunk(2, dim=1)
-    return edm2_normalize_latents(sample_latents(mean, std, generator))
-
-
-@torch.no_grad()
-def edm2_decode(vae, z, batch=8):
-    """EDM2 model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (clamp [0, 1], x255, truncate)."""
-    p = next(vae.parameters())
-    x = vae.decode(edm2_unnormalize_latents(z.to(p.device, torch.float32)), batch=batch)
-    return x.clamp(0, 1).mul(255).to(torch.uint8)
-
-
-# MeanFlow/DiT convention (facebookresearch/DiT train.py and sample_ddp.py,
-# Gsunshine/meanflow utils/vae_util.py): pixels in [-1, 1] (x/127.5 - 1), latent = draw * 0.18215
-# (diffusers' scaling_factor for this VAE); decoded pixels become uint8 as clip(127.5 x + 128, 0, 255).
-SD_LATENT_SCALE = 0.18215
-
-
-def sd_scale_latents(z_raw):
-    """Raw VAE latent -> MeanFlow/DiT model latent."""
-    return z_raw * SD_LATENT_SCALE
-
-
-def sd_unscale_latents(z):
-    """MeanFlow/DiT model latent -> raw VAE latent."""
-    return z / SD_LATENT_SCALE
-
-
-@torch.no_grad()
-def sd_encode_pixels(vae, images, batch=8):
-    """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [-1, 1]."""
-    p = next(vae.parameters())
-    mean, std = vae.encode(images.to(p.device, torch.float32) / 127.5 - 1, batch=batch)
-    return torch.cat([mean, std], dim=1)
-
-
-def sd_encode_latents(raw, generator=None):
-    """Raw latents [N, 8, h, w] (mean, std) -> MeanFlow/DiT model latents [N, 4, h, w]: draw, then scale."""
-    mean, std = raw.to(torch.float32).chunk(2, dim=1)
-    return sd_scale_latents(sample_latents(mean, std, generator))
-
-
-@torch.no_grad()
-def sd_decode(vae, z, batch=8):
-    """MeanFlow/DiT model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (127.5 x + 128, clip, truncate)."""
-    p = next(vae.parameters())
-    x = vae.decode(sd_unscale_latents(z.to(p.device, torch.float32)), batch=batch)
-    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-
+# The SD-VAE, its safetensors reader and its latent conventions: see the appendix at the end of this file.
 
 # ----------------------------------------------------------------------------- network
 
@@ -1771,6 +1404,385 @@ def cli():
     if dist.is_initialized():
         dist.barrier()  # a rank that tears gloo down while a peer is still talking aborts
         dist.destroy_process_group()
+
+
+# ============================================================================= appendix
+# Plumbing pasted verbatim between the scripts so that each one stays self-contained: here the SD-VAE
+# (also in cmt_imagenet.py). It stands after the method because a reader needs none of it to follow the
+# method. test_cmt.py checks that the text between the marker lines is the same in every copy: edit all
+# copies alike.
+
+
+# >>> pasted: sd-vae
+# ----------------------------------------------------------------------------- SD-VAE
+# Stability AI's sd-vae-ft-mse, written out in plain PyTorch with the state_dict names of
+# diffusers' AutoencoderKL (block_out_channels 128/256/512/512, layers_per_block 2, 248 tensors,
+# 83,653,863 parameters) so that `diffusion_pytorch_model.safetensors` (or `.bin`) from the Hugging Face
+# repo `stabilityai/sd-vae-ft-mse` loads strictly. Pixels -> 8x smaller 4-channel latents and back.
+# Every norm is GroupNorm(32 groups, eps 1e-6), every activation SiLU, dropout 0. The VAE is frozen
+# and never differentiated with a JVP, so its attention may use F.scaled_dot_product_attention.
+
+
+class VAEResnetBlock(nn.Module):
+    """diffusers ResnetBlock2D without time embedding: x + conv2(silu(norm2(conv1(silu(norm1(x))))))."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(32, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(32, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None  # 1x1 only when widths change
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over all H*W positions with a GroupNorm in front and a residual."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(32, ch, eps=1e-6)
+        self.to_q = nn.Linear(ch, ch)
+        self.to_k = nn.Linear(ch, ch)
+        self.to_v = nn.Linear(ch, ch)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers keeps a Dropout(0) at to_out.1
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        t = self.group_norm(x).reshape(n, c, h * w).transpose(1, 2)  # [N, HW, C]
+        a = F.scaled_dot_product_attention(self.to_q(t), self.to_k(t), self.to_v(t))  # scale 1/sqrt(C): one head
+        return x + self.to_out[0](a).transpose(1, 2).reshape(n, c, h, w)
+
+
+class VAEResample(nn.Module):
+    """Downsample2D: zero-pad right and bottom by one, 3x3 conv stride 2 (H -> H/2 for even H).
+    Upsample2D: nearest-neighbour 2x, then 3x3 conv."""
+
+    def __init__(self, ch, up):
+        super().__init__()
+        self.up = up
+        self.conv = nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1 if up else 0)
+
+    def forward(self, x):
+        if self.up:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as in the original LDM autoencoder
+
+
+class VAEDownBlock(nn.Module):
+    """diffusers DownEncoderBlock2D: resnets, then (except in the last block) a stride-2 downsampler."""
+
+    def __init__(self, cin, cout, num_resnets, down):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
+        self.downsamplers = nn.ModuleList([VAEResample(cout, up=False)]) if down else None
+
+    def forward(self, x):
+        for layer in [*self.resnets, *(self.downsamplers or [])]:
+            x = layer(x)
+        return x
+
+
+class VAEUpBlock(nn.Module):
+    """diffusers UpDecoderBlock2D: resnets, then (except in the last block) a 2x upsampler."""
+
+    def __init__(self, cin, cout, num_resnets, up):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
+        self.upsamplers = nn.ModuleList([VAEResample(cout, up=True)]) if up else None
+
+    def forward(self, x):
+        for layer in [*self.resnets, *(self.upsamplers or [])]:
+            x = layer(x)
+        return x
+
+
+class VAEMidBlock(nn.Module):
+    """diffusers UNetMidBlock2D at the lowest resolution: resnet, attention, resnet."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.attentions = nn.ModuleList([VAEAttention(ch)])
+        self.resnets = nn.ModuleList([VAEResnetBlock(ch, ch), VAEResnetBlock(ch, ch)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, channels=(128, 256, 512, 512), num_resnets=2):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
+        cins = [channels[0], *channels[:-1]]
+        self.down_blocks = nn.ModuleList([VAEDownBlock(ci, co, num_resnets, down=i < len(channels) - 1)
+                                          for i, (ci, co) in enumerate(zip(cins, channels))])
+        self.mid_block = VAEMidBlock(channels[-1])
+        self.conv_norm_out = nn.GroupNorm(32, channels[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(channels[-1], 8, 3, padding=1)  # 2 x 4 latent channels: mean and logvar
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, channels=(128, 256, 512, 512), num_resnets=3):
+        super().__init__()
+        rev = channels[::-1]
+        self.conv_in = nn.Conv2d(4, rev[0], 3, padding=1)
+        # Registered before mid_block only to list the keys in diffusers' order; the data flows mid -> up.
+        self.up_blocks = nn.ModuleList([VAEUpBlock(ci, co, num_resnets, up=i < len(rev) - 1)
+                                        for i, (ci, co) in enumerate(zip([rev[0], *rev[:-1]], rev))])
+        self.mid_block = VAEMidBlock(rev[0])
+        self.conv_norm_out = nn.GroupNorm(32, rev[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(rev[-1], 3, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    """sd-vae-ft-mse. encode: pixels [N, 3, H, W] -> posterior (mean, std), each [N, 4, H/8, W/8];
+    decode: latents [N, 4, h, w] -> pixels [N, 3, 8h, 8w], not clamped. The SD convention feeds and
+    returns pixels in [-1, 1]; EDM2 deliberately feeds [0, 1] (see edm2_encode_pixels). `batch` splits
+    the work into micro-batches to bound memory; GroupNorm is per sample, so results do not depend on it.
+    EDM2 and DiT run it in float32: call it outside a bf16 autocast region to reproduce their numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = VAEEncoder()
+        self.decoder = VAEDecoder()
+        self.quant_conv = nn.Conv2d(8, 8, 1)
+        self.post_quant_conv = nn.Conv2d(4, 4, 1)
+
+    def encode(self, x, batch=None):
+        moments = torch.cat([self.quant_conv(self.encoder(c)) for c in x.split(batch or len(x))])
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers DiagonalGaussianDistribution
+
+    def decode(self, z, batch=None):
+        return torch.cat([self.decoder(self.post_quant_conv(c)) for c in z.split(batch or len(z))])
+
+
+_VAE_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_VAE_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # BF16 read as raw bits
+
+
+def read_safetensors(path):
+    """Reads a .safetensors file into {name: CPU tensor} in its stored dtype, without the safetensors
+    package. Format: 8-byte little-endian header length n, n bytes of JSON mapping each name to
+    {dtype, shape, data_offsets: [begin, end]} (offsets into the data that follows; an optional
+    "__metadata__" entry holds strings), then the raw little-endian tensor data."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    if len(blob) < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {len(blob)} bytes; truncated?)")
+    n = int.from_bytes(blob[:8], "little")
+    if 8 + n > len(blob):
+        raise ValueError(f"{path}: safetensors header claims {n} bytes but the file has {len(blob) - 8} "
+                         "after the length field (truncated, or not a safetensors file)")
+    try:
+        header = json.loads(blob[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header is not a JSON object")
+    data = memoryview(blob)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = info["dtype"], [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: malformed safetensors entry for {name!r}: {info!r}") from None
+        if dtype not in _VAE_SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}; supported: "
+                             f"{', '.join(_VAE_SAFETENSORS_DTYPES)}")
+        np_dtype = np.dtype(_VAE_SAFETENSORS_DTYPES[dtype])
+        count = int(np.prod(shape, dtype=np.int64))
+        if not 0 <= begin <= end or end - begin != count * np_dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name!r} has data_offsets {[begin, end]} inconsistent with "
+                             f"dtype {dtype} and shape {shape}")
+        if end > len(data):
+            raise ValueError(f"{path}: tensor {name!r} ends at byte {end} of the data section but the file "
+                             f"holds only {len(data)} bytes of data (truncated file)")
+        a = np.frombuffer(data, dtype=np_dtype, count=count, offset=begin).astype(np_dtype.newbyteorder("="))
+        if dtype == "BF16":  # bfloat16 = the upper 16 bits of a float32; numpy has no bfloat16
+            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(a)
+        tensors[name] = t.reshape(shape)
+    return tensors
+
+
+def load_vae(path, device="cpu"):
+    """Loads sd-vae-ft-mse weights in the diffusers layout from a .safetensors file, a .bin/.pt/.pth
+    state_dict (torch.load with weights_only=True), or a folder holding diffusion_pytorch_model.* (the
+    Hugging Face repo layout). Accepts the attention names of diffusers before 0.15
+    (query/key/value/proj_attn) and attention weights stored as 1x1 convs. Returns the float32 model in
+    eval mode with requires_grad False."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = [os.path.join(path, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
+        found = [p for p in found if os.path.isfile(p)]
+        if not found:
+            raise FileNotFoundError(f"VAE folder {path} holds neither diffusion_pytorch_model.safetensors nor "
+                                    "diffusion_pytorch_model.bin (expected the stabilityai/sd-vae-ft-mse layout)")
+        path = found[0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VAE weights not found: {path} (expected sd-vae-ft-mse in the diffusers layout, "
+                                "e.g. diffusion_pytorch_model.safetensors from stabilityai/sd-vae-ft-mse)")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        state = read_safetensors(path)
+    elif ext in (".bin", ".pt", ".pth"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path}: expected a flat state_dict of tensors (diffusers layout)")
+    else:
+        raise ValueError(f"{path}: unknown VAE weight format {ext!r}; expected .safetensors, .bin, .pt or .pth "
+                         "in the diffusers AutoencoderKL layout")
+
+    converted = {}
+    for name, t in state.items():
+        m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", name)
+        if m:  # older diffusers names, which diffusers itself renames on load (_convert_deprecated_attention_blocks)
+            name = f"{m[1]}.{_VAE_OLD_ATTENTION_NAMES[m[2]]}.{m[3]}"
+        if name in converted:
+            raise ValueError(f"{path}: {name} is present under both its old and its new attention name")
+        if re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", name) and t.ndim == 4 \
+                and t.shape[2:] == (1, 1):
+            t = t.reshape(t.shape[:2])  # a 1x1 conv over pixels is the same linear map over channels
+        converted[name] = t
+
+    with torch.device("meta"):  # shapes only: skips a random init that the weights would overwrite
+        vae = AutoencoderKL()
+    expected = vae.state_dict()
+    missing = [k for k in expected if k not in converted]
+    unexpected = [k for k in converted if k not in expected]
+    if missing or unexpected:
+        hint = " (this looks like the original CompVis/LDM layout; use the diffusers export)" \
+            if any(k.startswith(("encoder.down.", "first_stage_model.")) for k in unexpected) else ""
+        raise ValueError(f"{path}: not an sd-vae-ft-mse state_dict in the diffusers layout{hint}: "
+                         f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
+                         f"{unexpected[:5]}")
+    bad = [f"{k} {list(converted[k].shape)} != {list(v.shape)}" for k, v in expected.items()
+           if converted[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensors have the wrong shape, e.g. {bad[:3]}")
+    if not all(t.is_floating_point() for t in converted.values()):
+        raise ValueError(f"{path}: VAE weights must be floating point")
+    vae.load_state_dict({k: t.to(torch.float32) for k, t in converted.items()}, strict=True, assign=True)
+    return vae.eval().requires_grad_(False).to(device)
+
+
+def sample_latents(mean, std, generator=None):
+    """One draw from the VAE posterior N(mean, std^2). Datasets store the 8-channel [mean, std]
+    (the "raw latents" of NVlabs/edm2 training/encoders.py) so that every epoch sees a fresh draw (EDM2 and
+    MeanFlow both do this).
+    A generator must live on the device of `mean`."""
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + noise * std
+
+
+# EDM2 convention (NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are
+# divided by 255 and the VAE sees [0, 1] (not the [-1, 1] it was trained on: EDM2's statistics and
+# checkpoints were made that way, so keep it); datasets hold [mean, std]; a latent drawn from them is
+# normalised per channel to std 0.5; decoded pixels are clamped to [0, 1] and scaled to uint8.
+EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)  # assumed mean of the raw latents, per channel
+EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)  # assumed std of the raw latents, per channel
+EDM2_FINAL_STD = 0.5  # = sigma_data
+
+
+def _edm2_scale_bias(z):
+    scale = np.float32(EDM2_FINAL_STD) / np.array(EDM2_RAW_STD, np.float32)  # float32 as in EDM2
+    bias = -np.array(EDM2_RAW_MEAN, np.float32) * scale
+    return [torch.as_tensor(a, dtype=z.dtype, device=z.device).reshape(1, -1, 1, 1) for a in (scale, bias)]
+
+
+def edm2_normalize_latents(z_raw):
+    """Raw VAE latent [N, 4, h, w] -> EDM2 model latent: z * scale + bias, scale = 0.5/raw_std,
+    bias = -raw_mean*scale."""
+    scale, bias = _edm2_scale_bias(z_raw)
+    return z_raw * scale + bias
+
+
+def edm2_unnormalize_latents(z):
+    """Inverse of edm2_normalize_latents: (z - bias) / scale."""
+    scale, bias = _edm2_scale_bias(z)
+    return (z - bias) / scale
+
+
+@torch.no_grad()
+def edm2_encode_pixels(vae, images, batch=8):
+    """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [0, 1]."""
+    p = next(vae.parameters())
+    mean, std = vae.encode(images.to(p.device, torch.float32) / 255, batch=batch)
+    return torch.cat([mean, std], dim=1)
+
+
+def edm2_encode_latents(raw, generator=None):
+    """Raw latents [N, 8, h, w] (mean, std) -> EDM2 model latents [N, 4, h, w]: draw, then normalise."""
+    mean, std = raw.to(torch.float32).chunk(2, dim=1)
+    return edm2_normalize_latents(sample_latents(mean, std, generator))
+
+
+@torch.no_grad()
+def edm2_decode(vae, z, batch=8):
+    """EDM2 model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (clamp [0, 1], x255, truncate)."""
+    p = next(vae.parameters())
+    x = vae.decode(edm2_unnormalize_latents(z.to(p.device, torch.float32)), batch=batch)
+    return x.clamp(0, 1).mul(255).to(torch.uint8)
+
+
+# MeanFlow/DiT convention (facebookresearch/DiT train.py and sample_ddp.py,
+# Gsunshine/meanflow utils/vae_util.py): pixels in [-1, 1] (x/127.5 - 1), latent = draw * 0.18215
+# (diffusers' scaling_factor for this VAE); decoded pixels become uint8 as clip(127.5 x + 128, 0, 255).
+SD_LATENT_SCALE = 0.18215
+
+
+def sd_scale_latents(z_raw):
+    """Raw VAE latent -> MeanFlow/DiT model latent."""
+    return z_raw * SD_LATENT_SCALE
+
+
+def sd_unscale_latents(z):
+    """MeanFlow/DiT model latent -> raw VAE latent."""
+    return z / SD_LATENT_SCALE
+
+
+@torch.no_grad()
+def sd_encode_pixels(vae, images, batch=8):
+    """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [-1, 1]."""
+    p = next(vae.parameters())
+    mean, std = vae.encode(images.to(p.device, torch.float32) / 127.5 - 1, batch=batch)
+    return torch.cat([mean, std], dim=1)
+
+
+def sd_encode_latents(raw, generator=None):
+    """Raw latents [N, 8, h, w] (mean, std) -> MeanFlow/DiT model latents [N, 4, h, w]: draw, then scale."""
+    mean, std = raw.to(torch.float32).chunk(2, dim=1)
+    return sd_scale_latents(sample_latents(mean, std, generator))
+
+
+@torch.no_grad()
+def sd_decode(vae, z, batch=8):
+    """MeanFlow/DiT model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (127.5 x + 128, clip, truncate)."""
+    p = next(vae.parameters())
+    x = vae.decode(sd_unscale_latents(z.to(p.device, torch.float32)), batch=batch)
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+# <<< pasted: sd-vae
 
 
 if __name__ == "__main__":

@@ -685,6 +685,40 @@ def pkl(request):
     return importlib.import_module(request.param)
 
 
+# Each script is self-contained, so plumbing that two scripts need is pasted into both, between the lines
+# `# >>> pasted: NAME` and `# <<< pasted: NAME` in the script's appendix (after the method, before the
+# `if __name__ == "__main__":` guard). The tests of each block run on every copy (PKL_MODULES, VAE_MODULES).
+PASTED = {"official-pkl": ["cmt_cifar10.py", "cmt_imagenet.py"], "sd-vae": ["cmt_imagenet.py", "meanflow_post.py"]}
+SCRIPTS = ["cmt_cifar10.py", "cmt_imagenet.py", "meanflow_post.py"]
+
+
+def pasted_block(script, name):
+    """The bytes between the two marker lines of block `name` in `script`; each marker stands exactly once."""
+    lines = (ROOT / script).read_bytes().splitlines(keepends=True)
+    begin, end = f"# >>> pasted: {name}\n".encode(), f"# <<< pasted: {name}\n".encode()
+    assert (lines.count(begin), lines.count(end)) == (1, 1), f"{script}: markers of '{name}' not exactly once each"
+    i, j = lines.index(begin), lines.index(end)
+    assert i < j, f"{script}: '{name}' ends before it begins"
+    assert j < lines.index(b'if __name__ == "__main__":\n'), f"{script}: '{name}' is not before the __main__ guard"
+    return b"".join(lines[i + 1:j])
+
+
+@pytest.mark.parametrize("name", PASTED)
+def test_pasted_blocks_stay_copies(name):
+    """Copies stay copies: the scripts that carry a block hold it byte for byte, the others hold no marker of it,
+    and the tests of the block run on every copy."""
+    first, *others = [pasted_block(script, name) for script in PASTED[name]]
+    assert len(first.splitlines()) > 200  # the whole section, not an empty pair of markers
+    for script, block in zip(PASTED[name][1:], others):
+        assert block == first, f"'{name}' in {script} differs from {PASTED[name][0]}: paste the edited copy into both"
+    for script in SCRIPTS:
+        text = (ROOT / script).read_text()
+        names = re.findall(r"^# (?:>>>|<<<) pasted: (\S+)$", text, flags=re.M)
+        assert set(names) <= set(PASTED), f"{script}: marker of an unknown block {set(names) - set(PASTED)}"
+        assert (name in names) == (script in PASTED[name]), f"{script}: marker of '{name}' found: {name in names}"
+    assert {"official-pkl": PKL_MODULES, "sd-vae": VAE_MODULES}[name] == [s[:-3] for s in PASTED[name]]
+
+
 # ----------------------------------------------------------------------------- fake official modules
 def pkl_fake_reconstruct(meta):  # pickled by reference only; loading must never call it
     raise AssertionError("the real reconstruct function must never run")
