@@ -1015,24 +1015,33 @@ def _python_state():
 
 
 @torch.no_grad()
-def quality_row(net, cfg, steps, num):
-    """Flow-map error of `steps`-step sampling against the exact class-conditional map (toy data: every
-    class is one Gaussian, so z_0 = e - u_exact(e, 0, 1) in closed form) and pixel Frechet distance
-    against fresh toy samples."""
-    import fid
+def eval_batch(cfg, num):
+    """The evaluation's fixed noise e, labels taking the classes in turn, and the exact class-conditional flow
+    map z_0 = e - u(e, 0, 1) (toy data: every class is one Gaussian, so u is gaussian_average_velocity in
+    closed form). Every row of the quality table and of comparison.png starts from this e."""
     mu, std = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"])
-    gen = torch.Generator().manual_seed(12345)
     y = torch.arange(num) % cfg["num_classes"]
-    e = torch.randn((num, cfg["channels"], cfg["res"], cfg["res"]), generator=gen)
+    e = torch.randn((num, cfg["channels"], cfg["res"], cfg["res"]), generator=torch.Generator().manual_seed(12345))
+    s = std[y].double().view(-1, 1, 1, 1)  # per-sample class std, broadcast over C, H, W
+    u = gaussian_average_velocity(e.double(), torch.zeros(()), torch.ones(()), mu[y].double(), s)
+    return e, y, e - u.float()
+
+
+@torch.no_grad()
+def quality_row(net, cfg, steps, num):
+    """Flow-map error of `steps`-step sampling against the exact map from the same noise (eval_batch) and
+    pixel Frechet distance against fresh toy samples. Returns (err, fd, x), x the samples."""
+    import fid
+    e, y, z0 = eval_batch(cfg, num)
     x = sample_fewstep(net.eval(), e, y, steps)
-    z0 = e - gaussian_average_velocity(e.double(), torch.zeros(()), torch.ones(()), mu[y].double(), std[y].double().view(-1, 1, 1, 1)).float()
     err = (x - z0).square().mean().item()
+    mu, std = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"])
     ref, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(54321), "cpu")
     fd = fid.frechet_distance(*fid.mean_cov(x.flatten(1).double().numpy()), *fid.mean_cov(ref.flatten(1).double().numpy()))
-    return err, fd
+    return err, fd, x
 
 
-TINY_PIPELINE_ENTRIES = {"teacher", "mid", "post", "post-random", "quality.txt", "quality.txt.tmp"}
+TINY_PIPELINE_ENTRIES = {"teacher", "mid", "post", "post-random", "quality.txt", "quality.txt.tmp", "comparison.png"}
 
 
 def check_pipeline_outdir(outdir, resume):
@@ -1056,7 +1065,8 @@ def check_pipeline_outdir(outdir, resume):
 
 def run_tiny_pipeline(cfg_for, outdir, baseline=True):
     """--preset tiny without --stage: teacher (pretrain) -> mid -> post, plus post from random init at the
-    same budget, then the quality table. With --resume auto (in cfg) every stage continues its folder."""
+    same budget, then the quality table and comparison.png (for the same noise and labels: the exact map,
+    the teacher, each student at 1 and 2 steps). With --resume auto (in cfg) every stage continues its folder."""
     outdir = Path(outdir)
     check_pipeline_outdir(outdir, cfg_for("post").get("resume"))
     times, nets = {}, {}
@@ -1069,22 +1079,34 @@ def run_tiny_pipeline(cfg_for, outdir, baseline=True):
         t0 = time.time()
         tr = Trainer(cfg, stage, outdir / name).run()
         times[name], nets[name] = time.time() - t0, (tr.ema, cfg)
-    rows = [("teacher (MF, pretrain)", "teacher", 1), ("teacher (MF, pretrain)", "teacher", cfg_for("mid")["teacher_steps"]),
-            ("CMT-MF mid", "mid", 1), ("MeanFlow post from mid", "post", 1), ("MeanFlow post from mid", "post", 2)]
-    if baseline:
-        rows.append(("MeanFlow post from random (baseline)", "post-random", 1))
+    names = {"teacher": "teacher (MF, pretrain)", "mid": "CMT-MF mid", "post": "MeanFlow post from mid",
+             "post-random": "MeanFlow post from random (baseline)"}
+    teacher_steps = cfg_for("mid")["teacher_steps"]
+    rows = [("teacher", 1), ("teacher", teacher_steps), ("mid", 1), ("post", 1), ("post", 2)]
+    rows += [("post-random", 1)] * baseline
     num = cfg_for("post")["num_eval"]
+    k = 2 * cfg_for("post")["num_classes"]  # comparison.png: the first k samples, two per class
     lines = [f"{'model':<38} {'steps':>5} {'flow-map err':>13} {'pixel FD':>10} {'wall time':>10}"]
-    for label, name, steps in rows:
+    shown = {}
+    for name, steps in rows:
         net, cfg = nets[name]
-        err, fd = quality_row(net, cfg, steps, num)
-        lines.append(f"{label:<38} {steps:>5} {err:>13.5f} {fd:>10.4f} {times[name]:>9.1f}s")
+        err, fd, x = quality_row(net, cfg, steps, num)
+        shown[name, steps] = x[:k]
+        lines.append(f"{names[name]:<38} {steps:>5} {err:>13.5f} {fd:>10.4f} {times[name]:>9.1f}s")
     ref = quality_reference(cfg_for("post"), num)
     lines.append(f"{'(toy data vs fresh toy data)':<38} {'-':>5} {0.0:>13.5f} {ref:>10.4f} {'-':>10}")
     table = "\n".join(lines)
     print("\nQuality on the toy mixture (flow-map err: MSE per element vs the exact map from the same noise;\n"
           f"pixel FD: Frechet distance of raw {cfg_for('post')['channels']}x{cfg_for('post')['res']}x{cfg_for('post')['res']} vectors vs {num} fresh samples)\n" + table, flush=True)
     write_text_atomic(outdir / "quality.txt", table + "\n")
+    # The picture reuses the table's samples; the rows the table leaves out are drawn from the same noise.
+    e, y, z0 = (v[:k] for v in eval_batch(cfg_for("post"), num))
+    pics = [("exact flow map", z0)]
+    students = [(name, steps) for name in nets if name != "teacher" for steps in (1, 2)]
+    for name, steps in [("teacher", teacher_steps)] + students:
+        x = shown[name, steps] if (name, steps) in shown else sample_fewstep(nets[name][0].eval(), e, y, steps)
+        pics.append((f"{names[name]}, {steps} step{'s' * (steps > 1)}", x))
+    save_comparison(pics, outdir / "comparison.png")
     return table
 
 
@@ -1095,6 +1117,24 @@ def quality_reference(cfg, num):
     a, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(1), "cpu")
     b, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(54321), "cpu")
     return fid.frechet_distance(*fid.mean_cov(a.flatten(1).double().numpy()), *fid.mean_cov(b.flatten(1).double().numpy()))
+
+
+def save_comparison(rows, path, scale=8, gap=4):
+    """One labelled row of tiles per (name, x [k, C, H, W] toy latents), each enlarged `scale` times
+    (nearest neighbour) so that 8x8 samples can be seen; as cmt_imagenet.py's save_comparison. The toy's
+    latents have 4 channels: the first three are shown as RGB, [-1, 1] -> uint8 (latents_to_uint8)."""
+    from PIL import Image, ImageDraw
+    k, _, h, w = rows[0][1].shape
+    label_w, th, tw = 290, h * scale, w * scale  # 290: the longest label in PIL's bitmap font (6 px a letter)
+    canvas = Image.new("RGB", (label_w + k * (tw + gap), len(rows) * (th + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (name, x) in enumerate(rows):
+        img = latents_to_uint8(x, None)
+        for j in range(k):
+            tile = Image.fromarray(img[j]).resize((tw, th), Image.NEAREST)
+            canvas.paste(tile, (label_w + j * (tw + gap), i * (th + gap)))
+        draw.text((6, i * (th + gap) + th // 2 - 6), name, fill="black")
+    canvas.save(path)
 
 
 @torch.no_grad()

@@ -4124,9 +4124,22 @@ def test_meanflow_tiny_preset_end_to_end(tmp_path, capsys):
     ckpt = torch.load(tmp_path / "post" / "ckpt-latest.pt", weights_only=True)
     assert set(ckpt) == {"model", "ema", "optimizer", "iter", "rng", "data_state", "config", "stage", "script"}
     assert ckpt["script"] == "meanflow_post.py" and ckpt["stage"] == "post" and ckpt["config"]["stage"] == "post"
+    # comparison.png: 8 labelled rows (exact map, 4-step teacher, then mid, post and the baseline at 1 and 2
+    # steps) of 16 samples (two per class) from the table's noise, each enlarged 8x behind a 290-px label strip.
+    pic = np.asarray(Image.open(tmp_path / "comparison.png"))
+    assert pic.shape == (8 * (64 + 4), 290 + 16 * (64 + 4), 3)
+    assert all((pic[i * 68:i * 68 + 64, :290] < 128).any() for i in range(8))  # every row carries its label
+    tiles = lambda i: np.stack([pic[i * 68:i * 68 + 64, 290 + j * 68:290 + j * 68 + 64] for j in range(16)])
+    big = lambda x: (x[:, :3] * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy() \
+        .repeat(8, axis=1).repeat(8, axis=2)  # the first 3 of 4 latent channels as RGB, nearest-neighbour 8x
+    e, y, z0 = mf.eval_batch(ckpt["config"], 300)
+    load = lambda stage: mf.load_ema_net(tmp_path / stage / "ckpt-latest.pt", "test")[0].eval()
+    assert np.array_equal(tiles(0), big(z0[:16]))
+    assert np.array_equal(tiles(4), big(mf.sample_fewstep(load("post"), e, y, 1)[:16]))  # the table's samples
+    assert np.array_equal(tiles(7), big(mf.sample_fewstep(load("post-random"), e[:16], y[:16], 2)))  # drawn anew
     # The finished pipeline: a plain rerun is refused; --resume auto continues every stage (here: all done),
     # so the table's error and FD columns come back identical and no stage trains again.
-    with pytest.raises(SystemExit, match="already holds 5 files"):
+    with pytest.raises(SystemExit, match="already holds 6 files"):
         run_main("--preset", "tiny", "--iters", 10, "--num-eval", 300, "--outdir", tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("ckpt-*.pt")}
     again = run_main("--preset", "tiny", "--iters", 10, "--num-eval", 300, "--outdir", tmp_path, "--resume", "auto")

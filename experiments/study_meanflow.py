@@ -53,7 +53,7 @@ def run_study(cfg_for, outdir, seeds, every, teacher_kind="meanflow"):
     def evaluate(net, cfg):  # {err1, fd1, err2, fd2}: flow-map error and pixel FD of 1- and 2-step samples
         out = {}
         for steps in (1, 2):
-            out[f"err{steps}"], out[f"fd{steps}"] = mf.quality_row(net, cfg, steps, num)
+            out[f"err{steps}"], out[f"fd{steps}"], _ = mf.quality_row(net, cfg, steps, num)
         return out
     results = dict(config=dict(mid_iters=mid_iters, post_iters=post_iters, random_iters=random_iters, mid_cost=offset, every=every,
                                seeds=list(seeds), num_eval=num, teacher=teacher_kind), curves={}, wall={})
