@@ -110,9 +110,10 @@ PRESETS = {
     "afhq64": dict(data=None, teacher=EDM_URL + "edm-afhqv2-64x64-uncond-vp.pkl", resolution=64,
                    channel_mult=[1, 2, 2, 2], **_DDPMPP, ect_q=1024.0, metric="lpips", **_RUN, **_RECIPE),
     # Your own 32x32 images on a laptop CPU (--data FOLDER of PNGs, then --teacher its pretrain checkpoint): a
-    # 1.75M-parameter DDPM++, short stages at batch 32, the l2 distance (LPIPS needs VGG weights on disk).
-    "small32": dict(data=None, teacher=None, resolution=32, channel_mult=[1, 2, 2], model_channels=32, num_blocks=2,
-                    attn_resolutions=[16], ect_q=4096.0, metric="l2",
+    # 1.26M-parameter DDPM++ (one block per level, attention at 8x8), short stages at batch 32, the l2 distance
+    # (LPIPS needs VGG weights on disk).
+    "small32": dict(data=None, teacher=None, resolution=32, channel_mult=[1, 2, 2], model_channels=32, num_blocks=1,
+                    attn_resolutions=[8], ect_q=4096.0, metric="l2",
                     **dict(_RUN, log_every=20, ckpt_every=100, snap_every=0, sample_every=0),
                     pretrain=dict(init="random", optimizer="adam", lr=1e-3, ema=0.999, batch=32, iters=400, dropout=0.1),
                     mid=dict(init="teacher", optimizer="radam", lr=2e-4, ema=0.999, batch=32, iters=100, dropout=0.0,

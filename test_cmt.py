@@ -2449,14 +2449,14 @@ def test_cifar10_tiny_preset_end_to_end(tmp_path, capsys):
 
 
 def test_cifar10_small32_preset_runs_the_pipeline_on_a_folder_of_pngs(tmp_path, capsys):
-    # A user's own 32x32 images: pretrain -> mid -> post -> sample with the small32 preset (1.75M parameters), from
+    # A user's own 32x32 images: pretrain -> mid -> post -> sample with the small32 preset (1.26M parameters), from
     # a generated folder of 40 PNGs (smooth random colour fields: any RGB image will do), 2 iterations a stage.
     g = np.random.default_rng(0)
     (tmp_path / "png").mkdir()
     for i in range(40):
         field = g.normal(size=(4, 4, 3)).repeat(8, 0).repeat(8, 1)
         Image.fromarray(np.uint8(np.clip(128 + 60 * field, 0, 255))).save(tmp_path / "png" / f"{i:03d}.png")
-    assert sum(p.numel() for p in cc.build_net(cc.PRESETS["small32"], "ecm").parameters()) == pytest.approx(1.75e6, rel=0.01)
+    assert sum(p.numel() for p in cc.build_net(cc.PRESETS["small32"], "ecm").parameters()) == pytest.approx(1.26e6, rel=0.01)
     common = ["--preset", "small32", "--data", str(tmp_path / "png"), "--iters", "2"]
     cc.main(common + ["--stage", "pretrain", "--outdir", str(tmp_path / "t"), "--grid", "4"])
     cc.main(common + ["--stage", "mid", "--teacher", str(tmp_path / "t" / "ckpt-latest.pt"), "--outdir",
