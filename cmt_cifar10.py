@@ -77,7 +77,7 @@ SIGMA_DATA = 0.5
 ECM_SIGMA_MIN = 0.003        # student boundary s_min (ECMPrecond)
 T_MAX = 80.0                 # largest noise level of teacher solver and few-step sampler
 CMT_SIGMA_MIN = 0.002        # end of the CMT teacher trajectory (t_0 of sony/cmt DPMSolverLoss)
-CMT_STEPS = 16               # teacher steps per trajectory = pairs per trajectory (sony/cmt --nfe; --cmt-steps)
+TEACHER_STEPS = 16           # teacher steps per trajectory = pairs per trajectory (sony/cmt --nfe; --teacher-steps)
 SCRIPT = "cmt_cifar10.py"    # recorded in every checkpoint: --init/--resume/--teacher refuse other scripts' files
 # Config fields a resumed run may change: how long it runs, how often it logs, checkpoints, samples and
 # evaluates, and speed switches. Every other field defines the run and must match the checkpoint's.
@@ -396,11 +396,11 @@ class Conv2d(torch.nn.Module):
             x = F.avg_pool2d(x, 2)  # == conv with the [1,1]x[1,1]/4 filter, stride 2
         if self.up:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # == transposed conv with 4 * filter
-        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        w, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
         if w.shape[-1] == 1:  # 1x1 conv as one batched GEMM: CPU conv kernels take a slow path here
             n, _, h, wd = x.shape
-            return torch.baddbmm(b[None, :, None], w.flatten(1).expand(n, -1, -1), x.flatten(2)).view(n, -1, h, wd)
-        return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
+            return torch.baddbmm(bias[None, :, None], w.flatten(1).expand(n, -1, -1), x.flatten(2)).view(n, -1, h, wd)
+        return F.conv2d(x, w, bias, padding=w.shape[-1] // 2)
 
 
 class GroupNorm(torch.nn.Module):
@@ -571,7 +571,7 @@ def build_net(cfg, kind, label_dim=0, augment_dim=0, dropout=None):
 # ----------------------------------------------------------------------------- teacher and solver
 
 
-def logsnr_grid(n=CMT_STEPS, s_max=T_MAX, s_min=CMT_SIGMA_MIN, dtype=torch.float64):
+def logsnr_grid(n=TEACHER_STEPS, s_max=T_MAX, s_min=CMT_SIGMA_MIN, dtype=torch.float64):
     """s_i = s_max (s_min/s_max)^(i/n): uniform in lambda = -ln s (sony/cmt training/dpm_solver.py,
     DPM_Solver.get_time_steps 'logSNR'); 17 values for n = 16."""
     return s_max * (s_min / s_max) ** (torch.arange(n + 1, dtype=dtype) / n)
@@ -653,9 +653,9 @@ def edm_loss(net, y, labels, P_mean=-1.2, P_std=1.2):
     return (weight * (D - y).square()).flatten(1).sum(1)
 
 
-def cmt_trajectories(teacher, y, labels, steps=CMT_STEPS, noise=None):
+def cmt_trajectories(teacher, y, labels, steps=TEACHER_STEPS, noise=None):
     """Teacher trajectories from x_T = y + 80 eps (sony/cmt training/loss.py, DPMSolverLoss) -> (16 states
-    [16, b, ...], target [b, ...]). eps = `noise`, or a draw from the global RNG."""
+    [16, n, ...], target [n, ...]). eps = `noise`, or a draw from the global RNG."""
     sigmas = logsnr_grid(steps)  # on the CPU: the solver reads its coefficients without a host-device sync
     noise = torch.randn_like(y) if noise is None else noise
     with torch.no_grad():
@@ -665,20 +665,20 @@ def cmt_trajectories(teacher, y, labels, steps=CMT_STEPS, noise=None):
 
 
 def cmt_pairs(states, target, labels):
-    """Step-major pair layout of sony/cmt DPMSolverLoss: row i*b + j holds (x_{s_i} of trajectory j, s_i,
+    """Step-major pair layout of sony/cmt DPMSolverLoss: row i*n + j holds (x_{s_i} of trajectory j, s_i,
     x_hat_0 of j)."""
-    steps, b = states.shape[:2]
-    sigmas = logsnr_grid(steps).to(states.device, torch.float32)[:steps].repeat_interleave(b)
+    steps, n = states.shape[:2]
+    sigmas = logsnr_grid(steps).to(states.device, torch.float32)[:steps].repeat_interleave(n)
     targets = target.repeat(steps, *[1] * (target.dim() - 1))
     labels = labels.repeat(steps, 1) if labels is not None else None
     return states.flatten(0, 1), sigmas, targets, labels
 
 
-def distance(a, b, metric, c=None, lpips=None):
+def distance(pred, target, metric, c=None, lpips=None):
     """Per-sample distance of the CMT loss: l2, huber (pseudo-Huber as in iCT, Song & Dhariwal 2023), cauchy,
     or lpips (sony/cmt training/loss.py, DPMSolverLoss: LPIPS-VGG on the 32x32 outputs)."""
-    sq = (a - b).square().flatten(1).sum(1)
-    c = 0.00054 * math.sqrt(a[0].numel()) if c is None else c  # iCT's pixel-space rule
+    sq = (pred - target).square().flatten(1).sum(1)
+    c = 0.00054 * math.sqrt(pred[0].numel()) if c is None else c  # iCT's pixel-space rule
     if metric == "l2":
         return sq
     if metric == "huber":
@@ -686,7 +686,7 @@ def distance(a, b, metric, c=None, lpips=None):
     if metric == "cauchy":
         return torch.log1p(sq / (2 * c ** 2))
     if metric == "lpips":
-        return lpips(a, b)
+        return lpips(pred, target)
     raise ValueError(f"--metric {metric!r}: expected l2, huber, cauchy or lpips")
 
 
@@ -727,8 +727,8 @@ class LPIPS(torch.nn.Module):
         sd = torch.load(path, map_location="cpu", weights_only=True)
         return [sd[f"lin{i}.model.1.weight"] for i in range(5)]
 
-    def forward(self, a, b):
-        h = torch.cat([a, b]).sub(self.shift).div(self.scale)
+    def forward(self, pred, target):
+        h = torch.cat([pred, target]).sub(self.shift).div(self.scale)
         total = 0
         for i, layer in enumerate(self.features[: self.TAPS[-1] + 1]):
             h = layer(h)
@@ -813,12 +813,12 @@ def to_uint8(x):
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
-def save_samples(images_u8, path_stem, grid=8):
-    """A PNG grid of the first grid^2 images and an .npz (key 'images', uint8 NHWC) for fid.py."""
+def save_samples(images_u8, path_stem, side=8):
+    """A PNG grid of the first side^2 images and an .npz (key 'images', uint8 NHWC) for fid.py."""
     nhwc = images_u8.permute(0, 2, 3, 1).cpu().numpy()
     np.savez(str(path_stem) + ".npz", images=nhwc)
-    n = min(grid * grid, len(nhwc))
-    cols = min(grid, n)
+    n = min(side * side, len(nhwc))
+    cols = min(side, n)
     rows = -(-n // cols)
     h, w = nhwc.shape[1:3]
     canvas = np.zeros((rows * h, cols * w, 3), np.uint8)
@@ -867,10 +867,6 @@ def write_atomic(path, write):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def save_checkpoint(path, state):
-    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def official_kwargs(cfg, label_dim):
@@ -930,12 +926,14 @@ def init_weights(net, cfg, teacher):
         except ValueError as e:  # another architecture: the list of keys that do not fit
             raise SystemExit(f"--init {spec}: {e}") from None
 
+# >>> pasted: run-folders
 # ----------------------------------------------------------------------------- run folders
 # An output folder belongs to one run. A training stage starts in a new or empty --outdir, or continues
 # with --resume the run whose checkpoint it names; nothing is written before every check has passed.
 # A checkpoint records its script, stage and config, and resumes only a run whose config differs in
 # RESUME_MAY_CHANGE fields alone. A user's mistake raises SystemExit(message): the entry point prints
-# it as one line and exits with code 2, without a traceback.
+# it as one line and exits with code 2, without a traceback. This section is the same in all three
+# scripts, pasted in place: test_cmt.py keeps the copies identical, so edit them alike.
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1020,6 +1018,7 @@ def check_outdir(cfg):
             raise SystemExit(f"--outdir {out}: not empty and holds no ckpt-latest.pt; choose a new --outdir")
         check_resume(read_checkpoint(latest, "--outdir"), cfg, latest)
     return ckpt
+# <<< pasted: run-folders
 
 # ----------------------------------------------------------------------------- training loop
 
@@ -1056,9 +1055,9 @@ def noise_seed(seed, draw, slot):
 class TeacherPairs:
     """CMT training pairs for each micro-step, the teacher's trajectories solved in bulk.
 
-    Micro-step r of iteration `it` takes trajectory draw q = it // K (--traj-reuse K: each trajectory serves K
+    Micro-step `micro` of iteration `it` takes trajectory draw it // K (--traj-reuse K: each trajectory serves K
     consecutive iterations, cutting the teacher's share of the step cost by K; 1 = official): the next
-    `trajectories` images of this rank's stream and noise seeded by noise_seed(seed, q, slot). One teacher solve
+    `trajectories` images of this rank's stream and noise seeded by noise_seed(seed, draw, slot). One teacher solve
     (cmt_trajectories) covers a chunk of `buffer` // (trajectories per iteration) consecutive draws
     (--traj-buffer; with K > 1 a chunk serves K times as many iterations); a buffer smaller than one
     iteration's trajectories solves each micro-step alone, when it is first used, as sony/cmt (training/loss.py,
@@ -1067,24 +1066,24 @@ class TeacherPairs:
     position at the chunk's start and the chunk, so a resumed run re-draws and re-solves exactly that chunk
     (same inputs, same batch: bit-exact) and goes on from it."""
 
-    def __init__(self, teacher, stream, trajectories, steps, reuse, rounds, device, buffer, seed, draws):
-        self.teacher, self.stream, self.b, self.steps, self.device = teacher, stream, trajectories, steps, device
-        self.reuse, self.rounds, self.seed, self.draws = reuse, rounds, seed, draws
-        self.chunk = buffer // (rounds * trajectories)  # draws per bulk solve; 0: one solve per micro-step
+    def __init__(self, teacher, stream, trajectories, steps, reuse, accum, device, buffer, seed, draws):
+        self.teacher, self.stream, self.trajs, self.steps, self.device = teacher, stream, trajectories, steps, device
+        self.reuse, self.accum, self.seed, self.draws = reuse, accum, seed, draws
+        self.chunk = buffer // (accum * trajectories)  # draws per bulk solve; 0: one solve per micro-step
         self.span, self.mark = None, None  # the chunk (first draw, draws, bulk) and the stream at its start
         self.inputs, self.solved = [], {}
 
-    def draw(self, q, r):
-        """(y, eps, labels) of micro-step r's trajectories of draw q, on the device."""
-        y, labels = self.stream.next(self.b)
-        slot = r * self.stream.world_size + self.stream.rank
-        gen = torch.Generator(self.device).manual_seed(noise_seed(self.seed, q, slot))
+    def draw_inputs(self, draw, micro):
+        """(y, eps, labels) of micro-step `micro`'s trajectories of draw `draw`, on the device."""
+        y, labels = self.stream.next(self.trajs)
+        slot = micro * self.stream.world_size + self.stream.rank
+        gen = torch.Generator(self.device).manual_seed(noise_seed(self.seed, draw, slot))
         eps = torch.randn(y.shape, generator=gen, device=self.device)
         return y.to(self.device), eps, labels.to(self.device) if labels is not None else None
 
     def start(self, first, n, bulk):
         self.span, self.mark = (first, n, bulk), self.stream.state_dict()
-        self.inputs = [self.draw(q, r) for q in range(first, first + n) for r in range(self.rounds)]
+        self.inputs = [self.draw_inputs(draw, micro) for draw in range(first, first + n) for micro in range(self.accum)]
         self.solved = {}
 
     def solve(self, j):
@@ -1093,15 +1092,15 @@ class TeacherPairs:
         y, eps, labels = (None if v[0] is None else torch.cat(v) for v in zip(*(self.inputs[k] for k in parts)))
         states, target = cmt_trajectories(self.teacher, y, labels, self.steps, eps)
         for i, k in enumerate(parts):
-            rows = slice(i * self.b, (i + 1) * self.b)
+            rows = slice(i * self.trajs, (i + 1) * self.trajs)
             self.solved[k] = (states[:, rows], target[rows], None if labels is None else labels[rows])
 
-    def get(self, it, r):
-        q = it // self.reuse
+    def get(self, it, micro):
+        draw = it // self.reuse
         first, n, _ = self.span or (0, 0, False)
-        if not first <= q < first + n:
-            self.start(q, max(1, min(self.chunk, self.draws - q)), self.chunk > 0)
-        j = (q - self.span[0]) * self.rounds + r
+        if not first <= draw < first + n:
+            self.start(draw, max(1, min(self.chunk, self.draws - draw)), self.chunk > 0)
+        j = (draw - self.span[0]) * self.accum + micro
         if j not in self.solved:
             self.solve(j)
         return self.solved[j]
@@ -1132,40 +1131,40 @@ class PlainBatches:
         self.stream.load_state_dict(state["stream"])
 
 
-def make_loss(cfg, stream, teacher, batch_gpu, rounds, device):
-    """The stage's loss as micro_loss(net, it, r) -> per-row losses, plus its resumable data source."""
+def make_loss(cfg, stream, teacher, batch_gpu, accum, device):
+    """The stage's loss as micro_loss(net, it, micro) -> per-row losses, plus its resumable data source."""
     stage = cfg["stage"]
     if stage == "pretrain":
         src = PlainBatches(stream, device)
-        return (lambda net, it, r: edm_loss(net, *src.get(batch_gpu))), src
+        return (lambda net, it, micro: edm_loss(net, *src.get(batch_gpu))), src
     if stage == "post":
         src = PlainBatches(stream, device)
-        return (lambda net, it, r: ect_loss(net, *src.get(batch_gpu), q=cfg["ect_q"],
-                                            stage=ect_stage(it, cfg["batch"], cfg["ect_double"]), c=cfg["ect_c"])), src
-    steps = cfg["cmt_steps"]
+        return (lambda net, it, micro: ect_loss(net, *src.get(batch_gpu), q=cfg["ect_q"],
+                                                stage=ect_stage(it, cfg["batch"], cfg["ect_double"]), c=cfg["ect_c"])), src
+    steps = cfg["teacher_steps"]
     if batch_gpu % steps:
-        raise SystemExit(f"--batch-gpu {batch_gpu}: mid-training needs a multiple of --cmt-steps {steps} "
+        raise SystemExit(f"--batch-gpu {batch_gpu}: mid-training needs a multiple of --teacher-steps {steps} "
                          f"(each trajectory gives {steps} pairs)")
     lpips = make_lpips(cfg, device)
     reuse = cfg["traj_reuse"]
-    src = TeacherPairs(teacher, stream, batch_gpu // steps, steps, reuse, rounds, device, cfg["traj_buffer"],
+    src = TeacherPairs(teacher, stream, batch_gpu // steps, steps, reuse, accum, device, cfg["traj_buffer"],
                        cfg["seed"], draws=-(-cfg["iters"] // reuse))
-    return (lambda net, it, r: cmt_loss(net, *src.get(it, r), metric=cfg["metric"], c=cfg["huber_c"],
-                                        lpips=lpips)), src
+    return (lambda net, it, micro: cmt_loss(net, *src.get(it, micro), metric=cfg["metric"], c=cfg["huber_c"],
+                                            lpips=lpips)), src
 
 
-def accumulate_gradients(ddp, micro_loss, it, rounds, bf16=False):
-    """Sum of gradients of the mean loss over this rank's `rounds` micro-batches; DDP averages over
+def accumulate_gradients(ddp, micro_loss, it, accum, bf16=False):
+    """Sum of gradients of the mean loss over this rank's `accum` micro-batches; DDP averages over
     ranks, so the result is the gradient of the global-batch mean whatever the split. Gradient
     all-reduce runs only on the last micro-step. Returns (loss sum, rows, non-finite count) on device."""
     total, rows, bad = 0.0, 0, 0
-    for r in range(rounds):
-        sync = r == rounds - 1 or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+    for micro in range(accum):
+        sync = micro == accum - 1 or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
         with (nullcontext() if sync else ddp.no_sync()):
             device_type = next(ddp.parameters()).device.type
             with torch.autocast(device_type, torch.bfloat16, enabled=bf16):
-                loss = micro_loss(ddp, it, r).float()
-            loss.sum().div(loss.shape[0] * rounds).backward()
+                loss = micro_loss(ddp, it, micro).float()
+            loss.sum().div(loss.shape[0] * accum).backward()
         total = total + loss.detach().sum()
         rows += loss.shape[0]
         bad = bad + (~torch.isfinite(loss.detach().sum())).int()
@@ -1194,7 +1193,7 @@ def make_optimizer(cfg, net, device):
     return kind(net.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, **fused)
 
 
-def format_eta(seconds):
+def format_duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
@@ -1211,10 +1210,10 @@ def train(cfg):
     random.seed(cfg["seed"] * world + rank)
 
     batch_gpu = cfg["batch_gpu"] or cfg["batch"] // world
-    rounds = cfg["batch"] / (batch_gpu * world)
-    if rounds != int(rounds) or rounds < 1:
+    accum = cfg["batch"] / (batch_gpu * world)
+    if accum != int(accum) or accum < 1:
         raise SystemExit(f"--batch {cfg['batch']} is not a multiple of --batch-gpu {batch_gpu} x {world} processes")
-    rounds = int(rounds)
+    accum = int(accum)
 
     stream = DataStream(rank0_first(lambda: open_data(cfg["data"]), rank, world), cfg["seed"], rank, world, cfg["cond"])
     if stream.shape != (3, cfg["resolution"], cfg["resolution"]):
@@ -1228,7 +1227,7 @@ def train(cfg):
     net.to(device).train().requires_grad_(True)
     ema = copy.deepcopy(net).requires_grad_(False)
     optimizer = make_optimizer(cfg, net, device)
-    micro_loss, source = make_loss(cfg, stream, teacher, batch_gpu, rounds, device)
+    micro_loss, source = make_loss(cfg, stream, teacher, batch_gpu, accum, device)
 
     start, nonfinite = 0, 0
     if ckpt is not None:
@@ -1258,7 +1257,7 @@ def train(cfg):
         step_net = torch.nn.parallel.DistributedDataParallel(step_net)
     if rank == 0:
         n_params = sum(p.numel() for p in net.parameters())
-        print(f"[{cfg['stage']}] {n_params:,} parameters | batch {cfg['batch']} = {batch_gpu} x {rounds} accumulation "
+        print(f"[{cfg['stage']}] {n_params:,} parameters | batch {cfg['batch']} = {batch_gpu} x {accum} accumulation "
               f"x {world} processes | {cfg['iters']} iterations = {cfg['mimg']:.4g} Mimg | device {device}")
 
     def checkpoint(it, snapshot):
@@ -1268,9 +1267,9 @@ def train(cfg):
             ckpt = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                     "iter": it, "rng": rngs, "data_state": data_states, "config": cfg, "stage": cfg["stage"],
                     "script": SCRIPT}
-            save_checkpoint(outdir / "ckpt-latest.pt", ckpt)
+            write_atomic(outdir / "ckpt-latest.pt", lambda f: torch.save(ckpt, f))
             if snapshot:
-                save_checkpoint(outdir / f"ckpt-{it:07d}.pt", ckpt)
+                write_atomic(outdir / f"ckpt-{it:07d}.pt", lambda f: torch.save(ckpt, f))
 
     iters, log_every = cfg["iters"], cfg["log_every"]
     log_loss, log_rows, log_gnorm, log_n = 0.0, 0, 0.0, 0
@@ -1280,7 +1279,7 @@ def train(cfg):
     for it in range(start, iters):
         lr = cfg["lr"] * (1 - it / iters) if cfg["lr_decay"] == "linear" else cfg["lr"]  # a function of `it`: no state
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, rows, bad = accumulate_gradients(step_net, micro_loss, it, rounds, cfg["bf16"])
+        loss_sum, rows, bad = accumulate_gradients(step_net, micro_loss, it, accum, cfg["bf16"])
         if world > 1:
             torch.distributed.all_reduce(bad)
         # Non-finite losses are counted (one flag read per step: the only host-device sync outside logging).
@@ -1314,14 +1313,14 @@ def train(cfg):
                 eta = (iters - done) / row["it_per_s"]
                 print(f"[{cfg['stage']}] it {done}/{iters} ({100 * done / iters:.1f}%) loss {loss:.4f} "
                       f"gnorm {row['grad_norm']:.2f} | {row['it_per_s']:.1f} it/s {row['img_per_s']:.0f} img/s | "
-                      f"lr {lr:.1e} nonfinite {nonfinite} | ETA {format_eta(eta)}", flush=True)
+                      f"lr {lr:.1e} nonfinite {nonfinite} | ETA {format_duration(eta)}", flush=True)
                 stats.write(json.dumps(row) + "\n")
                 stats.flush()
             log_loss, log_rows, log_gnorm, log_n, t_log, it_log = 0.0, 0, 0.0, 0, time.time(), done
         if cfg["ckpt_every"] and done % cfg["ckpt_every"] == 0 or done == iters:
             checkpoint(done, snapshot=done == iters or (cfg["snap_every"] and done % cfg["snap_every"] == 0))
         if rank == 0 and cfg["grid"] and (done == iters or cfg["sample_every"] and done % cfg["sample_every"] == 0):
-            write_samples(ema, cfg, outdir / f"samples-{done:07d}", stream.label_dim, device)
+            sample_grid(ema, cfg, outdir / f"samples-{done:07d}", stream.label_dim, device)
         if cfg["fid_ref"] and (done == iters or cfg["fid_every"] and done % cfg["fid_every"] == 0):
             fids = {}
             for steps in ((1, 2) if ema.kind == "ecm" else (None,)):  # students: 1- and 2-step, as officially
@@ -1350,13 +1349,13 @@ def generate(net, n, cfg, label_dim, device, seed, steps):
     return sample_fewstep(net, z, steps, cfg["mid_t"], labels, generator=g)
 
 
-def write_samples(net, cfg, stem, label_dim, device):
+def sample_grid(net, cfg, stem, label_dim, device):
     """The --grid images of a training run's samples-*.png (1- and 2-step for a student), from --seed."""
     n = cfg["grid"]
     for steps in ((1, 2) if net.kind == "ecm" else (None,)):
         suffix = "" if steps in (None, 1) else f"-{steps}step"
         x = generate(net, n, cfg, label_dim, device, seed=cfg["seed"], steps=steps)
-        save_samples(to_uint8(x), Path(str(stem) + suffix), grid=math.ceil(math.sqrt(n)))
+        save_samples(to_uint8(x), Path(str(stem) + suffix), side=math.ceil(math.sqrt(n)))
 
 
 def evaluate_fid(net, cfg, label_dim, device, rank, world, steps):
@@ -1433,14 +1432,15 @@ class ToyQuality:
 def quality_table(models, cfg, n, seed=123, picture=None, k=12):
     """Rows (name, net, wall s) -> the printed table. The 'data' row is FD's finite-sample floor. With
     `picture` (a path) also the comparison PNG: the first k samples of every row, the same noise throughout."""
-    q = ToyQuality(cfg, n, seed)
-    rows = [("data (FD floor)", "-", float("nan"), pixel_fd(q.toy.sample(n, torch.Generator().manual_seed(seed + 2)), q.fresh), 0.0)]
-    tiles = [("exact flow map", q.exact[:k])]
+    quality = ToyQuality(cfg, n, seed)
+    floor = pixel_fd(quality.toy.sample(n, torch.Generator().manual_seed(seed + 2)), quality.fresh)
+    rows = [("data (FD floor)", "-", float("nan"), floor, 0.0)]
+    tiles = [("exact flow map", quality.exact[:k])]
     for name, net, wall in models:
         is_teacher = isinstance(net, ToyMixture) or net.kind == "edm"
         for steps in ((None,) if is_teacher else (1, 2)):
-            x = q.sample(net, steps)
-            rows.append((name, "35 (Heun)" if is_teacher else str(steps), *q.row(x), wall))
+            x = quality.sample(net, steps)
+            rows.append((name, "35 (Heun)" if is_teacher else str(steps), *quality.row(x), wall))
             tiles.append((name if is_teacher else f"{name}, {steps} step{'s' * (steps > 1)}", x[:k]))
     lines = [f"{'model':<26} {'steps':>10} {'flow-map err':>13} {'pixel FD':>10} {'wall time':>10}"]
     for name, steps, err, fd, wall in rows:
@@ -1515,7 +1515,7 @@ def run_tiny(args):
 # ----------------------------------------------------------------------------- sampling stage
 
 
-def sample_stage(cfg):
+def run_sample(cfg):
     """--stage sample: --init PATH (checkpoint of any stage) or --init teacher -> PNG grid, .npz, FID."""
     rank, world, device = init_distributed()
     outdir = Path(cfg["outdir"])
@@ -1568,20 +1568,23 @@ def int_at_least(low):
     return parse
 
 
-def step_counts(text):
-    """argparse type: comma-separated positive step counts, e.g. 1,2."""
-    try:
-        steps = [int(v) for v in text.split(",")]
-    except ValueError:
-        steps = []
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive step counts such as 1,2, got {text!r}")
-    return steps
+def step_counts(most=None):
+    """argparse type: comma-separated step counts from 1 to `most` (None: any positive count), e.g. 1,2."""
+    def parse(text):
+        try:
+            steps = [int(v) for v in text.split(",")]
+        except ValueError:
+            steps = []
+        if not steps or min(steps) < 1 or (most is not None and max(steps) > most):
+            what = "positive step counts" if most is None else f"step counts from 1 to {most}"
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} such as 1,2, got {text!r}")
+        return steps
+    return parse
 
 
-def parse_args(argv=None):
+def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Flags left unset take the preset's value (cifar10 values shown).")
+                       epilog="Flags left unset take the preset's value (cifar10 values shown).")
     a = p.add_argument
     a("--stage", choices=["pretrain", "mid", "post", "sample"],
       help="what to run; omitted with --preset tiny: the whole CPU demo pipeline")
@@ -1612,8 +1615,8 @@ def parse_args(argv=None):
     a("--metric", choices=["l2", "huber", "cauchy", "lpips"], help="CMT distance (default: lpips; tiny: l2)")
     a("--lpips-weights", help="VGG16.pth,LPIPS_LIN.pth: torchvision vgg16 state_dict and LPIPS v0.1 vgg.pth")
     a("--huber-c", type=float, help="c of huber/cauchy (default: 0.00054 sqrt(pixels x channels))")
-    a("--cmt-steps", type=int_at_least(1), default=CMT_STEPS, help="teacher DPM-Solver++ steps per trajectory = pairs per "
-                                                         "trajectory (default: 16, official)")
+    a("--teacher-steps", type=int_at_least(1), default=TEACHER_STEPS,
+      help="mid: teacher DPM-Solver++ steps per trajectory = CMT pairs per trajectory (default: 16, official)")
     a("--traj-reuse", type=int_at_least(1), default=1, help="iterations each teacher trajectory serves (default: 1, official)")
     a("--traj-buffer", type=int_at_least(0), default=128,
       help="mid: teacher trajectories per process solved in one batch, rounded down to whole iterations; fewer than "
@@ -1628,14 +1631,17 @@ def parse_args(argv=None):
     a("--fid-every", type=int_at_least(0), default=0, help="FID every N iterations, 0 = only at the end (default: 0)")
     a("--fid-num", type=int_at_least(1), default=50000, help="images per FID (default: 50000)")
     a("--num", type=int_at_least(1), default=64, help="--stage sample: images to write (default: 64)")
-    a("--sample-steps", type=step_counts, default=[1, 2],
-      help="--stage sample: student step counts (default: 1,2)")
-    a("--bf16", action="store_true", help="bf16 autocast (default: fp32)")
-    a("--tf32", action="store_true", help="TF32 matmuls/convs on CUDA (default: off)")
-    a("--channels-last", action="store_true", help="channels_last memory format (default: off)")
-    a("--compile", action="store_true", help="torch.compile the training network (default: off)")
+    a("--sample-steps", type=step_counts(2), default=[1, 2],
+      help="--stage sample: comma-separated student step counts, 1 or 2 (default: 1,2)")
+    a("--bf16", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast (default: off: fp32)")
+    a("--tf32", action=argparse.BooleanOptionalAction, default=False,
+      help="TF32 matmuls and cuDNN convolutions on CUDA (default: off: fp32)")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+      help="channels_last memory format (default: off)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=False,
+      help="torch.compile the training network (default: off)")
     a("--log-every", type=int_at_least(1), help="iterations per progress line / stats.jsonl row (default: 100)")
-    a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt (default: 5000)")
+    a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt, 0 = end only (default: 5000)")
     a("--snap-every", type=int_at_least(0), help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only (default: 50000)")
     a("--sample-every", type=int_at_least(0), help="iterations per samples-NNNNNNN.png grid, 0 = end only (default: 10000)")
     a("--grid", type=int_at_least(0), default=64, help="images in each samples-NNNNNNN.png grid (and .npz), 0 = none: "
@@ -1646,7 +1652,11 @@ def parse_args(argv=None):
                                                     "nan_to_num'd gradients, as sony/cmt)")
     a("--eval-num", type=int_at_least(1), default=1000, help="tiny demo: samples per quality-table row (default: 1000)")
     a("--baselines", type=int, default=1, help="tiny demo: also post-train from teacher/random init (default: 1)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):
@@ -1660,7 +1670,7 @@ def main(argv=None):
     else:
         args.outdir = args.outdir or f"runs/{args.stage}"
         cfg = resolve_config(args)
-        (sample_stage if args.stage == "sample" else train)(cfg)
+        (run_sample if args.stage == "sample" else train)(cfg)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # a rank that tears gloo down while a peer is still talking aborts
         torch.distributed.destroy_process_group()
@@ -1784,13 +1794,13 @@ def _pkl_flatten(obj, prefix, out, where):
     skip = st.get("_non_persistent_buffers_set") or set()
     items = list(st["_parameters"].items())
     items += [(k, v) for k, v in (st.get("_buffers") or {}).items() if k not in skip]
-    for name, t in items:
-        if t is None:
+    for name, value in items:
+        if value is None:
             continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{where}: '{prefix}{name}' is a {type(t).__name__}, not a tensor")
-        t = t.detach()  # a fresh tensor object: nothing the pickle attached to the original comes along
-        out[prefix + name] = t.float() if t.is_floating_point() else t  # EDM2 stores float16
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where}: '{prefix}{name}' is a {type(value).__name__}, not a tensor")
+        value = value.detach()  # a fresh tensor object: nothing the pickle attached to the original comes along
+        out[prefix + name] = value.float() if value.is_floating_point() else value  # EDM2 stores float16
     for name, child in (st.get("_modules") or {}).items():
         if child is not None:
             _pkl_flatten(child, f"{prefix}{name}.", out, where)
@@ -1838,10 +1848,10 @@ def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
     hashes = {k: hashlib.new(k, usedforsecurity=False) for k in want}
     try:
         try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-                size = int(r.headers.get("Content-Length") or 0)
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                size = int(response.headers.get("Content-Length") or 0)
                 print(f"downloading {url} ({size / 2**20:.0f} MiB) -> {path}", flush=True)
-                while chunk := r.read(1 << 22):
+                while chunk := response.read(1 << 22):
                     f.write(chunk)
                     for h in hashes.values():
                         h.update(chunk)

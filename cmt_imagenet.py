@@ -107,11 +107,11 @@ COMMON = dict(  # shared by every preset; the paper's ImageNet-512 recipe (sony/
     res=64, img_channels=4, latent=True, label_dim=1000, model_channels=448, channel_mult=[1, 2, 3, 4],
     num_blocks=3, attn_res=[16, 8], dropout=0.0, s_min=0.0, sigma_data=0.5,
     data=None, teacher=None, guide=None, guide_fp16=None, guidance=1.0, init=None, vae=None,
-    batch=128, batch_gpu=None, seed=0, tf32=True, bf16=False, compile=False, channels_last=False,
-    ckpt_every=2000, sample_every=20000, log_every=100, max_nonfinite=100, skip_nonfinite=False, workers=2,
-    nfe=16, traj_buffer=128, metric="huber", elpips_weights=None, huber_c=0.06, s_max=80.0, s_lo=0.002,
+    batch=128, batch_gpu=None, seed=0, tf32=False, bf16=False, compile=False, channels_last=False,
+    ckpt_every=2000, sample_every=20000, grid=64, log_every=100, max_nonfinite=100, skip_nonfinite=False, workers=2,
+    teacher_steps=16, traj_buffer=128, metric="huber", elpips_weights=None, huber_c=0.06, s_max=80.0, s_lo=0.002,
     post_loss="ecd", solver="heun", ect_q=1024.0, ect_double=0, p_mean=-0.8, p_std=1.6, k=8.0, b=1.0,
-    mid_t=1.526, sample_steps=2, heun_steps=32, num=50000, fid_ref=None,
+    mid_t=1.526, sample_steps=[2], heun_steps=32, num=50000, fid_ref=None, eval_num=4096,
 )
 STAGES = {  # optimiser and length per stage (sony/cmt imagenet512/run_cmt_512.sh, run_ecd_512.sh)
     "pretrain": dict(lr=1e-2, lr_decay="linear", betas=[0.9, 0.99], ema=0.999, mimg=128.0, p_mean=-0.4, p_std=1.0,
@@ -136,7 +136,7 @@ def _edm2_preset(kind, size):
 PRESETS = {f"{kind}-{size}": _edm2_preset(kind, size) for kind in ("img512", "img64") for size in EDM2_CHANNELS}
 PRESETS["tiny"] = dict(  # CPU demo on the built-in class-conditional Gaussian mixture (ToyMixture)
     res=8, img_channels=3, latent=False, label_dim=6, model_channels=16, channel_mult=[1, 2], num_blocks=1,
-    attn_res=[4], data="toy", teacher="pretrain", batch=128, tf32=False, ckpt_every=200, sample_every=0,
+    attn_res=[4], data="toy", teacher="pretrain", batch=128, ckpt_every=200, sample_every=0,
     log_every=50, workers=0, huber_c=0.00054 * math.sqrt(3 * 8 * 8), mid_t=0.821, heun_steps=18, num=4096,
     pretrain=dict(iters=800, lr=1e-2, ema=0.99),
     mid=dict(iters=400, lr=2e-3, ema=0.99),
@@ -147,8 +147,8 @@ SCRIPT = "cmt_imagenet.py"  # recorded in every checkpoint: --init/--resume/--te
 # Config fields a resumed run may change: how long it runs, how often it logs, checkpoints and samples,
 # and speed switches. Every other field defines the run and must match the checkpoint's.
 RESUME_MAY_CHANGE = {"outdir", "resume", "iters", "mimg", "batch_gpu", "log_every", "ckpt_every", "sample_every",
-                     "traj_buffer", "max_nonfinite", "workers", "bf16", "tf32", "compile", "channels_last", "fid_ref", "num",
-                     "sample_steps", "heun_steps", "vae"}
+                     "grid", "traj_buffer", "max_nonfinite", "workers", "bf16", "tf32", "compile", "channels_last",
+                     "fid_ref", "num", "sample_steps", "heun_steps", "vae", "eval_num"}
 
 
 def resolve_config(args):
@@ -252,7 +252,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, path, latent, res, img_channels, label_dim):
         self.path, self.latent = path, latent
         if os.path.isdir(path):
-            names = [os.path.relpath(os.path.join(r, f), path).replace("\\", "/") for r, _, fs in os.walk(path) for f in fs]
+            names = [os.path.relpath(os.path.join(root, f), path).replace("\\", "/") for root, _, fs in os.walk(path) for f in fs]
         elif path.endswith(".zip") and os.path.isfile(path):
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
@@ -429,14 +429,14 @@ def mp_silu(x):
     return F.silu(x) / 0.596  # 0.596 = RMS of silu(N(0, 1)) (EDM2 Eq. 81)
 
 
-def mp_sum(a, b, t=0.5):
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)  # EDM2 Eq. 88
+def mp_sum(x1, x2, frac=0.5):  # EDM2's mp_sum(a, b, t)
+    return x1.lerp(x2, frac) / math.sqrt((1 - frac) ** 2 + frac ** 2)  # EDM2 Eq. 88
 
 
-def mp_cat(a, b, dim=1, t=0.5):
-    na, nb = a.shape[dim], b.shape[dim]
-    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))  # EDM2 Eq. 103
-    return torch.cat([c / math.sqrt(na) * (1 - t) * a, c / math.sqrt(nb) * t * b], dim=dim)
+def mp_cat(x1, x2, dim=1, frac=0.5):  # EDM2's mp_cat(a, b, dim, t)
+    n1, n2 = x1.shape[dim], x2.shape[dim]
+    scale = math.sqrt((n1 + n2) / ((1 - frac) ** 2 + frac ** 2))  # EDM2 Eq. 103
+    return torch.cat([scale / math.sqrt(n1) * (1 - frac) * x1, scale / math.sqrt(n2) * frac * x2], dim=dim)
 
 
 class MPFourier(nn.Module):
@@ -521,14 +521,14 @@ class Block(nn.Module):
         y = self.conv_res1(y)
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)
-        x = mp_sum(x, y, t=self.res_balance)
+        x = mp_sum(x, y, frac=self.res_balance)
         if self.num_heads:
             y = self.attn_qkv(x)
             y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
             q, k, v = normalize(y, dim=2).unbind(3)
             w = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(dim=3)
             y = torch.einsum("nhqk,nhck->nhcq", w, v)
-            x = mp_sum(x, self.attn_proj(y.reshape(*x.shape)), t=self.attn_balance)
+            x = mp_sum(x, self.attn_proj(y.reshape(*x.shape)), frac=self.attn_balance)
         if self.clip_act is not None:
             x = x.clip(-self.clip_act, self.clip_act)
         return x
@@ -579,7 +579,7 @@ class UNet(nn.Module):
     def forward(self, x, noise_labels, class_labels):
         emb = self.emb_noise(self.emb_fourier(noise_labels))
         if self.emb_label is not None:
-            emb = mp_sum(emb, self.emb_label(class_labels * math.sqrt(class_labels.shape[1])), t=self.label_balance)
+            emb = mp_sum(emb, self.emb_label(class_labels * math.sqrt(class_labels.shape[1])), frac=self.label_balance)
         emb = mp_silu(emb)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
@@ -588,7 +588,7 @@ class UNet(nn.Module):
             skips.append(x)
         for name, block in self.dec.items():
             if "block" in name:
-                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+                x = mp_cat(x, skips.pop(), frac=self.concat_balance)
             x = block(x, emb)
         return self.out_conv(x, gain=self.out_gain)
 
@@ -726,11 +726,11 @@ def guided_denoiser(net, gnet=None, w=1.0):
 
 
 @functools.lru_cache(maxsize=8)  # built once per device: no host->device copy in the training step
-def cmt_sigmas(nfe=16, s_max=80.0, s_min=0.002, device="cpu", dtype=torch.float32):
-    """logSNR-uniform grid s_i = s_max (s_min/s_max)^(i/N), i = 0..N (sony/cmt training/loss.py,
+def logsnr_grid(n=16, s_max=80.0, s_min=0.002, device="cpu", dtype=torch.float32):
+    """logSNR-uniform grid s_i = s_max (s_min/s_max)^(i/n), i = 0..n (sony/cmt training/loss.py,
     DPMSolverLoss, get_time_steps "logSNR"). Do not modify it in place."""
-    i = torch.arange(nfe + 1, dtype=torch.float64)
-    return (s_max * (s_min / s_max) ** (i / nfe)).to(device, dtype)
+    i = torch.arange(n + 1, dtype=torch.float64)
+    return (s_max * (s_min / s_max) ** (i / n)).to(device, dtype)
 
 
 @torch.no_grad()
@@ -766,7 +766,7 @@ def dpm_solver_pp(denoise, x, labels, sigmas, order=3):
     return states
 
 
-def karras_sigmas(num_steps, s_max=80.0, s_min=0.002, rho=7.0, device="cpu"):
+def karras_grid(num_steps, s_max=80.0, s_min=0.002, rho=7.0, device="cpu"):
     i = torch.arange(num_steps, dtype=torch.float64)
     t = (s_max ** (1 / rho) + i / (num_steps - 1) * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)]).to(device)
@@ -775,7 +775,7 @@ def karras_sigmas(num_steps, s_max=80.0, s_min=0.002, rho=7.0, device="cpu"):
 @torch.no_grad()
 def heun_sampler(denoise, noise, labels, num_steps=32, s_max=80.0, s_min=0.002, rho=7.0):
     """EDM Algorithm 2 without churn (the reference sampler of the guided teacher; 2N-1 NFE)."""
-    t = karras_sigmas(num_steps, s_max, s_min, rho, noise.device)
+    t = karras_grid(num_steps, s_max, s_min, rho, noise.device)
     x = noise.to(torch.float64) * t[0]
     for i in range(num_steps):
         x = teacher_step(denoise, x, t[i], t[i + 1], labels, "heun" if t[i + 1] > 0 else "euler")
@@ -864,14 +864,14 @@ def unit_channels(f, eps=1e-8):
     return f / torch.sqrt(f.square().sum(1, keepdim=True) + eps)
 
 
-def elatentlpips_distance(taps, a, b, generator=None, p=1.0):
+def elatentlpips_distance(taps, pred, target, generator=None, p=1.0):
     """ELatentLPIPS2 per sample [N]: no learned 1x1 heads, channel sum, spatial mean, sum over taps.
     generator=None: no augmentation. Both inputs go through `taps` (e.g. LatentVGG16GN.taps) in one
-    batch (GroupNorm is per sample); gradients reach a and b through augmentation and backbone."""
+    batch (GroupNorm is per sample); gradients reach both through augmentation and backbone."""
     if generator is not None:
-        a, b = augment_pair(a, b, generator, p)
+        pred, target = augment_pair(pred, target, generator, p)
     d = 0
-    for f in taps(torch.cat([a, b])):
+    for f in taps(torch.cat([pred, target])):
         fa, fb = unit_channels(f).chunk(2)
         d = d + (fa - fb).square().sum(1).mean((1, 2))
     return d
@@ -899,8 +899,8 @@ def aug_shift(tx, ty, n, like):
     return aug_matrix(n, like, 1, 0, tx, 0, 1, ty, 0, 0, 1)
 
 
-def aug_rotate(t, n, like):
-    return aug_matrix(n, like, t.cos(), -t.sin(), 0, t.sin(), t.cos(), 0, 0, 0, 1)
+def aug_rotate(angle, n, like):
+    return aug_matrix(n, like, angle.cos(), -angle.sin(), 0, angle.sin(), angle.cos(), 0, 0, 0, 1)
 
 
 def sample_aug(shape, gen, p, like):
@@ -914,8 +914,8 @@ def sample_aug(shape, gen, p, like):
     G = torch.eye(3, dtype=like.dtype, device=like.device).expand(n, 3, 3)
     G = G @ aug_scale(1 - 2 * gate(u().mul(2).floor(), 0), 1, n, like)                   # xflip
     G = G @ aug_rotate(math.pi / 2 * gate(u().mul(4).floor(), 0), n, like)                  # rotate90
-    t = gate((u(n, 2) * 2 - 1) * 0.125, 0)                                            # xint
-    G = G @ aug_shift(-(t[:, 0] * w).round(), -(t[:, 1] * h).round(), n, like)
+    shift = gate((u(n, 2) * 2 - 1) * 0.125, 0)                                        # xint
+    G = G @ aug_shift(-(shift[:, 0] * w).round(), -(shift[:, 1] * h).round(), n, like)
     s = gate(torch.exp2(g() * 0.2), 1)                                                # scale
     G = G @ aug_scale(1 / s, 1 / s, n, like)
     p_rot = 1 - math.sqrt(min(max(1 - p, 0), 1))  # pre or post rotation: P(either) = p
@@ -923,8 +923,8 @@ def sample_aug(shape, gen, p, like):
     s = gate(torch.exp2(g() * 0.2), 1)                                                # aniso
     G = G @ aug_scale(1 / s, s, n, like)
     G = G @ aug_rotate(gate((u() * 2 - 1) * math.pi, 0, p_rot), n, like)                    # rotate (post)
-    t = gate(g(n, 2) * 0.125, 0)                                                      # xfrac
-    G = G @ aug_shift(-t[:, 0] * w, -t[:, 1] * h, n, like)
+    shift = gate(g(n, 2) * 0.125, 0)                                                  # xfrac
+    G = G @ aug_shift(-shift[:, 0] * w, -shift[:, 1] * h, n, like)
     # Colour: homogeneous 4x4 on (c0, c1, c2, 1); luma axis v = (1, 1, 1, 0)/sqrt(3).
     eye = torch.eye(4, dtype=like.dtype, device=like.device)
     v = torch.tensor([1.0, 1, 1, 0], dtype=like.dtype, device=like.device) / math.sqrt(3)
@@ -941,9 +941,9 @@ def sample_aug(shape, gen, p, like):
     ep = torch.tensor([10.0, 1, 1, 1], dtype=like.dtype, device=like.device) / 13
     gain = torch.ones(n, 4, dtype=like.dtype, device=like.device)
     for i in range(4):
-        t = torch.ones_like(gain)
-        t[:, i] = gate(torch.exp2(g()), 1)
-        gain = gain * t / (ep * t.square()).sum(1, keepdim=True).sqrt()
+        band = torch.ones_like(gain)
+        band[:, i] = gate(torch.exp2(g()), 1)
+        gain = gain * band / (ep * band.square()).sum(1, keepdim=True).sqrt()
     sigma = gate(g().abs() * 0.1, 0).view(n, 1, 1, 1)                                 # noise
     noise = g(n, c, h, w) * sigma
     return dict(G=G, C=C, gain=gain, noise=noise, cut=(gate(0.5 * one, 0), u(n, 2)))
@@ -1017,17 +1017,17 @@ def apply_aug(x, prm):
     return x * (mx[:, None, :] | my[:, :, None]).to(x.dtype)[:, None, None]
 
 
-def augment_pair(a, b, generator, p=1.0):
-    """The same random bgcfnc transform on a and b (both differentiable); generator on a's device."""
-    prm = sample_aug(a.shape, generator, p, a)
-    return apply_aug(torch.stack([a, b], 1), prm).unbind(1)
+def augment_pair(pred, target, generator, p=1.0):
+    """The same random bgcfnc transform on pred and target (both differentiable); generator on their device."""
+    prm = sample_aug(pred.shape, generator, p, pred)
+    return apply_aug(torch.stack([pred, target], 1), prm).unbind(1)
 
 
 # ----------------------------------------------------------------------------- losses
-def distance(a, b, metric, c):
+def distance(pred, target, metric, c):
     """Per-sample distance over all elements: l2 (sum of squares), huber (sqrt(sum + c^2) - c),
     cauchy (log(1 + sum / (2 c^2))); pseudo-Huber as in iCT (Song & Dhariwal 2023)."""
-    sq = (a - b).square().flatten(1).sum(1)
+    sq = (pred - target).square().flatten(1).sum(1)
     if metric == "l2":
         return sq
     if metric == "huber":
@@ -1038,12 +1038,12 @@ def distance(a, b, metric, c):
 
 
 def cmt_pairs(states, sigmas, labels):
-    """The CMT training pairs of b trajectories (states [N+1, b, ...], x_T first), stacked step-major: every
+    """The CMT training pairs of K trajectories (states [N+1, K, ...], x_T first), stacked step-major: every
     state but the last, at its noise level, with the trajectory's end point as target (sony/cmt training/loss.py,
-    DPMSolverLoss). Returns (x [N*b], s [N*b], labels [N*b], target [N*b])."""
-    n, b = states.shape[0] - 1, states.shape[1]
-    x = states[:-1].reshape(n * b, *states.shape[2:])
-    return x, sigmas[:-1].repeat_interleave(b), labels.repeat(n), states[-1].repeat(n, 1, 1, 1)
+    DPMSolverLoss). Returns (x [N*K], s [N*K], labels [N*K], target [N*K])."""
+    n, trajs = states.shape[0] - 1, states.shape[1]
+    x = states[:-1].reshape(n * trajs, *states.shape[2:])
+    return x, sigmas[:-1].repeat_interleave(trajs), labels.repeat(n), states[-1].repeat(n, 1, 1, 1)
 
 
 def cmt_batch(teacher, noise, labels, sigmas):
@@ -1074,30 +1074,30 @@ class TeacherPairs:
 
     def __init__(self, teacher, source, cfg, device, rank, world, accum):
         self.teacher, self.source, self.cfg, self.device = teacher, source, cfg, device
-        self.slot = lambda m: m * world + rank
-        self.accum, self.b = accum, cfg["batch_gpu"] // cfg["nfe"]
-        self.chunk = cfg["traj_buffer"] // (accum * self.b)  # iterations per solve, 0: one solve per micro-step
-        self.sigmas = cmt_sigmas(cfg["nfe"], cfg["s_max"], cfg["s_lo"], device)
+        self.slot = lambda micro: micro * world + rank
+        self.accum, self.trajs = accum, cfg["batch_gpu"] // cfg["teacher_steps"]
+        self.chunk = cfg["traj_buffer"] // (accum * self.trajs)  # iterations per solve, 0: one solve per micro-step
+        self.sigmas = logsnr_grid(cfg["teacher_steps"], cfg["s_max"], cfg["s_lo"], device)
         self.first, self.states, self.labels = None, None, None
 
-    def draw(self, it, m):
-        gen = torch.Generator(self.device).manual_seed(micro_seed(self.cfg["seed"], it, self.slot(m)))
+    def draw(self, it, micro):
+        gen = torch.Generator(self.device).manual_seed(micro_seed(self.cfg["seed"], it, self.slot(micro)))
         _, labels = self.source.next(gen)
-        shape = [self.b, self.cfg["img_channels"], self.cfg["res"], self.cfg["res"]]
-        return torch.randn(shape, generator=gen, device=self.device), labels[:self.b]
+        shape = [self.trajs, self.cfg["img_channels"], self.cfg["res"], self.cfg["res"]]
+        return torch.randn(shape, generator=gen, device=self.device), labels[:self.trajs]
 
-    def get(self, it, m):
+    def get(self, it, micro):
         if not self.chunk:
-            return cmt_batch(self.teacher, *self.draw(it, m), self.sigmas)
+            return cmt_batch(self.teacher, *self.draw(it, micro), self.sigmas)
         first = it - it % self.chunk
         if first != self.first:
             last = min(first + self.chunk, self.cfg["iters"])
-            noise, labels = zip(*(self.draw(i, k) for i in range(first, last) for k in range(self.accum)))
+            noise, labels = zip(*(self.draw(i, micro_i) for i in range(first, last) for micro_i in range(self.accum)))
             self.labels = torch.cat(labels)
             states = dpm_solver_pp(self.teacher, self.sigmas[0] * torch.cat(noise), self.labels, self.sigmas)
             self.first, self.states = first, torch.stack(states).nan_to_num()
-        j = ((it - first) * self.accum + m) * self.b
-        return cmt_pairs(self.states[:, j:j + self.b], self.sigmas, self.labels[j:j + self.b])
+        j = ((it - first) * self.accum + micro) * self.trajs
+        return cmt_pairs(self.states[:, j:j + self.trajs], self.sigmas, self.labels[j:j + self.trajs])
 
 
 def ect_t_to_r(t, q, stage=0, k=8.0, b=1.0):
@@ -1199,17 +1199,23 @@ def save_grid(images, path, cols):
     PIL.Image.fromarray(grid[..., 0] if c == 1 else grid[..., :3]).save(path)
 
 
-def sample_grid(net, cfg, device, vae, path, classes=8, per_class=8):
-    """Class-conditional grid: one row per class, 1-step samples left, 2-step right; fixed noise."""
+def sample_grid(net, cfg, device, vae, path, per_class=8):
+    """The --grid fixed-noise samples of a training run's samples-*.png at 1 and 2 steps: one class per row of
+    per_class, 1-step samples left, 2-step right (a short last row is padded with black)."""
     if cfg["latent"] and vae is None:
         return
+    n = cfg["grid"]
+    per_class = min(per_class, n)
+    classes = -(-n // per_class)
     gen = torch.Generator(device).manual_seed(cfg["seed"])
-    labels = torch.linspace(0, cfg["label_dim"] - 1, classes).round().long().repeat_interleave(per_class).to(device)
-    z = torch.randn([len(labels), cfg["img_channels"], cfg["res"], cfg["res"]], generator=gen, device=device)
-    one = to_uint8(sample_fewstep(net, z, labels, 1, cfg["mid_t"], cfg["s_max"]), cfg, vae)
-    two = to_uint8(sample_fewstep(net, z, labels, 2, cfg["mid_t"], cfg["s_max"], gen), cfg, vae)
-    both = torch.cat([one.reshape(classes, per_class, *one.shape[1:]), two.reshape(classes, per_class, *two.shape[1:])], 1)
-    save_grid(both.flatten(0, 1), path, 2 * per_class)
+    labels = torch.linspace(0, cfg["label_dim"] - 1, classes).round().long().repeat_interleave(per_class)[:n].to(device)
+    z = torch.randn([n, cfg["img_channels"], cfg["res"], cfg["res"]], generator=gen, device=device)
+    rows = []
+    for steps in (1, 2):
+        x = to_uint8(sample_fewstep(net, z, labels, steps, cfg["mid_t"], cfg["s_max"], gen if steps > 1 else None), cfg, vae)
+        x = torch.cat([x, x.new_zeros([classes * per_class - n, *x.shape[1:]])])
+        rows.append(x.reshape(classes, per_class, *x.shape[1:]))
+    save_grid(torch.cat(rows, 1).flatten(0, 1), path, 2 * per_class)
 
 
 def generate(cfg, device, rank, world, sampler, vae, tag):
@@ -1258,12 +1264,14 @@ def generate(cfg, device, rank, world, sampler, vae, tag):
     return fid_value
 
 
+# >>> pasted: run-folders
 # ----------------------------------------------------------------------------- run folders
 # An output folder belongs to one run. A training stage starts in a new or empty --outdir, or continues
 # with --resume the run whose checkpoint it names; nothing is written before every check has passed.
 # A checkpoint records its script, stage and config, and resumes only a run whose config differs in
 # RESUME_MAY_CHANGE fields alone. A user's mistake raises SystemExit(message): the entry point prints
-# it as one line and exits with code 2, without a traceback.
+# it as one line and exits with code 2, without a traceback. This section is the same in all three
+# scripts, pasted in place: test_cmt.py keeps the copies identical, so edit them alike.
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1348,11 +1356,12 @@ def check_outdir(cfg):
             raise SystemExit(f"--outdir {out}: not empty and holds no ckpt-latest.pt; choose a new --outdir")
         check_resume(read_checkpoint(latest, "--outdir"), cfg, latest)
     return ckpt
+# <<< pasted: run-folders
 
 
 # ----------------------------------------------------------------------------- training loop
-def dist_setup():
-    """torchrun environment -> (device, rank, world); nccl on CUDA, gloo on CPU."""
+def init_distributed():
+    """torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) -> (rank, world, device): nccl on CUDA, gloo on CPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
@@ -1360,7 +1369,7 @@ def dist_setup():
         torch.cuda.set_device(device)
     if (world > 1 or "LOCAL_RANK" in os.environ) and not torch.distributed.is_initialized():  # torchrun, even 1 process
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, rank, world
+    return rank, world, device
 
 
 def rng_state(device):
@@ -1381,15 +1390,12 @@ def set_rng_state(state, device):
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
 
 
-def save_atomic(obj, path, encode=None):
-    """torch.save (or encode(obj) -> str) into a temp file, then os.replace: a crash or SIGKILL mid-write
-    leaves the previous file intact, never a half-written one."""
-    tmp = f"{path}.tmp"
+def write_atomic(path, write):
+    """write(file) into a temp file, then os.replace: a crash or SIGKILL mid-write leaves the previous
+    file intact, never a half-written one."""
+    tmp = Path(str(path) + ".tmp")
     with open(tmp, "wb") as f:
-        if encode is None:
-            torch.save(obj, f)
-        else:
-            f.write(encode(obj).encode())
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -1412,9 +1418,9 @@ def learning_rate(cfg, it):
     return cfg["lr"]
 
 
-def fmt_time(sec):
-    sec = int(sec)
-    return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
+def format_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def init_student(cfg, teacher, logvar=False):
@@ -1438,20 +1444,19 @@ def init_student(cfg, teacher, logvar=False):
 
 def train(cfg, stage):
     """One training loop for every stage: DDP, accumulation, EMA, guard, checkpoints, logging."""
-    device, rank, world = dist_setup()
+    rank, world, device = init_distributed()
     outdir = cfg["outdir"]
     ckpt = check_outdir(cfg)  # None: a fresh start
     cfg["batch_gpu"] = cfg["batch_gpu"] or cfg["batch"] // world
     accum = cfg["batch"] // (cfg["batch_gpu"] * world)
     if accum < 1 or accum * cfg["batch_gpu"] * world != cfg["batch"]:
         raise SystemExit(f"--batch {cfg['batch']} is not a multiple of --batch-gpu {cfg['batch_gpu']} x {world} GPUs")
-    if stage == "mid" and cfg["batch_gpu"] % cfg["nfe"]:
-        raise SystemExit(f"--batch-gpu {cfg['batch_gpu']} must be a multiple of --nfe {cfg['nfe']} "
-                         "(each micro-batch holds whole 16-state trajectories)")
+    if stage == "mid" and cfg["batch_gpu"] % cfg["teacher_steps"]:
+        raise SystemExit(f"--batch-gpu {cfg['batch_gpu']} must be a multiple of --teacher-steps {cfg['teacher_steps']} "
+                         "(each micro-batch holds whole trajectories, one pair per teacher step)")
     if rank == 0:
         print(f"[{stage}] {cfg['iters']} iterations x {cfg['batch']} = {cfg['mimg']:.4g} Mimg; "
               f"{world} process(es) x batch-gpu {cfg['batch_gpu']} x accumulation {accum}; device {device}", flush=True)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
 
     # Networks. Construction draws from the global RNG: seed it identically on every rank first.
     torch.manual_seed(cfg["seed"])
@@ -1499,11 +1504,11 @@ def train(cfg, stage):
     pairs = TeacherPairs(teacher_fn, source, cfg, device, rank, world, accum) if stage == "mid" else None
     vgg = load_latent_vgg(cfg["elpips_weights"], device) if stage == "mid" and cfg["metric"] == "elatentlpips" else None
 
-    def micro_loss(gen, it, m):
+    def micro_loss(gen, it, micro):
         if stage == "mid":
-            aug = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, m * world + rank, 1)) if vgg else None
+            aug = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, micro * world + rank, 1)) if vgg else None
             with amp:
-                return cmt_loss(model, pairs.get(it, m), cfg, vgg, aug)
+                return cmt_loss(model, pairs.get(it, micro), cfg, vgg, aug)
         y, labels = source.next(gen)
         with amp:
             if stage == "pretrain":
@@ -1519,7 +1524,7 @@ def train(cfg, stage):
         torch.distributed.barrier()  # every rank has checked --outdir and its inputs before rank 0 writes
     if rank == 0:
         os.makedirs(outdir, exist_ok=True)
-        save_atomic(dict(cfg, stage=stage), os.path.join(outdir, "config.json"), lambda c: json.dumps(c, indent=2))
+        write_atomic(os.path.join(outdir, "config.json"), lambda f: f.write(json.dumps(dict(cfg, stage=stage), indent=2).encode()))
     stats_path = os.path.join(outdir, "stats.jsonl")
     params = list(net.parameters())
     log_loss = torch.zeros([], device=device)
@@ -1528,11 +1533,11 @@ def train(cfg, stage):
     for it in range(start, cfg["iters"]):
         opt.zero_grad(set_to_none=True)
         loss_acc = torch.zeros([], device=device)
-        for m in range(accum):
-            gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, m * world + rank))
-            sync = m == accum - 1 or world == 1
+        for micro in range(accum):
+            gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, micro * world + rank))
+            sync = micro == accum - 1 or world == 1
             with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                loss = micro_loss(gen, it, m).mean() / accum
+                loss = micro_loss(gen, it, micro).mean() / accum
                 loss.backward()
             loss_acc += loss.detach()
         # Non-finite losses are counted: one device->host read per step (the only per-step sync), agreed over
@@ -1585,10 +1590,10 @@ def train(cfg, stage):
                          f"gnorm {'-' if gnorm_v is None else f'{gnorm_v:.3g}'}")
                 print(f"[{stage}] it {it + 1}/{cfg['iters']} ({100 * (it + 1) / cfg['iters']:.1f}%) {shown} | "
                       f"{its:.3g} it/s {its * cfg['batch']:.3g} img/s | lr {row['lr']:.1e} nonfinite {nonfinite} | "
-                      f"ETA {fmt_time(eta)}", flush=True)
+                      f"ETA {format_duration(eta)}", flush=True)
             log_loss.zero_(), log_gnorm.zero_()
             log_n, log_finite, t_log, it_log = 0, 0, time.time(), it + 1
-        if (it + 1) % cfg["ckpt_every"] == 0 or done:
+        if cfg["ckpt_every"] and (it + 1) % cfg["ckpt_every"] == 0 or done:
             rngs = [None] * world
             if world > 1:
                 torch.distributed.all_gather_object(rngs, rng_state(device))
@@ -1598,18 +1603,21 @@ def train(cfg, stage):
                 ckpt = dict(model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), iter=it + 1,
                             rng=rngs, data_state=dict(images_seen=(it + 1) * cfg["batch"], seed=cfg["seed"], nonfinite=nonfinite),
                             config=json.loads(json.dumps(cfg)), stage=stage, script=SCRIPT)
-                save_atomic(ckpt, os.path.join(outdir, f"ckpt-{it + 1:07d}.pt"))
-                save_atomic(ckpt, os.path.join(outdir, "ckpt-latest.pt"))
-        if rank == 0 and stage != "pretrain" and (done or (cfg["sample_every"] and (it + 1) % cfg["sample_every"] == 0)):
+                write_atomic(os.path.join(outdir, f"ckpt-{it + 1:07d}.pt"), lambda f: torch.save(ckpt, f))
+                write_atomic(os.path.join(outdir, "ckpt-latest.pt"), lambda f: torch.save(ckpt, f))
+        if rank == 0 and stage != "pretrain" and cfg["grid"] and (
+                done or (cfg["sample_every"] and (it + 1) % cfg["sample_every"] == 0)):
             sample_grid(ema, cfg, device, vae, os.path.join(outdir, f"samples-{it + 1:07d}.png"))
     if rank == 0:
-        print(f"[{stage}] done in {fmt_time(time.time() - t_start)}; {os.path.join(outdir, 'ckpt-latest.pt')}", flush=True)
+        print(f"[{stage}] done in {format_duration(time.time() - t_start)}; {os.path.join(outdir, 'ckpt-latest.pt')}", flush=True)
     return ema
 
 
 # ----------------------------------------------------------------------------- stages
 def run_sample(cfg):
-    device, rank, world = dist_setup()
+    """--stage sample: --num images of --init (a checkpoint: its EMA, at each --sample-steps count) or --init
+    teacher (the guided teacher's Heun reference), with FID through fid.py when --fid-ref is given."""
+    rank, world, device = init_distributed()
     cfg["batch_gpu"] = cfg["batch_gpu"] or 32
     check_outdir(dict(cfg, resume=None))  # samples never overwrite an earlier run's files
     vae = open_vae(cfg["vae"], device) if cfg["latent"] else None
@@ -1621,15 +1629,19 @@ def run_sample(cfg):
         gnet = load_network(cfg["guide"], cfg, "guide").to(device) if cfg["guide"] else None
         guided = guided_denoiser(teacher, gnet, cfg["guidance"])
         sampler = lambda z, labels, gen: heun_sampler(guided, z, labels, cfg["heun_steps"], cfg["s_max"], cfg["s_lo"])  # noqa: E731
-        return generate(cfg, device, rank, world, sampler, vae, f"heun{cfg['heun_steps']}")
+        tag = f"heun{cfg['heun_steps']}"
+        return {tag: generate(cfg, device, rank, world, sampler, vae, tag)}
     if not cfg["init"]:
         raise SystemExit("--init: give the checkpoint to sample (ckpt-*.pt), or 'teacher' for the Heun reference")
     net = init_student(cfg, None).to(device).eval().requires_grad_(False)
-    sampler = lambda z, labels, gen: sample_fewstep(net, z, labels, cfg["sample_steps"], cfg["mid_t"], cfg["s_max"], gen)  # noqa: E731
-    return generate(cfg, device, rank, world, sampler, vae, f"{cfg['sample_steps']}step")
+    fids = {}
+    for steps in cfg["sample_steps"]:
+        sampler = lambda z, labels, gen: sample_fewstep(net, z, labels, steps, cfg["mid_t"], cfg["s_max"], gen)  # noqa: E731
+        fids[f"{steps}step"] = generate(cfg, device, rank, world, sampler, vae, f"{steps}step")
+    return fids
 
 
-def center_crop_dhariwal(img, size):
+def center_crop_arr(img, size):
     """ADM's ImageNet crop (box-halve while >= 2x, bicubic resize of the short side, centre crop)."""
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=PIL.Image.BOX)
@@ -1644,7 +1656,7 @@ def run_encode(cfg):
     """ImageNet folder (one subfolder per class, sorted synsets = class ids) -> EDM2 dataset folder:
     latent presets: NNNNN/img-mean-std-NNNNNNNN.npy ([mean, std], 8 x 64 x 64, pixels in [0, 1]
     through the VAE); pixel presets: NNNNN/img-NNNNNNNN.png at 64 x 64. Plus dataset.json."""
-    device, rank, world = dist_setup()
+    rank, world, device = init_distributed()
     src, out = cfg["data"], cfg["outdir"]
     if not src or not os.path.isdir(src):
         raise SystemExit("--data: give the ImageNet train folder (class subfolders) to encode")
@@ -1669,7 +1681,7 @@ def run_encode(cfg):
         if idx % world != rank:
             continue
         try:
-            img = center_crop_dhariwal(PIL.Image.open(os.path.join(src, name)), size)
+            img = center_crop_arr(PIL.Image.open(os.path.join(src, name)), size)
         except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
             raise SystemExit(f"--data: {os.path.join(src, name)} is not a readable image ({e})") from None
         os.makedirs(os.path.join(out, stem.split("/")[0]), exist_ok=True)
@@ -1683,8 +1695,7 @@ def run_encode(cfg):
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
-        with open(os.path.join(out, "dataset.json"), "w") as f:
-            json.dump(dict(labels=labels), f)
+        write_atomic(os.path.join(out, "dataset.json"), lambda f: f.write(json.dumps(dict(labels=labels)).encode()))
         print(f"[encode] {len(files)} images of {len(classes)} classes -> {out}", flush=True)
 
 
@@ -1730,7 +1741,7 @@ def quality_table(cfg, toy, teacher, nets, walls, n=None):
     teacher (Heun) and the 1-/2-step students; the 'data' row is FD's finite-sample floor.
     Prints the table, writes it to --outdir/quality.txt and returns its rows."""
     import fid
-    n = n or cfg["num"]
+    n = n or cfg["eval_num"]
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
     labels = torch.randint(cfg["label_dim"], (n,), generator=gen)
     z = torch.randn([n, cfg["img_channels"], cfg["res"], cfg["res"]], generator=gen)
@@ -1754,9 +1765,9 @@ def quality_table(cfg, toy, teacher, nets, walls, n=None):
             x = sample_fewstep(net, z, labels, steps, cfg["mid_t"], cfg["s_max"], torch.Generator().manual_seed(7))
             add(names[stage], steps, x, walls[stage])
     lines = [f"{'model':<26} {'steps':>10} {'flow-map err':>13} {'pixel FD':>10} {'wall time':>10}"]
-    for r in rows:
-        lines.append(f"{r['model']:<26} {r['steps']:>10} {r['flow_map_err']:>13.5f} {r['pixel_fd']:>10.4f} "
-                     f"{r['wall']:>9.1f}s")
+    for row in rows:
+        lines.append(f"{row['model']:<26} {row['steps']:>10} {row['flow_map_err']:>13.5f} {row['pixel_fd']:>10.4f} "
+                     f"{row['wall']:>9.1f}s")
     table = "\n".join(lines)
     print(f"\nQuality on the toy mixture ({n} samples; flow-map err: MSE per element vs the exact ODE solution "
           "from the same noise and class; pixel FD vs fresh data; wall time of the stage that made the model):\n"
@@ -1805,6 +1816,20 @@ def int_at_least(low):
     return parse
 
 
+def step_counts(most=None):
+    """argparse type: comma-separated step counts from 1 to `most` (None: any positive count), e.g. 1,2."""
+    def parse(text):
+        try:
+            steps = [int(v) for v in text.split(",")]
+        except ValueError:
+            steps = []
+        if not steps or min(steps) < 1 or (most is not None and max(steps) > most):
+            what = "positive step counts" if most is None else f"step counts from 1 to {most}"
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} such as 1,2, got {text!r}")
+        return steps
+    return parse
+
+
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -1836,12 +1861,16 @@ def build_parser():
     a("--ema", type=float, help="EMA decay per iteration (default: mid 0.999, post 0.9999)")
     a("--seed", type=int_at_least(0), help="random seed (default: 0)")
     a("--fid-ref", help="reference statistics for FID in stage sample: .npz (mu, sigma) or EDM2 .pkl (default: none)")
-    a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast (default: off)")
-    a("--tf32", action=argparse.BooleanOptionalAction, default=None, help="TF32 matmuls on CUDA (default: on)")
+    a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast (default: off: fp32)")
+    a("--tf32", action=argparse.BooleanOptionalAction, default=None,
+      help="TF32 matmuls and cuDNN convolutions on CUDA (default: off: fp32)")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the student (default: off)")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last weights (default: off)")
-    a("--ckpt-every", type=int_at_least(1), help="iterations between checkpoints (default: 2000)")
-    a("--sample-every", type=int_at_least(0), help="iterations between sample grids, 0 = only at the end (default: 20000)")
+    a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt and ckpt-NNNNNNN.pt, 0 = end only "
+                                                  "(default: 2000)")
+    a("--sample-every", type=int_at_least(0), help="iterations per samples-NNNNNNN.png grid, 0 = end only (default: 20000)")
+    a("--grid", type=int_at_least(0), help="images at each step count in every samples-NNNNNNN.png grid (mid, post), "
+                                           "0 = none (default: 64)")
     a("--log-every", type=int_at_least(1), help="iterations between progress lines / stats.jsonl rows (default: 100)")
     a("--max-nonfinite", type=int_at_least(0), help="abort after this many steps with a non-finite loss (default: 100)")
     a("--skip-nonfinite", action="store_true", default=None, help="drop a step whose loss is non-finite (default: off: "
@@ -1849,7 +1878,8 @@ def build_parser():
     a("--workers", type=int_at_least(0), help="DataLoader worker processes (default: 2)")
     a("--dropout", type=float, help="student dropout probability (default: 0)")
     a("--s-min", type=float, help="ECM eval-mode shift s_min, a noise level (default: 0, as the official EDM2 code)")
-    a("--nfe", type=int_at_least(1), help="teacher DPM-Solver++ steps in mid-training (default: 16)")
+    a("--teacher-steps", type=int_at_least(1),
+      help="mid: teacher DPM-Solver++ steps per trajectory = CMT pairs per trajectory (default: 16, official)")
     a("--traj-buffer", type=int_at_least(0),
       help="mid: teacher trajectories per rank solved in one batch, rounded down to whole iterations; fewer than "
            "one iteration's: one solve per micro-step, as sony/cmt (same pairs either way) (default: 128)")
@@ -1867,9 +1897,11 @@ def build_parser():
     a("--p-mean", type=float, help="post: mean of ln t (default: -0.8)")
     a("--p-std", type=float, help="post: std of ln t (default: 1.6)")
     a("--mid-t", type=float, help="2-step sampling: intermediate noise level (default: 1.526)")
-    a("--sample-steps", type=int, choices=[1, 2], help="sample stage: student steps (default: 2)")
+    a("--sample-steps", type=step_counts(2), help="sample stage: comma-separated student step counts, 1 or 2 "
+                                                  "(default: 2)")
     a("--heun-steps", type=int_at_least(1), help="teacher Heun steps for the reference sampler (default: 32)")
-    a("--num", type=int_at_least(1), help="sample stage: number of images (default: 50000)")
+    a("--num", type=int_at_least(1), help="sample stage: number of images (default: 50000; tiny: 4096)")
+    a("--eval-num", type=int_at_least(1), help="tiny demo: samples per quality-table row (default: 4096)")
     a("--vae", help="sd-vae-ft-mse weights (.safetensors/.bin or its folder), for latents (default: none)")
     return p
 
@@ -1880,12 +1912,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.stage is None and args.preset != "tiny":
+        raise SystemExit("--stage: choose a stage (only --preset tiny runs the whole pipeline by default)")
+    cfg = resolve_config(argparse.Namespace(**dict(vars(args), stage=args.stage or "mid")))
+    # Both ways: PyTorch's own default lets cuDNN convolutions run in TF32, which an fp32 run must not.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
     if args.stage is None:
-        if args.preset != "tiny":
-            raise SystemExit("--stage: choose a stage (only --preset tiny runs the whole pipeline by default)")
-        cfg = resolve_config(argparse.Namespace(**dict(vars(args), stage="mid")))
         return run_tiny(cfg, args)
-    cfg = resolve_config(args)
     if args.stage in ("pretrain", "mid", "post"):
         return train(cfg, args.stage)
     return dict(sample=run_sample, encode=run_encode)[args.stage](cfg)
@@ -2009,13 +2042,13 @@ def _pkl_flatten(obj, prefix, out, where):
     skip = st.get("_non_persistent_buffers_set") or set()
     items = list(st["_parameters"].items())
     items += [(k, v) for k, v in (st.get("_buffers") or {}).items() if k not in skip]
-    for name, t in items:
-        if t is None:
+    for name, value in items:
+        if value is None:
             continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{where}: '{prefix}{name}' is a {type(t).__name__}, not a tensor")
-        t = t.detach()  # a fresh tensor object: nothing the pickle attached to the original comes along
-        out[prefix + name] = t.float() if t.is_floating_point() else t  # EDM2 stores float16
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where}: '{prefix}{name}' is a {type(value).__name__}, not a tensor")
+        value = value.detach()  # a fresh tensor object: nothing the pickle attached to the original comes along
+        out[prefix + name] = value.float() if value.is_floating_point() else value  # EDM2 stores float16
     for name, child in (st.get("_modules") or {}).items():
         if child is not None:
             _pkl_flatten(child, f"{prefix}{name}.", out, where)
@@ -2063,10 +2096,10 @@ def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
     hashes = {k: hashlib.new(k, usedforsecurity=False) for k in want}
     try:
         try:
-            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-                size = int(r.headers.get("Content-Length") or 0)
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                size = int(response.headers.get("Content-Length") or 0)
                 print(f"downloading {url} ({size / 2**20:.0f} MiB) -> {path}", flush=True)
-                while chunk := r.read(1 << 22):
+                while chunk := response.read(1 << 22):
                     f.write(chunk)
                     for h in hashes.values():
                         h.update(chunk)
@@ -2203,8 +2236,8 @@ class VAEAttention(nn.Module):
 
     def forward(self, x):
         n, c, h, w = x.shape
-        t = self.group_norm(x).reshape(n, c, h * w).transpose(1, 2)  # [N, HW, C]
-        a = F.scaled_dot_product_attention(self.to_q(t), self.to_k(t), self.to_v(t))  # scale 1/sqrt(C): one head
+        seq = self.group_norm(x).reshape(n, c, h * w).transpose(1, 2)  # [N, HW, C]
+        a = F.scaled_dot_product_attention(self.to_q(seq), self.to_k(seq), self.to_v(seq))  # scale 1/sqrt(C): one head
         return x + self.to_out[0](a).transpose(1, 2).reshape(n, c, h, w)
 
 
@@ -2369,10 +2402,10 @@ def read_safetensors(path):
                              f"holds only {len(data)} bytes of data (truncated file)")
         a = np.frombuffer(data, dtype=np_dtype, count=count, offset=begin).astype(np_dtype.newbyteorder("="))
         if dtype == "BF16":  # bfloat16 = the upper 16 bits of a float32; numpy has no bfloat16
-            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+            tensor = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         else:
-            t = torch.from_numpy(a)
-        tensors[name] = t.reshape(shape)
+            tensor = torch.from_numpy(a)
+        tensors[name] = tensor.reshape(shape)
     return tensors
 
 
@@ -2405,16 +2438,16 @@ def load_vae(path, device="cpu"):
                          "in the diffusers AutoencoderKL layout")
 
     converted = {}
-    for name, t in state.items():
+    for name, tensor in state.items():
         m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", name)
         if m:  # older diffusers names, which diffusers itself renames on load (_convert_deprecated_attention_blocks)
             name = f"{m[1]}.{_VAE_OLD_ATTENTION_NAMES[m[2]]}.{m[3]}"
         if name in converted:
             raise ValueError(f"{path}: {name} is present under both its old and its new attention name")
-        if re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", name) and t.ndim == 4 \
-                and t.shape[2:] == (1, 1):
-            t = t.reshape(t.shape[:2])  # a 1x1 conv over pixels is the same linear map over channels
-        converted[name] = t
+        if re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", name) and tensor.ndim == 4 \
+                and tensor.shape[2:] == (1, 1):
+            tensor = tensor.reshape(tensor.shape[:2])  # a 1x1 conv over pixels is the same linear map over channels
+        converted[name] = tensor
 
     with torch.device("meta"):  # shapes only: skips a random init that the weights would overwrite
         vae = AutoencoderKL()
@@ -2431,9 +2464,9 @@ def load_vae(path, device="cpu"):
            if converted[k].shape != v.shape]
     if bad:
         raise ValueError(f"{path}: {len(bad)} tensors have the wrong shape, e.g. {bad[:3]}")
-    if not all(t.is_floating_point() for t in converted.values()):
+    if not all(tensor.is_floating_point() for tensor in converted.values()):
         raise ValueError(f"{path}: VAE weights must be floating point")
-    vae.load_state_dict({k: t.to(torch.float32) for k, t in converted.items()}, strict=True, assign=True)
+    vae.load_state_dict({k: tensor.to(torch.float32) for k, tensor in converted.items()}, strict=True, assign=True)
     return vae.eval().requires_grad_(False).to(device)
 
 

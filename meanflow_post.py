@@ -70,8 +70,9 @@ reductions are float32. Default: float32 throughout.
 
 Outputs in --outdir: config.json (resolved config), stats.jsonl (one line per --log-every), ckpt-latest.pt
 (every --ckpt-every) and ckpt-NNNNNNN.pt snapshots (every --snap-every and at the end), samples-NNNNNNN.png
-(every --sample-every), and for --stage sample samples-<steps>step.{png,npz}; a checkpoint is a plain dict
-{model, ema, optimizer, iter, rng, data_state, config, stage, script} read with torch.load(weights_only=True).
+(--grid images, every --sample-every and at the end), and for --stage sample samples-<steps>step.{png,npz}; a
+checkpoint is a plain dict {model, ema, optimizer, iter, rng, data_state, config, stage, script} read with
+torch.load(weights_only=True).
 Run folders: a training stage starts in a new or empty --outdir, or continues with --resume auto (or PATH) the
 run of the same stage and recipe (only RESUME_MAY_CHANGE fields may differ); sample, encode and the tiny
 pipeline also refuse a folder that holds an earlier run (encode and the pipeline continue with --resume auto).
@@ -108,8 +109,8 @@ SCRIPT = "meanflow_post.py"  # recorded in every checkpoint: --init/--teacher/--
 # sample stage and the tiny table compute, speed switches, and the per-process split of the batch (the
 # world size is not in the config). Every other field defines the run and must match the checkpoint's.
 # --traj-buffer only groups the teacher's solves of inputs drawn per micro-step: the same pairs, to float rounding.
-RESUME_MAY_CHANGE = {"iters", "mimg", "log_every", "ckpt_every", "snap_every", "sample_every", "resume", "outdir",
-                     "max_nonfinite", "num_eval", "bf16", "tf32", "compile", "fid_ref", "num", "sample_steps", "vae",
+RESUME_MAY_CHANGE = {"iters", "mimg", "log_every", "ckpt_every", "snap_every", "sample_every", "grid", "resume", "outdir",
+                     "max_nonfinite", "eval_num", "bf16", "tf32", "compile", "fid_ref", "num", "sample_steps", "vae",
                      "batch_gpu", "traj_buffer"}
 
 # DiT sizes (depth, hidden, heads, patch); MeanFlow paper / official JAX models_dit.py. `tiny` is the CPU demo.
@@ -133,7 +134,7 @@ BASE = dict(
     p_mean=-0.4, p_std=1.0, ratio_neq=0.25, label_drop=0.1, norm_p=1.0, norm_eps=0.01,
     omega=1.0, kappa=0.5, t_start=0.0, t_end=1.0,
     teacher=None, teacher_solver="meanflow", teacher_steps=8, pairs=8, traj_buffer=128,
-    init="random", log_every=100, ckpt_every=5000, snap_every=50000, sample_every=20000, max_nonfinite=100,
+    init="random", log_every=100, ckpt_every=5000, snap_every=50000, sample_every=20000, grid=64, max_nonfinite=100,
 )
 
 # Per preset, per stage. Iteration counts marked * are our estimates (not published); see README.
@@ -153,7 +154,7 @@ PRESETS = {
     # No guidance (omega 1, kappa 0), so every model targets the exact class-conditional flow map.
     "tiny": dict(BASE, model="tiny", data="toy", res=8, channels=4, num_classes=8, batch=64, lr=1e-3,
                  ema=0.995, omega=1.0, kappa=0.0, teacher_steps=4, pairs=4, log_every=100, ckpt_every=500, snap_every=0,
-                 sample_every=0, num_eval=2000, stages=dict(
+                 sample_every=0, eval_num=2000, stages=dict(
         pretrain=dict(model="tiny-teacher", iters=1000),
         mid=dict(iters=600),
         post=dict(iters=600),
@@ -378,7 +379,7 @@ class DiTMF(nn.Module):
         for emb in (self.t_embedder, self.h_embedder):
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+        for layer in [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -464,9 +465,9 @@ def teacher_trajectory(teacher, e, y, steps, solver):
 def sample_t_r(n, p_mean, p_std, ratio_neq, gen, device):
     """MeanFlow (t, r): two i.i.d. sigmoid(N(p_mean, p_std)) draws, t = max, r = min; then the first
     int(n (1 - ratio_neq)) rows of the batch get r = t (official `data_proportion` = 0.75 per device batch)."""
-    a = torch.sigmoid(torch.randn(n, generator=gen, device=device) * p_std + p_mean)
-    b = torch.sigmoid(torch.randn(n, generator=gen, device=device) * p_std + p_mean)
-    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    draw1 = torch.sigmoid(torch.randn(n, generator=gen, device=device) * p_std + p_mean)
+    draw2 = torch.sigmoid(torch.randn(n, generator=gen, device=device) * p_std + p_mean)
+    t, r = torch.maximum(draw1, draw2), torch.minimum(draw1, draw2)
     same = torch.arange(n, device=device) < int(n * (1 - ratio_neq))
     return t, torch.where(same, t, r)
 
@@ -528,14 +529,14 @@ def meanflow_loss(net, x, y, e, t, r, drop, cfg, eager_net=None, autocast=None):
 
 
 def cmt_mf_pairs(states, grid, pairs, gen):
-    """CMT-MF training rows from teacher states [M+1, b, ...]: for each trajectory `pairs` distinct
+    """CMT-MF training rows from teacher states [M+1, K, ...]: for each of the K trajectories `pairs` distinct
     ordered pairs i > j; returns (z_{t_i}, r = t_j, t = t_i, target (z_{t_i} - z_{t_j}) / (t_i - t_j), trajectory index)."""
-    M, b = states.shape[0] - 1, states.shape[1]
+    M, trajs = states.shape[0] - 1, states.shape[1]
     all_i, all_j = torch.tril_indices(M + 1, M + 1, offset=-1, device=states.device)  # i > j
     if pairs > all_i.numel():
         raise ValueError(f"--pairs {pairs}: at most M(M+1)/2 = {all_i.numel()} pairs for --teacher-steps {M}")
-    pick = torch.rand(b, all_i.numel(), generator=gen, device=states.device).argsort(dim=1)[:, :pairs].flatten()
-    n = torch.arange(b, device=states.device).repeat_interleave(pairs)
+    pick = torch.rand(trajs, all_i.numel(), generator=gen, device=states.device).argsort(dim=1)[:, :pairs].flatten()
+    n = torch.arange(trajs, device=states.device).repeat_interleave(pairs)
     i, j = all_i[pick], all_j[pick]
     z_i, z_j = states[i, n], states[j, n]
     t, r = grid[i], grid[j]
@@ -567,7 +568,8 @@ def to_uint8(images):
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(path, images_nhwc, cols=None):
+def save_grid(images_nhwc, path, cols=None):
+    """uint8 [N, H, W, C] -> PNG grid with `cols` columns (default: a square)."""
     from PIL import Image
     n, h, w, c = images_nhwc.shape
     cols = cols or int(math.ceil(math.sqrt(n)))
@@ -586,12 +588,14 @@ def latents_to_uint8(x, vae):
     return sd_decode(vae, x).permute(0, 2, 3, 1).cpu().numpy()
 
 
+# >>> pasted: run-folders
 # ----------------------------------------------------------------------------- run folders
 # An output folder belongs to one run. A training stage starts in a new or empty --outdir, or continues
 # with --resume the run whose checkpoint it names; nothing is written before every check has passed.
 # A checkpoint records its script, stage and config, and resumes only a run whose config differs in
 # RESUME_MAY_CHANGE fields alone. A user's mistake raises SystemExit(message): the entry point prints
-# it as one line and exits with code 2, without a traceback.
+# it as one line and exits with code 2, without a traceback. This section is the same in all three
+# scripts, pasted in place: test_cmt.py keeps the copies identical, so edit them alike.
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -676,6 +680,7 @@ def check_outdir(cfg):
             raise SystemExit(f"--outdir {out}: not empty and holds no ckpt-latest.pt; choose a new --outdir")
         check_resume(read_checkpoint(latest, "--outdir"), cfg, latest)
     return ckpt
+# <<< pasted: run-folders
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -687,7 +692,8 @@ def micro_seed(seed, it, slot):
     return (seed * 1_000_003 + it) * 10_007 + slot
 
 
-def setup_dist():
+def init_distributed():
+    """torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) -> (rank, world, device): nccl on CUDA, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -735,14 +741,14 @@ class TeacherPairs:
     smaller than one iteration's trajectories solves each micro-step alone, when it is used (one teacher run
     per micro-step, as sony/cmt training/loss.py, DPMSolverLoss, does for CMT)."""
 
-    def __init__(self, solve, inputs, cfg, rank, accum, b):
-        self.solve, self.inputs, self.iters, self.b = solve, inputs, cfg["iters"], b
+    def __init__(self, solve, inputs, cfg, rank, accum, trajs):
+        self.solve, self.inputs, self.iters, self.trajs = solve, inputs, cfg["iters"], trajs
         self.slots = range(rank * accum, (rank + 1) * accum)  # this rank's micro-batch slots (Trainer.step_gradients)
-        self.chunk = cfg["traj_buffer"] // (accum * b)  # iterations per solve, 0: one solve per micro-step
+        self.chunk = cfg["traj_buffer"] // (accum * trajs)  # iterations per solve, 0: one solve per micro-step
         self.first, self.states, self.grid, self.y, self.gens = None, None, None, None, None
 
     def get(self, it, slot):
-        """(states [M+1, b, ...], grid, y, gen) of one micro-step; gen goes on to pick its pairs."""
+        """(states [M+1, trajs, ...], grid, y, gen) of one micro-step; gen goes on to pick its pairs."""
         if not self.chunk:
             gen, y, e = self.inputs(it, slot)
             return (*self.solve(e, y), y, gen)
@@ -753,7 +759,7 @@ class TeacherPairs:
             self.y = torch.cat(ys)
             (self.states, self.grid), self.first = self.solve(torch.cat(es), self.y), first
         k = (it - first) * len(self.slots) + slot - self.slots[0]
-        rows = slice(k * self.b, (k + 1) * self.b)
+        rows = slice(k * self.trajs, (k + 1) * self.trajs)
         return self.states[:, rows], self.grid, self.y[rows], self.gens[k]
 
 
@@ -880,10 +886,8 @@ class Trainer:
         return total
 
     def state(self):
-        rng = dict(torch=torch.get_rng_state(), numpy=_numpy_state(), python=_python_state(),
-                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
         return dict(model=self.net.state_dict(), ema=self.ema.state_dict(), optimizer=self.opt.state_dict(),
-                    iter=self.it, rng=rng, data_state=dict(samples=self.it * self.cfg["batch"], nonfinite=self.nonfinite),
+                    iter=self.it, rng=rng_state(), data_state=dict(samples=self.it * self.cfg["batch"], nonfinite=self.nonfinite),
                     config=self.cfg, stage=self.stage, script=SCRIPT)
 
     def load_state(self, ckpt):
@@ -891,18 +895,11 @@ class Trainer:
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.it, self.nonfinite = int(ckpt["iter"]), int(ckpt["data_state"]["nonfinite"])
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state((rng["numpy"]["kind"], rng["numpy"]["keys"].numpy().astype(np.uint32), rng["numpy"]["pos"],
-                             rng["numpy"]["has_gauss"], rng["numpy"]["gauss"]))
-        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-        if torch.cuda.is_available() and rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        set_rng_state(ckpt["rng"])
 
     def save(self, name):
-        tmp = self.outdir / (name + ".tmp")
-        torch.save(self.state(), tmp)
-        os.replace(tmp, self.outdir / name)
+        state = self.state()
+        write_atomic(self.outdir / name, lambda f: torch.save(state, f))
 
     @torch.no_grad()
     def update_ema(self):
@@ -919,7 +916,7 @@ class Trainer:
             dist.barrier()  # every rank has checked --outdir before rank 0 writes into it
         if is0:
             self.outdir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.outdir / "config.json", json.dumps(cfg, indent=2))
+            write_atomic(self.outdir / "config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
         if self.world > 1:  # identical start on every rank
             for tensor in list(self.net.state_dict().values()) + list(self.ema.state_dict().values()):
                 dist.broadcast(tensor, 0)
@@ -969,7 +966,7 @@ class Trainer:
                     shown = "-" if rec["loss"] is None else f"{rec['loss']:.4f}"  # -: no finite loss in the window
                     print(f"[{self.stage}] it {self.it}/{iters} ({100 * self.it / iters:.1f}%) loss {shown} "
                           f"gnorm {rec['grad_norm']:.2f} | {ips:.1f} it/s {rec['img_per_s']:.0f} img/s | "
-                          f"lr {cfg['lr']:.1e} nonfinite {self.nonfinite} | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m", flush=True)
+                          f"lr {cfg['lr']:.1e} nonfinite {self.nonfinite} | ETA {format_duration(eta)}", flush=True)
                     with open(self.outdir / "stats.jsonl", "a") as f:
                         f.write(json.dumps(rec) + "\n")
                 t_log, it_log, n_log, n_finite = now, self.it, 0, 0
@@ -978,37 +975,57 @@ class Trainer:
                 self.save("ckpt-latest.pt")
             if is0 and ((cfg["snap_every"] and self.it % cfg["snap_every"] == 0) or self.it == iters):
                 self.save(f"ckpt-{self.it:07d}.pt")  # kept: an XL/2 checkpoint with Adam state is ~11 GB
-            if is0 and cfg["sample_every"] and self.it % cfg["sample_every"] == 0:
+            if is0 and cfg["grid"] and (self.it == iters or cfg["sample_every"] and self.it % cfg["sample_every"] == 0):
                 self.sample_grid()
         return self
 
     def sample_grid(self):
-        """Fixed-noise 1-NFE grid of the EMA model (toy: first three latent channels; else VAE-decoded if --vae)."""
+        """The --grid fixed-noise 1-NFE samples of the EMA model in samples-NNNNNNN.png (toy: first three latent
+        channels; else VAE-decoded if --vae)."""
         cfg = self.cfg
         gen = torch.Generator(self.device).manual_seed(cfg["seed"])
-        n = 64
+        n = cfg["grid"]
         e = torch.randn((n, cfg["channels"], cfg["res"], cfg["res"]), generator=gen, device=self.device)
         y = torch.arange(n, device=self.device) % cfg["num_classes"]
         x = sample_fewstep(self.ema.eval(), e, y, 1)
         vae = open_vae(cfg["vae"], self.device) if cfg.get("vae") else None
-        save_grid(self.outdir / f"samples-{self.it:07d}.png", latents_to_uint8(x, vae), cols=8)
+        save_grid(latents_to_uint8(x, vae), self.outdir / f"samples-{self.it:07d}.png", cols=min(8, n))
 
 
-def write_text_atomic(path, text):
-    """A temp file, then os.replace: a crash mid-write leaves the previous file, never half of one."""
+def write_atomic(path, write):
+    """write(file) into a temp file, then os.replace: a crash or SIGKILL mid-write leaves the previous
+    file intact, never a half-written one."""
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _numpy_state():
+def rng_state():
+    """Torch (CPU and CUDA), numpy and python RNG states in a weights_only-loadable form."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss), gauss=float(gauss))
+    version, internal, py_gauss = random.getstate()
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
+                           gauss=float(gauss)),
+                python=[version, list(internal), py_gauss])
 
 
-def _python_state():
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # ----------------------------------------------------------------------------- evaluation and stages
@@ -1084,7 +1101,7 @@ def run_tiny_pipeline(cfg_for, outdir, baseline=True):
     teacher_steps = cfg_for("mid")["teacher_steps"]
     rows = [("teacher", 1), ("teacher", teacher_steps), ("mid", 1), ("post", 1), ("post", 2)]
     rows += [("post-random", 1)] * baseline
-    num = cfg_for("post")["num_eval"]
+    num = cfg_for("post")["eval_num"]
     k = 2 * cfg_for("post")["num_classes"]  # comparison.png: the first k samples, two per class
     lines = [f"{'model':<38} {'steps':>5} {'flow-map err':>13} {'pixel FD':>10} {'wall time':>10}"]
     shown = {}
@@ -1098,7 +1115,7 @@ def run_tiny_pipeline(cfg_for, outdir, baseline=True):
     table = "\n".join(lines)
     print("\nQuality on the toy mixture (flow-map err: MSE per element vs the exact map from the same noise;\n"
           f"pixel FD: Frechet distance of raw {cfg_for('post')['channels']}x{cfg_for('post')['res']}x{cfg_for('post')['res']} vectors vs {num} fresh samples)\n" + table, flush=True)
-    write_text_atomic(outdir / "quality.txt", table + "\n")
+    write_atomic(outdir / "quality.txt", lambda f: f.write((table + "\n").encode()))
     # The picture reuses the table's samples; the rows the table leaves out are drawn from the same noise.
     e, y, z0 = (v[:k] for v in eval_batch(cfg_for("post"), num))
     pics = [("exact flow map", z0)]
@@ -1114,9 +1131,9 @@ def quality_reference(cfg, num):
     """FD floor: toy samples against other toy samples (finite-sample bias of the estimator)."""
     import fid
     mu, std = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"])
-    a, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(1), "cpu")
-    b, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(54321), "cpu")
-    return fid.frechet_distance(*fid.mean_cov(a.flatten(1).double().numpy()), *fid.mean_cov(b.flatten(1).double().numpy()))
+    x1, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(1), "cpu")
+    x2, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(54321), "cpu")
+    return fid.frechet_distance(*fid.mean_cov(x1.flatten(1).double().numpy()), *fid.mean_cov(x2.flatten(1).double().numpy()))
 
 
 def save_comparison(rows, path, scale=8, gap=4):
@@ -1180,15 +1197,15 @@ def run_sample(cfg, outdir, rank, world, device):
             dist.barrier()
         if rank == 0:
             pieces = []
-            for r in range(world):
-                p = np.load(outdir / f"samples-{steps}step.part{r}.npz")
+            for peer in range(world):
+                p = np.load(outdir / f"samples-{steps}step.part{peer}.npz")
                 offsets = np.cumsum(np.concatenate([[0], p["sizes"]]))
                 pieces += [(s, p["images"][offsets[k]:offsets[k + 1]]) for k, s in enumerate(p["starts"])]
             images = np.concatenate([img for _, img in sorted(pieces, key=lambda c: c[0])])
             np.savez(outdir / f"samples-{steps}step.npz", images=images)
-            save_grid(outdir / f"samples-{steps}step.png", images[:64], cols=8)
-            for r in range(world):
-                (outdir / f"samples-{steps}step.part{r}.npz").unlink()
+            save_grid(images[:64], outdir / f"samples-{steps}step.png", cols=8)
+            for peer in range(world):
+                (outdir / f"samples-{steps}step.part{peer}.npz").unlink()
             print(f"[sample] {num} images at {steps} steps (NFE) -> {outdir}/samples-{steps}step.npz", flush=True)
         if cfg.get("fid_ref"):
             score = _fid(mine, cfg["fid_ref"], device)
@@ -1274,13 +1291,11 @@ def run_encode(cfg, outdir, rank, world, device):
             moments.append(sd_encode_pixels(vae, torch.from_numpy(pixels).permute(0, 3, 1, 2)).cpu().numpy())
         for name, array in ((f"labels-{shard:05d}.npy", np.array([k for _, k in part], np.int64)),
                             (target.name, np.concatenate(moments).astype(np.float32))):  # latents last: marks done
-            with open(outdir / (name + ".tmp"), "wb") as f:
-                np.save(f, array)
-            os.replace(outdir / (name + ".tmp"), outdir / name)
+            write_atomic(outdir / name, lambda f: np.save(f, array))
         print(f"[encode] rank {rank}: shard {shard} ({len(part)} images) -> {target}", flush=True)
     if rank == 0:
-        write_text_atomic(outdir / "dataset.json", json.dumps(dict(classes=classes, num_images=len(files),
-                                                                   resolution=image_size, latent_scale=SD_LATENT_SCALE)))
+        meta = dict(classes=classes, num_images=len(files), resolution=image_size, latent_scale=SD_LATENT_SCALE)
+        write_atomic(outdir / "dataset.json", lambda f: f.write(json.dumps(meta).encode()))
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -1295,7 +1310,34 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parse_args(argv=None):
+def int_at_least(low):
+    """argparse type: an integer >= low, so --batch 0 is one clear line instead of a ZeroDivisionError."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def step_counts(most=None):
+    """argparse type: comma-separated step counts from 1 to `most` (None: any positive count), e.g. 1,2."""
+    def parse(text):
+        try:
+            steps = [int(v) for v in text.split(",")]
+        except ValueError:
+            steps = []
+        if not steps or min(steps) < 1 or (most is not None and max(steps) > most):
+            what = "positive step counts" if most is None else f"step counts from 1 to {most}"
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} such as 1,2, got {text!r}")
+        return steps
+    return parse
+
+
+def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
     a("--stage", choices=["pretrain", "mid", "post", "sample", "encode"], default=None,
@@ -1306,21 +1348,24 @@ def parse_args(argv=None):
     a("--model", choices=sorted(MODELS), default=None, help="DiT-MF size; default: preset (per stage)")
     a("--teacher", default=None, help="mid: teacher checkpoint PATH (ckpt-*.pt of this script)")
     a("--teacher-solver", choices=["meanflow", "euler", "heun"], default=None, help="mid: teacher sampler; default: preset (meanflow)")
-    a("--teacher-steps", type=int, default=None, help="mid: teacher steps M; default: preset (8; tiny 4)")
-    a("--pairs", type=int, default=None, help="mid: ordered pairs (i > j) per trajectory per step; default: preset (8)")
-    a("--traj-buffer", type=int, default=None, help="mid: teacher trajectories per rank solved in one batch, rounded "
-      "down to whole iterations; fewer than one iteration's: one solve per micro-step (same pairs either way) (default 128)")
+    a("--teacher-steps", type=int_at_least(1), default=None,
+      help="mid: teacher solver steps M per trajectory, on a uniform t grid (one network pass each; heun: two); "
+           "default: preset (8; tiny 4)")
+    a("--pairs", type=int_at_least(1), default=None, help="mid: ordered pairs (i > j) per trajectory per step; default: preset (8)")
+    a("--traj-buffer", type=int_at_least(0), default=None, help="mid: teacher trajectories per rank solved in one batch, "
+      "rounded down to whole iterations; fewer than one iteration's: one solve per micro-step (same pairs either way) "
+      "(default 128)")
     a("--init", default=None, help="post: PATH (a checkpoint: its EMA weights) | teacher | random; sample: the "
       "checkpoint PATH to sample, or teacher; default: random")
     a("--resume", default=None, help="PATH | auto (= outdir/ckpt-latest.pt if present, else a fresh start in an "
       "empty --outdir); the checkpoint must be of the same stage and recipe")
-    a("--batch", type=int, default=None, help="global batch (images); default: preset (256)")
-    a("--batch-gpu", type=int, default=None, help="per-GPU micro-batch; default: batch / world size")
-    a("--iters", type=int, default=None, help="training iterations; default: preset (per stage)")
+    a("--batch", type=int_at_least(1), default=None, help="global batch (images); default: preset (256)")
+    a("--batch-gpu", type=int_at_least(1), default=None, help="per-GPU micro-batch; default: batch / world size")
+    a("--iters", type=int_at_least(1), default=None, help="training iterations; default: preset (per stage)")
     a("--mimg", type=float, default=None, help="training length in million images (sets --iters = mimg*1e6/batch)")
     a("--lr", type=float, default=None, help="Adam learning rate, constant; default: preset (1e-4)")
     a("--ema", type=float, default=None, help="EMA decay per step; default: preset (0.9999)")
-    a("--seed", type=int, default=None, help="random seed; per-rank and per-step seeds derive from it (default 0)")
+    a("--seed", type=int_at_least(0), default=None, help="random seed; per-rank and per-step seeds derive from it (default 0)")
     a("--omega", type=float, default=None, help="training CFG omega; default: preset (xl2 0.2, b4 1.0)")
     a("--kappa", type=float, default=None, help="training CFG kappa; default: preset (xl2 0.92, b4 0.5)")
     a("--t-start", type=float, default=None, help="CFG interval start (t units); default 0")
@@ -1331,51 +1376,44 @@ def parse_args(argv=None):
     a("--norm-eps", type=float, default=None, help="adaptive weight constant c (default 0.01)")
     a("--fid-ref", default=None, help="sample: reference .npz (mu, sigma) -> print FID via fid.py")
     a("--vae", default=None, help="SD-VAE weights (sd-vae-ft-mse, diffusers layout; .safetensors/.bin/.pt)")
-    a("--num", type=int, default=50000, help="sample: number of images")
-    a("--sample-steps", default="1,2", help="sample: comma-separated step counts (1 step = 1 NFE)")
-    a("--num-eval", type=int, default=None, help="tiny: samples per quality-table row (default 2000)")
-    a("--bf16", action="store_true", help="bfloat16 autocast for network forwards (tangents/targets/loss in fp32)")
-    a("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
-    a("--compile", action="store_true", help="torch.compile plain forwards (never the jvp path)")
-    a("--ckpt-every", type=int, default=None, help="ckpt-latest.pt interval in iterations (default 5000)")
-    a("--snap-every", type=int, default=None, help="ckpt-NNNNNNN.pt snapshot interval in iterations, 0 = end only "
+    a("--num", type=int_at_least(1), default=50000, help="sample: number of images")
+    a("--sample-steps", type=step_counts(), default=[1, 2], help="sample: comma-separated step counts (1 step = 1 NFE) "
+                                                                "(default: 1,2)")
+    a("--eval-num", type=int_at_least(1), default=None, help="tiny: samples per quality-table row (default 2000)")
+    a("--bf16", action=argparse.BooleanOptionalAction, default=False,
+      help="bfloat16 autocast for network forwards (tangents/targets/loss in fp32) (default: off: fp32)")
+    a("--tf32", action=argparse.BooleanOptionalAction, default=False,
+      help="TF32 matmuls and cuDNN convolutions on CUDA (default: off: fp32)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=False,
+      help="torch.compile plain forwards (never the jvp path) (default: off)")
+    a("--ckpt-every", type=int_at_least(0), default=None, help="iterations per ckpt-latest.pt, 0 = end only (default 5000)")
+    a("--snap-every", type=int_at_least(0), default=None, help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only "
       "(default 50000; tiny 0)")
-    a("--sample-every", type=int, default=None, help="sample-grid interval in iterations, 0 = off (default 20000)")
-    a("--log-every", type=int, default=None, help="log interval in iterations (default 100)")
-    a("--max-nonfinite", type=int, default=None, help="abort after this many steps with a non-finite loss (default 100)")
+    a("--sample-every", type=int_at_least(0), default=None, help="iterations per samples-NNNNNNN.png grid, 0 = end only "
+      "(default 20000; tiny 0)")
+    a("--grid", type=int_at_least(0), default=None, help="images in each samples-NNNNNNN.png grid (1-NFE), 0 = none "
+      "(default 64)")
+    a("--log-every", type=int_at_least(1), default=None, help="iterations per progress line / stats.jsonl row (default 100)")
+    a("--max-nonfinite", type=int_at_least(0), default=None, help="abort after this many steps with a non-finite loss (default 100)")
     a("--skip-nonfinite", action="store_true", help="drop a step whose loss is non-finite (default: step with "
                                                     "nan_to_num'd gradients, as sony/cmt)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 FLAG_KEYS = ["data", "model", "teacher", "teacher_solver", "teacher_steps", "pairs", "traj_buffer", "init", "batch",
              "batch_gpu", "iters", "lr", "ema", "seed", "omega", "kappa", "t_start", "t_end", "ratio_neq", "label_drop",
-             "norm_p", "norm_eps", "ckpt_every", "snap_every", "sample_every", "log_every", "max_nonfinite", "num_eval"]
-
-
-def _int_list(text, flag):
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"{flag} {text}: expected comma-separated positive integers, e.g. 1,2") from None
-    if not all(v > 0 for v in values):
-        raise SystemExit(f"{flag} {text}: expected comma-separated positive integers (step counts must be positive)")
-    return values
-
-
-POSITIVE_KEYS = ["batch", "batch_gpu", "iters", "teacher_steps", "pairs", "num", "num_eval", "log_every"]
-NONNEGATIVE_KEYS = ["ckpt_every", "snap_every", "sample_every", "max_nonfinite", "traj_buffer"]
+             "norm_p", "norm_eps", "ckpt_every", "snap_every", "sample_every", "grid", "log_every", "max_nonfinite",
+             "eval_num"]
 
 
 def check_values(cfg):
-    """Numbers a user sets: one line naming the flag instead of a ZeroDivisionError mid-run."""
+    """Numbers a user sets that argparse cannot check alone: one line naming the flag instead of a failure mid-run.
+    (Integer flags are checked by their argparse type, int_at_least.)"""
     flag = lambda k: "--" + k.replace("_", "-")
-    for k in POSITIVE_KEYS:
-        if cfg.get(k) is not None and cfg[k] < 1:
-            raise SystemExit(f"{flag(k)} {cfg[k]}: expected a positive integer")
-    for k in NONNEGATIVE_KEYS:
-        if cfg.get(k) is not None and cfg[k] < 0:
-            raise SystemExit(f"{flag(k)} {cfg[k]}: expected an integer >= 0 (0 = off / at the end only)")
     if not cfg["lr"] > 0:
         raise SystemExit(f"--lr {cfg['lr']}: expected a positive learning rate")
     if not 0 <= cfg["ema"] < 1:
@@ -1389,8 +1427,9 @@ def check_values(cfg):
                          f"{cfg['teacher_steps']}")
 
 
-def resolve_config(args, stage):
-    """Preset -> its stage overrides -> flags that were set."""
+def resolve_config(args, stage=None):
+    """Preset -> its stage overrides -> flags that were set; for `stage` (default: --stage)."""
+    stage = stage or args.stage
     preset = PRESETS[args.preset]
     cfg = {k: v for k, v in preset.items() if k != "stages"}
     cfg.update(preset["stages"].get(stage, {}))
@@ -1399,7 +1438,7 @@ def resolve_config(args, stage):
             cfg[k] = getattr(args, k)
     cfg.update(stage=stage, outdir=args.outdir, resume=args.resume, skip_nonfinite=args.skip_nonfinite, bf16=args.bf16,
                tf32=args.tf32, compile=args.compile, vae=args.vae, fid_ref=args.fid_ref, num=args.num,
-               sample_steps=_int_list(args.sample_steps, "--sample-steps"))
+               sample_steps=args.sample_steps)
     check_values(cfg)
     if args.mimg is not None:
         cfg["iters"] = int(round(args.mimg * 1e6 / cfg["batch"]))
@@ -1417,7 +1456,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.stage is None and args.preset != "tiny":
         raise SystemExit("--stage is required (only --preset tiny runs the whole pipeline without it)")
-    rank, world, device = setup_dist()
+    rank, world, device = init_distributed()
     # Both ways: PyTorch's own default lets cuDNN convolutions run in TF32, which an fp32 run must not.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
     if args.stage is None:
@@ -1493,8 +1532,8 @@ class VAEAttention(nn.Module):
 
     def forward(self, x):
         n, c, h, w = x.shape
-        t = self.group_norm(x).reshape(n, c, h * w).transpose(1, 2)  # [N, HW, C]
-        a = F.scaled_dot_product_attention(self.to_q(t), self.to_k(t), self.to_v(t))  # scale 1/sqrt(C): one head
+        seq = self.group_norm(x).reshape(n, c, h * w).transpose(1, 2)  # [N, HW, C]
+        a = F.scaled_dot_product_attention(self.to_q(seq), self.to_k(seq), self.to_v(seq))  # scale 1/sqrt(C): one head
         return x + self.to_out[0](a).transpose(1, 2).reshape(n, c, h, w)
 
 
@@ -1659,10 +1698,10 @@ def read_safetensors(path):
                              f"holds only {len(data)} bytes of data (truncated file)")
         a = np.frombuffer(data, dtype=np_dtype, count=count, offset=begin).astype(np_dtype.newbyteorder("="))
         if dtype == "BF16":  # bfloat16 = the upper 16 bits of a float32; numpy has no bfloat16
-            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+            tensor = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         else:
-            t = torch.from_numpy(a)
-        tensors[name] = t.reshape(shape)
+            tensor = torch.from_numpy(a)
+        tensors[name] = tensor.reshape(shape)
     return tensors
 
 
@@ -1695,16 +1734,16 @@ def load_vae(path, device="cpu"):
                          "in the diffusers AutoencoderKL layout")
 
     converted = {}
-    for name, t in state.items():
+    for name, tensor in state.items():
         m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", name)
         if m:  # older diffusers names, which diffusers itself renames on load (_convert_deprecated_attention_blocks)
             name = f"{m[1]}.{_VAE_OLD_ATTENTION_NAMES[m[2]]}.{m[3]}"
         if name in converted:
             raise ValueError(f"{path}: {name} is present under both its old and its new attention name")
-        if re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", name) and t.ndim == 4 \
-                and t.shape[2:] == (1, 1):
-            t = t.reshape(t.shape[:2])  # a 1x1 conv over pixels is the same linear map over channels
-        converted[name] = t
+        if re.search(r"\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)\.weight$", name) and tensor.ndim == 4 \
+                and tensor.shape[2:] == (1, 1):
+            tensor = tensor.reshape(tensor.shape[:2])  # a 1x1 conv over pixels is the same linear map over channels
+        converted[name] = tensor
 
     with torch.device("meta"):  # shapes only: skips a random init that the weights would overwrite
         vae = AutoencoderKL()
@@ -1721,9 +1760,9 @@ def load_vae(path, device="cpu"):
            if converted[k].shape != v.shape]
     if bad:
         raise ValueError(f"{path}: {len(bad)} tensors have the wrong shape, e.g. {bad[:3]}")
-    if not all(t.is_floating_point() for t in converted.values()):
+    if not all(tensor.is_floating_point() for tensor in converted.values()):
         raise ValueError(f"{path}: VAE weights must be floating point")
-    vae.load_state_dict({k: t.to(torch.float32) for k, t in converted.items()}, strict=True, assign=True)
+    vae.load_state_dict({k: tensor.to(torch.float32) for k, tensor in converted.items()}, strict=True, assign=True)
     return vae.eval().requires_grad_(False).to(device)
 
 

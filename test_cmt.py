@@ -688,7 +688,13 @@ def pkl(request):
 # Each script is self-contained, so plumbing that two scripts need is pasted into both, between the lines
 # `# >>> pasted: NAME` and `# <<< pasted: NAME` in the script's appendix (after the method, before the
 # `if __name__ == "__main__":` guard). The tests of each block run on every copy (PKL_MODULES, VAE_MODULES).
-PASTED = {"official-pkl": ["cmt_cifar10.py", "cmt_imagenet.py"], "sd-vae": ["cmt_imagenet.py", "meanflow_post.py"]}
+# The run-folders section (ArgumentParser, read_checkpoint, ..., check_outdir) is pasted into all three scripts
+# between the same markers but stays in place, before the training loop (it is part of the method's flow); its
+# tests are every script's rows of the bad-input table (test_bad_input_is_one_line_exit_2_and_writes_nothing),
+# among them outdir-is-a-file (check_outdir) and resume-other-stage (read_checkpoint, check_resume).
+PASTED = {"official-pkl": ["cmt_cifar10.py", "cmt_imagenet.py"], "sd-vae": ["cmt_imagenet.py", "meanflow_post.py"],
+          "run-folders": ["cmt_cifar10.py", "cmt_imagenet.py", "meanflow_post.py"]}
+PASTED_MIN_LINES = {"official-pkl": 200, "sd-vae": 200, "run-folders": 80}  # the whole section, not an empty pair of markers
 SCRIPTS = ["cmt_cifar10.py", "cmt_imagenet.py", "meanflow_post.py"]
 
 
@@ -708,15 +714,75 @@ def test_pasted_blocks_stay_copies(name):
     """Copies stay copies: the scripts that carry a block hold it byte for byte, the others hold no marker of it,
     and the tests of the block run on every copy."""
     first, *others = [pasted_block(script, name) for script in PASTED[name]]
-    assert len(first.splitlines()) > 200  # the whole section, not an empty pair of markers
+    assert len(first.splitlines()) > PASTED_MIN_LINES[name]
     for script, block in zip(PASTED[name][1:], others):
-        assert block == first, f"'{name}' in {script} differs from {PASTED[name][0]}: paste the edited copy into both"
+        assert block == first, f"'{name}' in {script} differs from {PASTED[name][0]}: paste the edited copy into every copy"
     for script in SCRIPTS:
         text = (ROOT / script).read_text()
         names = re.findall(r"^# (?:>>>|<<<) pasted: (\S+)$", text, flags=re.M)
         assert set(names) <= set(PASTED), f"{script}: marker of an unknown block {set(names) - set(PASTED)}"
         assert (name in names) == (script in PASTED[name]), f"{script}: marker of '{name}' found: {name in names}"
-    assert {"official-pkl": PKL_MODULES, "sd-vae": VAE_MODULES}[name] == [s[:-3] for s in PASTED[name]]
+    run_folder_rows = [[p.values[0] for p in BAD_INPUTS_CIFAR + BAD_INPUTS_IMAGENET + BAD_INPUTS_MEANFLOW
+                        if p.id.endswith("-" + row)] for row in ("outdir-is-a-file", "resume-other-stage")]
+    tested = {"official-pkl": PKL_MODULES, "sd-vae": VAE_MODULES,
+              "run-folders": [s[:-3] for s in SCRIPTS if all(s in scripts for scripts in run_folder_rows)]}
+    assert tested[name] == [s[:-3] for s in PASTED[name]]
+
+
+# One vocabulary: the three scripts share conventions, not code, so a concept has one flag and one helper name in
+# each of them, with one meaning. Retired names must not come back as aliases.
+SHARED_FLAGS = {"--stage", "--preset", "--outdir", "--data", "--teacher", "--init", "--resume", "--batch", "--batch-gpu",
+                "--iters", "--mimg", "--lr", "--ema", "--seed", "--teacher-steps", "--traj-buffer", "--fid-ref", "--num",
+                "--sample-steps", "--eval-num", "--bf16", "--no-bf16", "--tf32", "--no-tf32", "--compile", "--no-compile",
+                "--ckpt-every", "--sample-every", "--grid", "--log-every", "--max-nonfinite", "--skip-nonfinite"}
+SHARED_HELPERS = ["ArgumentParser", "read_checkpoint", "run_fields", "config_diff", "check_resume", "check_outdir",
+                  "init_distributed", "write_atomic", "rng_state", "set_rng_state", "format_duration", "int_at_least",
+                  "step_counts", "build_parser", "parse_args", "resolve_config", "sample_fewstep", "run_sample", "main"]
+RETIRED_FLAGS = {"--cmt-steps", "--nfe", "--num-eval"}
+RETIRED_HELPERS = ["dist_setup", "setup_dist", "save_atomic", "write_text_atomic", "save_checkpoint", "fmt_time",
+                   "format_eta", "sample_stage", "write_samples", "cmt_sigmas", "karras_sigmas", "center_crop_dhariwal",
+                   "_int_list", "_numpy_state", "_python_state", "CMT_STEPS"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_share_one_vocabulary(script):
+    mod = importlib.import_module(script[:-3])
+    parser = mod.build_parser()
+    flags = {s for action in parser._actions for s in action.option_strings}
+    assert SHARED_FLAGS <= flags, SHARED_FLAGS - flags
+    assert not flags & RETIRED_FLAGS
+    for name in SHARED_HELPERS:
+        assert callable(getattr(mod, name)), name
+    for name in RETIRED_HELPERS:
+        assert not hasattr(mod, name), name
+    rank, world, device = mod.init_distributed()  # the same return convention everywhere
+    assert (rank, world) == (0, 1) and isinstance(device, torch.device)
+    # the same meanings: switches off, a step-count list, --grid images (0 = none), the config keys of the flags
+    cfg = mod.resolve_config(mod.parse_args(["--preset", "tiny", "--stage", "mid", "--sample-steps", "1,2",
+                                             "--grid", "0", "--eval-num", "7", "--teacher-steps", "4"]))
+    assert not any(cfg[k] for k in ("bf16", "tf32", "compile")), cfg
+    assert (cfg["sample_steps"], cfg["grid"], cfg["eval_num"], cfg["teacher_steps"]) == ([1, 2], 0, 7, 4)
+    assert mod.resolve_config(mod.parse_args(["--preset", "tiny", "--stage", "mid", "--tf32"]))["tf32"]
+    assert mod.format_duration(3725) == "1h02m" and mod.format_duration(65) == "1m05s"
+    with pytest.raises(SystemExit, match="--sample-steps"):
+        mod.parse_args(["--sample-steps", "1,0"])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_tf32_is_off_unless_asked_and_sets_both_switches(script, tmp_path):
+    """--tf32/--no-tf32, off by default: main() sets cuBLAS's and cuDNN's TF32 switches from it, both ways (PyTorch's
+    own default lets cuDNN convolutions run in TF32, which an fp32 run must not), before the stage runs."""
+    mod = importlib.import_module(script[:-3])
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for flags, want in (([], False), (["--tf32"], True), (["--tf32", "--no-tf32"], False)):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not want
+            with pytest.raises(SystemExit, match="--init .*no such file"):  # a sample stage with nothing to sample
+                mod.main(["--preset", "tiny", "--stage", "sample", "--init", str(tmp_path / "none.pt"),
+                          "--outdir", str(tmp_path / "s"), *flags])
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (want, want), flags
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 # ----------------------------------------------------------------------------- fake official modules
@@ -1719,7 +1785,7 @@ def test_traj_reuse_solves_once_per_k_iterations(monkeypatch, buffer, solved):
     real = cc.cmt_trajectories
     monkeypatch.setattr(cc, "cmt_trajectories", lambda *a: solves.append(a[1].shape[0]) or real(*a))
     stream = cc.DataStream(cc.ToyMixture(), 0)
-    pairs = cc.TeacherPairs(cc.ToyMixture(), stream, trajectories=2, steps=16, reuse=3, rounds=2, device="cpu",
+    pairs = cc.TeacherPairs(cc.ToyMixture(), stream, trajectories=2, steps=16, reuse=3, accum=2, device="cpu",
                             buffer=buffer, seed=0, draws=2)
     got = [[pairs.get(it, r)[1] for r in range(2)] for it in range(6)]
     assert solves == solved  # iterations 0 and 3, two micro-batches each, or one solve for both
@@ -2501,14 +2567,14 @@ def test_study_cost_counts_passes():
     assert study_ect.study_cost("mid", 8, traj_reuse=4) == pytest.approx(8 * 3.25 / 4)
 
 
-def test_cmt_steps_changes_trajectory_and_pair_layout(tmp_path):
+def test_teacher_steps_changes_trajectory_and_pair_layout(tmp_path):
     states, target = cc.cmt_trajectories(cc.ToyMixture(), torch.zeros(2, 3, 8, 8), None, steps=8)
     assert states.shape[:2] == (8, 2)
     x, sigmas, targets, _ = cc.cmt_pairs(states, target, None)
     assert torch.allclose(sigmas, cc.logsnr_grid(8)[:8].float().repeat_interleave(2))
     assert torch.equal(targets[:2], targets[2:4]) and x.shape[0] == 16
-    with pytest.raises(SystemExit, match="--cmt-steps 12"):
-        run_stage(tmp_path, stage="mid", teacher="analytic", init="random", batch=16, batch_gpu=16, cmt_steps=12)
+    with pytest.raises(SystemExit, match="--teacher-steps 12"):
+        run_stage(tmp_path, stage="mid", teacher="analytic", init="random", batch=16, batch_gpu=16, teacher_steps=12)
 
 
 def test_study_runs_end_to_end(tmp_path):
@@ -2565,7 +2631,7 @@ BAD_INPUTS_IMAGENET = [pytest.param("cmt_imagenet.py", argv, setup, expected, id
     ("unknown-preset", ["--preset", "img1024-s", "--stage", "mid"], None, ["--preset", "'img1024-s'"]),
     ("batch-zero", _TI + ["--stage", "pretrain", "--batch", "0"], None, ["--batch", "'0'"]),
     ("batch-gpu-not-whole-trajectories", _TI + ["--stage", "mid", "--teacher", "analytic", "--batch", "24"], None,
-     ["--batch-gpu 24", "--nfe 16"]),
+     ["--batch-gpu 24", "--teacher-steps 16"]),
     ("data-mixed-sizes", _TI + ["--stage", "pretrain", "--data", "{tmp}/d"], lambda t: make_pngs(t / "d", (8, 16), labels={"img0.png": 0, "img1.png": 1}),
      ["--data", "img1.png", "(3, 16, 16)", "expected (3, 8, 8)"]),
     ("data-labels-mismatch", _TI + ["--stage", "pretrain", "--data", "{tmp}/d"], lambda t: make_pngs(t / "d", (8, 8), labels={"img0.png": 0}),
@@ -2617,8 +2683,8 @@ def test_imagenet_mp_primitives_unit_magnitude():
     # 1e-2: statistical error of an RMS over ~1e6 (or 2.6e5) unit-variance samples is ~1e-3.
     assert rms(inet.normalize(3 * a)) == pytest.approx(1, abs=1e-3)
     assert rms(inet.mp_silu(a)) == pytest.approx(1, abs=1e-2)
-    assert rms(inet.mp_sum(a, torch.randn_like(a), t=0.3)) == pytest.approx(1, abs=1e-2)
-    assert rms(inet.mp_cat(a, b, t=0.5)) == pytest.approx(1, abs=1e-2)
+    assert rms(inet.mp_sum(a, torch.randn_like(a), frac=0.3)) == pytest.approx(1, abs=1e-2)
+    assert rms(inet.mp_cat(a, b, frac=0.5)) == pytest.approx(1, abs=1e-2)
     assert rms(inet.MPFourier(4096)(torch.randn(256))) == pytest.approx(1, abs=2e-2)
     conv, lin = inet.MPConv(256, 64, [3, 3]), inet.MPConv(256, 512, [])
     # zero padding: a border pixel sees 2 of 3 taps per axis, so on 8x8 maps the expected RMS is
@@ -2693,8 +2759,8 @@ def test_imagenet_presets_and_paper_recipe():
     assert (mid["lr"], mid["lr_decay"], tuple(mid["betas"]), mid["ema"], mid["batch"]) == \
         (2e-4, "linear", (0.9, 0.999), 0.999, 128)
     assert mid["iters"] == 100_000 and mid["mimg"] == pytest.approx(12.8)
-    assert (mid["metric"], mid["huber_c"], mid["nfe"], mid["tf32"], mid["dropout"], mid["init"]) == \
-        ("huber", 0.06, 16, True, 0.0, "teacher")
+    assert (mid["metric"], mid["huber_c"], mid["teacher_steps"], mid["tf32"], mid["dropout"], mid["init"]) == \
+        ("huber", 0.06, 16, False, 0.0, "teacher")
     assert mid["teacher"].endswith("/edm2-img512-xxl-0939524-0.070.pkl") and mid["guide"] is None
     assert inet.learning_rate(mid, 0) == 2e-4 and inet.learning_rate(mid, 50_000) == pytest.approx(1e-4)
     post = inet_cfg("--stage", "post")
@@ -2950,7 +3016,7 @@ def test_imagenet_dpm_solver_converges():
     z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     errs = []
     for n in (16, 32, 64):
-        sig = inet.cmt_sigmas(n, 80.0, 0.002, dtype=torch.float64)
+        sig = inet.logsnr_grid(n, 80.0, 0.002, dtype=torch.float64)
         errs.append((inet.dpm_solver_pp(denoise, 80 * z, labels, sig)[-1] - toy.flow(80 * z, 80.0, 0.002, labels))
                     .abs().max().item())
     # doubling the steps divides the error by >= 4 here (first order would give 2): a multistep solver of order >= 2
@@ -3217,7 +3283,7 @@ def test_train_latent_vgg_writes_a_backbone_cmt_imagenet_loads(tmp_path):
 
 
 def test_imagenet_data_free_batch_layout():
-    sig = inet.cmt_sigmas(16)
+    sig = inet.logsnr_grid(16)
     np.testing.assert_allclose(sig[[0, 1, 7, 8, 16]].numpy(), [80, 41.2535, 0.775691, 0.4, 0.002], rtol=1e-5)
     b = 3
     noise = torch.randn(b, 4, 2, 2)
@@ -3391,7 +3457,7 @@ def test_imagenet_ddp_matches_accumulation(tmp_path):
 
 
 def test_imagenet_tiny_end_to_end(tmp_path, inet_one_thread, capsys, monkeypatch):
-    rows = inet.main(["--preset", "tiny", "--iters", "3", "--num", "64", "--outdir", str(tmp_path)])
+    rows = inet.main(["--preset", "tiny", "--iters", "3", "--eval-num", "64", "--outdir", str(tmp_path)])
     assert [(r["model"], r["steps"]) for r in rows] == [
         ("data (FD floor)", "-"), ("teacher (Heun)", 35), ("mid (CMT)", 1), ("mid (CMT)", 2),
         ("post (CMT -> ECD)", 1), ("post (CMT -> ECD)", 2)]
@@ -3506,7 +3572,7 @@ def test_imagenet_nonfinite_loss_steps_as_sony_cmt_or_is_skipped_on_request(tmp_
 
 
 def test_imagenet_cmt_trajectories_are_cleaned_of_nonfinite_values():
-    sigmas = inet.cmt_sigmas(4, 80.0, 0.002, torch.device("cpu"))
+    sigmas = inet.logsnr_grid(4, 80.0, 0.002, torch.device("cpu"))
     def teacher(bad):
         def denoise(x, s, labels):  # zero, or overflowing on the first row
             out = torch.zeros_like(x)
@@ -3569,10 +3635,10 @@ BAD_INPUTS_MEANFLOW = [pytest.param("meanflow_post.py", argv, setup, expected, i
                        for name, argv, setup, expected in [
     ("no-stage", ["--preset", "xl2"], None, ["--stage is required"]),
     ("unknown-stage", ["--stage", "foo"], None, ["--stage", "'foo'", "see --help"]),
-    ("batch-zero", _MF + ["--stage", "pretrain", "--batch", "0"], None, ["--batch 0", "expected a positive integer"]),
-    ("batch-negative", _MF + ["--stage", "pretrain", "--batch", "-4"], None, ["--batch -4", "expected a positive integer"]),
-    ("iters-zero", _MF + ["--stage", "pretrain", "--iters", "0"], None, ["--iters 0", "expected a positive integer"]),
-    ("ckpt-every-negative", _MF + ["--stage", "pretrain", "--ckpt-every", "-1"], None, ["--ckpt-every -1", ">= 0"]),
+    ("batch-zero", _MF + ["--stage", "pretrain", "--batch", "0"], None, ["--batch", "'0'", "expected an integer >= 1"]),
+    ("batch-negative", _MF + ["--stage", "pretrain", "--batch", "-4"], None, ["--batch", "'-4'", "expected an integer >= 1"]),
+    ("iters-zero", _MF + ["--stage", "pretrain", "--iters", "0"], None, ["--iters", "'0'", "expected an integer >= 1"]),
+    ("ckpt-every-negative", _MF + ["--stage", "pretrain", "--ckpt-every", "-1"], None, ["--ckpt-every", "'-1'", ">= 0"]),
     ("pairs-too-many", _MF + ["--stage", "mid", "--pairs", "11"], None, ["--pairs 11", "at most", "10"]),
     ("batch-not-divisible", _MF + ["--stage", "pretrain", "--batch-gpu", "3"], None, ["--batch 8", "--batch-gpu 3"]),
     ("init-missing", _MF + ["--stage", "post", "--init", "{tmp}/no.pt"], None, ["--init", "no.pt", "no such file"]),
@@ -3607,7 +3673,7 @@ BAD_INPUTS_MEANFLOW = [pytest.param("meanflow_post.py", argv, setup, expected, i
     ("sample-needs-init", _MF + ["--stage", "sample"], None, ["--init", "needs --init PATH"]),
     ("sample-outdir-holds-a-run", _MF + ["--stage", "sample", "--init", "{tmp}/run/ckpt-latest.pt"], _mf_pretrain_ckpt,
      ["--outdir", "already holds a pretrain run"]),
-    ("sample-steps-zero", _MF + ["--stage", "sample", "--sample-steps", "0"], None, ["--sample-steps 0", "positive"]),
+    ("sample-steps-zero", _MF + ["--stage", "sample", "--sample-steps", "0"], None, ["--sample-steps", "'0'", "positive"]),
     ("encode-vae-garbage", ["--stage", "encode", "--data", "{tmp}/imgs", "--vae", "{tmp}/vae.safetensors",
                             "--outdir", "{tmp}/lat"], _mf_vae_setup, ["--vae", "vae.safetensors", "not readable sd-vae-ft-mse"]),
     ("encode-outdir-holds-a-run", ["--stage", "encode", "--data", "{tmp}/imgs", "--vae", "{tmp}/vae.safetensors",
@@ -3900,7 +3966,7 @@ import os, sys, torch
 sys.path.insert(0, {root!r})
 import meanflow_post as mf
 torch.set_num_threads(1)
-rank, world, device = mf.setup_dist()
+rank, world, device = mf.init_distributed()
 cfg = mf.resolve_config(mf.parse_args(["--preset", "tiny", "--stage", "post", "--batch", "8", "--batch-gpu", "4",
                                         "--model", "tiny-teacher", "--kappa", "0.5", "--omega", "0.7"]), "post")
 tr = mf.Trainer(cfg, "post", {out!r}, rank, world, device)
@@ -4112,7 +4178,7 @@ def test_200_steps_finite_and_injected_nan_steps_as_sony_cmt_or_is_skipped(tmp_p
 
 
 def test_meanflow_tiny_preset_end_to_end(tmp_path, capsys):
-    table = run_main("--preset", "tiny", "--iters", 10, "--num-eval", 300, "--outdir", tmp_path)
+    table = run_main("--preset", "tiny", "--iters", 10, "--eval-num", 300, "--outdir", tmp_path)
     out = capsys.readouterr().out
     rows = table.splitlines()[1:]
     assert "flow-map err" in out and "pixel FD" in out and len(rows) == 7
@@ -4140,9 +4206,9 @@ def test_meanflow_tiny_preset_end_to_end(tmp_path, capsys):
     # The finished pipeline: a plain rerun is refused; --resume auto continues every stage (here: all done),
     # so the table's error and FD columns come back identical and no stage trains again.
     with pytest.raises(SystemExit, match="already holds 6 files"):
-        run_main("--preset", "tiny", "--iters", 10, "--num-eval", 300, "--outdir", tmp_path)
+        run_main("--preset", "tiny", "--iters", 10, "--eval-num", 300, "--outdir", tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("ckpt-*.pt")}
-    again = run_main("--preset", "tiny", "--iters", 10, "--num-eval", 300, "--outdir", tmp_path, "--resume", "auto")
+    again = run_main("--preset", "tiny", "--iters", 10, "--eval-num", 300, "--outdir", tmp_path, "--resume", "auto")
     assert [r.split()[-3:-1] for r in again.splitlines()] == [r.split()[-3:-1] for r in table.splitlines()]
     assert {p: p.read_bytes() for p in tmp_path.rglob("ckpt-*.pt")} == before
 
@@ -4365,7 +4431,7 @@ def test_meanflow_study_cost_and_end_to_end(tmp_path):
     cfg = dict(teacher_steps=4, pairs=4, teacher_solver="meanflow")
     assert study_meanflow.study_cost("post", 10, cfg) == 10 and study_meanflow.study_cost("mid", 10, cfg) == 8  # (3 + 4/4) / 5
     assert study_meanflow.study_cost("mid", 10, dict(cfg, teacher_solver="heun")) == 10                        # (3 + 8/4) / 5
-    study_meanflow.main(["--iters", "20", "--eval-every", "10", "--seeds", "2", "--num-eval", "128", "--outdir", str(tmp_path)])
+    study_meanflow.main(["--iters", "20", "--eval-every", "10", "--seeds", "2", "--eval-num", "128", "--outdir", str(tmp_path)])
     res = json.loads((tmp_path / "study.json").read_text())
     assert res["config"]["random_iters"] == 40 and res["config"]["mid_cost"] == 16
     cmt, rnd = res["curves"]["CMT-MF -> MeanFlow"], res["curves"]["random -> MeanFlow"]
@@ -4376,7 +4442,7 @@ def test_meanflow_study_cost_and_end_to_end(tmp_path):
     assert PIL.Image.open(tmp_path / "study-convergence.png").size == (1120, 400)
     assert not list(tmp_path.glob("seed0/*/ckpt-00*.pt"))  # snapshots evaluated, then removed
     # A student-sized flow-matching teacher: Heun trajectories (2 NFE a step) and a teacher-initialised arm.
-    study_meanflow.main(["--teacher", "flow", "--iters", "20", "--eval-every", "10", "--seeds", "1", "--num-eval", "128",
+    study_meanflow.main(["--teacher", "flow", "--iters", "20", "--eval-every", "10", "--seeds", "1", "--eval-num", "128",
                          "--outdir", str(tmp_path / "flow")])
     res = json.loads((tmp_path / "flow" / "study.json").read_text())
     assert res["config"]["mid_cost"] == 20 and res["config"]["random_iters"] == 40
@@ -5157,7 +5223,7 @@ def test_cuda_imagenet_fp32_mid_and_post_step_match_cpu(_backend_flags):
 
     def cmt(dev, noise):
         st, te = copy.deepcopy(student).to(dev), copy.deepcopy(teacher).to(dev)
-        sigmas = inet.cmt_sigmas(cfg["nfe"], cfg["s_max"], cfg["s_lo"], dev)
+        sigmas = inet.logsnr_grid(cfg["teacher_steps"], cfg["s_max"], cfg["s_lo"], dev)
         x, s, lab, target = inet.cmt_batch(te, noise.to(dev), labels.to(dev), sigmas)
         loss = inet.distance(st(x, s, lab), target, cfg["metric"], cfg["huber_c"])
         return loss, torch.autograd.grad(loss.mean(), list(st.parameters())), target
@@ -5181,7 +5247,7 @@ def test_cuda_imagenet_fp32_mid_and_post_step_match_cpu(_backend_flags):
         gs = torch.Generator().manual_seed(7)
         noise = torch.randn([b, cfg["img_channels"], cfg["res"], cfg["res"]], generator=gs)
         noise7 = torch.randn([b, cfg["img_channels"], cfg["res"], cfg["res"]], generator=torch.Generator().manual_seed(7))
-        pairs = inet.cmt_batch(teacher, noise7, labels, inet.cmt_sigmas(cfg["nfe"], cfg["s_max"], cfg["s_lo"]))
+        pairs = inet.cmt_batch(teacher, noise7, labels, inet.logsnr_grid(cfg["teacher_steps"], cfg["s_max"], cfg["s_lo"]))
         script = inet.cmt_loss(copy.deepcopy(student), pairs, cfg)
         torch.testing.assert_close(cmt(CPU, noise)[0].detach(), script.detach(), rtol=1e-6, atol=0)
         gs = torch.Generator().manual_seed(8)
@@ -5263,15 +5329,15 @@ def test_cuda_imagenet_fast_paths_track_fp32(tmp_path, _backend_flags, capsys):
     # own scale, so the comparison measures the fast path, not that cancellation.
     post = ["--lr", "1e-3", "--ect-q", "16"]
     for stage, extra in (("mid", init), ("post", init + post)):
-        ema = _inet_run(tmp_path / f"{stage}-fp32", stage, iters, "--no-tf32", *extra)
+        ema = _inet_run(tmp_path / f"{stage}-fp32", stage, iters, *extra)
         assert next(ema.parameters()).device.type == CUDA.type
         assert f"device {CUDA.type}" in capsys.readouterr().out
         ref = _losses(tmp_path / f"{stage}-fp32", iters)
         ckpt = torch.load(tmp_path / f"{stage}-fp32" / "ckpt-latest.pt", weights_only=True)
         assert bool(ckpt["optimizer"]["param_groups"][0].get("fused")) == ON_GPU  # fused Adam exactly on CUDA
-        modes = [("bf16", ["--bf16", "--no-tf32"]), ("tf32", ["--tf32"]), ("channels-last", ["--channels-last", "--no-tf32"])]
+        modes = [("bf16", ["--bf16"]), ("tf32", ["--tf32"]), ("channels-last", ["--channels-last"])]
         if stage == "mid":
-            modes.append(("compile", ["--compile", "--no-tf32"]))
+            modes.append(("compile", ["--compile"]))
         for mode, flags in modes:
             out = tmp_path / f"{stage}-{mode}"
             before = _dynamo_graphs(reset=mode == "compile")

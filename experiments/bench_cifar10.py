@@ -8,8 +8,8 @@ Trains nothing.
     python experiments/bench_cifar10.py --batch-gpu 16                     # the paper's per-GPU batch
     python experiments/bench_cifar10.py --batch-gpu 16 --bf16 --compile    # GPU fast paths
 
-Flags other than --reps go to cmt_cifar10.py (network from --preset, default cifar10; --bf16,
---channels-last, --compile, --metric, --lpips-weights, --traj-reuse, --traj-buffer, --seed).
+Flags other than --reps go to cmt_cifar10.py (network from --preset, default cifar10; --bf16, --tf32,
+--channels-last, --compile, --metric, --lpips-weights, --teacher-steps, --traj-reuse, --traj-buffer, --seed).
 """
 
 import argparse
@@ -37,6 +37,8 @@ def bench(cfg, reps):
     mid-training step relative to a plain student step at the same batch. Returns the numbers."""
     from torch.utils.flop_counter import FlopCounterMode
     _, _, device = cc.init_distributed()
+    # Both ways, as cmt_cifar10.py's main(): the fp32 rows must not run cuDNN convolutions in TF32 (PyTorch's default).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(fn, reps):
@@ -112,7 +114,7 @@ def bench(cfg, reps):
 def bulk_rates(cfg, teacher, bs, device, timed, step, reps, t_plain, t_mid):
     """Bulk trajectories (--traj-buffer): the student's step on ready pairs plus the teacher's cost per
     trajectory in one solve of the buffer, against the teacher's cost per trajectory solved alone."""
-    steps = cfg["cmt_steps"]
+    steps = cfg["teacher_steps"]
     b, res = bs // steps, cfg["resolution"]
     n = max(b, cfg["traj_buffer"] // b * b)  # rounded down to whole micro-steps, as TeacherPairs does
     gen = torch.Generator(device).manual_seed(0)

@@ -8,7 +8,7 @@ Trains nothing.
     python experiments/bench_imagenet.py --preset img512-xs --batch-gpu 16 --sizes xs,s
     python experiments/bench_imagenet.py --preset img512-xs --batch-gpu 16 --sizes xxl --bf16 --compile
 
-Flags other than --sizes / --reps go to cmt_imagenet.py (--preset, --batch-gpu, --nfe, --bf16,
+Flags other than --sizes / --reps go to cmt_imagenet.py (--preset, --batch-gpu, --teacher-steps, --bf16,
 --compile, --tf32). Each measurement follows one warm-up step.
 """
 
@@ -35,11 +35,12 @@ def peak_memory_gb(device):
 def bench(cfg, sizes, reps=1):
     """{size: {plain_s, mid_s, mid_student_s, post_s, mid_bulk_s, mid_over_plain, mid_bulk_over_plain,
     teacher_s_per_traj_{1,bulk}, traj_buffer, img_per_s_{plain,mid,mid_student,post,mid_bulk}, peak_gb, params_m}}."""
-    device, _, _ = inet.dist_setup()
+    _, _, device = inet.init_distributed()
+    # Both ways, as cmt_imagenet.py's main(): the fp32 rows must not run cuDNN convolutions in TF32 (PyTorch's default).
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
-    bg = cfg["batch_gpu"] or cfg["nfe"]
-    if bg % cfg["nfe"]:
-        raise SystemExit(f"--batch-gpu {bg}: must be a multiple of --nfe {cfg['nfe']} (whole trajectories)")
+    bg = cfg["batch_gpu"] or cfg["teacher_steps"]
+    if bg % cfg["teacher_steps"]:
+        raise SystemExit(f"--batch-gpu {bg}: must be a multiple of --teacher-steps {cfg['teacher_steps']} (whole trajectories)")
     print(f"[bench] device {device}, {torch.get_num_threads()} threads, batch {bg}, "
           f"{cfg['img_channels']}x{cfg['res']}x{cfg['res']}, bf16 {bool(cfg['bf16'])}, compile {bool(cfg['compile'])}",
           flush=True)
@@ -59,7 +60,7 @@ def bench(cfg, sizes, reps=1):
         y = 0.5 * torch.randn([bg, c["img_channels"], c["res"], c["res"]], device=device)
         sigma = torch.exp(torch.randn([bg], device=device) * 1.2 - 1.2)
         guided = inet.guided_denoiser(teacher, gnet, 2.05)
-        b, sigmas = bg // c["nfe"], inet.cmt_sigmas(c["nfe"], c["s_max"], c["s_lo"], device)
+        b, sigmas = bg // c["teacher_steps"], inet.logsnr_grid(c["teacher_steps"], c["s_max"], c["s_lo"], device)
         noise = lambda n: torch.randn([n, c["img_channels"], c["res"], c["res"]], generator=gen, device=device)  # noqa: E731
         pairs = inet.cmt_batch(teacher, noise(b), labels[:b], sigmas)
         losses = dict(plain=lambda: (model(y + sigma.view(-1, 1, 1, 1) * torch.randn_like(y), sigma, labels) - y).square(),

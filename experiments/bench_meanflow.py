@@ -141,8 +141,11 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement, after 2 warm-up steps (default: 5)")
     args, rest = p.parse_known_args(argv)
     mf_args = mf.parse_args(["--stage", "mid", *rest])
-    _, _, device = mf.setup_dist()
-    return bench(mf.resolve_config(mf_args, "mid"), device, args.models.split(","), args.reps)
+    _, _, device = mf.init_distributed()
+    cfg = mf.resolve_config(mf_args, "mid")
+    # Both ways, as meanflow_post.py's main(): the fp32 rows must not run in TF32 (cuDNN's default in PyTorch).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
+    return bench(cfg, device, args.models.split(","), args.reps)
 
 
 if __name__ == "__main__":

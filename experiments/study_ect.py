@@ -163,7 +163,7 @@ def run_study(args, base):
                                                                  pcfg["ect_q"])
         # Q2: knobs of the CMT arm at the same budget, final quality only.
         variants = {f"split mid {f:.0%}": dict(mid=round(budget * f / every) * every) for f in args.splits}
-        variants.update({f"solver steps {n}": dict(cmt_steps=n) for n in (8, 32)})
+        variants.update({f"solver steps {n}": dict(teacher_steps=n) for n in (8, 32)})
         variants.update({"metric huber": dict(metric="huber")})
         variants.update({f"traj-reuse {k}": dict(traj_reuse=k) for k in (4, 16)})
         for name, over in variants.items():

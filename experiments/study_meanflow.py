@@ -9,7 +9,7 @@ Gaussian, so the 1- and 2-step flow maps have a closed form and "quality" is the
 weights do not fit the student); `flow` pre-trains a student-sized flow-matching (diffusion) teacher
 (ratio_neq = 0), solves with Heun, and adds the teacher-initialised arm. Writes study.json, study.md and
 study-convergence.png. Flags this script does not define go to meanflow_post.py (always --preset tiny),
-e.g. `--iters 600 --num-eval 512`.
+e.g. `--iters 600 --eval-num 512`.
 """
 
 import argparse
@@ -49,14 +49,14 @@ def run_study(cfg_for, outdir, seeds, every, teacher_kind="meanflow"):
     mid_iters, post_iters = mid_cfg["iters"], post_cfg["iters"]
     offset = study_cost("mid", mid_iters, mid_cfg)
     random_iters = post_iters + int(round(offset / every)) * every
-    num = post_cfg["num_eval"]
+    num = post_cfg["eval_num"]
     def evaluate(net, cfg):  # {err1, fd1, err2, fd2}: flow-map error and pixel FD of 1- and 2-step samples
         out = {}
         for steps in (1, 2):
             out[f"err{steps}"], out[f"fd{steps}"], _ = mf.quality_row(net, cfg, steps, num)
         return out
     results = dict(config=dict(mid_iters=mid_iters, post_iters=post_iters, random_iters=random_iters, mid_cost=offset, every=every,
-                               seeds=list(seeds), num_eval=num, teacher=teacher_kind), curves={}, wall={})
+                               seeds=list(seeds), eval_num=num, teacher=teacher_kind), curves={}, wall={})
 
     def run(stage, name, seed, iters, **extra):
         cfg = dict(cfg_for(stage), seed=seed, iters=iters, snap_every=every, resume=None, **extra)

@@ -65,8 +65,9 @@ def train(args):
             acc = (logits.argmax(1) == labels).float().mean().item()
             eta = (time.time() - t0) / it * (iters - it)
             print(f"[vgg] it {it}/{iters} loss {loss.item():.4f} top-1 {acc:.3f} lr {sched.get_last_lr()[0]:.1e} "
-                  f"ETA {inet.fmt_time(eta)}", flush=True)
-            inet.save_atomic(net.state_dict(), args.out)
+                  f"ETA {inet.format_duration(eta)}", flush=True)
+            state = net.state_dict()
+            inet.write_atomic(args.out, lambda f: torch.save(state, f))
     return net
 
 
