@@ -802,6 +802,7 @@ def make_optimizer(cfg, params, device):
 
 
 def bf16_autocast(cfg, device):
+    """--bf16: the forwards (and the jvp's tangents) in bfloat16 autocast; a no-op context without it."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.get("bf16")))
 
 
