@@ -1200,6 +1200,83 @@ def format_duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def load_checkpoint(ckpt, net, ema, optimizer, source, cfg, rank, world):
+    """Weights and optimiser of a checkpoint, and, when it was written by as many processes as this run has,
+    each rank's RNG and data position (a bit-exact continuation); returns (iteration, non-finite count)."""
+    net.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if len(ckpt["rng"]) == world:
+        source.load_state_dict(ckpt["data_state"][rank])
+        set_rng_state(ckpt["rng"][rank])
+    elif rank == 0:
+        print(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}: "
+              "weights and optimizer continue, data order and noise restart from --seed")
+    if rank == 0:
+        print(f"resumed from {'ckpt-latest.pt' if cfg['resume'] == 'auto' else cfg['resume']} at iteration {ckpt['iter']}")
+    return ckpt["iter"], ckpt["data_state"][0]["nonfinite"]
+
+
+def write_checkpoint(outdir, net, ema, optimizer, source, it, nonfinite, cfg, rank, world, snapshot):
+    """ckpt-latest.pt and, if `snapshot`, the kept ckpt-NNNNNNN.pt, with every rank's RNG and data position
+    (gathered: every rank must call this)."""
+    data_states = gather({"nonfinite": nonfinite, **source.state_dict()}, world)
+    rngs = gather(rng_state(), world)
+    if rank == 0:
+        ckpt = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "iter": it, "rng": rngs, "data_state": data_states, "config": cfg, "stage": cfg["stage"],
+                "script": SCRIPT}
+        write_atomic(outdir / "ckpt-latest.pt", lambda f: torch.save(ckpt, f))
+        if snapshot:
+            write_atomic(outdir / f"ckpt-{it:07d}.pt", lambda f: torch.save(ckpt, f))
+
+
+def count_nonfinite(nonfinite, cfg):
+    """One more step with a non-finite loss; abort past --max-nonfinite. Returns the new count."""
+    nonfinite += 1
+    if nonfinite > cfg["max_nonfinite"]:
+        raise SystemExit(f"[{cfg['stage']}] aborting: {nonfinite} steps with a non-finite loss "
+                         f"(--max-nonfinite {cfg['max_nonfinite']}); lower --lr or check the data")
+    return nonfinite
+
+
+def log_window(window, done, lr, nonfinite, t_start, cfg, stats, device, rank, world):
+    """The stats.jsonl row and progress line of the steps since the last one (loss averaged over ranks), then
+    a new window. `window`: its start (t, it), summed per-row loss and rows, summed grad norm and steps taken."""
+    iters = cfg["iters"]
+    sec = time.time() - window["t"]
+    n_it = done - window["it"]
+    # nan: every step of the window was non-finite
+    loss = float(window["loss"]) / window["rows"] if window["rows"] else float("nan")
+    if world > 1:
+        loss_t = torch.tensor([loss], device=device)
+        torch.distributed.all_reduce(loss_t)
+        loss = float(loss_t) / world
+    row = dict(iter=done, kimg=done * cfg["batch"] / 1e3, loss=loss,
+               grad_norm=float(window["gnorm"]) / max(window["steps"], 1), lr=lr, it_per_s=n_it / sec,
+               img_per_s=n_it * cfg["batch"] / sec, nonfinite=nonfinite, sec=time.time() - t_start)
+    if rank == 0:
+        eta = (iters - done) / row["it_per_s"]
+        print(f"[{cfg['stage']}] it {done}/{iters} ({100 * done / iters:.1f}%) loss {loss:.4f} "
+              f"gnorm {row['grad_norm']:.2f} | {row['it_per_s']:.1f} it/s {row['img_per_s']:.0f} img/s | "
+              f"lr {lr:.1e} nonfinite {nonfinite} | ETA {format_duration(eta)}", flush=True)
+        stats.write(json.dumps(row) + "\n")
+        stats.flush()
+    window.update(loss=0.0, rows=0, gnorm=0.0, steps=0, t=time.time(), it=done)
+
+
+def log_fid(ema, cfg, done, stats, label_dim, device, rank, world):
+    """FID of the EMA model (students: 1- and 2-step, as officially) into the log and stats.jsonl."""
+    fids = {}
+    for steps in ((1, 2) if ema.kind == "ecm" else (None,)):
+        key = "fid" if steps is None else f"fid_{steps}step"
+        fids[key] = evaluate_fid(ema, cfg, label_dim, device, rank, world, steps)
+    if rank == 0:
+        print(f"[{cfg['stage']}] it {done} " + " ".join(f"{k} {v:.3f}" for k, v in fids.items()), flush=True)
+        stats.write(json.dumps(dict(iter=done, **fids)) + "\n")
+        stats.flush()
+
+
 def train(cfg):
     """One loop for every training stage: pretrain (EDM), mid (CMT), post (ECT)."""
     rank, world, device = init_distributed()
@@ -1233,18 +1310,7 @@ def train(cfg):
 
     start, nonfinite = 0, 0
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, nonfinite = ckpt["iter"], ckpt["data_state"][0]["nonfinite"]
-        if len(ckpt["rng"]) == world:  # per-rank RNG and data positions: bit-exact continuation
-            source.load_state_dict(ckpt["data_state"][rank])
-            set_rng_state(ckpt["rng"][rank])
-        elif rank == 0:
-            print(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}: "
-                  "weights and optimizer continue, data order and noise restart from --seed")
-        if rank == 0:
-            print(f"resumed from {'ckpt-latest.pt' if cfg['resume'] == 'auto' else cfg['resume']} at iteration {start}")
+        start, nonfinite = load_checkpoint(ckpt, net, ema, optimizer, source, cfg, rank, world)
     if world > 1:
         torch.distributed.barrier()  # every rank has checked --outdir before rank 0 writes into it
     if rank == 0:
@@ -1262,21 +1328,9 @@ def train(cfg):
         print(f"[{cfg['stage']}] {n_params:,} parameters | batch {cfg['batch']} = {batch_gpu} x {accum} accumulation "
               f"x {world} processes | {cfg['iters']} iterations = {cfg['mimg']:.4g} Mimg | device {device}")
 
-    def checkpoint(it, snapshot):
-        state = {"nonfinite": nonfinite, **source.state_dict()}
-        data_states, rngs = gather(state, world), gather(rng_state(), world)
-        if rank == 0:
-            ckpt = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                    "iter": it, "rng": rngs, "data_state": data_states, "config": cfg, "stage": cfg["stage"],
-                    "script": SCRIPT}
-            write_atomic(outdir / "ckpt-latest.pt", lambda f: torch.save(ckpt, f))
-            if snapshot:
-                write_atomic(outdir / f"ckpt-{it:07d}.pt", lambda f: torch.save(ckpt, f))
-
-    iters, log_every = cfg["iters"], cfg["log_every"]
-    log_loss, log_rows, log_gnorm, log_n = 0.0, 0, 0.0, 0
-    t_start = t_log = time.time()
-    it_log = start
+    iters = cfg["iters"]
+    t_start = time.time()
+    window = dict(loss=0.0, rows=0, gnorm=0.0, steps=0, t=t_start, it=start)
     stats = open(outdir / "stats.jsonl", "a") if rank == 0 else None
     for it in range(start, iters):
         lr = cfg["lr"] * (1 - it / iters) if cfg["lr_decay"] == "linear" else cfg["lr"]  # a function of `it`: no state
@@ -1289,49 +1343,23 @@ def train(cfg):
         # drops it instead.
         finite = int(bad) == 0
         if not finite:
-            nonfinite += 1
-            if nonfinite > cfg["max_nonfinite"]:
-                raise SystemExit(f"[{cfg['stage']}] aborting: {nonfinite} steps with a non-finite loss "
-                                 f"(--max-nonfinite {cfg['max_nonfinite']}); lower --lr or check the data")
+            nonfinite = count_nonfinite(nonfinite, cfg)
         if finite or not cfg["skip_nonfinite"]:
-            log_gnorm = log_gnorm + apply_update(net, ema, optimizer, lr, cfg["ema"])
-            log_n += 1
+            window["gnorm"] = window["gnorm"] + apply_update(net, ema, optimizer, lr, cfg["ema"])
+            window["steps"] += 1
         if finite:
-            log_loss, log_rows = log_loss + loss_sum, log_rows + rows
+            window["loss"], window["rows"] = window["loss"] + loss_sum, window["rows"] + rows
 
         done = it + 1
-        if done % log_every == 0 or done == iters:
-            sec = time.time() - t_log
-            n_it = done - it_log
-            loss = float(log_loss) / log_rows if log_rows else float("nan")  # nan: every step of the window was non-finite
-            if world > 1:
-                loss_t = torch.tensor([loss], device=device)
-                torch.distributed.all_reduce(loss_t)
-                loss = float(loss_t) / world
-            row = dict(iter=done, kimg=done * cfg["batch"] / 1e3, loss=loss, grad_norm=float(log_gnorm) / max(log_n, 1),
-                       lr=lr, it_per_s=n_it / sec, img_per_s=n_it * cfg["batch"] / sec, nonfinite=nonfinite,
-                       sec=time.time() - t_start)
-            if rank == 0:
-                eta = (iters - done) / row["it_per_s"]
-                print(f"[{cfg['stage']}] it {done}/{iters} ({100 * done / iters:.1f}%) loss {loss:.4f} "
-                      f"gnorm {row['grad_norm']:.2f} | {row['it_per_s']:.1f} it/s {row['img_per_s']:.0f} img/s | "
-                      f"lr {lr:.1e} nonfinite {nonfinite} | ETA {format_duration(eta)}", flush=True)
-                stats.write(json.dumps(row) + "\n")
-                stats.flush()
-            log_loss, log_rows, log_gnorm, log_n, t_log, it_log = 0.0, 0, 0.0, 0, time.time(), done
+        if done % cfg["log_every"] == 0 or done == iters:
+            log_window(window, done, lr, nonfinite, t_start, cfg, stats, device, rank, world)
         if cfg["ckpt_every"] and done % cfg["ckpt_every"] == 0 or done == iters:
-            checkpoint(done, snapshot=done == iters or (cfg["snap_every"] and done % cfg["snap_every"] == 0))
+            snapshot = done == iters or (cfg["snap_every"] and done % cfg["snap_every"] == 0)
+            write_checkpoint(outdir, net, ema, optimizer, source, done, nonfinite, cfg, rank, world, snapshot)
         if rank == 0 and cfg["grid"] and (done == iters or cfg["sample_every"] and done % cfg["sample_every"] == 0):
             sample_grid(ema, cfg, outdir / f"samples-{done:07d}", stream.label_dim, device)
         if cfg["fid_ref"] and (done == iters or cfg["fid_every"] and done % cfg["fid_every"] == 0):
-            fids = {}
-            for steps in ((1, 2) if ema.kind == "ecm" else (None,)):  # students: 1- and 2-step, as officially
-                key = "fid" if steps is None else f"fid_{steps}step"
-                fids[key] = evaluate_fid(ema, cfg, stream.label_dim, device, rank, world, steps)
-            if rank == 0:
-                print(f"[{cfg['stage']}] it {done} " + " ".join(f"{k} {v:.3f}" for k, v in fids.items()), flush=True)
-                stats.write(json.dumps(dict(iter=done, **fids)) + "\n")
-                stats.flush()
+            log_fid(ema, cfg, done, stats, stream.label_dim, device, rank, world)
     if stats is not None:
         stats.close()
     return net, ema

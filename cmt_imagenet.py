@@ -1442,6 +1442,134 @@ def init_student(cfg, teacher, logvar=False):
     return net
 
 
+def load_checkpoint(ckpt, net, ema, optimizer, cfg, stage, rank, world, device):
+    """Weights and optimiser of a checkpoint, and each rank's RNG when it was written by as many processes as
+    this run has (the data noise comes from micro_seed); returns (iteration, non-finite count)."""
+    net.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank], device)
+    if rank == 0:
+        print(f"[{stage}] resumed from {'ckpt-latest.pt' if cfg['resume'] == 'auto' else cfg['resume']} "
+              f"at iteration {ckpt['iter']}", flush=True)
+    return ckpt["iter"], ckpt["data_state"]["nonfinite"]
+
+
+def write_checkpoint(outdir, net, ema, optimizer, it, nonfinite, cfg, stage, rank, world, device):
+    """ckpt-NNNNNNN.pt and ckpt-latest.pt with every rank's RNG state (gathered: every rank must call this)."""
+    rngs = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(rngs, rng_state(device))
+    else:
+        rngs = [rng_state(device)]
+    if rank == 0:
+        ckpt = dict(model=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), iter=it,
+                    rng=rngs, data_state=dict(images_seen=it * cfg["batch"], seed=cfg["seed"], nonfinite=nonfinite),
+                    config=json.loads(json.dumps(cfg)), stage=stage, script=SCRIPT)
+        write_atomic(os.path.join(outdir, f"ckpt-{it:07d}.pt"), lambda f: torch.save(ckpt, f))
+        write_atomic(os.path.join(outdir, "ckpt-latest.pt"), lambda f: torch.save(ckpt, f))
+
+
+def accumulate_gradients(ddp, micro_loss, it, accum, cfg, rank, world, device):
+    """Gradients of the mean loss over this rank's `accum` micro-batches (DDP averages over ranks; its
+    all-reduce runs on the last micro-step only); returns the summed loss on the device. Each micro-batch
+    draws from its own micro_seed generator."""
+    loss_acc = torch.zeros([], device=device)
+    for micro in range(accum):
+        gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, micro * world + rank))
+        sync = micro == accum - 1 or world == 1
+        with (contextlib.nullcontext() if sync else ddp.no_sync()):
+            loss = micro_loss(gen, it, micro).mean() / accum
+            loss.backward()
+        loss_acc += loss.detach()
+    return loss_acc
+
+
+def count_nonfinite(nonfinite, it, cfg, stage, rank):
+    """One more step with a non-finite loss: say so (rank 0), abort past --max-nonfinite; returns the new count."""
+    nonfinite += 1
+    if rank == 0:
+        print(f"[{stage}] iteration {it}: non-finite loss ({nonfinite}/{cfg['max_nonfinite']}), step "
+              f"{'skipped' if cfg['skip_nonfinite'] else 'taken with nan_to_num gradients'}", flush=True)
+    if nonfinite > cfg["max_nonfinite"]:
+        raise SystemExit(f"[{stage}] aborting: more than --max-nonfinite {cfg['max_nonfinite']} non-finite "
+                         "losses (lower --lr, check the teacher and the data)")
+    return nonfinite
+
+
+def apply_update(ema, optimizer, params, cfg, it):
+    """nan_to_num the gradients, step at learning_rate(cfg, it), EMA p_ema = lerp(p, p_ema, beta); returns
+    the grad norm."""
+    for p in params:  # official sony/cmt imagenet512: nan -> 0, +-inf -> 0
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    for g in optimizer.param_groups:
+        g["lr"] = learning_rate(cfg, it)
+    optimizer.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), params, 1 - cfg["ema"])  # = lerp(p, p_ema, beta)
+    return gnorm
+
+
+def log_window(window, done, nonfinite, t_start, cfg, stage, stats_path, rank, world):
+    """The stats.jsonl row and progress line of the steps since the last one, then a new window. `window`: its
+    start (t, it), summed loss and grad norm (device tensors), steps taken and finite losses in it."""
+    sec = time.time() - window["t"]
+    if world > 1:  # the logged loss is the global mean (the grad norm already is, after DDP)
+        torch.distributed.all_reduce(window["loss"])
+        window["loss"] /= world
+    loss_v = (window["loss"] / window["finite"]).item() if window["finite"] else None  # None: no finite loss
+    gnorm_v = (window["gnorm"] / window["steps"]).item() if window["steps"] else None
+    its = (done - window["it"]) / max(sec, 1e-9)
+    if rank == 0:
+        row = dict(iter=done, kimg=done * cfg["batch"] / 1e3, loss=loss_v, grad_norm=gnorm_v,
+                   lr=learning_rate(cfg, done - 1), it_per_s=its, img_per_s=its * cfg["batch"], nonfinite=nonfinite,
+                   sec=time.time() - t_start)
+        with open(stats_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        eta = (cfg["iters"] - done) / max(its, 1e-9)
+        shown = (f"loss {'-' if loss_v is None else f'{loss_v:.4f}'} "
+                 f"gnorm {'-' if gnorm_v is None else f'{gnorm_v:.3g}'}")
+        print(f"[{stage}] it {done}/{cfg['iters']} ({100 * done / cfg['iters']:.1f}%) {shown} | "
+              f"{its:.3g} it/s {its * cfg['batch']:.3g} img/s | lr {row['lr']:.1e} nonfinite {nonfinite} | "
+              f"ETA {format_duration(eta)}", flush=True)
+    window["loss"].zero_(), window["gnorm"].zero_()
+    window.update(steps=0, finite=0, t=time.time(), it=done)
+
+
+def make_loss(cfg, stage, model, teacher_fn, accum, start, rank, world, device):
+    """The stage's loss as micro_loss(gen, it, micro) -> per-sample losses of one micro-batch, its inputs from
+    the data (pretrain, post: EDM2 or ECT/ECD), or the teacher's pairs (mid: CMT)."""
+    toy = ToyMixture(cfg["label_dim"], cfg["res"], cfg["img_channels"]) if cfg["data"] == "toy" else None
+    kind = "labels" if stage == "mid" else "toy" if toy is not None else "dataset"
+    if kind == "dataset":
+        if not cfg["data"]:
+            raise SystemExit(f"--data: stage {stage} trains on data; give an EDM2 dataset (zip or folder)")
+        if cfg["latent"]:
+            check_latent_stats(cfg)
+    source = BatchSource(cfg, kind, device, rank, world, accum, start, toy)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg["bf16"] else contextlib.nullcontext()
+
+    pairs = TeacherPairs(teacher_fn, source, cfg, device, rank, world, accum) if stage == "mid" else None
+    vgg = load_latent_vgg(cfg["elpips_weights"], device) if stage == "mid" and cfg["metric"] == "elatentlpips" else None
+
+    def micro_loss(gen, it, micro):
+        if stage == "mid":
+            aug = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, micro * world + rank, 1)) if vgg else None
+            with amp:
+                return cmt_loss(model, pairs.get(it, micro), cfg, vgg, aug)
+        y, labels = source.next(gen)
+        with amp:
+            if stage == "pretrain":
+                return edm2_loss(model, y, labels, gen, cfg)
+            if cfg["post_loss"] == "ect":
+                return ect_loss(model, y, labels, gen, cfg, it)
+            return ecd_loss(model, teacher_fn, y, labels, gen, cfg, it)
+    return micro_loss
+
+
 def train(cfg, stage):
     """One training loop for every stage: DDP, accumulation, EMA, guard, checkpoints, logging."""
     rank, world, device = init_distributed()
@@ -1477,45 +1605,12 @@ def train(cfg, stage):
     torch.manual_seed(rank_seed(cfg["seed"], rank))  # dropout streams; data noise comes from micro_seed
     start, nonfinite = 0, 0
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start, nonfinite = ckpt["iter"], ckpt["data_state"]["nonfinite"]
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank], device)
-        if rank == 0:
-            print(f"[{stage}] resumed from {'ckpt-latest.pt' if cfg['resume'] == 'auto' else cfg['resume']} "
-                  f"at iteration {start}", flush=True)
+        start, nonfinite = load_checkpoint(ckpt, net, ema, opt, cfg, stage, rank, world, device)
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
                                                     broadcast_buffers=False) if world > 1 else net
     model = torch.compile(ddp) if cfg["compile"] else ddp
 
-    # Inputs and the loss of this stage: per-sample losses of one micro-batch.
-    toy = ToyMixture(cfg["label_dim"], cfg["res"], cfg["img_channels"]) if cfg["data"] == "toy" else None
-    kind = "labels" if stage == "mid" else "toy" if toy is not None else "dataset"
-    if kind == "dataset":
-        if not cfg["data"]:
-            raise SystemExit(f"--data: stage {stage} trains on data; give an EDM2 dataset (zip or folder)")
-        if cfg["latent"]:
-            check_latent_stats(cfg)
-    source = BatchSource(cfg, kind, device, rank, world, accum, start, toy)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg["bf16"] else contextlib.nullcontext()
-
-    pairs = TeacherPairs(teacher_fn, source, cfg, device, rank, world, accum) if stage == "mid" else None
-    vgg = load_latent_vgg(cfg["elpips_weights"], device) if stage == "mid" and cfg["metric"] == "elatentlpips" else None
-
-    def micro_loss(gen, it, micro):
-        if stage == "mid":
-            aug = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, micro * world + rank, 1)) if vgg else None
-            with amp:
-                return cmt_loss(model, pairs.get(it, micro), cfg, vgg, aug)
-        y, labels = source.next(gen)
-        with amp:
-            if stage == "pretrain":
-                return edm2_loss(model, y, labels, gen, cfg)
-            if cfg["post_loss"] == "ect":
-                return ect_loss(model, y, labels, gen, cfg, it)
-            return ecd_loss(model, teacher_fn, y, labels, gen, cfg, it)
+    micro_loss = make_loss(cfg, stage, model, teacher_fn, accum, start, rank, world, device)
 
     vae = open_vae(cfg["vae"], device) if rank == 0 else None
     if cfg["latent"] and vae is None and rank == 0:
@@ -1527,19 +1622,12 @@ def train(cfg, stage):
         write_atomic(os.path.join(outdir, "config.json"), lambda f: f.write(json.dumps(dict(cfg, stage=stage), indent=2).encode()))
     stats_path = os.path.join(outdir, "stats.jsonl")
     params = list(net.parameters())
-    log_loss = torch.zeros([], device=device)
-    log_gnorm = torch.zeros([], device=device)
-    log_n, log_finite, t_log, it_log, t_start = 0, 0, time.time(), start, time.time()
+    t_start = time.time()
+    window = dict(loss=torch.zeros([], device=device), gnorm=torch.zeros([], device=device), steps=0, finite=0,
+                  t=t_start, it=start)
     for it in range(start, cfg["iters"]):
         opt.zero_grad(set_to_none=True)
-        loss_acc = torch.zeros([], device=device)
-        for micro in range(accum):
-            gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, micro * world + rank))
-            sync = micro == accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                loss = micro_loss(gen, it, micro).mean() / accum
-                loss.backward()
-            loss_acc += loss.detach()
+        loss_acc = accumulate_gradients(ddp, micro_loss, it, accum, cfg, rank, world, device)
         # Non-finite losses are counted: one device->host read per step (the only per-step sync), agreed over
         # ranks. As sony/cmt's training loops, the step is taken anyway with nan_to_num'd gradients;
         # --skip-nonfinite drops it instead.
@@ -1548,66 +1636,22 @@ def train(cfg, stage):
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         finite = finite.item() == 1
         if not finite:
-            nonfinite += 1
-            if rank == 0:
-                print(f"[{stage}] iteration {it}: non-finite loss ({nonfinite}/{cfg['max_nonfinite']}), step "
-                      f"{'skipped' if cfg['skip_nonfinite'] else 'taken with nan_to_num gradients'}", flush=True)
-            if nonfinite > cfg["max_nonfinite"]:
-                raise SystemExit(f"[{stage}] aborting: more than --max-nonfinite {cfg['max_nonfinite']} non-finite "
-                                 "losses (lower --lr, check the teacher and the data)")
+            nonfinite = count_nonfinite(nonfinite, it, cfg, stage, rank)
         if finite or not cfg["skip_nonfinite"]:
-            for p in params:  # official sony/cmt imagenet512: nan -> 0, +-inf -> 0
-                if p.grad is not None:
-                    torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-            for g in opt.param_groups:
-                g["lr"] = learning_rate(cfg, it)
-            opt.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), params, 1 - cfg["ema"])  # = lerp(p, p_ema, beta)
-            log_gnorm += gnorm.detach()
-            log_n += 1
+            window["gnorm"] += apply_update(ema, opt, params, cfg, it).detach()
+            window["steps"] += 1
         if finite:
-            log_loss += loss_acc
-            log_finite += 1
-        done = it + 1 == cfg["iters"]
-        if (it + 1) % cfg["log_every"] == 0 or done:
-            sec = time.time() - t_log
-            if world > 1:  # the logged loss is the global mean (the grad norm already is, after DDP)
-                torch.distributed.all_reduce(log_loss)
-                log_loss /= world
-            loss_v = (log_loss / log_finite).item() if log_finite else None  # None: no finite loss in the window
-            gnorm_v = (log_gnorm / log_n).item() if log_n else None
-            its = (it + 1 - it_log) / max(sec, 1e-9)
-            if rank == 0:
-                row = dict(iter=it + 1, kimg=(it + 1) * cfg["batch"] / 1e3, loss=loss_v, grad_norm=gnorm_v,
-                           lr=learning_rate(cfg, it), it_per_s=its, img_per_s=its * cfg["batch"], nonfinite=nonfinite,
-                           sec=time.time() - t_start)
-                with open(stats_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                eta = (cfg["iters"] - it - 1) / max(its, 1e-9)
-                shown = (f"loss {'-' if loss_v is None else f'{loss_v:.4f}'} "
-                         f"gnorm {'-' if gnorm_v is None else f'{gnorm_v:.3g}'}")
-                print(f"[{stage}] it {it + 1}/{cfg['iters']} ({100 * (it + 1) / cfg['iters']:.1f}%) {shown} | "
-                      f"{its:.3g} it/s {its * cfg['batch']:.3g} img/s | lr {row['lr']:.1e} nonfinite {nonfinite} | "
-                      f"ETA {format_duration(eta)}", flush=True)
-            log_loss.zero_(), log_gnorm.zero_()
-            log_n, log_finite, t_log, it_log = 0, 0, time.time(), it + 1
-        if cfg["ckpt_every"] and (it + 1) % cfg["ckpt_every"] == 0 or done:
-            rngs = [None] * world
-            if world > 1:
-                torch.distributed.all_gather_object(rngs, rng_state(device))
-            else:
-                rngs = [rng_state(device)]
-            if rank == 0:
-                ckpt = dict(model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), iter=it + 1,
-                            rng=rngs, data_state=dict(images_seen=(it + 1) * cfg["batch"], seed=cfg["seed"], nonfinite=nonfinite),
-                            config=json.loads(json.dumps(cfg)), stage=stage, script=SCRIPT)
-                write_atomic(os.path.join(outdir, f"ckpt-{it + 1:07d}.pt"), lambda f: torch.save(ckpt, f))
-                write_atomic(os.path.join(outdir, "ckpt-latest.pt"), lambda f: torch.save(ckpt, f))
+            window["loss"] += loss_acc
+            window["finite"] += 1
+
+        done = it + 1
+        if done % cfg["log_every"] == 0 or done == cfg["iters"]:
+            log_window(window, done, nonfinite, t_start, cfg, stage, stats_path, rank, world)
+        if cfg["ckpt_every"] and done % cfg["ckpt_every"] == 0 or done == cfg["iters"]:
+            write_checkpoint(outdir, net, ema, opt, done, nonfinite, cfg, stage, rank, world, device)
         if rank == 0 and stage != "pretrain" and cfg["grid"] and (
-                done or (cfg["sample_every"] and (it + 1) % cfg["sample_every"] == 0)):
-            sample_grid(ema, cfg, device, vae, os.path.join(outdir, f"samples-{it + 1:07d}.png"))
+                done == cfg["iters"] or (cfg["sample_every"] and done % cfg["sample_every"] == 0)):
+            sample_grid(ema, cfg, device, vae, os.path.join(outdir, f"samples-{done:07d}.png"))
     if rank == 0:
         print(f"[{stage}] done in {format_duration(time.time() - t_start)}; {os.path.join(outdir, 'ckpt-latest.pt')}", flush=True)
     return ema

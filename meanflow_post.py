@@ -95,6 +95,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -743,7 +744,7 @@ class TeacherPairs:
 
     def __init__(self, solve, inputs, cfg, rank, accum, trajs):
         self.solve, self.inputs, self.iters, self.trajs = solve, inputs, cfg["iters"], trajs
-        self.slots = range(rank * accum, (rank + 1) * accum)  # this rank's micro-batch slots (Trainer.step_gradients)
+        self.slots = range(rank * accum, (rank + 1) * accum)  # this rank's micro-batch slots (accumulate_gradients)
         self.chunk = cfg["traj_buffer"] // (accum * trajs)  # iterations per solve, 0: one solve per micro-step
         self.first, self.states, self.grid, self.y, self.gens = None, None, None, None, None
 
@@ -763,233 +764,277 @@ class TeacherPairs:
         return self.states[:, rows], self.grid, self.y[rows], self.gens[k]
 
 
-class Trainer:
-    """One training loop for every stage; only the per-micro-batch loss differs (`micro_loss`)."""
+def load_teacher(cfg, device):
+    """--stage mid's teacher: the frozen EMA net of a checkpoint of this script (e.g. the MF-B/4 run)."""
+    if not cfg["teacher"]:
+        raise SystemExit("--teacher: --stage mid needs --teacher PATH (a checkpoint of this script, e.g. the MF-B/4 run)")
+    teacher, tcfg = load_ema_net(cfg["teacher"], "--teacher")
+    if tcfg["num_classes"] != cfg["num_classes"] or tcfg["res"] != cfg["res"] or tcfg["channels"] != cfg["channels"]:
+        raise SystemExit(f"--teacher {cfg['teacher']}: expected the student's latent shape and classes "
+                         f"({cfg['channels']}x{cfg['res']}x{cfg['res']}, {cfg['num_classes']} classes), got "
+                         f"{tcfg['channels']}x{tcfg['res']}x{tcfg['res']}, {tcfg['num_classes']} classes")
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    return torch.compile(teacher) if cfg.get("compile") else teacher
 
-    def __init__(self, cfg, stage, outdir, rank=0, world=1, device=torch.device("cpu")):
-        # The folder and stage this trainer runs in are part of its config (config.json, checkpoints).
-        cfg = dict(cfg, outdir=str(outdir), stage=stage, resume=cfg.get("resume"))
-        self.cfg, self.stage, self.outdir = cfg, stage, Path(outdir)
-        self.rank, self.world, self.device = rank, world, device
-        bg = cfg["batch_gpu"] or cfg["batch"] // world
-        if bg < 1 or cfg["batch"] % (bg * world):
-            raise SystemExit(f"--batch {cfg['batch']}: expected a multiple of --batch-gpu {bg} x world size {world}")
-        self.batch_gpu, self.accum = bg, cfg["batch"] // (bg * world)
-        if stage == "mid" and bg % cfg["pairs"]:
-            raise SystemExit(f"--batch-gpu {bg}: expected a multiple of --pairs {cfg['pairs']} "
-                             "(rows = trajectories x pairs)")
-        torch.manual_seed(cfg["seed"])  # same init on every rank
-        self.net = build_net(cfg).to(device)
-        self.init_weights()
-        self.ema = copy.deepcopy(self.net).requires_grad_(False)
-        self.params = [p for p in self.net.parameters() if p.requires_grad]
-        fused = device.type == "cuda"
-        self.opt = torch.optim.Adam(self.params, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]), weight_decay=0, fused=fused or None)
-        self.fwd_net = torch.compile(self.net) if cfg.get("compile") else self.net  # plain forwards only
-        self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.get("bf16")))
-        self.teacher = None
-        if stage == "mid":
-            if not cfg["teacher"]:
-                raise SystemExit("--teacher: --stage mid needs --teacher PATH (a checkpoint of this script, e.g. the MF-B/4 run)")
-            self.teacher, tcfg = load_ema_net(cfg["teacher"], "--teacher")
-            if tcfg["num_classes"] != cfg["num_classes"] or tcfg["res"] != cfg["res"] or tcfg["channels"] != cfg["channels"]:
-                raise SystemExit(f"--teacher {cfg['teacher']}: expected the student's latent shape and classes "
-                                 f"({cfg['channels']}x{cfg['res']}x{cfg['res']}, {cfg['num_classes']} classes), got "
-                                 f"{tcfg['channels']}x{tcfg['res']}x{tcfg['res']}, {tcfg['num_classes']} classes")
-            self.teacher = self.teacher.to(device).eval().requires_grad_(False)
-            if cfg.get("compile"):
-                self.teacher = torch.compile(self.teacher)
-        self.data = None
-        if cfg["data"] != "toy" and stage != "mid":
-            if not cfg["data"]:
-                raise SystemExit(f"--data: --stage {stage} needs --data PATH (latent shards from --stage encode) or --data toy")
-            self.data = LatentShards(cfg["data"])
-        self.toy = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"]) if cfg["data"] == "toy" else None
-        self.pairs = TeacherPairs(self.solve_teacher, self.mid_inputs, cfg, rank, self.accum, bg // cfg["pairs"]) \
-            if stage == "mid" else None
-        self.it, self.nonfinite = 0, 0
 
-    def init_weights(self):
-        init = self.cfg["init"]
-        if init == "random":
-            return
-        if init == "teacher":
-            if not self.cfg["teacher"]:
-                raise SystemExit("--init teacher: needs --teacher PATH (a checkpoint of this script)")
-            init = self.cfg["teacher"]
-        ckpt = read_checkpoint(init, "--init")
-        try:
-            self.net.load_state_dict(ckpt["ema"])  # CMT: continue from the mid-trained EMA weights
-        except RuntimeError as e:  # another size or resolution
-            raise SystemExit(f"--init {init}: its EMA weights do not fit --model {self.cfg['model']} "
-                             f"({' '.join(str(e).split())[:160]})") from None
+def init_weights(net, cfg):
+    """--init: random (as built), `teacher` (the --teacher checkpoint) or a checkpoint PATH, whose EMA weights
+    the student starts from (CMT: post-training continues from the mid-trained EMA)."""
+    init = cfg["init"]
+    if init == "random":
+        return
+    if init == "teacher":
+        if not cfg["teacher"]:
+            raise SystemExit("--init teacher: needs --teacher PATH (a checkpoint of this script)")
+        init = cfg["teacher"]
+    ckpt = read_checkpoint(init, "--init")
+    try:
+        net.load_state_dict(ckpt["ema"])
+    except RuntimeError as e:  # another size or resolution
+        raise SystemExit(f"--init {init}: its EMA weights do not fit --model {cfg['model']} "
+                         f"({' '.join(str(e).split())[:160]})") from None
 
-    # Per-micro-batch randomness (all drawn from one generator seeded by micro_seed).
-    def draw(self, it, slot):
-        gen = torch.Generator(self.device).manual_seed(micro_seed(self.cfg["seed"], it, slot))
-        n = self.batch_gpu
-        if self.stage == "mid":
-            y = torch.randint(0, self.cfg["num_classes"], (n // self.cfg["pairs"],), generator=gen, device=self.device)
-            return gen, None, y
-        if self.toy is not None:
-            x, y = toy_sample(*self.toy, n, gen, self.device)
-        else:
-            x, y = self.data.batch((it * self.world * self.accum + slot) * n, n, self.cfg["seed"], gen, self.device)
-        return gen, x, y
 
-    def mf_inputs(self, it, slot):
-        """Everything random in one MeanFlow micro-batch: (x, y, e, t, r, drop)."""
-        gen, x, y = self.draw(it, slot)
-        e = torch.randn(x.shape, generator=gen, device=self.device)
-        t, r = sample_t_r(x.shape[0], self.cfg["p_mean"], self.cfg["p_std"], self.cfg["ratio_neq"], gen, self.device)
-        return x, y, e, t, r, label_drop_mask(x.shape[0], self.cfg["label_drop"], gen, self.device)
+def make_optimizer(cfg, params, device):
+    """Adam without weight decay (Gsunshine/meanflow configs/default.py); fused on CUDA."""
+    return torch.optim.Adam(params, lr=cfg["lr"], betas=tuple(cfg["adam_betas"]), weight_decay=0,
+                            fused=device.type == "cuda" or None)
 
-    def mid_inputs(self, it, slot):
-        """Everything random in one CMT-MF micro-batch before its teacher runs: (gen, y, e); gen goes on to pick
-        the pairs."""
-        cfg = self.cfg
-        gen, _, y = self.draw(it, slot)
-        drop = torch.rand(y.shape[0], generator=gen, device=self.device) < cfg["label_drop"]
-        y = torch.where(drop, cfg["num_classes"], y)  # dropped before the teacher runs
-        e = torch.randn((y.shape[0], cfg["channels"], cfg["res"], cfg["res"]), generator=gen, device=self.device)
-        return gen, y, e
 
-    def solve_teacher(self, e, y):
-        """The teacher's trajectories from e (any number of them) -> (states [M+1, B, ...], grid)."""
-        cfg = self.cfg
-        with self.autocast():
-            states, grid = teacher_trajectory(self.teacher, e, y, cfg["teacher_steps"], cfg["teacher_solver"])
-        # As sony/cmt training/loss.py (DPMSolverLoss), the trajectory is cleaned before it becomes targets.
-        return torch.nan_to_num(states.float()), grid
+def bf16_autocast(cfg, device):
+    """--bf16: the forwards (and the jvp's tangents) in bfloat16 autocast; a no-op context without it."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.get("bf16")))
 
-    def micro_loss(self, it, slot):
-        cfg = self.cfg
-        if self.stage != "mid":
-            return meanflow_loss(self.fwd_net, *self.mf_inputs(it, slot), cfg, eager_net=self.net, autocast=self.autocast())[0]
-        states, grid, y, gen = self.pairs.get(it, slot)
+
+def open_data(cfg, device):
+    """Pretrain and post's images as batch(start, n, gen) -> (x, y): the toy mixture, or the latent shards
+    from the global sample index `start` on."""
+    if cfg["data"] == "toy":
+        mu, std = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"])
+        return lambda start, n, gen: toy_sample(mu, std, n, gen, device)
+    if not cfg["data"]:
+        raise SystemExit(f"--data: --stage {cfg['stage']} needs --data PATH (latent shards from --stage encode) "
+                         "or --data toy")
+    shards = LatentShards(cfg["data"])
+    return lambda start, n, gen: shards.batch(start, n, cfg["seed"], gen, device)
+
+
+def mf_inputs(cfg, data, it, slot, batch_gpu, slots, device):
+    """Everything random in one MeanFlow micro-batch, from its own micro_seed generator: (x, y, e, t, r, drop).
+    `slots`: micro-batches per iteration over all ranks, which places this one's data."""
+    gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, slot))
+    x, y = data((it * slots + slot) * batch_gpu, batch_gpu, gen)
+    e = torch.randn(x.shape, generator=gen, device=device)
+    t, r = sample_t_r(x.shape[0], cfg["p_mean"], cfg["p_std"], cfg["ratio_neq"], gen, device)
+    return x, y, e, t, r, label_drop_mask(x.shape[0], cfg["label_drop"], gen, device)
+
+
+def mid_inputs(cfg, it, slot, batch_gpu, device):
+    """Everything random in one CMT-MF micro-batch before its teacher runs: (gen, y, e), one label and noise per
+    trajectory; gen goes on to pick the pairs."""
+    gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, slot))
+    y = torch.randint(0, cfg["num_classes"], (batch_gpu // cfg["pairs"],), generator=gen, device=device)
+    drop = torch.rand(y.shape[0], generator=gen, device=device) < cfg["label_drop"]
+    y = torch.where(drop, cfg["num_classes"], y)  # dropped before the teacher runs
+    e = torch.randn((y.shape[0], cfg["channels"], cfg["res"], cfg["res"]), generator=gen, device=device)
+    return gen, y, e
+
+
+def solve_teacher(teacher, e, y, cfg):
+    """The teacher's trajectories from e (any number of them) -> (states [M+1, B, ...], grid)."""
+    with bf16_autocast(cfg, e.device):
+        states, grid = teacher_trajectory(teacher, e, y, cfg["teacher_steps"], cfg["teacher_solver"])
+    # As sony/cmt training/loss.py (DPMSolverLoss), the trajectory is cleaned before it becomes targets.
+    return torch.nan_to_num(states.float()), grid
+
+
+def make_loss(cfg, stage, net, teacher, batch_gpu, accum, rank, world, device):
+    """The stage's loss as micro_loss(it, slot) -> the mean loss of micro-batch `slot` (global over ranks) of
+    iteration `it`: MeanFlow (pretrain, post) or CMT-MF on the teacher's pairs (mid)."""
+    fwd_net = torch.compile(net) if cfg.get("compile") else net  # plain forwards only: the jvp runs on `net`
+    if stage != "mid":
+        data = open_data(cfg, device)
+        return lambda it, slot: meanflow_loss(fwd_net, *mf_inputs(cfg, data, it, slot, batch_gpu, world * accum, device),
+                                              cfg, eager_net=net, autocast=bf16_autocast(cfg, device))[0]
+    pairs = TeacherPairs(lambda e, y: solve_teacher(teacher, e, y, cfg),
+                         lambda it, slot: mid_inputs(cfg, it, slot, batch_gpu, device), cfg, rank, accum,
+                         batch_gpu // cfg["pairs"])
+
+    def micro_loss(it, slot):
+        states, grid, y, gen = pairs.get(it, slot)
         z, r, t, u_tgt, n = cmt_mf_pairs(states, grid, cfg["pairs"], gen)
-        with self.autocast():
-            return cmt_mf_loss(self.fwd_net, z, r, t, y[n], u_tgt)
+        with bf16_autocast(cfg, device):
+            return cmt_mf_loss(fwd_net, z, r, t, y[n], u_tgt)
+    return micro_loss
 
-    def step_gradients(self, it):
-        """Gradients of one optimiser step (all micro-batches, all ranks) left in .grad; returns the
-        global mean loss (a tensor, no host sync)."""
-        for p in self.params:
-            p.grad = torch.zeros_like(p)
-        total = torch.zeros((), device=self.device)
-        for micro in range(self.accum):
-            loss = self.micro_loss(it, self.rank * self.accum + micro) / self.accum
-            loss.backward()
-            total += loss.detach()
-        if self.world > 1:
-            total = allreduce_grads(self.params, total, self.world)
-        return total
 
-    def state(self):
-        return dict(model=self.net.state_dict(), ema=self.ema.state_dict(), optimizer=self.opt.state_dict(),
-                    iter=self.it, rng=rng_state(), data_state=dict(samples=self.it * self.cfg["batch"], nonfinite=self.nonfinite),
-                    config=self.cfg, stage=self.stage, script=SCRIPT)
+def accumulate_gradients(params, micro_loss, it, rank, accum, world, device):
+    """Gradients of one optimiser step (this rank's `accum` micro-batches, averaged over ranks) left in .grad;
+    returns the global mean loss (a tensor, no host sync)."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    total = torch.zeros((), device=device)
+    for micro in range(accum):
+        loss = micro_loss(it, rank * accum + micro) / accum
+        loss.backward()
+        total += loss.detach()
+    if world > 1:
+        total = allreduce_grads(params, total, world)
+    return total
 
-    def load_state(self, ckpt):
-        self.net.load_state_dict(ckpt["model"])
-        self.ema.load_state_dict(ckpt["ema"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.it, self.nonfinite = int(ckpt["iter"]), int(ckpt["data_state"]["nonfinite"])
-        set_rng_state(ckpt["rng"])
 
-    def save(self, name):
-        state = self.state()
-        write_atomic(self.outdir / name, lambda f: torch.save(state, f))
+def apply_update(net, ema, optimizer, params, ema_beta):
+    """nan_to_num the gradients (as sony/cmt's training loops), step, EMA p_ema = lerp(p, p_ema, beta);
+    returns the grad norm."""
+    for p in params:
+        p.grad.nan_to_num_(nan=0, posinf=1e5, neginf=-1e5)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    optimizer.step()
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), net.parameters()):
+            p_ema.lerp_(p, 1 - ema_beta)
+    return grad_norm
 
-    @torch.no_grad()
-    def update_ema(self):
-        for p_ema, p in zip(self.ema.parameters(), self.net.parameters()):
-            p_ema.lerp_(p, 1 - self.cfg["ema"])  # p_ema = lerp(p, p_ema, beta)
 
-    def run(self):
-        cfg, iters = self.cfg, self.cfg["iters"]
-        is0 = self.rank == 0
-        ckpt = check_outdir(cfg)  # before any byte is written; None: a fresh start
-        if ckpt is not None:
-            self.load_state(ckpt)
-        if self.world > 1:
-            dist.barrier()  # every rank has checked --outdir before rank 0 writes into it
-        if is0:
-            self.outdir.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.outdir / "config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
-        if self.world > 1:  # identical start on every rank
-            for tensor in list(self.net.state_dict().values()) + list(self.ema.state_dict().values()):
-                dist.broadcast(tensor, 0)
-        if is0:
-            print(f"[{self.stage}] {cfg['model']} {sum(p.numel() for p in self.params) / 1e6:.1f}M params | "
-                  f"batch {cfg['batch']} = {self.batch_gpu} x {self.world} ranks x {self.accum} accum | "
-                  f"{iters} it = {iters * cfg['batch'] / 1e6:.3f} Mimg | from it {self.it}", flush=True)
-        self.net.train()
-        t0 = t_log = time.time()
-        it_log, loss_sum, gnorm_sum = self.it, torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        n_log = n_finite = 0
-        while self.it < iters:
-            loss = self.step_gradients(self.it)
-            # Non-finite losses are counted: the one host sync per step (the loss is identical on all ranks). As
-            # sony/cmt's training loops, the step is taken anyway with nan_to_num'd gradients; --skip-nonfinite
-            # drops it instead.
-            finite = bool(torch.isfinite(loss))
-            if not finite:
-                self.nonfinite += 1
-                if is0:
-                    print(f"[{self.stage}] it {self.it}: non-finite loss ({self.nonfinite} so far), step "
-                          f"{'skipped' if cfg['skip_nonfinite'] else 'taken with nan_to_num gradients'}", flush=True)
-                if self.nonfinite > cfg["max_nonfinite"]:
-                    raise SystemExit(f"[{self.stage}] aborting: more than --max-nonfinite {cfg['max_nonfinite']} "
-                                     "non-finite losses (lower --lr, or check the data/teacher)")
-            if finite or not cfg["skip_nonfinite"]:
-                for p in self.params:
-                    p.grad.nan_to_num_(nan=0, posinf=1e5, neginf=-1e5)  # sony/cmt training loops
-                gnorm_sum += torch.nn.utils.clip_grad_norm_(self.params, float("inf"))
-                self.opt.step()
-                self.update_ema()
-                n_log += 1
-            else:
-                self.opt.zero_grad(set_to_none=True)
-            if finite:
-                loss_sum += loss
-                n_finite += 1
-            self.it += 1
-            if self.it % cfg["log_every"] == 0 or self.it == iters:
-                now = time.time()
-                ips = (self.it - it_log) / max(now - t_log, 1e-9)
-                rec = dict(iter=self.it, kimg=self.it * cfg["batch"] / 1e3, loss=(loss_sum / n_finite).item() if n_finite else None,
-                           grad_norm=(gnorm_sum / max(n_log, 1)).item(), lr=cfg["lr"], it_per_s=ips,
-                           img_per_s=ips * cfg["batch"], nonfinite=self.nonfinite, sec=now - t0)
-                if is0:
-                    eta = (iters - self.it) / max(ips, 1e-9)
-                    shown = "-" if rec["loss"] is None else f"{rec['loss']:.4f}"  # -: no finite loss in the window
-                    print(f"[{self.stage}] it {self.it}/{iters} ({100 * self.it / iters:.1f}%) loss {shown} "
-                          f"gnorm {rec['grad_norm']:.2f} | {ips:.1f} it/s {rec['img_per_s']:.0f} img/s | "
-                          f"lr {cfg['lr']:.1e} nonfinite {self.nonfinite} | ETA {format_duration(eta)}", flush=True)
-                    with open(self.outdir / "stats.jsonl", "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                t_log, it_log, n_log, n_finite = now, self.it, 0, 0
-                loss_sum.zero_(); gnorm_sum.zero_()
-            if is0 and ((cfg["ckpt_every"] and self.it % cfg["ckpt_every"] == 0) or self.it == iters):
-                self.save("ckpt-latest.pt")
-            if is0 and ((cfg["snap_every"] and self.it % cfg["snap_every"] == 0) or self.it == iters):
-                self.save(f"ckpt-{self.it:07d}.pt")  # kept: an XL/2 checkpoint with Adam state is ~11 GB
-            if is0 and cfg["grid"] and (self.it == iters or cfg["sample_every"] and self.it % cfg["sample_every"] == 0):
-                self.sample_grid()
-        return self
+def count_nonfinite(nonfinite, it, cfg, is0):
+    """One more non-finite step: say so (rank 0), abort past --max-nonfinite; returns the new count."""
+    nonfinite += 1
+    if is0:
+        print(f"[{cfg['stage']}] it {it}: non-finite loss ({nonfinite} so far), step "
+              f"{'skipped' if cfg['skip_nonfinite'] else 'taken with nan_to_num gradients'}", flush=True)
+    if nonfinite > cfg["max_nonfinite"]:
+        raise SystemExit(f"[{cfg['stage']}] aborting: more than --max-nonfinite {cfg['max_nonfinite']} "
+                         "non-finite losses (lower --lr, or check the data/teacher)")
+    return nonfinite
 
-    def sample_grid(self):
-        """The --grid fixed-noise 1-NFE samples of the EMA model in samples-NNNNNNN.png (toy: first three latent
-        channels; else VAE-decoded if --vae)."""
-        cfg = self.cfg
-        gen = torch.Generator(self.device).manual_seed(cfg["seed"])
-        n = cfg["grid"]
-        e = torch.randn((n, cfg["channels"], cfg["res"], cfg["res"]), generator=gen, device=self.device)
-        y = torch.arange(n, device=self.device) % cfg["num_classes"]
-        x = sample_fewstep(self.ema.eval(), e, y, 1)
-        vae = open_vae(cfg["vae"], self.device) if cfg.get("vae") else None
-        save_grid(latents_to_uint8(x, vae), self.outdir / f"samples-{self.it:07d}.png", cols=min(8, n))
+
+def log_window(window, done, nonfinite, t_start, cfg, outdir, is0):
+    """The stats.jsonl row and progress line of the steps since the last one, then a new window. `window`:
+    its start (t, it), summed loss and grad norm (device tensors), steps taken and finite losses in it."""
+    iters, now = cfg["iters"], time.time()
+    ips = (done - window["it"]) / max(now - window["t"], 1e-9)
+    loss = (window["loss"] / window["finite"]).item() if window["finite"] else None
+    row = dict(iter=done, kimg=done * cfg["batch"] / 1e3, loss=loss,
+               grad_norm=(window["gnorm"] / max(window["steps"], 1)).item(), lr=cfg["lr"], it_per_s=ips,
+               img_per_s=ips * cfg["batch"], nonfinite=nonfinite, sec=now - t_start)
+    if is0:
+        eta = (iters - done) / max(ips, 1e-9)
+        shown = "-" if loss is None else f"{loss:.4f}"  # -: no finite loss in the window
+        print(f"[{cfg['stage']}] it {done}/{iters} ({100 * done / iters:.1f}%) loss {shown} "
+              f"gnorm {row['grad_norm']:.2f} | {ips:.1f} it/s {row['img_per_s']:.0f} img/s | "
+              f"lr {cfg['lr']:.1e} nonfinite {nonfinite} | ETA {format_duration(eta)}", flush=True)
+        with open(outdir / "stats.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    window.update(t=now, it=done, steps=0, finite=0)
+    window["loss"].zero_()
+    window["gnorm"].zero_()
+
+
+def write_checkpoint(outdir, net, ema, optimizer, it, nonfinite, cfg, latest, snapshot):
+    """One checkpoint (rank 0's RNG state) as ckpt-latest.pt (the one --resume auto reads) and/or as the kept
+    snapshot ckpt-NNNNNNN.pt (an XL/2 checkpoint with Adam state is ~11 GB)."""
+    ckpt = dict(model=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), iter=it,
+                rng=rng_state(), data_state=dict(samples=it * cfg["batch"], nonfinite=nonfinite), config=cfg,
+                stage=cfg["stage"], script=SCRIPT)
+    if latest:
+        write_atomic(outdir / "ckpt-latest.pt", lambda f: torch.save(ckpt, f))
+    if snapshot:
+        write_atomic(outdir / f"ckpt-{it:07d}.pt", lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(ckpt, net, ema, optimizer):
+    """Weights, optimiser and RNG of a checkpoint; returns (iteration, non-finite count)."""
+    net.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    return int(ckpt["iter"]), int(ckpt["data_state"]["nonfinite"])
+
+
+def train(cfg, stage, outdir, rank=0, world=1, device=torch.device("cpu")):
+    """One loop for every training stage: pretrain and post (MeanFlow), mid (CMT-MF); only the micro-batch loss
+    differs (make_loss). Returns the run: net, ema, optimizer, teacher, it, nonfinite, outdir, device."""
+    # The folder and stage of the run are part of its config (config.json, checkpoints).
+    cfg = dict(cfg, outdir=str(outdir), stage=stage, resume=cfg.get("resume"))
+    outdir, is0, iters = Path(outdir), rank == 0, cfg["iters"]
+    batch_gpu = cfg["batch_gpu"] or cfg["batch"] // world
+    if batch_gpu < 1 or cfg["batch"] % (batch_gpu * world):
+        raise SystemExit(f"--batch {cfg['batch']}: expected a multiple of --batch-gpu {batch_gpu} x world size {world}")
+    accum = cfg["batch"] // (batch_gpu * world)
+    if stage == "mid" and batch_gpu % cfg["pairs"]:
+        raise SystemExit(f"--batch-gpu {batch_gpu}: expected a multiple of --pairs {cfg['pairs']} "
+                         "(rows = trajectories x pairs)")
+    torch.manual_seed(cfg["seed"])  # same init on every rank
+    net = build_net(cfg).to(device)
+    init_weights(net, cfg)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params, device)
+    teacher = load_teacher(cfg, device) if stage == "mid" else None
+    micro_loss = make_loss(cfg, stage, net, teacher, batch_gpu, accum, rank, world, device)
+
+    start, nonfinite = 0, 0
+    ckpt = check_outdir(cfg)  # before any byte is written; None: a fresh start
+    if ckpt is not None:
+        start, nonfinite = load_checkpoint(ckpt, net, ema, optimizer)
+    if world > 1:
+        dist.barrier()  # every rank has checked --outdir before rank 0 writes into it
+    if is0:
+        outdir.mkdir(parents=True, exist_ok=True)
+        write_atomic(outdir / "config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
+    if world > 1:  # identical start on every rank
+        for tensor in list(net.state_dict().values()) + list(ema.state_dict().values()):
+            dist.broadcast(tensor, 0)
+    if is0:
+        print(f"[{stage}] {cfg['model']} {sum(p.numel() for p in params) / 1e6:.1f}M params | "
+              f"batch {cfg['batch']} = {batch_gpu} x {world} ranks x {accum} accum | "
+              f"{iters} it = {iters * cfg['batch'] / 1e6:.3f} Mimg | from it {start}", flush=True)
+
+    net.train()
+    t_start = time.time()
+    window = dict(t=t_start, it=start, loss=torch.zeros((), device=device), gnorm=torch.zeros((), device=device),
+                  steps=0, finite=0)
+    done = start
+    for it in range(start, iters):
+        loss = accumulate_gradients(params, micro_loss, it, rank, accum, world, device)
+        # Non-finite losses are counted: the one host sync per step (the loss is identical on all ranks). As
+        # sony/cmt's training loops, the step is taken anyway with nan_to_num'd gradients; --skip-nonfinite
+        # drops it instead.
+        finite = bool(torch.isfinite(loss))
+        if not finite:
+            nonfinite = count_nonfinite(nonfinite, it, cfg, is0)
+        if finite or not cfg["skip_nonfinite"]:
+            window["gnorm"] += apply_update(net, ema, optimizer, params, cfg["ema"])
+            window["steps"] += 1
+        else:
+            optimizer.zero_grad(set_to_none=True)
+        if finite:
+            window["loss"] += loss
+            window["finite"] += 1
+
+        done = it + 1
+        if done % cfg["log_every"] == 0 or done == iters:
+            log_window(window, done, nonfinite, t_start, cfg, outdir, is0)
+        latest = cfg["ckpt_every"] and done % cfg["ckpt_every"] == 0 or done == iters
+        snapshot = cfg["snap_every"] and done % cfg["snap_every"] == 0 or done == iters
+        if is0 and (latest or snapshot):
+            write_checkpoint(outdir, net, ema, optimizer, done, nonfinite, cfg, latest, snapshot)
+        if is0 and cfg["grid"] and (done == iters or cfg["sample_every"] and done % cfg["sample_every"] == 0):
+            sample_grid(ema, cfg, outdir / f"samples-{done:07d}.png", device)
+    return SimpleNamespace(net=net, ema=ema, optimizer=optimizer, teacher=teacher, it=done, nonfinite=nonfinite,
+                           outdir=outdir, device=device)
+
+
+def sample_grid(ema, cfg, path, device):
+    """The --grid fixed-noise 1-NFE samples of the EMA model in `path` (toy: first three latent channels; else
+    VAE-decoded if --vae)."""
+    gen = torch.Generator(device).manual_seed(cfg["seed"])
+    n = cfg["grid"]
+    e = torch.randn((n, cfg["channels"], cfg["res"], cfg["res"]), generator=gen, device=device)
+    y = torch.arange(n, device=device) % cfg["num_classes"]
+    x = sample_fewstep(ema.eval(), e, y, 1)
+    vae = open_vae(cfg["vae"], device) if cfg.get("vae") else None
+    save_grid(latents_to_uint8(x, vae), path, cols=min(8, n))
 
 
 def write_atomic(path, write):
@@ -1094,7 +1139,7 @@ def run_tiny_pipeline(cfg_for, outdir, baseline=True):
     for stage, name, extra in plan:
         cfg = dict(cfg_for(stage), **extra)
         t0 = time.time()
-        tr = Trainer(cfg, stage, outdir / name).run()
+        tr = train(cfg, stage, outdir / name)
         times[name], nets[name] = time.time() - t0, (tr.ema, cfg)
     names = {"teacher": "teacher (MF, pretrain)", "mid": "CMT-MF mid", "post": "MeanFlow post from mid",
              "post-random": "MeanFlow post from random (baseline)"}
@@ -1463,7 +1508,7 @@ def main(argv=None):
         return run_tiny_pipeline(lambda s: resolve_config(args, s), args.outdir)
     cfg = resolve_config(args, args.stage)
     if args.stage in ("pretrain", "mid", "post"):
-        return Trainer(cfg, args.stage, args.outdir, rank, world, device).run()
+        return train(cfg, args.stage, args.outdir, rank, world, device)
     if args.stage == "sample":
         return run_sample(cfg, args.outdir, rank, world, device)
     return run_encode(cfg, args.outdir, rank, world, device)

@@ -3917,16 +3917,29 @@ def test_meanflow_loss_gradient_treats_target_and_guidance_as_constants():
     assert max((a - c).abs().max().item() for a, c in zip(grads, leak)) > 1e-4
 
 
+def _mf_setup(cfg, stage, teacher=None, rank=0, world=1):
+    """meanflow_post.train's setup of one rank, without the loop: (net, params, micro_loss, accum)."""
+    batch_gpu = cfg["batch_gpu"] or cfg["batch"] // world
+    accum = cfg["batch"] // (batch_gpu * world)
+    torch.manual_seed(cfg["seed"])
+    net = mf.build_net(cfg)
+    mf.init_weights(net, cfg)
+    params = [p for p in net.parameters() if p.requires_grad]
+    micro_loss = mf.make_loss(dict(cfg, stage=stage), stage, net, teacher, batch_gpu, accum, rank, world,
+                              torch.device("cpu"))
+    return net, params, micro_loss, accum
+
+
 def test_mid_stage_drops_labels_before_the_teacher_runs(tmp_path, monkeypatch):
     run_main("--preset", "tiny", "--stage", "pretrain", "--iters", 1, "--batch", 8, "--outdir", tmp_path / "t")
     cfg = mf.resolve_config(mf.parse_args(["--preset", "tiny", "--stage", "mid", "--teacher", str(tmp_path / "t" / "ckpt-latest.pt"),
                                            "--batch", "2048", "--pairs", "4"]), "mid")
-    tr = mf.Trainer(cfg, "mid", tmp_path / "m")
-    teacher, seen, student = tr.teacher, [], []
-    tr.teacher = lambda z, t, h, y: (seen.append(y.clone()), teacher(z, t, h, y))[1]
+    teacher, seen, student = mf.load_teacher(cfg, torch.device("cpu")), [], []
+    counting = lambda z, t, h, y: (seen.append(y.clone()), teacher(z, t, h, y))[1]
+    _, _, micro_loss, _ = _mf_setup(cfg, "mid", counting)
     orig = mf.cmt_mf_loss
     monkeypatch.setattr(mf, "cmt_mf_loss", lambda net, z, r, t, y, u: (student.append(y.clone()), orig(net, z, r, t, y, u))[1])
-    tr.micro_loss(0, 0)
+    micro_loss(0, 0)
     assert len(seen) == cfg["teacher_steps"] and all(torch.equal(s, seen[0]) for s in seen)  # one label per trajectory
     y_teacher = seen[0]
     assert y_teacher.shape == (2048 // 4,)
@@ -3952,11 +3965,11 @@ def test_compile_never_touches_the_jvp_path(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda m, **kw: wrappers.append(Compiled(m)) or wrappers[-1])
     cfg = mf.resolve_config(mf.parse_args(["--preset", "tiny", "--stage", "post", "--batch", "8", "--compile",
                                            "--kappa", "0.5", "--omega", "0.5"]), "post")
-    tr = mf.Trainer(cfg, "post", tmp_path)
+    net, _, micro_loss, _ = _mf_setup(cfg, "post")
     eager_rows = []
-    tr.net.register_forward_hook(lambda m, args, out: eager_rows.append(args[0].shape[0]))
-    tr.micro_loss(0, 0).backward()
-    assert len(wrappers) == 1 and wrappers[0].net is tr.net
+    net.register_forward_hook(lambda m, args, out: eager_rows.append(args[0].shape[0]))
+    micro_loss(0, 0).backward()
+    assert len(wrappers) == 1 and wrappers[0].net is net
     assert wrappers[0].rows == [16]  # the CFG forwards (cond + null, batched) went through the compiled net
     assert eager_rows == [16, 8]  # ... and the jvp (8 rows) called the eager module directly
 
@@ -3969,14 +3982,18 @@ torch.set_num_threads(1)
 rank, world, device = mf.init_distributed()
 cfg = mf.resolve_config(mf.parse_args(["--preset", "tiny", "--stage", "post", "--batch", "8", "--batch-gpu", "4",
                                         "--model", "tiny-teacher", "--kappa", "0.5", "--omega", "0.7"]), "post")
-tr = mf.Trainer(cfg, "post", {out!r}, rank, world, device)
+accum = cfg["batch"] // (cfg["batch_gpu"] * world)
+torch.manual_seed(cfg["seed"])  # as train: the same init on every rank
+net = mf.build_net(cfg).to(device)
+params = [p for p in net.parameters() if p.requires_grad]
 gen = torch.Generator().manual_seed(3)
 with torch.no_grad():
-    for p in tr.net.parameters():
+    for p in net.parameters():
         p.add_(0.05 * torch.randn(p.shape, generator=gen))
-tr.step_gradients(0)
+micro_loss = mf.make_loss(dict(cfg, stage="post"), "post", net, None, cfg["batch_gpu"], accum, rank, world, device)
+mf.accumulate_gradients(params, micro_loss, 0, rank, accum, world, device)
 if rank == 0:
-    torch.save([p.grad for p in tr.params], {out!r} + "/grads.pt")
+    torch.save([p.grad for p in params], {out!r} + "/grads.pt")
 if world > 1:
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -3994,20 +4011,23 @@ def test_ddp_gradient_equals_single_process_gradient_on_joined_batch(tmp_path):
     # Single process: the same two micro-batches (slots 0 and 1) joined into one batch of 8.
     cfg = mf.resolve_config(mf.parse_args(["--preset", "tiny", "--stage", "post", "--batch", "8", "--batch-gpu", "4",
                                            "--model", "tiny-teacher", "--kappa", "0.5", "--omega", "0.7"]), "post")
-    tr = mf.Trainer(cfg, "post", tmp_path / "single")
+    net, params, micro_loss, accum = _mf_setup(cfg, "post")
+    assert accum == 2
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for p in tr.net.parameters():
+        for p in net.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    parts = [tr.mf_inputs(0, slot) for slot in (0, 1)]
+    data = mf.open_data(cfg, torch.device("cpu"))
+    parts = [mf.mf_inputs(cfg, data, 0, slot, 4, 2, torch.device("cpu")) for slot in (0, 1)]
     joined = [torch.cat(f) for f in zip(*parts)]
-    loss, _ = mf.meanflow_loss(tr.net, *joined, cfg)
-    grads = torch.autograd.grad(loss, tr.params)
+    loss, _ = mf.meanflow_loss(net, *joined, cfg)
+    grads = torch.autograd.grad(loss, params)
     assert sum(g.abs().sum() for g in grads) > 0
     for a, b in zip(ddp, grads):  # float32, different summation order: agreement to ~1e-6 relative
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    tr.step_gradients(0)  # one process, 2 accumulation steps over the same two slots: the same gradient
-    for p, b in zip(tr.params, grads):
+    # one process, 2 accumulation steps over the same two slots: the same gradient
+    mf.accumulate_gradients(params, micro_loss, 0, 0, accum, 1, torch.device("cpu"))
+    for p, b in zip(params, grads):
         torch.testing.assert_close(p.grad, b, rtol=1e-4, atol=1e-6)
 
 
@@ -4064,24 +4084,26 @@ def test_meanflow_bulk_trajectories_equal_one_solve_per_micro_step(tmp_path, wor
     argv = ["--preset", "tiny", "--stage", "mid", "--teacher", str(mf_tiny_teacher(tmp_path / "t")), "--batch", "64",
             "--batch-gpu", "16", "--pairs", "4", "--iters", "5"]
     cfg = mf.resolve_config(mf.parse_args(argv), "mid")
-    tr = mf.Trainer(cfg, "mid", tmp_path / "m", 0, world)
+    teacher, cpu = mf.load_teacher(cfg, torch.device("cpu")), torch.device("cpu")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # off the adaLN-Zero init: a teacher with u = 0 would make every trajectory constant
-        for p in tr.teacher.parameters():
+        for p in teacher.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    teacher, sizes = tr.teacher, []
-    tr.teacher = lambda z, t, h, y: sizes.append(z.shape[0]) or teacher(z, t, h, y)
-    accum, b, M, iters = tr.accum, 4, cfg["teacher_steps"], 5
+    sizes = []
+    counting = lambda z, t, h, y: sizes.append(z.shape[0]) or teacher(z, t, h, y)
+    solve = lambda e, y: mf.solve_teacher(counting, e, y, cfg)  # as make_loss wires them
+    inputs = lambda it, slot: mf.mid_inputs(cfg, it, slot, cfg["batch_gpu"], cpu)
+    accum, b, M, iters = cfg["batch"] // (cfg["batch_gpu"] * world), 4, cfg["teacher_steps"], 5
     assert accum == 4 // world
     slots, noises = [], []
     for rank in range(world):
-        one, bulk = (mf.TeacherPairs(tr.solve_teacher, tr.mid_inputs, dict(cfg, traj_buffer=n), rank, accum, b)
+        one, bulk = (mf.TeacherPairs(solve, inputs, dict(cfg, traj_buffer=n), rank, accum, b)
                      for n in (0, 3 * accum * b))
         assert one.chunk == 0 and bulk.chunk == 3
         for it in range(iters):
             for slot in range(rank * accum, (rank + 1) * accum):
-                gen, y, e = tr.mid_inputs(it, slot)
-                ref_states, grid = tr.solve_teacher(e, y)
+                gen, y, e = inputs(it, slot)
+                ref_states, grid = solve(e, y)
                 ref = mf.cmt_mf_pairs(ref_states, grid, cfg["pairs"], gen)
                 sizes.clear()
                 a = one.get(it, slot)
@@ -4152,13 +4174,13 @@ def test_meanflow_mid_solves_in_bulk_by_default_and_per_micro_step_at_traj_buffe
 
 
 def test_200_steps_finite_and_injected_nan_steps_as_sony_cmt_or_is_skipped(tmp_path, monkeypatch, capsys):
-    orig = mf.Trainer.micro_loss
+    make_loss = mf.make_loss
 
-    def poisoned(trainer, it, slot):
-        loss = orig(trainer, it, slot)
-        return loss * float("nan") if it == 50 else loss
+    def poisoned(*args):
+        micro_loss = make_loss(*args)
+        return lambda it, slot: micro_loss(it, slot) * float("nan") if it == 50 else micro_loss(it, slot)
 
-    monkeypatch.setattr(mf.Trainer, "micro_loss", poisoned)
+    monkeypatch.setattr(mf, "make_loss", poisoned)
     common = ["--preset", "tiny", "--stage", "pretrain", "--model", "tiny-teacher", "--batch", "8", "--log-every", 50]
     tr = run_main(*common, "--iters", 200, "--ckpt-every", 200, "--outdir", tmp_path / "a")
     assert tr.nonfinite == 1 and "non-finite loss (1 so far), step taken with nan_to_num gradients" in capsys.readouterr().out
@@ -4169,7 +4191,7 @@ def test_200_steps_finite_and_injected_nan_steps_as_sony_cmt_or_is_skipped(tmp_p
         assert all(torch.isfinite(p).all() for p in net.parameters())
     keys = {"iter", "kimg", "loss", "grad_norm", "lr", "it_per_s", "img_per_s", "nonfinite", "sec"}
     assert keys <= set(stats[0])
-    steps = lambda t: {int(st["step"]) for st in t.opt.state_dict()["state"].values()}
+    steps = lambda t: {int(st["step"]) for st in t.optimizer.state_dict()["state"].values()}
     assert steps(tr) == {200}  # the poisoned step was taken (on nan_to_num'd gradients)
     skip = run_main(*common, "--iters", 60, "--outdir", tmp_path / "b", "--skip-nonfinite")
     assert skip.nonfinite == 1 and steps(skip) == {59} and "step skipped" in capsys.readouterr().out
@@ -4290,7 +4312,7 @@ def test_meanflow_presets_hold_the_paper_recipe(tmp_path):
     assert abs(teacher["iters"] * 256 / 1_281_167 - 240) < 0.01  # 240 epochs
     cfg = mf.resolve_config(mf.parse_args(["--preset", "tiny", "--stage", "post", "--mimg", "0.0064"]), "post")
     assert cfg["iters"] == 100 and cfg["mimg"] == 0.0064  # --mimg sets --iters at the preset's batch (64)
-    opt = mf.Trainer(cfg, "post", tmp_path).opt
+    opt = mf.make_optimizer(cfg, list(mf.build_net(cfg).parameters()), torch.device("cpu"))
     assert isinstance(opt, torch.optim.Adam) and opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["weight_decay"] == 0
 
 
@@ -5476,7 +5498,7 @@ def test_cuda_meanflow_fp32_mid_and_post_step_match_cpu(_backend_flags):
         assert _rel(sg, sc) < 1e-5  # the teacher's 4-step trajectories
         torch.testing.assert_close(mg.detach().cpu(), mc.detach(), rtol=1e-4, atol=1e-7)
         _assert_grads_close(gmg, gmc, 5e-4, "cmt-mf")
-    for grads in (gc, gmc):  # the optimiser exactly as Trainer builds it
+    for grads in (gc, gmc):  # the optimiser exactly as make_optimizer builds it
         lr, betas = 1e-3, tuple(mf.BASE["adam_betas"])
         _adam_steps_match(student, grads, lambda ps, fused: torch.optim.Adam(ps, lr=lr, betas=betas, weight_decay=0,
                                                                              fused=fused or None), lr)

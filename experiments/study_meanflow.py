@@ -61,7 +61,7 @@ def run_study(cfg_for, outdir, seeds, every, teacher_kind="meanflow"):
     def run(stage, name, seed, iters, **extra):
         cfg = dict(cfg_for(stage), seed=seed, iters=iters, snap_every=every, resume=None, **extra)
         t0 = time.time()
-        tr = mf.Trainer(cfg, stage, outdir / f"seed{seed}" / name).run()
+        tr = mf.train(cfg, stage, outdir / f"seed{seed}" / name)
         points = []
         for k in range(every, iters + 1, every):  # each snapshot's EMA, evaluated, then deleted
             path = outdir / f"seed{seed}" / name / f"ckpt-{k:07d}.pt"
