@@ -1212,6 +1212,7 @@ def run_sample(cfg, outdir, rank, world, device):
     if cfg.get("resume") is not None:
         raise SystemExit("--resume: --stage sample writes into a new or empty --outdir; it has nothing to resume")
     check_outdir(dict(cfg, outdir=str(outdir), resume=None))  # samples never overwrite an earlier run's files
+    ref = read_fid_ref(cfg["fid_ref"]) if cfg.get("fid_ref") else None
     net, ncfg = load_ema_net(init, "--teacher" if cfg["init"] == "teacher" else "--init")
     net = net.to(device).eval()
     vae = None
@@ -1252,15 +1253,26 @@ def run_sample(cfg, outdir, rank, world, device):
             for peer in range(world):
                 (outdir / f"samples-{steps}step.part{peer}.npz").unlink()
             print(f"[sample] {num} images at {steps} steps (NFE) -> {outdir}/samples-{steps}step.npz", flush=True)
-        if cfg.get("fid_ref"):
-            score = _fid(mine, cfg["fid_ref"], device)
+        if ref is not None:
+            score = _fid(mine, ref, device)
             if rank == 0:
                 print(f"[sample] FID ({steps} steps, {num} images): {score:.3f}", flush=True)
 
 
-def _fid(images, ref_path, device):
+def read_fid_ref(path):
+    """--fid-ref statistics (mu, sigma) through fid.py, read before any image is made, so that a bad file is one
+    line naming the flag instead of a traceback after sampling."""
     import fid
-    mu_ref, sigma_ref = fid.load_ref(ref_path)
+    try:
+        return fid.load_ref(path)
+    except ValueError as e:
+        raise SystemExit(f"--fid-ref {e}") from None
+
+
+def _fid(images, ref, device):
+    """FID of this rank's uint8 NHWC images against ref = (mu, sigma); inception_stats all-reduces over ranks."""
+    import fid
+    mu_ref, sigma_ref = ref
     batches = (torch.from_numpy(images[i:i + 250]).permute(0, 3, 1, 2) for i in range(0, len(images), 250))
     mu, sigma, _ = fid.inception_stats(batches, device=device)
     return fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)

@@ -3674,6 +3674,8 @@ BAD_INPUTS_MEANFLOW = [pytest.param("meanflow_post.py", argv, setup, expected, i
     ("sample-outdir-holds-a-run", _MF + ["--stage", "sample", "--init", "{tmp}/run/ckpt-latest.pt"], _mf_pretrain_ckpt,
      ["--outdir", "already holds a pretrain run"]),
     ("sample-steps-zero", _MF + ["--stage", "sample", "--sample-steps", "0"], None, ["--sample-steps", "'0'", "positive"]),
+    ("sample-fid-ref-missing", _MF + ["--stage", "sample", "--init", "{tmp}/no.pt", "--fid-ref", "{tmp}/r.npz"], None,
+     ["--fid-ref", "r.npz", "cannot read"]),
     ("encode-vae-garbage", ["--stage", "encode", "--data", "{tmp}/imgs", "--vae", "{tmp}/vae.safetensors",
                             "--outdir", "{tmp}/lat"], _mf_vae_setup, ["--vae", "vae.safetensors", "not readable sd-vae-ft-mse"]),
     ("encode-outdir-holds-a-run", ["--stage", "encode", "--data", "{tmp}/imgs", "--vae", "{tmp}/vae.safetensors",
@@ -4235,12 +4237,21 @@ def test_meanflow_tiny_preset_end_to_end(tmp_path, capsys):
     assert {p: p.read_bytes() for p in tmp_path.rglob("ckpt-*.pt")} == before
 
 
-def test_sample_stage_writes_npz_and_grid(tmp_path):
+def test_sample_stage_writes_npz_and_grid(tmp_path, monkeypatch, capsys):
     run_main("--preset", "tiny", "--stage", "pretrain", "--iters", 2, "--batch", 8, "--outdir", tmp_path)
+    # --fid-ref: FID through fid.py on random Inception weights (the plumbing, not the value), the reference read
+    # before sampling (a bad one is a bad-input row)
+    import fid
+    torch.save(fid.random_inception().state_dict(), tmp_path / "inception.pth")
+    monkeypatch.setenv("FID_WEIGHTS", str(tmp_path / "inception.pth"))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    run_main("--preset", "tiny", "--stage", "sample", "--init", tmp_path / "ckpt-latest.pt", "--num", 4,
+             "--sample-steps", "1", "--fid-ref", tmp_path / "ref.npz", "--outdir", tmp_path / "f")
+    score = float(capsys.readouterr().out.split("FID (1 steps, 4 images): ")[1].split()[0])
+    assert math.isfinite(score) and score > 0
     # the same CLI as cmt_cifar10.py: --stage sample --init CKPT --num N --sample-steps 1,2
     run_main("--preset", "tiny", "--stage", "sample", "--init", tmp_path / "ckpt-latest.pt", "--num", 10,
              "--sample-steps", "1,2", "--outdir", tmp_path / "s")
-    import numpy as np
     for steps in (1, 2):
         images = np.load(tmp_path / "s" / f"samples-{steps}step.npz")["images"]
         assert images.shape == (10, 8, 8, 3) and images.dtype == np.uint8
