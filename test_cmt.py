@@ -5201,6 +5201,25 @@ def _run_deterministic(tmp_path, module, runs, timeout=600):
     return [line for line in p.stderr.splitlines() if NONDETERMINISTIC.search(line)]
 
 
+def _assert_resumed_runs_agree(tmp_path, stages, warn):
+    """Each stage's run {s}-a (4 iterations in one go) and {s}-b (resumed from a's iteration-2 checkpoint) end
+    alike: bit for bit when every kernel was deterministic (no warning), else to round-off (the warnings name the
+    kernel). Iteration 3's logged loss comes from the restored state before any new step."""
+    exact = not warn
+    for s in stages:
+        a = torch.load(tmp_path / f"{s}-a" / "ckpt-latest.pt", weights_only=True)
+        b = torch.load(tmp_path / f"{s}-b" / "ckpt-latest.pt", weights_only=True)
+        assert a["iter"] == b["iter"] == 4
+        _assert_same_checkpoint(a, b, exact, f"{s} (nondeterministic kernels: {warn})")
+        la = [r["loss"] for r in _stats(tmp_path / f"{s}-a")][2:]
+        lb = [r["loss"] for r in _stats(tmp_path / f"{s}-b")]
+        assert len(la) == len(lb) == 2
+        if exact:
+            assert la == lb, (s, la, lb)
+        else:
+            assert la[0] == pytest.approx(lb[0], rel=1e-5) and la[1] == pytest.approx(lb[1], rel=1e-3), (s, la, lb, warn)
+
+
 def _assert_same_checkpoint(a, b, exact, what):
     """model / ema / optimizer state of two checkpoints: bit-identical, or (exact=False) to a float32 tolerance."""
     assert a["iter"] == b["iter"] and a["stage"] == b["stage"], what
@@ -5412,20 +5431,10 @@ def test_cuda_imagenet_resume_continues_exactly(tmp_path):
     warn += _run_deterministic(tmp_path, "cmt_imagenet", [
         inet_train_args(tmp_path / f"{s}-b", "--stage", s, *common, *extra, "--resume", "auto")
         for s, extra in stages.items()])
-    exact = not warn  # every kernel deterministic: nothing may differ; else the warnings name the kernel
     for s in stages:
-        a = torch.load(tmp_path / f"{s}-a" / "ckpt-latest.pt", weights_only=True)
-        b = torch.load(tmp_path / f"{s}-b" / "ckpt-latest.pt", weights_only=True)
-        assert a["iter"] == b["iter"] == 4
-        assert (a["rng"][0]["cuda"] is not None) == ON_GPU  # the CUDA generator's state is saved on CUDA
-        _assert_same_checkpoint(a, b, exact, f"{s} (nondeterministic kernels: {warn})")
-        la = [r["loss"] for r in _stats(tmp_path / f"{s}-a")][2:]
-        lb = [r["loss"] for r in _stats(tmp_path / f"{s}-b")]
-        assert len(la) == len(lb) == 2
-        if exact:
-            assert la == lb, (s, la, lb)
-        else:  # iteration 3's loss comes from the restored state before any new step: round-off only
-            assert la[0] == pytest.approx(lb[0], rel=1e-5) and la[1] == pytest.approx(lb[1], rel=1e-3), (s, la, lb, warn)
+        ckpt = torch.load(tmp_path / f"{s}-a" / "ckpt-latest.pt", weights_only=True)
+        assert (ckpt["rng"][0]["cuda"] is not None) == ON_GPU  # the CUDA generator's state is saved on CUDA
+    _assert_resumed_runs_agree(tmp_path, stages, warn)
 
 
 @needs_cuda
@@ -5641,19 +5650,7 @@ def test_cuda_meanflow_resume_continues_exactly(tmp_path):
         shutil.copy(tmp_path / f"{s}-a" / "ckpt-0000002.pt", tmp_path / f"{s}-b" / "ckpt-latest.pt")
     warn += _run_deterministic(tmp_path, "meanflow_post", [
         ["--stage", s, *common, *extra, "--outdir", tmp_path / f"{s}-b", "--resume", "auto"] for s, extra in stages.items()])
-    exact = not warn
-    for s in stages:
-        a = torch.load(tmp_path / f"{s}-a" / "ckpt-latest.pt", weights_only=True)
-        b = torch.load(tmp_path / f"{s}-b" / "ckpt-latest.pt", weights_only=True)
-        assert a["iter"] == b["iter"] == 4
-        _assert_same_checkpoint(a, b, exact, f"{s} (nondeterministic kernels: {warn})")
-        la = [r["loss"] for r in _stats(tmp_path / f"{s}-a")][2:]
-        lb = [r["loss"] for r in _stats(tmp_path / f"{s}-b")]
-        assert len(la) == len(lb) == 2
-        if exact:
-            assert la == lb, (s, la, lb)
-        else:  # iteration 3's loss comes from the restored state before any new step: round-off only
-            assert la[0] == pytest.approx(lb[0], rel=1e-5) and la[1] == pytest.approx(lb[1], rel=1e-3), (s, la, lb, warn)
+    _assert_resumed_runs_agree(tmp_path, stages, warn)
 
 
 @needs_cuda
