@@ -1551,11 +1551,10 @@ def cli():
 
 # >>> pasted: sd-vae
 # ----------------------------------------------------------------------------- SD-VAE
-# Stability AI's sd-vae-ft-mse, written out in plain PyTorch with the state_dict names of
-# diffusers' AutoencoderKL (block_out_channels 128/256/512/512, layers_per_block 2, 248 tensors,
-# 83,653,863 parameters) so that `diffusion_pytorch_model.safetensors` (or `.bin`) from the Hugging Face
-# repo `stabilityai/sd-vae-ft-mse` loads strictly. Pixels -> 8x smaller 4-channel latents and back.
-# Every norm is GroupNorm(32 groups, eps 1e-6), every activation SiLU, dropout 0. The VAE is frozen
+# Stability AI's sd-vae-ft-mse in plain PyTorch, with the state_dict names of diffusers' AutoencoderKL
+# (block_out_channels 128/256/512/512, layers_per_block 2, 248 tensors, 83,653,863 parameters) so that
+# `diffusion_pytorch_model.safetensors` (or `.bin`) of the Hugging Face repo `stabilityai/sd-vae-ft-mse`
+# loads strictly. Every norm is GroupNorm(32, eps 1e-6), every activation SiLU, dropout 0. The VAE is frozen
 # and never differentiated with a JVP, so its attention may use F.scaled_dot_product_attention.
 
 
@@ -1582,9 +1581,7 @@ class VAEAttention(nn.Module):
     def __init__(self, ch):
         super().__init__()
         self.group_norm = nn.GroupNorm(32, ch, eps=1e-6)
-        self.to_q = nn.Linear(ch, ch)
-        self.to_k = nn.Linear(ch, ch)
-        self.to_v = nn.Linear(ch, ch)
+        self.to_q, self.to_k, self.to_v = nn.Linear(ch, ch), nn.Linear(ch, ch), nn.Linear(ch, ch)
         self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers keeps a Dropout(0) at to_out.1
 
     def forward(self, x):
@@ -1595,8 +1592,7 @@ class VAEAttention(nn.Module):
 
 
 class VAEResample(nn.Module):
-    """Downsample2D: zero-pad right and bottom by one, 3x3 conv stride 2 (H -> H/2 for even H).
-    Upsample2D: nearest-neighbour 2x, then 3x3 conv."""
+    """Downsample2D: zero-pad right and bottom by one, 3x3 conv stride 2. Upsample2D: nearest 2x, 3x3 conv."""
 
     def __init__(self, ch, up):
         super().__init__()
@@ -1609,30 +1605,18 @@ class VAEResample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as in the original LDM autoencoder
 
 
-class VAEDownBlock(nn.Module):
-    """diffusers DownEncoderBlock2D: resnets, then (except in the last block) a stride-2 downsampler."""
+class VAEBlock(nn.Module):
+    """diffusers DownEncoderBlock2D (up=False) / UpDecoderBlock2D (up=True): resnets, then, except in the
+    last block, a resampler under diffusers' key `downsamplers.0` / `upsamplers.0`."""
 
-    def __init__(self, cin, cout, num_resnets, down):
+    def __init__(self, cin, cout, num_resnets, up, resample):
         super().__init__()
         self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
-        self.downsamplers = nn.ModuleList([VAEResample(cout, up=False)]) if down else None
+        self.samplers = "upsamplers" if up else "downsamplers"
+        setattr(self, self.samplers, nn.ModuleList([VAEResample(cout, up)] if resample else []))
 
     def forward(self, x):
-        for layer in [*self.resnets, *(self.downsamplers or [])]:
-            x = layer(x)
-        return x
-
-
-class VAEUpBlock(nn.Module):
-    """diffusers UpDecoderBlock2D: resnets, then (except in the last block) a 2x upsampler."""
-
-    def __init__(self, cin, cout, num_resnets, up):
-        super().__init__()
-        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
-        self.upsamplers = nn.ModuleList([VAEResample(cout, up=True)]) if up else None
-
-    def forward(self, x):
-        for layer in [*self.resnets, *(self.upsamplers or [])]:
+        for layer in [*self.resnets, *getattr(self, self.samplers)]:
             x = layer(x)
         return x
 
@@ -1653,9 +1637,8 @@ class VAEEncoder(nn.Module):
     def __init__(self, channels=(128, 256, 512, 512), num_resnets=2):
         super().__init__()
         self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
-        cins = [channels[0], *channels[:-1]]
-        self.down_blocks = nn.ModuleList([VAEDownBlock(ci, co, num_resnets, down=i < len(channels) - 1)
-                                          for i, (ci, co) in enumerate(zip(cins, channels))])
+        self.down_blocks = nn.ModuleList([VAEBlock(ci, co, num_resnets, up=False, resample=i < len(channels) - 1)
+                                          for i, (ci, co) in enumerate(zip([channels[0], *channels[:-1]], channels))])
         self.mid_block = VAEMidBlock(channels[-1])
         self.conv_norm_out = nn.GroupNorm(32, channels[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(channels[-1], 8, 3, padding=1)  # 2 x 4 latent channels: mean and logvar
@@ -1673,7 +1656,7 @@ class VAEDecoder(nn.Module):
         rev = channels[::-1]
         self.conv_in = nn.Conv2d(4, rev[0], 3, padding=1)
         # Registered before mid_block only to list the keys in diffusers' order; the data flows mid -> up.
-        self.up_blocks = nn.ModuleList([VAEUpBlock(ci, co, num_resnets, up=i < len(rev) - 1)
+        self.up_blocks = nn.ModuleList([VAEBlock(ci, co, num_resnets, up=True, resample=i < len(rev) - 1)
                                         for i, (ci, co) in enumerate(zip([rev[0], *rev[:-1]], rev))])
         self.mid_block = VAEMidBlock(rev[0])
         self.conv_norm_out = nn.GroupNorm(32, rev[-1], eps=1e-6)
@@ -1687,18 +1670,15 @@ class VAEDecoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """sd-vae-ft-mse. encode: pixels [N, 3, H, W] -> posterior (mean, std), each [N, 4, H/8, W/8];
-    decode: latents [N, 4, h, w] -> pixels [N, 3, 8h, 8w], not clamped. The SD convention feeds and
-    returns pixels in [-1, 1]; EDM2 deliberately feeds [0, 1] (see edm2_encode_pixels). `batch` splits
-    the work into micro-batches to bound memory; GroupNorm is per sample, so results do not depend on it.
-    EDM2 and DiT run it in float32: call it outside a bf16 autocast region to reproduce their numbers."""
+    """sd-vae-ft-mse. encode: pixels [N, 3, H, W] -> posterior (mean, std), each [N, 4, H/8, W/8]; decode:
+    latents [N, 4, h, w] -> pixels [N, 3, 8h, 8w], not clamped. SD feeds and returns pixels in [-1, 1]; EDM2
+    deliberately feeds [0, 1] (see edm2_encode_pixels). `batch` bounds memory; GroupNorm is per sample, so
+    results do not depend on it. EDM2 and DiT run it in float32: call it outside bf16 autocast to match them."""
 
     def __init__(self):
         super().__init__()
-        self.encoder = VAEEncoder()
-        self.decoder = VAEDecoder()
-        self.quant_conv = nn.Conv2d(8, 8, 1)
-        self.post_quant_conv = nn.Conv2d(4, 4, 1)
+        self.encoder, self.decoder = VAEEncoder(), VAEDecoder()
+        self.quant_conv, self.post_quant_conv = nn.Conv2d(8, 8, 1), nn.Conv2d(4, 4, 1)
 
     def encode(self, x, batch=None):
         moments = torch.cat([self.quant_conv(self.encoder(c)) for c in x.split(batch or len(x))])
@@ -1714,29 +1694,23 @@ _VAE_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u
 
 
 def read_safetensors(path):
-    """Reads a .safetensors file into {name: CPU tensor} in its stored dtype, without the safetensors
-    package. Format: 8-byte little-endian header length n, n bytes of JSON mapping each name to
-    {dtype, shape, data_offsets: [begin, end]} (offsets into the data that follows; an optional
-    "__metadata__" entry holds strings), then the raw little-endian tensor data."""
+    """{name: CPU tensor} of a .safetensors file in its stored dtypes, without the safetensors package. Format:
+    8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}
+    (offsets into the data that follows; an optional "__metadata__" entry holds strings), then the raw data."""
     with open(path, "rb") as f:
         blob = f.read()
-    if len(blob) < 8:
-        raise ValueError(f"{path}: not a safetensors file (only {len(blob)} bytes; truncated?)")
     n = int.from_bytes(blob[:8], "little")
-    if 8 + n > len(blob):
-        raise ValueError(f"{path}: safetensors header claims {n} bytes but the file has {len(blob) - 8} "
-                         "after the length field (truncated, or not a safetensors file)")
+    if len(blob) < 8 or 8 + n > len(blob):
+        raise ValueError(f"{path}: not a safetensors file of {len(blob)} bytes (truncated, or its header length "
+                         "field is wrong)")
     try:
         header = json.loads(blob[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: safetensors header is not a JSON object")
+        entries = [(name, info) for name, info in header.items() if name != "__metadata__"]
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{path}: safetensors header is not a JSON object ({e})") from None
     data = memoryview(blob)[8 + n:]
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for name, info in entries:
         try:
             dtype, shape = info["dtype"], [int(s) for s in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
@@ -1754,24 +1728,21 @@ def read_safetensors(path):
             raise ValueError(f"{path}: tensor {name!r} ends at byte {end} of the data section but the file "
                              f"holds only {len(data)} bytes of data (truncated file)")
         a = np.frombuffer(data, dtype=np_dtype, count=count, offset=begin).astype(np_dtype.newbyteorder("="))
-        if dtype == "BF16":  # bfloat16 = the upper 16 bits of a float32; numpy has no bfloat16
-            tensor = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-        else:
-            tensor = torch.from_numpy(a)
+        # bfloat16 = the upper 16 bits of a float32; numpy has no bfloat16
+        tensor = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if dtype == "BF16" else torch.from_numpy(a)
         tensors[name] = tensor.reshape(shape)
     return tensors
 
 
 def load_vae(path, device="cpu"):
-    """Loads sd-vae-ft-mse weights in the diffusers layout from a .safetensors file, a .bin/.pt/.pth
-    state_dict (torch.load with weights_only=True), or a folder holding diffusion_pytorch_model.* (the
-    Hugging Face repo layout). Accepts the attention names of diffusers before 0.15
-    (query/key/value/proj_attn) and attention weights stored as 1x1 convs. Returns the float32 model in
-    eval mode with requires_grad False."""
+    """sd-vae-ft-mse weights in the diffusers layout from a .safetensors file, a .bin/.pt/.pth state_dict
+    (torch.load weights_only), or a folder holding diffusion_pytorch_model.* (the Hugging Face repo layout).
+    Accepts diffusers' attention names before 0.15 (query/key/value/proj_attn) and attention weights stored
+    as 1x1 convs. Returns the frozen float32 model in eval mode."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        found = [os.path.join(path, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
-        found = [p for p in found if os.path.isfile(p)]
+        found = [p for p in (os.path.join(path, f"diffusion_pytorch_model.{e}") for e in ("safetensors", "bin"))
+                 if os.path.isfile(p)]
         if not found:
             raise FileNotFoundError(f"VAE folder {path} holds neither diffusion_pytorch_model.safetensors nor "
                                     "diffusion_pytorch_model.bin (expected the stabilityai/sd-vae-ft-mse layout)")
@@ -1789,7 +1760,6 @@ def load_vae(path, device="cpu"):
     else:
         raise ValueError(f"{path}: unknown VAE weight format {ext!r}; expected .safetensors, .bin, .pt or .pth "
                          "in the diffusers AutoencoderKL layout")
-
     converted = {}
     for name, tensor in state.items():
         m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", name)
@@ -1801,7 +1771,6 @@ def load_vae(path, device="cpu"):
                 and tensor.shape[2:] == (1, 1):
             tensor = tensor.reshape(tensor.shape[:2])  # a 1x1 conv over pixels is the same linear map over channels
         converted[name] = tensor
-
     with torch.device("meta"):  # shapes only: skips a random init that the weights would overwrite
         vae = AutoencoderKL()
     expected = vae.state_dict()
@@ -1824,18 +1793,16 @@ def load_vae(path, device="cpu"):
 
 
 def sample_latents(mean, std, generator=None):
-    """One draw from the VAE posterior N(mean, std^2). Datasets store the 8-channel [mean, std]
-    (the "raw latents" of NVlabs/edm2 training/encoders.py) so that every epoch sees a fresh draw (EDM2 and
-    MeanFlow both do this).
-    A generator must live on the device of `mean`."""
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + noise * std
+    """One draw from the VAE posterior N(mean, std^2) (generator on mean's device). Datasets store the
+    8-channel [mean, std] (NVlabs/edm2 training/encoders.py "raw latents"), so that every epoch sees a fresh
+    draw, as EDM2 and MeanFlow do."""
+    return mean + torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype) * std
 
 
-# EDM2 convention (NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are
-# divided by 255 and the VAE sees [0, 1] (not the [-1, 1] it was trained on: EDM2's statistics and
-# checkpoints were made that way, so keep it); datasets hold [mean, std]; a latent drawn from them is
-# normalised per channel to std 0.5; decoded pixels are clamped to [0, 1] and scaled to uint8.
+# EDM2 convention (NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are divided by 255
+# and the VAE sees [0, 1] (not the [-1, 1] it was trained on: EDM2's statistics and checkpoints were made
+# that way, so keep it); a latent drawn from [mean, std] is normalised per channel to std 0.5; decoded
+# pixels are clamped to [0, 1] and scaled to uint8.
 EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)  # assumed mean of the raw latents, per channel
 EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)  # assumed std of the raw latents, per channel
 EDM2_FINAL_STD = 0.5  # = sigma_data
@@ -1848,14 +1815,12 @@ def _edm2_scale_bias(z):
 
 
 def edm2_normalize_latents(z_raw):
-    """Raw VAE latent [N, 4, h, w] -> EDM2 model latent: z * scale + bias, scale = 0.5/raw_std,
-    bias = -raw_mean*scale."""
+    """Raw VAE latent [N, 4, h, w] -> EDM2 model latent z * scale + bias (scale 0.5/raw_std, bias -raw_mean*scale)."""
     scale, bias = _edm2_scale_bias(z_raw)
     return z_raw * scale + bias
 
 
 def edm2_unnormalize_latents(z):
-    """Inverse of edm2_normalize_latents: (z - bias) / scale."""
     scale, bias = _edm2_scale_bias(z)
     return (z - bias) / scale
 
@@ -1863,60 +1828,52 @@ def edm2_unnormalize_latents(z):
 @torch.no_grad()
 def edm2_encode_pixels(vae, images, batch=8):
     """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [0, 1]."""
-    p = next(vae.parameters())
-    mean, std = vae.encode(images.to(p.device, torch.float32) / 255, batch=batch)
+    mean, std = vae.encode(images.to(next(vae.parameters()).device, torch.float32) / 255, batch=batch)
     return torch.cat([mean, std], dim=1)
 
 
 def edm2_encode_latents(raw, generator=None):
     """Raw latents [N, 8, h, w] (mean, std) -> EDM2 model latents [N, 4, h, w]: draw, then normalise."""
-    mean, std = raw.to(torch.float32).chunk(2, dim=1)
-    return edm2_normalize_latents(sample_latents(mean, std, generator))
+    return edm2_normalize_latents(sample_latents(*raw.to(torch.float32).chunk(2, dim=1), generator))
 
 
 @torch.no_grad()
 def edm2_decode(vae, z, batch=8):
     """EDM2 model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (clamp [0, 1], x255, truncate)."""
-    p = next(vae.parameters())
-    x = vae.decode(edm2_unnormalize_latents(z.to(p.device, torch.float32)), batch=batch)
+    x = vae.decode(edm2_unnormalize_latents(z.to(next(vae.parameters()).device, torch.float32)), batch=batch)
     return x.clamp(0, 1).mul(255).to(torch.uint8)
 
 
-# MeanFlow/DiT convention (facebookresearch/DiT train.py and sample_ddp.py,
-# Gsunshine/meanflow utils/vae_util.py): pixels in [-1, 1] (x/127.5 - 1), latent = draw * 0.18215
-# (diffusers' scaling_factor for this VAE); decoded pixels become uint8 as clip(127.5 x + 128, 0, 255).
+# MeanFlow/DiT convention (facebookresearch/DiT train.py and sample_ddp.py, Gsunshine/meanflow
+# utils/vae_util.py): pixels in [-1, 1] (x/127.5 - 1), latent = draw * 0.18215 (diffusers' scaling_factor
+# for this VAE); decoded pixels become uint8 as clip(127.5 x + 128, 0, 255).
 SD_LATENT_SCALE = 0.18215
 
 
 def sd_scale_latents(z_raw):
-    """Raw VAE latent -> MeanFlow/DiT model latent."""
     return z_raw * SD_LATENT_SCALE
 
 
 def sd_unscale_latents(z):
-    """MeanFlow/DiT model latent -> raw VAE latent."""
     return z / SD_LATENT_SCALE
 
 
 @torch.no_grad()
 def sd_encode_pixels(vae, images, batch=8):
     """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [-1, 1]."""
-    p = next(vae.parameters())
-    mean, std = vae.encode(images.to(p.device, torch.float32) / 127.5 - 1, batch=batch)
+    mean, std = vae.encode(images.to(next(vae.parameters()).device, torch.float32) / 127.5 - 1, batch=batch)
     return torch.cat([mean, std], dim=1)
 
 
 def sd_encode_latents(raw, generator=None):
     """Raw latents [N, 8, h, w] (mean, std) -> MeanFlow/DiT model latents [N, 4, h, w]: draw, then scale."""
-    mean, std = raw.to(torch.float32).chunk(2, dim=1)
-    return sd_scale_latents(sample_latents(mean, std, generator))
+    return sd_scale_latents(sample_latents(*raw.to(torch.float32).chunk(2, dim=1), generator))
 
 
 @torch.no_grad()
 def sd_decode(vae, z, batch=8):
     """MeanFlow/DiT model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (127.5 x + 128, clip, truncate)."""
-    p = next(vae.parameters())
-    x = vae.decode(sd_unscale_latents(z.to(p.device, torch.float32)), batch=batch)
+    x = vae.decode(sd_unscale_latents(z.to(next(vae.parameters()).device, torch.float32)), batch=batch)
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 # <<< pasted: sd-vae
 
