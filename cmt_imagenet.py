@@ -2100,14 +2100,11 @@ def _pkl_flatten(obj, prefix, out, where):
 
 
 def load_official_pkl(path, key="ema", cache_dir=None, sha256=None, md5=None):
-    """Load an official EDM/EDM2 network pickle without running its code.
-
-    path: a local file or an http(s)/file URL (downloaded once into cache_dir, default
-    $CMT_CACHE or ~/.cache/cmt, verified against sha256/md5 when given).
-    Returns (state_dict, init_kwargs, class_name): the tensors of data[key] under the names and in
-    the order module.state_dict() gives, floating tensors as float32; the constructor kwargs the
-    object was built with (EDM/EDM2 record them in `_init_kwargs`); its class name, e.g. 'EDMPrecond'.
-    """
+    """An official EDM/EDM2 network pickle, loaded without running its code. path: a file or an http(s)/file URL
+    (downloaded once into cache_dir, default $CMT_CACHE or ~/.cache/cmt, checked against sha256/md5 if given).
+    Returns (state_dict, init_kwargs, class_name) of data[key]: its tensors named and ordered as
+    module.state_dict() would, floats as float32; the constructor kwargs recorded in `_init_kwargs`; its class
+    name, e.g. 'EDMPrecond'."""
     if urllib.parse.urlparse(str(path)).scheme in ("http", "https", "file"):
         cache_dir = cache_dir or os.environ.get("CMT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cmt")
         path = download(path, cache_dir, sha256=sha256, md5=md5)
@@ -2122,10 +2119,9 @@ def load_official_pkl(path, key="ema", cache_dir=None, sha256=None, md5=None):
 
 
 def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
-    """Fetch url into dest_dir/<file name> and return that path. The bytes go to a temp file that
-    replaces the target only after the hash check; a copy already there that passes is reused.
-    `flag` is the CLI flag the offline error points to (e.g. "--data" for a dataset).
-    Multi-process runs: call it on rank 0 first, then barrier, then everywhere."""
+    """Fetch url into dest_dir/<file name> and return that path. The bytes go to a temp file that replaces the
+    target only after the hash check; a copy already there that passes is reused. `flag`: the CLI flag the
+    offline error names. Multi-process runs: call it on rank 0 first, then barrier, then everywhere."""
     name = urllib.parse.unquote(os.path.basename(urllib.parse.urlparse(url).path))
     if not name:
         raise ValueError(f"cannot derive a file name from the URL {url}")
@@ -2155,7 +2151,8 @@ def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
             raise ValueError(f"hash mismatch for {url} ({'; '.join(bad)}); the download was deleted")
         os.replace(tmp, path)
     finally:
-        _pkl_remove(tmp)  # a no-op after os.replace; otherwise no partial file is left behind
+        if os.path.exists(tmp):  # no partial file is left behind
+            os.remove(tmp)
     return path
 
 
@@ -2165,13 +2162,6 @@ def _pkl_file_hash(path, algo):
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _pkl_remove(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def _pkl_plain(v):
@@ -2191,15 +2181,11 @@ class _PklAbsent:
 
 
 def check_init_kwargs(init_kwargs, expected, source, defaults=None):
-    """Raise if an official pickle's constructor kwargs differ from ours on any key of `expected`.
-
-    EDM/EDM2 record only the kwargs their train.py passed, flat: EDMPrecond has model_type,
-    model_channels, channel_mult, augment_dim, dropout, img_resolution, ... (all of SongUNet's kwargs
-    that were set, passed through **model_kwargs); EDM2 Precond has img_resolution, img_channels,
-    label_dim, use_fp16, model_channels, dropout. A key that was not recorded took the official
-    constructor default: pass those defaults in `defaults` to check such keys too. Leave training-only
-    kwargs (dropout, use_fp16) out of `expected`: the student may differ there on purpose.
-    """
+    """Raise if an official pickle's constructor kwargs differ from ours on any key of `expected`. EDM/EDM2
+    record only the kwargs their train.py passed (EDMPrecond: model_type, model_channels, channel_mult, ... as
+    set; EDM2 Precond: img_resolution, img_channels, label_dim, use_fp16, model_channels, dropout); a key not
+    recorded took the official constructor default, which `defaults` supplies. Leave training-only kwargs
+    (dropout, use_fp16) out of `expected`: the student may differ there on purpose."""
     defaults = defaults or {}
     diffs = []
     for k, want in expected.items():
