@@ -37,25 +37,16 @@ Usage (every output goes under --outdir; one process or `torchrun --nproc_per_no
   torchrun --nproc_per_node=8 cmt_imagenet.py --stage post --preset img64-s --outdir runs/post64 \\
       --init runs/mid64/ckpt-latest.pt --data img64
 
-Outputs in --outdir: config.json (the resolved config), stats.jsonl (one JSON line per --log-every),
-ckpt-latest.pt and ckpt-NNNNNNN.pt (a dict {model, ema, optimizer, iter, rng, data_state, config,
-stage, script}, written atomically, read with torch.load(weights_only=True)), samples-NNNNNNN.png
-grids (one row per class: 1-step left, 2-step right), samples-*.npz (uint8 NHWC) for fid.py, and for
---preset tiny the subfolders pretrain/ mid/ post/ plus quality.txt. A folder holds one run: a stage
-starts in a new or empty --outdir, or continues its own run with --resume auto, which refuses a
-checkpoint of another stage or recipe and names the fields that differ.
+Stages: `pretrain` (EDM2 loss with the logvar head: the tiny demo's teacher), `mid`, `post`, `sample`, `encode`
+(ImageNet folder -> EDM2 latent dataset of [mean, std] .npy files, or 64x64 PNGs for the pixel presets). Outputs
+and run folders: see README.md; sample grids hold one row per class, 1-step left, 2-step right. VAE weights:
+`diffusion_pytorch_model.safetensors` of stabilityai/sd-vae-ft-mse (--vae, file or folder). Speed per step at
+real size: experiments/bench_imagenet.py.
 
-Stages: `pretrain` (EDM2 denoising loss with the logvar head; used by the tiny demo to make its
-teacher), `mid`, `post`, `sample`, `encode` (ImageNet folder -> EDM2 latent dataset of [mean, std]
-.npy files, or 64x64 PNGs for the pixel presets). Speed per step at real size:
-experiments/bench_imagenet.py. VAE weights: `diffusion_pytorch_model.safetensors` of
-stabilityai/sd-vae-ft-mse, passed with --vae (file or folder).
-
-Notes where this file follows the official code (sony/cmt imagenet512/) rather than the family
-defaults: the student uses plain EDM2 preconditioning (no s_min shift: s_min = 0, `--s-min` to
-change), the gradients pass through nan_to_num(nan=0, posinf=0, neginf=0), mid-training
-uses Adam betas (0.9, 0.999), the guiding network runs as its pickle says (float16 on CUDA) while the
-teacher is float32, and `--ect-double` counts ticks of 6.4 kimg.
+Where this file follows the official code (sony/cmt imagenet512/) rather than the family defaults: the student
+uses plain EDM2 preconditioning (s_min = 0; `--s-min` to change), gradients pass through nan_to_num(nan=0,
+posinf=0, neginf=0), mid-training uses Adam betas (0.9, 0.999), the guiding network runs as its pickle says
+(float16 on CUDA) while the teacher is float32, and `--ect-double` counts ticks of 6.4 kimg.
 """
 
 import argparse
@@ -183,10 +174,8 @@ def resolve_config(args):
 
 # ----------------------------------------------------------------------------- data
 class ToyMixture:
-    """Class-conditional Gaussian mixture in image space: class k ~ N(mu_k, s_k^2 I).
-
-    mu_k are smooth coloured cosine patterns; the conditional denoiser and the PF-ODE flow of each
-    class are closed-form, so the tiny demo can measure flow-map errors exactly."""
+    """Class-conditional Gaussian mixture in image space, class k ~ N(mu_k, s_k^2 I) with smooth coloured cosine
+    means: the denoiser and the PF-ODE flow of each class are closed-form, so the tiny demo measures exact errors."""
 
     def __init__(self, num_classes=6, res=8, channels=3):
         i, j = torch.meshgrid(torch.arange(res, dtype=torch.float64), torch.arange(res, dtype=torch.float64),
@@ -197,8 +186,7 @@ class ToyMixture:
             chans = [0.6 * torch.cos(2 * math.pi * (fi * i + fj * j) / res + 2.1 * c + 0.9 * k) for c in range(channels)]
             means.append(torch.stack(chans))
             stds.append(0.08 + 0.04 * (k % 3))
-        self.mu = torch.stack(means)  # [K, C, H, W] float64
-        self.std = torch.tensor(stds, dtype=torch.float64)  # [K]
+        self.mu, self.std = torch.stack(means), torch.tensor(stds, dtype=torch.float64)  # [K, C, H, W], [K] float64
         self.num_classes = num_classes
 
     def sample(self, n, generator=None, device="cpu", labels=None):
@@ -228,8 +216,8 @@ class ToyMixture:
         """Exact PF-ODE map of class `labels` from noise level s_from to s_to: for a Gaussian the
         PF-ODE (EDM Eq. 1) keeps x - mu proportional to sqrt(s^2 + s_k^2)."""
         m, v = self.mu.to(x.device)[labels], (self.std.to(x.device)[labels] ** 2).reshape(-1, 1, 1, 1)
-        s_from = torch.as_tensor(s_from, dtype=torch.float64, device=x.device).reshape(-1, 1, 1, 1)
-        s_to = torch.as_tensor(s_to, dtype=torch.float64, device=x.device).reshape(-1, 1, 1, 1)
+        s_from, s_to = (torch.as_tensor(s, dtype=torch.float64, device=x.device).reshape(-1, 1, 1, 1)
+                        for s in (s_from, s_to))
         return (m + (x.to(torch.float64) - m) * torch.sqrt((v + s_to ** 2) / (v + s_from ** 2))).to(x.dtype)
 
 
@@ -288,8 +276,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 raise SystemExit(f"--data: {name} in {path} has shape {got}, expected {want} ({what})")
         self._zip = None
 
-    def _shape(self, name):
-        """(C, H, W) from a file's header; pixel images count as RGB, as __getitem__ converts them."""
+    def _shape(self, name):  # (C, H, W) from a file's header; pixel images count as RGB, as __getitem__ converts them
         try:
             if self.latent:
                 f = io.BytesIO(self._read(name, 4096))
@@ -303,8 +290,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise SystemExit(f"--data: {name} in {self.path} is not a readable "
                              f"{'.npy array' if self.latent else 'PNG'} ({' '.join(str(e).split())[:100]})") from None
 
-    def _read(self, name, size=-1):
-        """The file's bytes (its first `size` bytes: enough for a header)."""
+    def _read(self, name, size=-1):  # the file's bytes (its first `size` bytes: enough for a header)
         if os.path.isdir(self.path):
             with open(os.path.join(self.path, name), "rb") as f:
                 return f.read(size)
@@ -343,10 +329,9 @@ def micro_seed(seed, it, slot, stream=0):
 
 
 class BatchSource:
-    """Training inputs of one micro-batch: (y [bg, C, H, W] or None, labels [bg]).
-
-    data-free (mid): labels uniform over the classes, y = 0 (x_T = 80 eps); toy: mixture samples;
-    dataset: rows it*batch + slot*bg + j of an epoch-wise permutation (no sampler state to save)."""
+    """Training inputs of one micro-batch, (y [bg, C, H, W] or None, labels [bg]): data-free (mid) uniform labels
+    and no y; toy: mixture samples; dataset: rows it*batch + slot*bg + j of an epoch-wise permutation (no sampler
+    state to save)."""
 
     def __init__(self, cfg, kind, device, rank, world, accum, start_iter, toy=None):
         self.cfg, self.kind, self.device, self.toy = cfg, kind, device, toy
@@ -453,11 +438,9 @@ class MPFourier(nn.Module):
 
 
 class MPConv(nn.Module):
-    """Magnitude-preserving conv / linear (EDM2 Eq. 47) with forced weight normalisation (Eq. 66).
-
-    In train mode the stored weight is overwritten by its normalised self before use, so Adam's
-    steps always start from unit-norm rows. `force_wn = False` (see `no_forced_wn`) skips that
-    write, e.g. for the second, no-grad student call of ECT/ECD (official sony/cmt loss.py)."""
+    """Magnitude-preserving conv / linear (EDM2 Eq. 47) with forced weight normalisation (Eq. 66): in train mode
+    the stored weight is overwritten by its normalised self before use, so Adam's steps start from unit-norm rows.
+    `no_forced_wn` skips that write for the second, no-grad student call of ECT/ECD (official sony/cmt loss.py)."""
 
     def __init__(self, in_channels, out_channels, kernel):
         super().__init__()
@@ -470,11 +453,8 @@ class MPConv(nn.Module):
         if self.training and self.force_wn:
             with torch.no_grad():
                 self.weight.copy_(normalize(w))
-        w = normalize(w) * (gain / math.sqrt(w[0].numel()))
-        w = w.to(x.dtype)
-        if w.ndim == 2:
-            return x @ w.t()
-        return F.conv2d(x, w, padding=w.shape[-1] // 2)
+        w = (normalize(w) * (gain / math.sqrt(w[0].numel()))).to(x.dtype)
+        return x @ w.t() if w.ndim == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
 
 
 @contextlib.contextmanager
@@ -613,12 +593,10 @@ def ecm_precond(sigma, sigma_data=0.5, s_min=0.0, train=True):
 
 
 class Precond(nn.Module):
-    """EDM2 Precond: D(x, s | c) = c_skip x + c_out F(c_in x, ln(s)/4, onehot(c)).
-
-    `logvar=True` adds EDM2's uncertainty head (logvar_fourier, logvar_linear), used only by the
-    pre-training loss; official teachers carry it, CMT students drop it. `eval_mode=True` selects
-    ECM's eval-mode coefficients (only differs when s_min > 0). `use_fp16` runs the U-Net in float16 on
-    CUDA, as EDM2's Precond does when its pickle says so; only an official guiding network sets it."""
+    """EDM2 Precond: D(x, s | c) = c_skip x + c_out F(c_in x, ln(s)/4, onehot(c)). `logvar` adds EDM2's uncertainty
+    head, used only by the pre-training loss (official teachers carry it, CMT students drop it); `eval_mode`
+    selects ECM's eval-mode coefficients (s_min > 0 only); `use_fp16` runs the U-Net in float16 on CUDA, as
+    EDM2's Precond does when its pickle says so (only an official guiding network sets it)."""
 
     def __init__(self, img_resolution, img_channels, label_dim, sigma_data=0.5, s_min=0.0, logvar=False,
                  logvar_channels=128, **unet_kwargs):
@@ -659,15 +637,6 @@ def build_net(cfg, logvar=False, s_min=None):
 # The SD-VAE, its safetensors reader and its latent conventions: see the appendix at the end of this file.
 
 # ----------------------------------------------------------------------------- teacher and solver
-def edm2_arch_kwargs(cfg):
-    """What an official EDM2 pickle must record (or default to) to fit this config."""
-    expected = dict(img_resolution=cfg["res"], img_channels=cfg["img_channels"], label_dim=cfg["label_dim"],
-                    model_channels=cfg["model_channels"], channel_mult=cfg["channel_mult"],
-                    num_blocks=cfg["num_blocks"], attn_resolutions=cfg["attn_res"])
-    defaults = dict(channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8])
-    return expected, defaults
-
-
 def load_network(spec, cfg, what):
     """A frozen denoiser from an official .pkl (path or URL), one of our .pt checkpoints (its EMA),
     or `analytic` (the toy's closed-form denoiser). Returns an eval-mode module."""
@@ -683,20 +652,23 @@ def load_network(spec, cfg, what):
         state, init_kwargs, class_name = read_official_pkl(spec, f"--{what}")
         if class_name != "Precond":
             raise SystemExit(f"--{what}: {spec} holds a {class_name}, expected an EDM2 Precond")
-        expected, defaults = edm2_arch_kwargs(cfg)
-        if what == "guide":  # an autoguidance net is smaller (or unconditional): take its own size
-            for key in ("model_channels", "label_dim"):
-                expected[key] = init_kwargs.get(key, expected[key])
+        # What the pickle must record (or default to) to fit this config; an autoguidance net is smaller (or
+        # unconditional): it keeps its own size.
+        expected = dict(img_resolution=cfg["res"], img_channels=cfg["img_channels"], label_dim=cfg["label_dim"],
+                        model_channels=cfg["model_channels"], channel_mult=cfg["channel_mult"],
+                        num_blocks=cfg["num_blocks"], attn_resolutions=cfg["attn_res"])
+        if what == "guide":
+            expected.update({k: init_kwargs.get(k, expected[k]) for k in ("model_channels", "label_dim")})
         try:
-            check_init_kwargs(init_kwargs, expected, spec, defaults)
+            check_init_kwargs(init_kwargs, expected, spec, dict(channel_mult=[1, 2, 3, 4], num_blocks=3,
+                                                                attn_resolutions=[16, 8]))
         except ValueError as e:
             raise SystemExit(f"--{what} {spec}: {' '.join(str(e).split())}") from None
         cfg = dict(cfg, model_channels=expected["model_channels"], label_dim=expected["label_dim"])
     net = build_net(cfg, logvar=any(k.startswith("logvar_") for k in state), s_min=0.0)
     copy_into(state, net, f"--{what} {spec}", ignore=())
-    if what == "guide":
-        # sony/cmt imagenet512/training/cd_guid_training_loop_512.py unpickles the guide unchanged
-        # (pickle.load(f)['ema']), so it runs in float16 on CUDA when its use_fp16 says so; the teacher is rebuilt in float32 (--fp16=0).
+    if what == "guide":  # sony/cmt imagenet512/training/cd_guid_training_loop_512.py unpickles the guide unchanged
+        # (pickle.load(f)['ema']): float16 on CUDA when its use_fp16 says so; the teacher is rebuilt in float32.
         official = not spec.endswith(".pt") and bool(init_kwargs.get("use_fp16", False))
         net.use_fp16 = official if cfg["guide_fp16"] is None else cfg["guide_fp16"]
     return net.eval().requires_grad_(False)
@@ -1225,17 +1197,14 @@ def generate(cfg, device, rank, world, sampler, vae, tag):
     bg = cfg["batch_gpu"]
     batches = [range(i, min(i + bg, cfg["num"])) for i in range(0, cfg["num"], bg)][rank::world]
 
-    def images():
+    kept = []
+
+    def images():  # kept on the CPU as they pass to fid.py
         for idx in batches:
             gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], idx[0], 0))
             labels = torch.randint(cfg["label_dim"], (len(idx),), generator=gen, device=device)
             z = torch.randn([len(idx), cfg["img_channels"], cfg["res"], cfg["res"]], generator=gen, device=device)
-            yield to_uint8(sampler(z, labels, gen).to(torch.float32), cfg, vae)
-
-    kept = []
-
-    def keep(it):
-        for x in it:
+            x = to_uint8(sampler(z, labels, gen).to(torch.float32), cfg, vae)
             kept.append(x.cpu())
             yield x
 
@@ -1246,10 +1215,10 @@ def generate(cfg, device, rank, world, sampler, vae, tag):
             mu_ref, sigma_ref = fid.load_ref(cfg["fid_ref"])
         except ValueError as e:
             raise SystemExit(f"--fid-ref {e}") from None
-        mu, sigma, n = fid.inception_stats(keep(images()), device=device)
+        mu, sigma, n = fid.inception_stats(images(), device=device)
         fid_value = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
     else:
-        for _ in keep(images()):
+        for _ in images():
             pass
     out = torch.cat(kept) if kept else torch.zeros([0, 3, 1, 1], dtype=torch.uint8)
     name = f"samples-{tag}.npz" if world == 1 else f"samples-{tag}-rank{rank}of{world}.npz"
@@ -1750,8 +1719,7 @@ def run_tiny(cfg_base, args):
         raise SystemExit("--resume: the tiny pipeline continues with --resume auto (each stage from its own folder)")
     if args.resume is None:
         check_outdir(dict(outdir=out, resume=None))  # a fresh demo needs a new or empty folder
-    toy = ToyMixture(cfg_base["label_dim"], cfg_base["res"], cfg_base["img_channels"])
-    walls, nets = {}, {}
+    walls, nets = {"teacher": 0.0}, {}
     teacher_spec = cfg_base["teacher"]
     if teacher_spec == "pretrain":
         t0 = time.time()
@@ -1760,8 +1728,6 @@ def run_tiny(cfg_base, args):
         train(c, "pretrain")
         walls["teacher"] = time.time() - t0
         teacher_spec = os.path.join(out, "pretrain", "ckpt-latest.pt")
-    else:
-        walls["teacher"] = 0.0
     for stage in ("mid", "post"):
         t0 = time.time()
         c = resolve_config(argparse.Namespace(**dict(vars(args), stage=stage)))
@@ -1773,9 +1739,8 @@ def run_tiny(cfg_base, args):
         nets[stage] = train(c, stage)
         walls[stage] = time.time() - t0
     c = resolve_config(argparse.Namespace(**dict(vars(args), stage="mid")))
-    teacher = load_network(teacher_spec, c, "teacher")
-    rows = quality_table(c, toy, teacher, nets, walls)
-    return rows
+    toy = ToyMixture(c["label_dim"], c["res"], c["img_channels"])
+    return quality_table(c, toy, load_network(teacher_spec, c, "teacher"), nets, walls)
 
 
 @torch.no_grad()
@@ -1808,11 +1773,9 @@ def quality_table(cfg, toy, teacher, nets, walls, n=None):
         for steps in (1, 2):
             x = sample_fewstep(net, z, labels, steps, cfg["mid_t"], cfg["s_max"], torch.Generator().manual_seed(7))
             add(names[stage], steps, x, walls[stage])
-    lines = [f"{'model':<26} {'steps':>10} {'flow-map err':>13} {'pixel FD':>10} {'wall time':>10}"]
-    for row in rows:
-        lines.append(f"{row['model']:<26} {row['steps']:>10} {row['flow_map_err']:>13.5f} {row['pixel_fd']:>10.4f} "
-                     f"{row['wall']:>9.1f}s")
-    table = "\n".join(lines)
+    table = "\n".join([f"{'model':<26} {'steps':>10} {'flow-map err':>13} {'pixel FD':>10} {'wall time':>10}"] + [
+        f"{r['model']:<26} {r['steps']:>10} {r['flow_map_err']:>13.5f} {r['pixel_fd']:>10.4f} {r['wall']:>9.1f}s"
+        for r in rows])
     print(f"\nQuality on the toy mixture ({n} samples; flow-map err: MSE per element vs the exact ODE solution "
           "from the same noise and class; pixel FD vs fresh data; wall time of the stage that made the model):\n"
           + table, flush=True)
@@ -1877,23 +1840,23 @@ def step_counts(most=None):
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--stage", choices=["pretrain", "mid", "post", "sample", "encode"], default=None,
+    bool_flag = dict(action=argparse.BooleanOptionalAction, default=None)
+    a("--stage", choices=["pretrain", "mid", "post", "sample", "encode"],
       help="what to run (default: the whole tiny pipeline with --preset tiny)")
-    a("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), metavar="PRESET", help=f"{', '.join(PRESETS)} (default: {DEFAULT_PRESET}, the paper's recipe)")
+    a("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), metavar="PRESET",
+      help=f"{', '.join(PRESETS)} (default: {DEFAULT_PRESET}, the paper's recipe)")
     a("--outdir", default="runs/cmt-imagenet", help="output folder (default: runs/cmt-imagenet)")
     a("--data", help="EDM2 dataset zip/folder (.npy latents or PNGs), 'toy', or the ImageNet folder for encode "
-                     "(default: none; tiny: toy)")
+      "(default: none; tiny: toy)")
     a("--teacher", help="EDM2 .pkl path or URL, our .pt checkpoint, or 'analytic' (toy) (default: the preset's EDM2 "
-                        "teacher; tiny: pretrain)")
+      "teacher; tiny: pretrain)")
     a("--guide", help="guiding network for D_g = D_guide + w (D_teacher - D_guide): .pkl/.pt, 'analytic' (toy: the "
-                      "unconditional mixture) or 'none' (default: the preset's autoguidance net for post)")
-    a("--guide-fp16", action=argparse.BooleanOptionalAction, default=None,
-      help="run the guiding network in float16 on CUDA (default: as its EDM2 pickle's use_fp16, like sony/cmt; "
-           "float32 for a .pt)")
+      "unconditional mixture) or 'none' (default: the preset's autoguidance net for post)")
+    a("--guide-fp16", **bool_flag, help="run the guiding network in float16 on CUDA (default: as its EDM2 pickle's "
+      "use_fp16, like sony/cmt; float32 for a .pt)")
     a("--guidance", type=float, help="guidance weight w; 1 = no guidance (default: preset, 2.05 for img512-xxl post)")
     a("--init", help="student init: checkpoint .pt (its EMA), EDM2 .pkl, 'teacher' or 'random'; for sample: the "
-                     "checkpoint, or 'teacher' for the Heun reference (default: mid teacher; post and sample: "
-                     "none, give one)")
+      "checkpoint, or 'teacher' for the Heun reference (default: mid teacher; post and sample: none, give one)")
     a("--resume", help="checkpoint to resume, or 'auto' = ckpt-latest.pt in --outdir if present (default: none)")
     a("--batch", type=int_at_least(1), help="global batch in images (mid: 16 states per trajectory) (default: 128)")
     a("--batch-gpu", type=int_at_least(1), help="per-GPU micro-batch (default: batch / GPUs; sample: 32)")
@@ -1905,34 +1868,33 @@ def build_parser():
     a("--ema", type=float, help="EMA decay per iteration (default: mid 0.999, post 0.9999)")
     a("--seed", type=int_at_least(0), help="random seed (default: 0)")
     a("--fid-ref", help="reference statistics for FID in stage sample: .npz (mu, sigma) or EDM2 .pkl (default: none)")
-    a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast (default: off: fp32)")
-    a("--tf32", action=argparse.BooleanOptionalAction, default=None,
-      help="TF32 matmuls and cuDNN convolutions on CUDA (default: off: fp32)")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the student (default: off)")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last weights (default: off)")
+    a("--bf16", **bool_flag, help="bfloat16 autocast (default: off: fp32)")
+    a("--tf32", **bool_flag, help="TF32 matmuls and cuDNN convolutions on CUDA (default: off: fp32)")
+    a("--compile", **bool_flag, help="torch.compile the student (default: off)")
+    a("--channels-last", **bool_flag, help="channels_last weights (default: off)")
     a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt and ckpt-NNNNNNN.pt, 0 = end only "
-                                                  "(default: 2000)")
+      "(default: 2000)")
     a("--sample-every", type=int_at_least(0), help="iterations per samples-NNNNNNN.png grid, 0 = end only (default: 20000)")
     a("--grid", type=int_at_least(0), help="images at each step count in every samples-NNNNNNN.png grid (mid, post), "
-                                           "0 = none (default: 64)")
+      "0 = none (default: 64)")
     a("--log-every", type=int_at_least(1), help="iterations between progress lines / stats.jsonl rows (default: 100)")
     a("--max-nonfinite", type=int_at_least(0), help="abort after this many steps with a non-finite loss (default: 100)")
     a("--skip-nonfinite", action="store_true", default=None, help="drop a step whose loss is non-finite (default: off: "
-                                                                  "step with nan_to_num'd gradients, as sony/cmt)")
+      "step with nan_to_num'd gradients, as sony/cmt)")
     a("--workers", type=int_at_least(0), help="DataLoader worker processes (default: 2)")
     a("--dropout", type=float, help="student dropout probability (default: 0)")
     a("--s-min", type=float, help="ECM eval-mode shift s_min, a noise level (default: 0, as the official EDM2 code)")
     a("--teacher-steps", type=int_at_least(1),
       help="mid: teacher DPM-Solver++ steps per trajectory = CMT pairs per trajectory (default: 16, official)")
-    a("--traj-buffer", type=int_at_least(0),
-      help="mid: teacher trajectories per rank solved in one batch, rounded down to whole iterations; fewer than "
-           "one iteration's: one solve per micro-step, as sony/cmt (same pairs either way) (default: 128)")
-    a("--metric", choices=["huber", "cauchy", "l2", "elatentlpips"],
-      help="CMT distance; elatentlpips is sony/cmt's ImageNet-512 choice, but its weights are unpublished (default: huber)")
-    a("--elpips-weights", help="--metric elatentlpips: state dict of the latent VGG16-GN (experiments/train_latent_vgg.py) "
-                               "(default: none)")
+    a("--traj-buffer", type=int_at_least(0), help="mid: teacher trajectories per rank solved in one batch, in whole "
+      "iterations; fewer than one iteration's: one solve per micro-step, as sony/cmt (same pairs either way) "
+      "(default: 128)")
+    a("--metric", choices=["huber", "cauchy", "l2", "elatentlpips"], help="CMT distance; elatentlpips is sony/cmt's "
+      "ImageNet-512 choice, but its weights are unpublished (default: huber)")
+    a("--elpips-weights", help="--metric elatentlpips: state dict of the latent VGG16-GN "
+      "(experiments/train_latent_vgg.py) (default: none)")
     a("--huber-c", type=float, help="Huber/Cauchy constant c, in data units (latent or [-1, 1] pixel values) "
-                                    "(default: 0.06; tiny: 0.00054 sqrt(dim))")
+      "(default: 0.06; tiny: 0.00054 sqrt(dim))")
     a("--post-loss", choices=["ecd", "ect"], help="post-training loss (default: ecd)")
     a("--solver", choices=["heun", "euler"], help="ECD teacher step (default: heun)")
     a("--ect-q", type=float, help="ECT/ECD r-mapping: Delta t = 1/q (default: 1024)")
@@ -1941,8 +1903,7 @@ def build_parser():
     a("--p-mean", type=float, help="post: mean of ln t (default: -0.8)")
     a("--p-std", type=float, help="post: std of ln t (default: 1.6)")
     a("--mid-t", type=float, help="2-step sampling: intermediate noise level (default: 1.526)")
-    a("--sample-steps", type=step_counts(2), help="sample stage: comma-separated student step counts, 1 or 2 "
-                                                  "(default: 2)")
+    a("--sample-steps", type=step_counts(2), help="sample stage: comma-separated student step counts, 1 or 2 (default: 2)")
     a("--heun-steps", type=int_at_least(1), help="teacher Heun steps for the reference sampler (default: 32)")
     a("--num", type=int_at_least(1), help="sample stage: number of images (default: 50000; tiny: 4096)")
     a("--eval-num", type=int_at_least(1), help="tiny demo: samples per quality-table row (default: 4096)")

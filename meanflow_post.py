@@ -1,9 +1,7 @@
 """MeanFlow post-training initialised by Consistency Mid-Training (CMT-MF) on ImageNet-256 latents.
 
-Reference implementation of the MeanFlow part of "Consistency Mid-Training" (CMT, arXiv 2509.24526),
-built on MeanFlow (Geng et al., arXiv 2505.13447). One file: DiT-MF network, teacher sampler, both losses,
-sampling, DDP training loop, and the SD-VAE in an appendix at the end (shared verbatim with cmt_imagenet.py).
-Convention (MeanFlow): t = 1 is noise, t = 0 is data,
+Reference implementation of the MeanFlow part of "Consistency Mid-Training" (CMT, arXiv 2509.24526), built on
+MeanFlow (Geng et al., arXiv 2505.13447). Convention (MeanFlow): t = 1 is noise, t = 0 is data,
 
     z_t = (1 - t) x + t e,   v = e - x,   e ~ N(0, I),   x = SD-VAE latent * 0.18215.
 
@@ -31,20 +29,16 @@ Every ordered pair i > j of one trajectory gives an exact flow-map target for th
 
     u_theta(z_{t_i}, r = t_j, t = t_i)  ~  (z_{t_i} - z_{t_j}) / (t_i - t_j)        plain MSE, no JVP
 
-(j = 0 is CMT-CM's "trajectory point -> endpoint"). Labels are dropped (prob 0.1) before the teacher
-runs, so the student also learns the unconditional map. The teacher solves the trajectories of many
-micro-steps in one batch (`--traj-buffer`, default 128 per rank; 0: one solve per micro-step), the same
-pairs computed ahead. The mid-trained student then initialises MeanFlow post-training, which converges
-far faster than from random init (paper: MF-XL/2 1-NFE FID 3.34 in 760 GPU-h vs 3.43 in 1520 GPU-h from
-scratch).
+(j = 0 is CMT-CM's "trajectory point -> endpoint"). Labels are dropped (prob 0.1) before the teacher runs,
+so the student also learns the unconditional map; the teacher solves many micro-steps' trajectories in one
+batch (`--traj-buffer`). The mid-trained student initialises MeanFlow post-training, which converges far
+faster than from random init (paper: MF-XL/2 1-NFE FID 3.34 in 760 GPU-h vs 3.43 in 1520 GPU-h from scratch).
 
-Stages (`--stage`):
-    pretrain  MeanFlow from scratch (the small CMT teacher, e.g. MF-B/4; or a from-scratch baseline)
-    mid       CMT-MF: --teacher PATH (a checkpoint of this script), --teacher-solver, --teacher-steps, --pairs
-    post      MeanFlow from --init PATH (a mid checkpoint: its EMA weights) or --init random
-    sample    1-NFE and 2-NFE samples of --init PATH -> samples-*.png grid and samples-*.npz (uint8 NHWC) for fid.py
-    encode    ImageNet folder (class subfolders) -> latent shards of the SD-VAE posterior (mean, std)
-Speed benchmark and evidence study: experiments/bench_meanflow.py and experiments/study_meanflow.py.
+Stages (`--stage`): pretrain (MeanFlow from scratch: the small CMT teacher, e.g. MF-B/4, or a baseline), mid
+(CMT-MF from --teacher, a checkpoint of this script), post (MeanFlow from --init PATH: its EMA weights, or
+random), sample (1- and 2-NFE samples -> samples-*.png and samples-*.npz for fid.py), encode (ImageNet folder
+-> latent shards of the SD-VAE posterior mean and std). Benchmark and evidence study:
+experiments/bench_meanflow.py, experiments/study_meanflow.py.
 
 Usage (8 GPUs; the `xl2` preset is the paper's recipe, `b4` the MeanFlow B/4 recipe):
     python meanflow_post.py --stage encode --data /data/imagenet/train --vae sd-vae-ft-mse.safetensors --outdir latents
@@ -54,34 +48,20 @@ Usage (8 GPUs; the `xl2` preset is the paper's recipe, `b4` the MeanFlow B/4 rec
     torchrun --nproc_per_node=8 meanflow_post.py --stage sample --init runs/post-xl2/ckpt-latest.pt --vae VAE --num 50000 --outdir runs/post-xl2-samples
     python meanflow_post.py --preset tiny          # CPU demo: teacher -> mid -> post (+ baseline) -> quality table
 
-Notes. --teacher takes a checkpoint PATH of this script only (the family's URL and `analytic` forms are
-left out: no official PyTorch MeanFlow checkpoint exists to download, and the tiny preset trains its own
-teacher, as the paper does). --fid-ref is used by --stage sample. The mid stage needs no data: it
-starts from noise and uniformly drawn labels. The randomness of every micro-batch derives from (seed,
-iteration, global micro-batch slot), so resume is exact and a 2-GPU run computes the same step as a
-1-GPU run with 2 accumulation steps.
-DDP: torch.func.jvp does not work through a DistributedDataParallel wrapper, so every rank runs the
-unwrapped module and the gradients (plus the loss, for the non-finite guard) are all-reduced in
-buckets after the last micro-step (that is what DDP's no_sync + final reduction does).
---compile compiles plain forwards only (teacher, CFG forwards, CMT-MF student); the JVP path is
-always eager. --bf16 autocasts the network forwards (the jvp's primal and tangent go through the same
-bf16 matmuls); the tangent inputs (v_g, 0, 1), the returned u and du/dt, the target and the loss
-reductions are float32. Default: float32 throughout.
-
-Outputs in --outdir: config.json (resolved config), stats.jsonl (one line per --log-every), ckpt-latest.pt
-(every --ckpt-every) and ckpt-NNNNNNN.pt snapshots (every --snap-every and at the end), samples-NNNNNNN.png
-(--grid images, every --sample-every and at the end), and for --stage sample samples-<steps>step.{png,npz}; a
-checkpoint is a plain dict {model, ema, optimizer, iter, rng, data_state, config, stage, script} read with
-torch.load(weights_only=True).
-Run folders: a training stage starts in a new or empty --outdir, or continues with --resume auto (or PATH) the
-run of the same stage and recipe (only RESUME_MAY_CHANGE fields may differ); sample, encode and the tiny
-pipeline also refuse a folder that holds an earlier run (encode and the pipeline continue with --resume auto).
-A user's mistake is one line on stderr and exit code 2, and nothing is written.
-Details taken from the official MeanFlow code (Gsunshine/meanflow): r = t on exactly the first 75% of
-each per-device batch; the dropped labels are the first k ~ Binomial(B, 0.1) rows; the CFG forwards use
-the undropped labels; the per-sample loss sums over latent elements. Our choices where the papers are
-silent: uniform t grids for the teacher and for 2-NFE sampling, Heun's correction on every step
-(v is finite at t = 0), CMT-MF MSE as a mean over elements, and the same optimiser/EMA in every stage.
+Notes. --teacher takes only a checkpoint of this script: no official PyTorch MeanFlow checkpoint exists, and
+the tiny preset trains its own teacher, as the paper does. Every micro-batch's randomness derives from (seed,
+iteration, global micro-batch slot), so resume is exact and 2 GPUs compute the step of 1 GPU with 2
+accumulation steps. torch.func.jvp does not work through DistributedDataParallel: every rank runs the
+unwrapped module and the gradients (and the loss, for the non-finite guard) are all-reduced in buckets after
+the last micro-step, as DDP's no_sync + final reduction would. --compile compiles plain forwards only; the
+JVP path stays eager. --bf16 autocasts the network forwards (the jvp's primal and tangent alike); the tangent
+inputs, u, du/dt, the target and the loss reductions stay float32. Outputs and run folders: see README.md;
+ckpt-latest.pt comes every --ckpt-every, kept ckpt-NNNNNNN.pt snapshots every --snap-every.
+Details taken from the official MeanFlow code (Gsunshine/meanflow): r = t on exactly the first 75% of each
+per-device batch; the dropped labels are the first k ~ Binomial(B, 0.1) rows; the CFG forwards use the
+undropped labels; the per-sample loss sums over latent elements. Our choices where the papers are silent:
+uniform t grids for the teacher and for 2-NFE sampling, Heun's correction on every step (v is finite at
+t = 0), CMT-MF MSE as a mean over elements, and the same optimiser/EMA in every stage.
 """
 
 import argparse
@@ -106,10 +86,8 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- config
 
 SCRIPT = "meanflow_post.py"  # recorded in every checkpoint: --init/--teacher/--resume refuse other scripts' files
-# Config fields a resumed run may change: its length, how often it logs, checkpoints and samples, what the
-# sample stage and the tiny table compute, speed switches, and the per-process split of the batch (the
-# world size is not in the config). Every other field defines the run and must match the checkpoint's.
-# --traj-buffer only groups the teacher's solves of inputs drawn per micro-step: the same pairs, to float rounding.
+# Config fields a resumed run may change (length, cadences, what sample and the tiny table compute, speed
+# switches, the per-process split of the batch); every other field defines the run and must match the checkpoint's.
 RESUME_MAY_CHANGE = {"iters", "mimg", "log_every", "ckpt_every", "snap_every", "sample_every", "grid", "resume", "outdir",
                      "max_nonfinite", "eval_num", "bf16", "tf32", "compile", "fid_ref", "num", "sample_steps", "vae",
                      "batch_gpu", "traj_buffer"}
@@ -198,10 +176,9 @@ def gaussian_average_velocity(z, r, t, mu, s):
 
 
 class LatentShards:
-    """Latent data set written by `--stage encode`: latents-NNNNN.npy ([n, 8, H, W] float32: the SD-VAE
-    posterior mean and std, as in the official MeanFlow pipeline) and labels-NNNNN.npy ([n] int64).
-    A training latent is a fresh posterior sample times 0.18215. Batches are a function of a global
-    sample counter (the data_state), so resume continues the same permutation."""
+    """`--stage encode`'s shards: latents-NNNNN.npy ([n, 8, H, W] float32, the SD-VAE posterior mean and std, as
+    the official MeanFlow pipeline stores) and labels-NNNNN.npy ([n] int64). A training latent is a fresh
+    posterior draw times 0.18215; a batch is a function of a global sample counter, so resume continues it."""
 
     def __init__(self, path):
         path = Path(path)
@@ -216,11 +193,9 @@ class LatentShards:
         except (OSError, ValueError, EOFError) as e:  # a missing labels file, a damaged or truncated shard
             raise SystemExit(f"--data {path}: unreadable latent shards ({' '.join(str(e).split())[:160]})") from None
         self.offsets = np.cumsum([0] + [len(a) for a in self.lat])
-        self.n = int(self.offsets[-1])
-        self.shape = self.lat[0].shape[1:]
-        self._perm = (-1, None)
-        if self.shape[0] != 8:
-            raise SystemExit(f"--data {path}: expected 8 channels (posterior mean and std), got {self.shape}")
+        self.n, self._perm = int(self.offsets[-1]), (-1, None)
+        if self.lat[0].shape[1] != 8:
+            raise SystemExit(f"--data {path}: expected 8 channels (posterior mean and std), got {self.lat[0].shape[1:]}")
 
     def batch(self, start, n, seed, gen, device):
         """Rows [start, start + n) of the infinite stream of per-epoch permutations."""
@@ -230,10 +205,9 @@ class LatentShards:
             if self._perm[0] != epoch:  # a fresh permutation per epoch, a function of (seed, epoch)
                 self._perm = (epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)))
             rows.append(int(self._perm[1][k]))
-        idx = np.array(rows)
-        shard = np.searchsorted(self.offsets, idx, side="right") - 1
-        moments = np.stack([self.lat[s][i - self.offsets[s]] for s, i in zip(shard, idx)])
-        labels = np.array([self.lab[s][i - self.offsets[s]] for s, i in zip(shard, idx)])
+        shards = np.searchsorted(self.offsets, rows, side="right") - 1
+        moments = np.stack([self.lat[s][i - self.offsets[s]] for s, i in zip(shards, rows)])
+        labels = np.array([self.lab[s][i - self.offsets[s]] for s, i in zip(shards, rows)])
         x = sd_encode_latents(torch.from_numpy(moments.astype(np.float32)).to(device), gen)
         return x, torch.from_numpy(labels.astype(np.int64)).to(device)
 
@@ -695,14 +669,11 @@ def micro_seed(seed, it, slot):
 
 def init_distributed():
     """torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) -> (rank, world, device): nccl on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if (world > 1 or "LOCAL_RANK" in os.environ) and not dist.is_initialized():  # torchrun, even 1 process
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
@@ -733,14 +704,12 @@ def allreduce_grads(params, extra, world, bucket_numel=25_000_000):
 
 
 class TeacherPairs:
-    """This rank's CMT-MF teacher trajectories, micro-step by micro-step, solved in bulk: one teacher run covers
-    the trajectories of `traj_buffer` // (trajectories per iteration) iterations, a chunk. Each micro-step still
-    draws its labels, noise and pair picks from its own micro_seed generator, exactly as a solve of its own would,
-    so the pairs are those of the one-at-a-time loop (to float rounding: only the teacher's batch grows) and each
-    trajectory is used once. Chunks start at multiples of their length: a resumed run re-solves the chunk it
-    stopped in from the same inputs at the same batch and continues bit-exactly (nothing to checkpoint). A buffer
-    smaller than one iteration's trajectories solves each micro-step alone, when it is used (one teacher run
-    per micro-step, as sony/cmt training/loss.py, DPMSolverLoss, does for CMT)."""
+    """This rank's CMT-MF teacher trajectories, solved in bulk: one teacher run covers a chunk of `traj_buffer` //
+    (trajectories per iteration) iterations. Each micro-step still draws its labels, noise and pair picks from
+    its own micro_seed generator, so the pairs are those of the one-at-a-time loop (to float rounding) and each
+    trajectory is used once. Chunks start at multiples of their length: a resumed run re-solves its chunk and
+    continues bit-exactly. A buffer under one iteration's trajectories solves each micro-step alone, when it is
+    used (as sony/cmt training/loss.py, DPMSolverLoss, does for CMT)."""
 
     def __init__(self, solve, inputs, cfg, rank, accum, trajs):
         self.solve, self.inputs, self.iters, self.trajs = solve, inputs, cfg["iters"], trajs
@@ -1089,37 +1058,37 @@ def eval_batch(cfg, num):
     return e, y, e - u.float()
 
 
+def toy_fd(x, cfg, seed=54321):
+    """Frechet distance of raw pixel vectors between x and as many fresh toy samples (drawn from `seed`)."""
+    import fid
+    mu, std = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"])
+    ref, _ = toy_sample(mu, std, len(x), torch.Generator().manual_seed(seed), "cpu")
+    return fid.frechet_distance(*fid.mean_cov(x.flatten(1).double().numpy()), *fid.mean_cov(ref.flatten(1).double().numpy()))
+
+
 @torch.no_grad()
 def quality_row(net, cfg, steps, num):
     """Flow-map error of `steps`-step sampling against the exact map from the same noise (eval_batch) and
     pixel Frechet distance against fresh toy samples. Returns (err, fd, x), x the samples."""
-    import fid
     e, y, z0 = eval_batch(cfg, num)
     x = sample_fewstep(net.eval(), e, y, steps)
-    err = (x - z0).square().mean().item()
-    mu, std = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"])
-    ref, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(54321), "cpu")
-    fd = fid.frechet_distance(*fid.mean_cov(x.flatten(1).double().numpy()), *fid.mean_cov(ref.flatten(1).double().numpy()))
-    return err, fd, x
+    return (x - z0).square().mean().item(), toy_fd(x, cfg), x
 
 
 TINY_PIPELINE_ENTRIES = {"teacher", "mid", "post", "post-random", "quality.txt", "quality.txt.tmp", "comparison.png"}
 
 
-def check_pipeline_outdir(outdir, resume):
-    """The tiny pipeline's root folder: new or empty, or (--resume auto) one that holds only its own stage
-    folders and table, which each stage then checks and continues."""
-    if resume not in (None, "auto"):
-        raise SystemExit(f"--resume {resume}: the tiny pipeline continues with --resume auto (each stage from "
-                         "its own folder's ckpt-latest.pt)")
+def check_continued_outdir(outdir, resume, owned, what):
+    """The folder of a job of several parts (the tiny pipeline, encode's shards): new or empty, or with --resume
+    auto one that holds only its own parts (names `owned` accepts), which the job then continues."""
     out = Path(outdir)
     held = sorted(q.name for q in out.iterdir()) if out.is_dir() else []
     if resume is None or not held:
         return check_outdir(dict(outdir=str(out), resume=None))
-    foreign = [name for name in held if name not in TINY_PIPELINE_ENTRIES]
+    foreign = [name for name in held if not owned(name)]
     if foreign:
         raise SystemExit(f"--outdir {out}: holds {', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}, "
-                         "not a run of the tiny pipeline; choose a new --outdir")
+                         f"not {what}; choose a new --outdir")
     if not os.access(out, os.W_OK | os.X_OK):
         raise SystemExit(f"--outdir {out}: {out} is not a writable folder")
     return None
@@ -1129,25 +1098,27 @@ def run_tiny_pipeline(cfg_for, outdir, baseline=True):
     """--preset tiny without --stage: teacher (pretrain) -> mid -> post, plus post from random init at the
     same budget, then the quality table and comparison.png (for the same noise and labels: the exact map,
     the teacher, each student at 1 and 2 steps). With --resume auto (in cfg) every stage continues its folder."""
-    outdir = Path(outdir)
-    check_pipeline_outdir(outdir, cfg_for("post").get("resume"))
+    outdir, post = Path(outdir), cfg_for("post")
+    resume = post.get("resume")
+    if resume not in (None, "auto"):
+        raise SystemExit(f"--resume {resume}: the tiny pipeline continues with --resume auto (each stage from "
+                         "its own folder's ckpt-latest.pt)")
+    check_continued_outdir(outdir, resume, TINY_PIPELINE_ENTRIES.__contains__, "a run of the tiny pipeline")
     times, nets = {}, {}
     plan = [("pretrain", "teacher", {}), ("mid", "mid", {"teacher": str(outdir / "teacher" / "ckpt-latest.pt")}),
             ("post", "post", {"init": str(outdir / "mid" / "ckpt-latest.pt")})]
     if baseline:
         plan.append(("post", "post-random", {"init": "random"}))
     for stage, name, extra in plan:
-        cfg = dict(cfg_for(stage), **extra)
-        t0 = time.time()
-        tr = train(cfg, stage, outdir / name)
-        times[name], nets[name] = time.time() - t0, (tr.ema, cfg)
+        cfg, t0 = dict(cfg_for(stage), **extra), time.time()
+        nets[name] = (train(cfg, stage, outdir / name).ema, cfg)
+        times[name] = time.time() - t0
     names = {"teacher": "teacher (MF, pretrain)", "mid": "CMT-MF mid", "post": "MeanFlow post from mid",
              "post-random": "MeanFlow post from random (baseline)"}
     teacher_steps = cfg_for("mid")["teacher_steps"]
     rows = [("teacher", 1), ("teacher", teacher_steps), ("mid", 1), ("post", 1), ("post", 2)]
     rows += [("post-random", 1)] * baseline
-    num = cfg_for("post")["eval_num"]
-    k = 2 * cfg_for("post")["num_classes"]  # comparison.png: the first k samples, two per class
+    num, k = post["eval_num"], 2 * post["num_classes"]  # comparison.png: the first k samples, two per class
     lines = [f"{'model':<38} {'steps':>5} {'flow-map err':>13} {'pixel FD':>10} {'wall time':>10}"]
     shown = {}
     for name, steps in rows:
@@ -1155,14 +1126,16 @@ def run_tiny_pipeline(cfg_for, outdir, baseline=True):
         err, fd, x = quality_row(net, cfg, steps, num)
         shown[name, steps] = x[:k]
         lines.append(f"{names[name]:<38} {steps:>5} {err:>13.5f} {fd:>10.4f} {times[name]:>9.1f}s")
-    ref = quality_reference(cfg_for("post"), num)
+    mu, std = toy_mixture(post["num_classes"], post["channels"], post["res"])
+    ref = toy_fd(toy_sample(mu, std, num, torch.Generator().manual_seed(1), "cpu")[0], post)  # the FD floor
     lines.append(f"{'(toy data vs fresh toy data)':<38} {'-':>5} {0.0:>13.5f} {ref:>10.4f} {'-':>10}")
     table = "\n".join(lines)
     print("\nQuality on the toy mixture (flow-map err: MSE per element vs the exact map from the same noise;\n"
-          f"pixel FD: Frechet distance of raw {cfg_for('post')['channels']}x{cfg_for('post')['res']}x{cfg_for('post')['res']} vectors vs {num} fresh samples)\n" + table, flush=True)
+          f"pixel FD: Frechet distance of raw {post['channels']}x{post['res']}x{post['res']} vectors vs {num} fresh "
+          "samples)\n" + table, flush=True)
     write_atomic(outdir / "quality.txt", lambda f: f.write((table + "\n").encode()))
     # The picture reuses the table's samples; the rows the table leaves out are drawn from the same noise.
-    e, y, z0 = (v[:k] for v in eval_batch(cfg_for("post"), num))
+    e, y, z0 = (v[:k] for v in eval_batch(post, num))
     pics = [("exact flow map", z0)]
     students = [(name, steps) for name in nets if name != "teacher" for steps in (1, 2)]
     for name, steps in [("teacher", teacher_steps)] + students:
@@ -1172,19 +1145,9 @@ def run_tiny_pipeline(cfg_for, outdir, baseline=True):
     return table
 
 
-def quality_reference(cfg, num):
-    """FD floor: toy samples against other toy samples (finite-sample bias of the estimator)."""
-    import fid
-    mu, std = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"])
-    x1, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(1), "cpu")
-    x2, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(54321), "cpu")
-    return fid.frechet_distance(*fid.mean_cov(x1.flatten(1).double().numpy()), *fid.mean_cov(x2.flatten(1).double().numpy()))
-
-
 def save_comparison(rows, path, scale=8, gap=4):
-    """One labelled row of tiles per (name, x [k, C, H, W] toy latents), each enlarged `scale` times
-    (nearest neighbour) so that 8x8 samples can be seen; as cmt_imagenet.py's save_comparison. The toy's
-    latents have 4 channels: the first three are shown as RGB, [-1, 1] -> uint8 (latents_to_uint8)."""
+    """One labelled row of tiles per (name, x [k, C, H, W] toy latents, the first three channels shown as RGB),
+    each enlarged `scale` times so that 8x8 samples can be seen; as cmt_imagenet.py's save_comparison."""
     from PIL import Image, ImageDraw
     k, _, h, w = rows[0][1].shape
     label_w, th, tw = 290, h * scale, w * scale  # 290: the longest label in PIL's bitmap font (6 px a letter)
@@ -1296,24 +1259,6 @@ SHARD_SIZE = 10_000  # images per latent shard
 ENCODE_OUTPUTS = re.compile(r"(latents|labels)-\d{5}\.npy(\.tmp)?|dataset\.json(\.tmp)?")
 
 
-def check_encode_outdir(outdir, resume):
-    """--stage encode writes into a new or empty --outdir; --resume auto continues one that holds only
-    the shards of an earlier encode."""
-    if resume not in (None, "auto"):
-        raise SystemExit(f"--resume {resume}: --stage encode continues with --resume auto (finished shards are kept)")
-    out = Path(outdir)
-    held = sorted(q.name for q in out.iterdir()) if out.is_dir() else []
-    if resume is None or not held:
-        return check_outdir(dict(outdir=str(out), resume=None))
-    foreign = [name for name in held if not ENCODE_OUTPUTS.fullmatch(name)]
-    if foreign:
-        raise SystemExit(f"--outdir {out}: holds {', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}, "
-                         "not latent shards of --stage encode; choose a new --outdir")
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise SystemExit(f"--outdir {out}: {out} is not a writable folder")
-    return None
-
-
 @torch.no_grad()
 def run_encode(cfg, outdir, rank, world, device):
     """ImageNet train folder (one subfolder per class, sorted names = labels 0..K-1) -> latent shards:
@@ -1330,7 +1275,10 @@ def run_encode(cfg, outdir, rank, world, device):
         raise SystemExit(f"--data {root}: no class subfolders with images ({', '.join(IMAGE_EXTENSIONS)})")
     if not cfg.get("vae"):
         raise SystemExit("--vae: --stage encode needs --vae PATH (sd-vae-ft-mse weights, diffusers layout)")
-    check_encode_outdir(outdir, cfg.get("resume"))
+    if cfg.get("resume") not in (None, "auto"):
+        raise SystemExit(f"--resume {cfg['resume']}: --stage encode continues with --resume auto (finished shards "
+                         "are kept)")
+    check_continued_outdir(outdir, cfg.get("resume"), ENCODE_OUTPUTS.fullmatch, "latent shards of --stage encode")
     vae = open_vae(cfg["vae"], device)
     if world > 1:
         dist.barrier()  # every rank has checked --outdir before any writes into it
@@ -1397,63 +1345,61 @@ def step_counts(most=None):
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--stage", choices=["pretrain", "mid", "post", "sample", "encode"], default=None,
+    a("--stage", choices=["pretrain", "mid", "post", "sample", "encode"],
       help="stage to run; none with --preset tiny = the whole CPU pipeline")
-    a("--preset", choices=sorted(PRESETS), default="xl2", help="recipe: xl2 = CMT-MF XL/2 (paper), b4 = MeanFlow B/4, tiny = CPU demo")
+    a("--preset", choices=sorted(PRESETS), default="xl2", help="recipe: xl2 = CMT-MF XL/2 (paper), b4 = MeanFlow B/4, "
+      "tiny = CPU demo")
     a("--outdir", default="runs/meanflow", help="output folder")
-    a("--data", default=None, help="latent shards folder (encode: ImageNet train folder) or 'toy'; default: preset")
-    a("--model", choices=sorted(MODELS), default=None, help="DiT-MF size; default: preset (per stage)")
-    a("--teacher", default=None, help="mid: teacher checkpoint PATH (ckpt-*.pt of this script)")
-    a("--teacher-solver", choices=["meanflow", "euler", "heun"], default=None, help="mid: teacher sampler; default: preset (meanflow)")
-    a("--teacher-steps", type=int_at_least(1), default=None,
-      help="mid: teacher solver steps M per trajectory, on a uniform t grid (one network pass each; heun: two); "
-           "default: preset (8; tiny 4)")
-    a("--pairs", type=int_at_least(1), default=None, help="mid: ordered pairs (i > j) per trajectory per step; default: preset (8)")
-    a("--traj-buffer", type=int_at_least(0), default=None, help="mid: teacher trajectories per rank solved in one batch, "
-      "rounded down to whole iterations; fewer than one iteration's: one solve per micro-step (same pairs either way) "
-      "(default 128)")
-    a("--init", default=None, help="post: PATH (a checkpoint: its EMA weights) | teacher | random; sample: the "
-      "checkpoint PATH to sample, or teacher; default: random")
-    a("--resume", default=None, help="PATH | auto (= outdir/ckpt-latest.pt if present, else a fresh start in an "
-      "empty --outdir); the checkpoint must be of the same stage and recipe")
-    a("--batch", type=int_at_least(1), default=None, help="global batch (images); default: preset (256)")
-    a("--batch-gpu", type=int_at_least(1), default=None, help="per-GPU micro-batch; default: batch / world size")
-    a("--iters", type=int_at_least(1), default=None, help="training iterations; default: preset (per stage)")
-    a("--mimg", type=float, default=None, help="training length in million images (sets --iters = mimg*1e6/batch)")
-    a("--lr", type=float, default=None, help="Adam learning rate, constant; default: preset (1e-4)")
-    a("--ema", type=float, default=None, help="EMA decay per step; default: preset (0.9999)")
-    a("--seed", type=int_at_least(0), default=None, help="random seed; per-rank and per-step seeds derive from it (default 0)")
-    a("--omega", type=float, default=None, help="training CFG omega; default: preset (xl2 0.2, b4 1.0)")
-    a("--kappa", type=float, default=None, help="training CFG kappa; default: preset (xl2 0.92, b4 0.5)")
-    a("--t-start", type=float, default=None, help="CFG interval start (t units); default 0")
-    a("--t-end", type=float, default=None, help="CFG interval end (t units); default: preset (xl2 0.75, b4 1.0)")
-    a("--ratio-neq", type=float, default=None, help="fraction of rows with r != t (default 0.25)")
-    a("--label-drop", type=float, default=None, help="label dropout probability (default 0.1)")
-    a("--norm-p", type=float, default=None, help="adaptive weight power p (default 1.0)")
-    a("--norm-eps", type=float, default=None, help="adaptive weight constant c (default 0.01)")
-    a("--fid-ref", default=None, help="sample: reference .npz (mu, sigma) -> print FID via fid.py")
-    a("--vae", default=None, help="SD-VAE weights (sd-vae-ft-mse, diffusers layout; .safetensors/.bin/.pt)")
+    a("--data", help="latent shards folder (encode: ImageNet train folder) or 'toy'; default: preset")
+    a("--model", choices=sorted(MODELS), help="DiT-MF size; default: preset (per stage)")
+    a("--teacher", help="mid: teacher checkpoint PATH (ckpt-*.pt of this script)")
+    a("--teacher-solver", choices=["meanflow", "euler", "heun"], help="mid: teacher sampler; default: preset (meanflow)")
+    a("--teacher-steps", type=int_at_least(1), help="mid: teacher steps M per trajectory on a uniform t grid (one "
+      "network pass each; heun: two); default: preset (8; tiny 4)")
+    a("--pairs", type=int_at_least(1), help="mid: ordered pairs (i > j) per trajectory per step; default: preset (8)")
+    a("--traj-buffer", type=int_at_least(0), help="mid: teacher trajectories per rank solved in one batch, in whole "
+      "iterations; fewer than one iteration's: one solve per micro-step (same pairs either way) (default 128)")
+    a("--init", help="post: PATH (a checkpoint: its EMA weights) | teacher | random; sample: the checkpoint PATH to "
+      "sample, or teacher; default: random")
+    a("--resume", help="PATH | auto (= outdir/ckpt-latest.pt if present, else a fresh start in an empty --outdir); "
+      "the checkpoint must be of the same stage and recipe")
+    a("--batch", type=int_at_least(1), help="global batch (images); default: preset (256)")
+    a("--batch-gpu", type=int_at_least(1), help="per-GPU micro-batch; default: batch / world size")
+    a("--iters", type=int_at_least(1), help="training iterations; default: preset (per stage)")
+    a("--mimg", type=float, help="training length in million images (sets --iters = mimg*1e6/batch)")
+    a("--lr", type=float, help="Adam learning rate, constant; default: preset (1e-4)")
+    a("--ema", type=float, help="EMA decay per step; default: preset (0.9999)")
+    a("--seed", type=int_at_least(0), help="random seed; per-rank and per-step seeds derive from it (default 0)")
+    a("--omega", type=float, help="training CFG omega; default: preset (xl2 0.2, b4 1.0)")
+    a("--kappa", type=float, help="training CFG kappa; default: preset (xl2 0.92, b4 0.5)")
+    a("--t-start", type=float, help="CFG interval start (t units); default 0")
+    a("--t-end", type=float, help="CFG interval end (t units); default: preset (xl2 0.75, b4 1.0)")
+    a("--ratio-neq", type=float, help="fraction of rows with r != t (default 0.25)")
+    a("--label-drop", type=float, help="label dropout probability (default 0.1)")
+    a("--norm-p", type=float, help="adaptive weight power p (default 1.0)")
+    a("--norm-eps", type=float, help="adaptive weight constant c (default 0.01)")
+    a("--fid-ref", help="sample: reference .npz (mu, sigma) -> print FID via fid.py")
+    a("--vae", help="SD-VAE weights (sd-vae-ft-mse, diffusers layout; .safetensors/.bin/.pt)")
     a("--num", type=int_at_least(1), default=50000, help="sample: number of images")
     a("--sample-steps", type=step_counts(), default=[1, 2], help="sample: comma-separated step counts (1 step = 1 NFE) "
-                                                                "(default: 1,2)")
-    a("--eval-num", type=int_at_least(1), default=None, help="tiny: samples per quality-table row (default 2000)")
+      "(default: 1,2)")
+    a("--eval-num", type=int_at_least(1), help="tiny: samples per quality-table row (default 2000)")
     a("--bf16", action=argparse.BooleanOptionalAction, default=False,
       help="bfloat16 autocast for network forwards (tangents/targets/loss in fp32) (default: off: fp32)")
     a("--tf32", action=argparse.BooleanOptionalAction, default=False,
       help="TF32 matmuls and cuDNN convolutions on CUDA (default: off: fp32)")
     a("--compile", action=argparse.BooleanOptionalAction, default=False,
       help="torch.compile plain forwards (never the jvp path) (default: off)")
-    a("--ckpt-every", type=int_at_least(0), default=None, help="iterations per ckpt-latest.pt, 0 = end only (default 5000)")
-    a("--snap-every", type=int_at_least(0), default=None, help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only "
-      "(default 50000; tiny 0)")
-    a("--sample-every", type=int_at_least(0), default=None, help="iterations per samples-NNNNNNN.png grid, 0 = end only "
-      "(default 20000; tiny 0)")
-    a("--grid", type=int_at_least(0), default=None, help="images in each samples-NNNNNNN.png grid (1-NFE), 0 = none "
-      "(default 64)")
-    a("--log-every", type=int_at_least(1), default=None, help="iterations per progress line / stats.jsonl row (default 100)")
-    a("--max-nonfinite", type=int_at_least(0), default=None, help="abort after this many steps with a non-finite loss (default 100)")
+    a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt, 0 = end only (default 5000)")
+    a("--snap-every", type=int_at_least(0), help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only (default "
+      "50000; tiny 0)")
+    a("--sample-every", type=int_at_least(0), help="iterations per samples-NNNNNNN.png grid, 0 = end only (default "
+      "20000; tiny 0)")
+    a("--grid", type=int_at_least(0), help="images in each samples-NNNNNNN.png grid (1-NFE), 0 = none (default 64)")
+    a("--log-every", type=int_at_least(1), help="iterations per progress line / stats.jsonl row (default 100)")
+    a("--max-nonfinite", type=int_at_least(0), help="abort after this many steps with a non-finite loss (default 100)")
     a("--skip-nonfinite", action="store_true", help="drop a step whose loss is non-finite (default: step with "
-                                                    "nan_to_num'd gradients, as sony/cmt)")
+      "nan_to_num'd gradients, as sony/cmt)")
     return p
 
 
