@@ -1590,12 +1590,11 @@ def int_at_least(low):
     """argparse type: an integer >= low, so --batch 0 is one clear line instead of a ZeroDivisionError."""
     def parse(text):
         try:
-            value = int(text)
+            if int(text) >= low:
+                return int(text)
         except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
     return parse
 
 

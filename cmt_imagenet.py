@@ -697,6 +697,13 @@ def guided_denoiser(net, gnet=None, w=1.0):
     return lambda x, s, labels: gnet(x, s, labels).lerp(net(x, s, labels), w)
 
 
+def load_teachers(cfg, device):
+    """(--teacher, the denoiser D_g that guides it with --guide, or the teacher itself)."""
+    teacher = load_network(cfg["teacher"], cfg, "teacher").to(device)
+    gnet = load_network(cfg["guide"], cfg, "guide").to(device) if cfg["guide"] else None
+    return teacher, guided_denoiser(teacher, gnet, cfg["guidance"])
+
+
 @functools.lru_cache(maxsize=8)  # built once per device: no host->device copy in the training step
 def logsnr_grid(n=16, s_max=80.0, s_min=0.002, device="cpu", dtype=torch.float32):
     """logSNR-uniform grid s_i = s_max (s_min/s_max)^(i/n), i = 0..n (sony/cmt training/loss.py,
@@ -1037,12 +1044,10 @@ def cmt_loss(net, pairs, cfg, vgg=None, gen=None):
 
 
 class TeacherPairs:
-    """This rank's CMT pairs, micro-step by micro-step, solved in bulk: one batched DPM-Solver++ run covers the
-    trajectories of `traj_buffer` // (trajectories per iteration) iterations. Each micro-step still draws its
-    labels and noise from its own micro_seed generator, exactly as a solve of its own would, so the pairs
-    are those of the official one-at-a-time loop (to float rounding: only the teacher's batch grows), each
-    trajectory is used once, and a resumed run re-solves its chunk and continues bit-exactly. A buffer smaller
-    than one iteration's trajectories solves each micro-step alone (sony/cmt's schedule)."""
+    """This rank's CMT pairs, solved in bulk: one DPM-Solver++ run covers `traj_buffer` // (trajectories per
+    iteration) iterations. Each micro-step still draws its labels and noise from its own micro_seed generator,
+    so the pairs are the official one-at-a-time loop's (to float rounding), each trajectory is used once, and a
+    resume re-solves its chunk bit-exactly. A buffer under one iteration's solves each micro-step alone (sony/cmt)."""
 
     def __init__(self, teacher, source, cfg, device, rank, world, accum):
         self.teacher, self.source, self.cfg, self.device = teacher, source, cfg, device
@@ -1191,9 +1196,8 @@ def sample_grid(net, cfg, device, vae, path, per_class=8):
 
 
 def generate(cfg, device, rank, world, sampler, vae, tag):
-    """Stage `sample`: `--num` class-conditional images (uniform classes), this rank's share;
-    writes samples-<tag>.npz (uint8 NHWC; one file per rank if distributed) and a PNG grid, and
-    computes FID with fid.py when --fid-ref is given."""
+    """Stage `sample`: this rank's share of `--num` images of uniform classes -> samples-<tag>.npz (uint8 NHWC; one
+    file per rank if distributed) and a PNG grid, and FID with fid.py when --fid-ref is given."""
     bg = cfg["batch_gpu"]
     batches = [range(i, min(i + bg, cfg["num"])) for i in range(0, cfg["num"], bg)][rank::world]
 
@@ -1343,8 +1347,7 @@ def init_distributed():
 
 def rng_state(device):
     """This process's RNG states in weights_only-loadable form."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
+    np_state, py_state = np.random.get_state(), random.getstate()
     return dict(torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
@@ -1382,9 +1385,7 @@ def open_vae(path, device):
 
 def learning_rate(cfg, it):
     """Linear decay to 0 over the run (official: lr (1 - kimg/total)), or constant."""
-    if cfg["lr_decay"] == "linear":
-        return cfg["lr"] * (1 - it / cfg["iters"])
-    return cfg["lr"]
+    return cfg["lr"] * (1 - it / cfg["iters"]) if cfg["lr_decay"] == "linear" else cfg["lr"]
 
 
 def format_duration(seconds):
@@ -1427,11 +1428,10 @@ def load_checkpoint(ckpt, net, ema, optimizer, cfg, stage, rank, world, device):
 
 def write_checkpoint(outdir, net, ema, optimizer, it, nonfinite, cfg, stage, rank, world, device):
     """ckpt-NNNNNNN.pt and ckpt-latest.pt with every rank's RNG state (gathered: every rank must call this)."""
-    rngs = [None] * world
+    rngs = [rng_state(device)]
     if world > 1:
+        rngs = [None] * world
         torch.distributed.all_gather_object(rngs, rng_state(device))
-    else:
-        rngs = [rng_state(device)]
     if rank == 0:
         ckpt = dict(model=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), iter=it,
                     rng=rngs, data_state=dict(images_seen=it * cfg["batch"], seed=cfg["seed"], nonfinite=nonfinite),
@@ -1441,9 +1441,8 @@ def write_checkpoint(outdir, net, ema, optimizer, it, nonfinite, cfg, stage, ran
 
 
 def accumulate_gradients(ddp, micro_loss, it, accum, cfg, rank, world, device):
-    """Gradients of the mean loss over this rank's `accum` micro-batches (DDP averages over ranks; its
-    all-reduce runs on the last micro-step only); returns the summed loss on the device. Each micro-batch
-    draws from its own micro_seed generator."""
+    """Gradients of the mean loss over this rank's `accum` micro-batches, each from its own micro_seed generator (DDP
+    averages over ranks, all-reducing on the last micro-step only); returns the summed loss on the device."""
     loss_acc = torch.zeros([], device=device)
     for micro in range(accum):
         gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, micro * world + rank))
@@ -1557,12 +1556,7 @@ def train(cfg, stage):
 
     # Networks. Construction draws from the global RNG: seed it identically on every rank first.
     torch.manual_seed(cfg["seed"])
-    teacher = gnet = None
-    if stage in ("mid", "post"):
-        teacher = load_network(cfg["teacher"], cfg, "teacher").to(device)
-        if cfg["guide"]:
-            gnet = load_network(cfg["guide"], cfg, "guide").to(device)
-    teacher_fn = guided_denoiser(teacher, gnet, cfg["guidance"]) if teacher is not None else None
+    teacher, teacher_fn = load_teachers(cfg, device) if stage in ("mid", "post") else (None, None)
     # A resumed run takes every weight from its checkpoint.
     net = init_student(cfg, teacher, logvar=stage == "pretrain") if ckpt is None else build_net(cfg, logvar=stage == "pretrain")
     net = net.to(device).train().requires_grad_(True)
@@ -1638,9 +1632,7 @@ def run_sample(cfg):
         raise SystemExit("--vae: decoding latents needs the sd-vae-ft-mse weights (file or folder)")
     torch.manual_seed(cfg["seed"])
     if cfg["init"] == "teacher":
-        teacher = load_network(cfg["teacher"], cfg, "teacher").to(device)
-        gnet = load_network(cfg["guide"], cfg, "guide").to(device) if cfg["guide"] else None
-        guided = guided_denoiser(teacher, gnet, cfg["guidance"])
+        guided = load_teachers(cfg, device)[1]
         sampler = lambda z, labels, gen: heun_sampler(guided, z, labels, cfg["heun_steps"], cfg["s_max"], cfg["s_lo"])  # noqa: E731
         tag = f"heun{cfg['heun_steps']}"
         return {tag: generate(cfg, device, rank, world, sampler, vae, tag)}
@@ -1745,10 +1737,9 @@ def run_tiny(cfg_base, args):
 
 @torch.no_grad()
 def quality_table(cfg, toy, teacher, nets, walls, n=None):
-    """Flow-map error (MSE per element) vs the exact class-conditional ODE solution from the same
-    noise, and pixel FD (Frechet distance of raw pixel vectors) vs fresh toy samples, for the
-    teacher (Heun) and the 1-/2-step students; the 'data' row is FD's finite-sample floor.
-    Prints the table, writes it to --outdir/quality.txt and returns its rows."""
+    """Flow-map error (MSE per element) vs the exact class-conditional ODE solution from the same noise, and pixel
+    FD (of raw pixel vectors) vs fresh toy samples, for the teacher (Heun) and the 1-/2-step students; the 'data'
+    row is FD's finite-sample floor. Prints the table, writes quality.txt and comparison.png, returns the rows."""
     import fid
     n = n or cfg["eval_num"]
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
@@ -1814,12 +1805,11 @@ def int_at_least(low):
     """argparse type: an integer >= low, so --batch 0 is one clear line instead of a ZeroDivisionError."""
     def parse(text):
         try:
-            value = int(text)
+            if int(text) >= low:
+                return int(text)
         except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
     return parse
 
 

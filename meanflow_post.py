@@ -84,7 +84,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------- config
-
 SCRIPT = "meanflow_post.py"  # recorded in every checkpoint: --init/--teacher/--resume refuse other scripts' files
 # Config fields a resumed run may change (length, cadences, what sample and the tiny table compute, speed
 # switches, the per-process split of the batch); every other field defines the run and must match the checkpoint's.
@@ -141,8 +140,6 @@ PRESETS = {
 }
 
 # ----------------------------------------------------------------------------- data
-
-
 def toy_mixture(num_classes=8, channels=4, res=8):
     """Built-in toy data: one isotropic Gaussian N(mu_k, s_k^2 I) per class, smooth patterned means."""
     g = np.random.RandomState(0)  # fixed: the toy data set is part of the program
@@ -215,8 +212,6 @@ class LatentShards:
 # The SD-VAE, its safetensors reader and its latent conventions: see the appendix at the end of this file.
 
 # ----------------------------------------------------------------------------- network
-
-
 def timestep_embedding(t, dim=256, max_period=10000):
     """DiT/GLIDE sinusoidal embedding [cos, sin] of raw values (MeanFlow feeds t and h = t - r in [0, 1])."""
     half = dim // 2
@@ -381,8 +376,6 @@ def average_velocity(net, z, r, t, y):
 
 
 # ----------------------------------------------------------------------------- teacher and solver
-
-
 def load_ema_net(path, flag):
     """A network (architecture from the checkpoint's config) holding the checkpoint's EMA weights."""
     ckpt = read_checkpoint(path, flag)
@@ -435,8 +428,6 @@ def teacher_trajectory(teacher, e, y, steps, solver):
 
 
 # ----------------------------------------------------------------------------- losses
-
-
 def sample_t_r(n, p_mean, p_std, ratio_neq, gen, device):
     """MeanFlow (t, r): two i.i.d. sigmoid(N(p_mean, p_std)) draws, t = max, r = min; then the first
     int(n (1 - ratio_neq)) rows of the batch get r = t (official `data_proportion` = 0.75 per device batch)."""
@@ -525,8 +516,6 @@ def cmt_mf_loss(net, z, r, t, y, u_tgt):
 
 
 # ----------------------------------------------------------------------------- sampling
-
-
 @torch.no_grad()
 def sample_fewstep(net, e, y, steps):
     """MeanFlow few-step sampler on the uniform grid: z_r = z_t - (t - r) u(z_t, r, t); 1 NFE: x = e - u(e, 0, 1)."""
@@ -659,8 +648,6 @@ def check_outdir(cfg):
 
 
 # ----------------------------------------------------------------------------- training loop
-
-
 def micro_seed(seed, it, slot):
     """Seed of one micro-batch: a function of (seed, iteration, global slot) only, so resume is exact and
     the data and noise of a step do not depend on how it is split over ranks and accumulation."""
@@ -683,15 +670,13 @@ def allreduce_grads(params, extra, world, bucket_numel=25_000_000):
     """Average gradients over ranks in flat buckets (the jvp runs on the unwrapped module, so DDP cannot
     do this). `extra` (the summed loss) rides along in the first bucket: every rank then sees the same
     loss and takes the same skip decision."""
-    grads = [p.grad for p in params]
-    buckets, cur, size = [], [extra.view(1)], 1
-    for g in grads:
-        if size + g.numel() > bucket_numel and len(cur) > 0:
-            buckets.append(cur)
-            cur, size = [], 0
-        cur.append(g)
+    buckets, size = [[extra.view(1)]], 1
+    for g in (p.grad for p in params):
+        if size + g.numel() > bucket_numel:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(g)
         size += g.numel()
-    buckets.append(cur)
     for bucket in buckets:
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat)
@@ -1043,8 +1028,6 @@ def format_duration(seconds):
 
 
 # ----------------------------------------------------------------------------- evaluation and stages
-
-
 @torch.no_grad()
 def eval_batch(cfg, num):
     """The evaluation's fixed noise e, labels taking the classes in turn, and the exact class-conditional flow
@@ -1195,7 +1178,7 @@ def run_sample(cfg, outdir, rank, world, device):
             gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], 0, start))
             e = torch.randn((n, ncfg["channels"], ncfg["res"], ncfg["res"]), generator=gen, device=device)
             y = torch.randint(0, ncfg["num_classes"], (n,), generator=gen, device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.get("bf16"))):
+            with bf16_autocast(cfg, device):
                 x = sample_fewstep(net, e, y, steps)
             starts.append(start)
             chunks.append(latents_to_uint8(x.float(), vae))
@@ -1304,8 +1287,6 @@ def run_encode(cfg, outdir, rank, world, device):
 
 
 # ----------------------------------------------------------------------------- entry point
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends '(default: X)' only where the help text does not already state the default."""
 
@@ -1319,12 +1300,11 @@ def int_at_least(low):
     """argparse type: an integer >= low, so --batch 0 is one clear line instead of a ZeroDivisionError."""
     def parse(text):
         try:
-            value = int(text)
+            if int(text) >= low:
+                return int(text)
         except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
     return parse
 
 
