@@ -160,8 +160,8 @@ def resolve_config(args):
         raise SystemExit(f"--data: preset {args.preset!r} needs a dataset (zip or folder of PNGs)")
     return cfg
 
-# ----------------------------------------------------------------------------- data
 
+# ----------------------------------------------------------------------------- data
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CACHE_DIR = Path(os.environ.get("CMT_CACHE", Path.home() / ".cache" / "cmt"))
@@ -572,8 +572,6 @@ def build_net(cfg, kind, label_dim=0, augment_dim=0, dropout=None):
 # Official EDM/EDM2 .pkl loading, downloads and copy_by_name: see the appendix at the end of this file.
 
 # ----------------------------------------------------------------------------- teacher and solver
-
-
 def logsnr_grid(n=TEACHER_STEPS, s_max=T_MAX, s_min=CMT_SIGMA_MIN, dtype=torch.float64):
     """s_i = s_max (s_min/s_max)^(i/n): uniform in lambda = -ln s (sony/cmt training/dpm_solver.py,
     DPM_Solver.get_time_steps 'logSNR'); 17 values for n = 16."""
@@ -646,8 +644,6 @@ def teacher_denoiser(teacher, labels=None):
     return lambda x, s: teacher(x, torch.full((x.shape[0],), s, device=x.device), labels, train=False).to(x.dtype)
 
 # ----------------------------------------------------------------------------- losses
-
-
 def edm_loss(net, y, labels, P_mean=-1.2, P_std=1.2):
     """EDM pre-training loss per sample: lambda(s) |D(y + s n, s) - y|^2, ln s ~ N(P_mean, P_std^2)."""
     sigma = (torch.randn(y.shape[0], 1, 1, 1, device=y.device) * P_std + P_mean).exp()
@@ -791,8 +787,6 @@ def ect_loss(net, y, labels, q, stage, c=0.0, P_mean=-1.1, P_std=2.0):
     return dist / (t - r).flatten()
 
 # ----------------------------------------------------------------------------- sampling
-
-
 @torch.no_grad()
 def sample_fewstep(net, z, steps=1, mid_t=MID_T["post"], labels=None, generator=None):
     """Student sampling in eval mode, float64 outside the net: x = f(80 z, 80) [, f(x + mid_t z', mid_t)]."""
@@ -830,8 +824,6 @@ def save_samples(images_u8, path_stem, side=8):
     Image.fromarray(canvas).resize((cols * max(w, 32), rows * max(h, 32)), Image.NEAREST).save(str(path_stem) + ".png")
 
 # ----------------------------------------------------------------------------- checkpoints and teachers
-
-
 def rng_state():
     """Torch (CPU and CUDA), numpy and python RNG states in a weights_only-loadable form."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -931,12 +923,10 @@ def init_weights(net, cfg, teacher):
 
 # >>> pasted: run-folders
 # ----------------------------------------------------------------------------- run folders
-# An output folder belongs to one run. A training stage starts in a new or empty --outdir, or continues
-# with --resume the run whose checkpoint it names; nothing is written before every check has passed.
-# A checkpoint records its script, stage and config, and resumes only a run whose config differs in
-# RESUME_MAY_CHANGE fields alone. A user's mistake raises SystemExit(message): the entry point prints
-# it as one line and exits with code 2, without a traceback. This section is the same in all three
-# scripts, pasted in place: test_cmt.py keeps the copies identical, so edit them alike.
+# An output folder belongs to one run: a training stage starts in a new or empty --outdir, or continues with
+# --resume the run whose checkpoint it names (its script, stage and config, differing in RESUME_MAY_CHANGE fields
+# alone), and writes nothing before every check has passed. A user's mistake raises SystemExit(message), which the
+# entry point prints as one line (exit code 2). Pasted in all three scripts: test_cmt.py keeps the copies identical.
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1024,8 +1014,6 @@ def check_outdir(cfg):
 # <<< pasted: run-folders
 
 # ----------------------------------------------------------------------------- training loop
-
-
 def init_distributed():
     """torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK): nccl on CUDA, gloo on CPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -1366,8 +1354,6 @@ def train(cfg):
     return net, ema
 
 # ----------------------------------------------------------------------------- evaluation
-
-
 def generate(net, n, cfg, label_dim, device, seed, steps):
     """n images in [-1, 1] (float64) from seed: Heun (35 NFE) for an EDM net, 1/2-step for a student."""
     g = torch.Generator().manual_seed(seed)
@@ -1544,8 +1530,6 @@ def run_tiny(args):
     return table
 
 # ----------------------------------------------------------------------------- sampling stage
-
-
 def run_sample(cfg):
     """--stage sample: --init PATH (checkpoint of any stage) or --init teacher -> PNG grid, .npz, FID."""
     rank, world, device = init_distributed()
@@ -1584,8 +1568,6 @@ def run_sample(cfg):
                 print(f"FID ({tag}, {cfg['fid_num']} images): {fid:.3f}")
 
 # ----------------------------------------------------------------------------- entry point
-
-
 def int_at_least(low):
     """argparse type: an integer >= low, so --batch 0 is one clear line instead of a ZeroDivisionError."""
     def parse(text):

@@ -554,12 +554,10 @@ def latents_to_uint8(x, vae):
 
 # >>> pasted: run-folders
 # ----------------------------------------------------------------------------- run folders
-# An output folder belongs to one run. A training stage starts in a new or empty --outdir, or continues
-# with --resume the run whose checkpoint it names; nothing is written before every check has passed.
-# A checkpoint records its script, stage and config, and resumes only a run whose config differs in
-# RESUME_MAY_CHANGE fields alone. A user's mistake raises SystemExit(message): the entry point prints
-# it as one line and exits with code 2, without a traceback. This section is the same in all three
-# scripts, pasted in place: test_cmt.py keeps the copies identical, so edit them alike.
+# An output folder belongs to one run: a training stage starts in a new or empty --outdir, or continues with
+# --resume the run whose checkpoint it names (its script, stage and config, differing in RESUME_MAY_CHANGE fields
+# alone), and writes nothing before every check has passed. A user's mistake raises SystemExit(message), which the
+# entry point prints as one line (exit code 2). Pasted in all three scripts: test_cmt.py keeps the copies identical.
 
 
 class ArgumentParser(argparse.ArgumentParser):
