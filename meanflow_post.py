@@ -56,7 +56,8 @@ unwrapped module and the gradients (and the loss, for the non-finite guard) are 
 the last micro-step, as DDP's no_sync + final reduction would. --compile compiles plain forwards only; the
 JVP path stays eager. --bf16 autocasts the network forwards (the jvp's primal and tangent alike); the tangent
 inputs, u, du/dt, the target and the loss reductions stay float32. Outputs and run folders: see README.md;
-ckpt-latest.pt comes every --ckpt-every, kept ckpt-NNNNNNN.pt snapshots every --snap-every.
+ckpt-latest.pt comes every --ckpt-every, kept ckpt-NNNNNNN.pt snapshots every --snap-every; sample, encode and
+the tiny pipeline also refuse a folder holding an earlier run (encode and the pipeline continue with --resume auto).
 Details taken from the official MeanFlow code (Gsunshine/meanflow): r = t on exactly the first 75% of each
 per-device batch; the dropped labels are the first k ~ Binomial(B, 0.1) rows; the CFG forwards use the
 undropped labels; the per-sample loss sums over latent elements. Our choices where the papers are silent:
