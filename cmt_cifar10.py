@@ -160,8 +160,8 @@ def resolve_config(args):
         raise SystemExit(f"--data: preset {args.preset!r} needs a dataset (zip or folder of PNGs)")
     return cfg
 
-# ----------------------------------------------------------------------------- data
 
+# ----------------------------------------------------------------------------- data
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CACHE_DIR = Path(os.environ.get("CMT_CACHE", Path.home() / ".cache" / "cmt"))
@@ -572,8 +572,6 @@ def build_net(cfg, kind, label_dim=0, augment_dim=0, dropout=None):
 # Official EDM/EDM2 .pkl loading, downloads and copy_by_name: see the appendix at the end of this file.
 
 # ----------------------------------------------------------------------------- teacher and solver
-
-
 def logsnr_grid(n=TEACHER_STEPS, s_max=T_MAX, s_min=CMT_SIGMA_MIN, dtype=torch.float64):
     """s_i = s_max (s_min/s_max)^(i/n): uniform in lambda = -ln s (sony/cmt training/dpm_solver.py,
     DPM_Solver.get_time_steps 'logSNR'); 17 values for n = 16."""
@@ -646,8 +644,6 @@ def teacher_denoiser(teacher, labels=None):
     return lambda x, s: teacher(x, torch.full((x.shape[0],), s, device=x.device), labels, train=False).to(x.dtype)
 
 # ----------------------------------------------------------------------------- losses
-
-
 def edm_loss(net, y, labels, P_mean=-1.2, P_std=1.2):
     """EDM pre-training loss per sample: lambda(s) |D(y + s n, s) - y|^2, ln s ~ N(P_mean, P_std^2)."""
     sigma = (torch.randn(y.shape[0], 1, 1, 1, device=y.device) * P_std + P_mean).exp()
@@ -791,8 +787,6 @@ def ect_loss(net, y, labels, q, stage, c=0.0, P_mean=-1.1, P_std=2.0):
     return dist / (t - r).flatten()
 
 # ----------------------------------------------------------------------------- sampling
-
-
 @torch.no_grad()
 def sample_fewstep(net, z, steps=1, mid_t=MID_T["post"], labels=None, generator=None):
     """Student sampling in eval mode, float64 outside the net: x = f(80 z, 80) [, f(x + mid_t z', mid_t)]."""
@@ -830,8 +824,6 @@ def save_samples(images_u8, path_stem, side=8):
     Image.fromarray(canvas).resize((cols * max(w, 32), rows * max(h, 32)), Image.NEAREST).save(str(path_stem) + ".png")
 
 # ----------------------------------------------------------------------------- checkpoints and teachers
-
-
 def rng_state():
     """Torch (CPU and CUDA), numpy and python RNG states in a weights_only-loadable form."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -931,12 +923,10 @@ def init_weights(net, cfg, teacher):
 
 # >>> pasted: run-folders
 # ----------------------------------------------------------------------------- run folders
-# An output folder belongs to one run. A training stage starts in a new or empty --outdir, or continues
-# with --resume the run whose checkpoint it names; nothing is written before every check has passed.
-# A checkpoint records its script, stage and config, and resumes only a run whose config differs in
-# RESUME_MAY_CHANGE fields alone. A user's mistake raises SystemExit(message): the entry point prints
-# it as one line and exits with code 2, without a traceback. This section is the same in all three
-# scripts, pasted in place: test_cmt.py keeps the copies identical, so edit them alike.
+# An output folder belongs to one run: a training stage starts in a new or empty --outdir, or continues with
+# --resume the run whose checkpoint it names (its script, stage and config, differing in RESUME_MAY_CHANGE fields
+# alone), and writes nothing before every check has passed. A user's mistake raises SystemExit(message), which the
+# entry point prints as one line (exit code 2). Pasted in all three scripts: test_cmt.py keeps the copies identical.
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1024,8 +1014,6 @@ def check_outdir(cfg):
 # <<< pasted: run-folders
 
 # ----------------------------------------------------------------------------- training loop
-
-
 def init_distributed():
     """torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK): nccl on CUDA, gloo on CPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -1366,8 +1354,6 @@ def train(cfg):
     return net, ema
 
 # ----------------------------------------------------------------------------- evaluation
-
-
 def generate(net, n, cfg, label_dim, device, seed, steps):
     """n images in [-1, 1] (float64) from seed: Heun (35 NFE) for an EDM net, 1/2-step for a student."""
     g = torch.Generator().manual_seed(seed)
@@ -1544,8 +1530,6 @@ def run_tiny(args):
     return table
 
 # ----------------------------------------------------------------------------- sampling stage
-
-
 def run_sample(cfg):
     """--stage sample: --init PATH (checkpoint of any stage) or --init teacher -> PNG grid, .npz, FID."""
     rank, world, device = init_distributed()
@@ -1584,18 +1568,15 @@ def run_sample(cfg):
                 print(f"FID ({tag}, {cfg['fid_num']} images): {fid:.3f}")
 
 # ----------------------------------------------------------------------------- entry point
-
-
 def int_at_least(low):
     """argparse type: an integer >= low, so --batch 0 is one clear line instead of a ZeroDivisionError."""
     def parse(text):
         try:
-            value = int(text)
+            if int(text) >= low:
+                return int(text)
         except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
     return parse
 
 
@@ -1839,14 +1820,11 @@ def _pkl_flatten(obj, prefix, out, where):
 
 
 def load_official_pkl(path, key="ema", cache_dir=None, sha256=None, md5=None):
-    """Load an official EDM/EDM2 network pickle without running its code.
-
-    path: a local file or an http(s)/file URL (downloaded once into cache_dir, default
-    $CMT_CACHE or ~/.cache/cmt, verified against sha256/md5 when given).
-    Returns (state_dict, init_kwargs, class_name): the tensors of data[key] under the names and in
-    the order module.state_dict() gives, floating tensors as float32; the constructor kwargs the
-    object was built with (EDM/EDM2 record them in `_init_kwargs`); its class name, e.g. 'EDMPrecond'.
-    """
+    """An official EDM/EDM2 network pickle, loaded without running its code. path: a file or an http(s)/file URL
+    (downloaded once into cache_dir, default $CMT_CACHE or ~/.cache/cmt, checked against sha256/md5 if given).
+    Returns (state_dict, init_kwargs, class_name) of data[key]: its tensors named and ordered as
+    module.state_dict() would, floats as float32; the constructor kwargs recorded in `_init_kwargs`; its class
+    name, e.g. 'EDMPrecond'."""
     if urllib.parse.urlparse(str(path)).scheme in ("http", "https", "file"):
         cache_dir = cache_dir or os.environ.get("CMT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cmt")
         path = download(path, cache_dir, sha256=sha256, md5=md5)
@@ -1861,10 +1839,9 @@ def load_official_pkl(path, key="ema", cache_dir=None, sha256=None, md5=None):
 
 
 def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
-    """Fetch url into dest_dir/<file name> and return that path. The bytes go to a temp file that
-    replaces the target only after the hash check; a copy already there that passes is reused.
-    `flag` is the CLI flag the offline error points to (e.g. "--data" for a dataset).
-    Multi-process runs: call it on rank 0 first, then barrier, then everywhere."""
+    """Fetch url into dest_dir/<file name> and return that path. The bytes go to a temp file that replaces the
+    target only after the hash check; a copy already there that passes is reused. `flag`: the CLI flag the
+    offline error names. Multi-process runs: call it on rank 0 first, then barrier, then everywhere."""
     name = urllib.parse.unquote(os.path.basename(urllib.parse.urlparse(url).path))
     if not name:
         raise ValueError(f"cannot derive a file name from the URL {url}")
@@ -1894,7 +1871,8 @@ def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
             raise ValueError(f"hash mismatch for {url} ({'; '.join(bad)}); the download was deleted")
         os.replace(tmp, path)
     finally:
-        _pkl_remove(tmp)  # a no-op after os.replace; otherwise no partial file is left behind
+        if os.path.exists(tmp):  # no partial file is left behind
+            os.remove(tmp)
     return path
 
 
@@ -1904,13 +1882,6 @@ def _pkl_file_hash(path, algo):
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _pkl_remove(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def _pkl_plain(v):
@@ -1930,15 +1901,11 @@ class _PklAbsent:
 
 
 def check_init_kwargs(init_kwargs, expected, source, defaults=None):
-    """Raise if an official pickle's constructor kwargs differ from ours on any key of `expected`.
-
-    EDM/EDM2 record only the kwargs their train.py passed, flat: EDMPrecond has model_type,
-    model_channels, channel_mult, augment_dim, dropout, img_resolution, ... (all of SongUNet's kwargs
-    that were set, passed through **model_kwargs); EDM2 Precond has img_resolution, img_channels,
-    label_dim, use_fp16, model_channels, dropout. A key that was not recorded took the official
-    constructor default: pass those defaults in `defaults` to check such keys too. Leave training-only
-    kwargs (dropout, use_fp16) out of `expected`: the student may differ there on purpose.
-    """
+    """Raise if an official pickle's constructor kwargs differ from ours on any key of `expected`. EDM/EDM2
+    record only the kwargs their train.py passed (EDMPrecond: model_type, model_channels, channel_mult, ... as
+    set; EDM2 Precond: img_resolution, img_channels, label_dim, use_fp16, model_channels, dropout); a key not
+    recorded took the official constructor default, which `defaults` supplies. Leave training-only kwargs
+    (dropout, use_fp16) out of `expected`: the student may differ there on purpose."""
     defaults = defaults or {}
     diffs = []
     for k, want in expected.items():

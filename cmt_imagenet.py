@@ -37,25 +37,16 @@ Usage (every output goes under --outdir; one process or `torchrun --nproc_per_no
   torchrun --nproc_per_node=8 cmt_imagenet.py --stage post --preset img64-s --outdir runs/post64 \\
       --init runs/mid64/ckpt-latest.pt --data img64
 
-Outputs in --outdir: config.json (the resolved config), stats.jsonl (one JSON line per --log-every),
-ckpt-latest.pt and ckpt-NNNNNNN.pt (a dict {model, ema, optimizer, iter, rng, data_state, config,
-stage, script}, written atomically, read with torch.load(weights_only=True)), samples-NNNNNNN.png
-grids (one row per class: 1-step left, 2-step right), samples-*.npz (uint8 NHWC) for fid.py, and for
---preset tiny the subfolders pretrain/ mid/ post/ plus quality.txt. A folder holds one run: a stage
-starts in a new or empty --outdir, or continues its own run with --resume auto, which refuses a
-checkpoint of another stage or recipe and names the fields that differ.
+Stages: `pretrain` (EDM2 loss with the logvar head: the tiny demo's teacher), `mid`, `post`, `sample`, `encode`
+(ImageNet folder -> EDM2 latent dataset of [mean, std] .npy files, or 64x64 PNGs for the pixel presets). Outputs
+and run folders: see README.md; sample grids hold one row per class, 1-step left, 2-step right. VAE weights:
+`diffusion_pytorch_model.safetensors` of stabilityai/sd-vae-ft-mse (--vae, file or folder). Speed per step at
+real size: experiments/bench_imagenet.py.
 
-Stages: `pretrain` (EDM2 denoising loss with the logvar head; used by the tiny demo to make its
-teacher), `mid`, `post`, `sample`, `encode` (ImageNet folder -> EDM2 latent dataset of [mean, std]
-.npy files, or 64x64 PNGs for the pixel presets). Speed per step at real size:
-experiments/bench_imagenet.py. VAE weights: `diffusion_pytorch_model.safetensors` of
-stabilityai/sd-vae-ft-mse, passed with --vae (file or folder).
-
-Notes where this file follows the official code (sony/cmt imagenet512/) rather than the family
-defaults: the student uses plain EDM2 preconditioning (no s_min shift: s_min = 0, `--s-min` to
-change), the gradients pass through nan_to_num(nan=0, posinf=0, neginf=0), mid-training
-uses Adam betas (0.9, 0.999), the guiding network runs as its pickle says (float16 on CUDA) while the
-teacher is float32, and `--ect-double` counts ticks of 6.4 kimg.
+Where this file follows the official code (sony/cmt imagenet512/) rather than the family defaults: the student
+uses plain EDM2 preconditioning (s_min = 0; `--s-min` to change), gradients pass through nan_to_num(nan=0,
+posinf=0, neginf=0), mid-training uses Adam betas (0.9, 0.999), the guiding network runs as its pickle says
+(float16 on CUDA) while the teacher is float32, and `--ect-double` counts ticks of 6.4 kimg.
 """
 
 import argparse
@@ -183,10 +174,8 @@ def resolve_config(args):
 
 # ----------------------------------------------------------------------------- data
 class ToyMixture:
-    """Class-conditional Gaussian mixture in image space: class k ~ N(mu_k, s_k^2 I).
-
-    mu_k are smooth coloured cosine patterns; the conditional denoiser and the PF-ODE flow of each
-    class are closed-form, so the tiny demo can measure flow-map errors exactly."""
+    """Class-conditional Gaussian mixture in image space, class k ~ N(mu_k, s_k^2 I) with smooth coloured cosine
+    means: the denoiser and the PF-ODE flow of each class are closed-form, so the tiny demo measures exact errors."""
 
     def __init__(self, num_classes=6, res=8, channels=3):
         i, j = torch.meshgrid(torch.arange(res, dtype=torch.float64), torch.arange(res, dtype=torch.float64),
@@ -197,8 +186,7 @@ class ToyMixture:
             chans = [0.6 * torch.cos(2 * math.pi * (fi * i + fj * j) / res + 2.1 * c + 0.9 * k) for c in range(channels)]
             means.append(torch.stack(chans))
             stds.append(0.08 + 0.04 * (k % 3))
-        self.mu = torch.stack(means)  # [K, C, H, W] float64
-        self.std = torch.tensor(stds, dtype=torch.float64)  # [K]
+        self.mu, self.std = torch.stack(means), torch.tensor(stds, dtype=torch.float64)  # [K, C, H, W], [K] float64
         self.num_classes = num_classes
 
     def sample(self, n, generator=None, device="cpu", labels=None):
@@ -228,8 +216,8 @@ class ToyMixture:
         """Exact PF-ODE map of class `labels` from noise level s_from to s_to: for a Gaussian the
         PF-ODE (EDM Eq. 1) keeps x - mu proportional to sqrt(s^2 + s_k^2)."""
         m, v = self.mu.to(x.device)[labels], (self.std.to(x.device)[labels] ** 2).reshape(-1, 1, 1, 1)
-        s_from = torch.as_tensor(s_from, dtype=torch.float64, device=x.device).reshape(-1, 1, 1, 1)
-        s_to = torch.as_tensor(s_to, dtype=torch.float64, device=x.device).reshape(-1, 1, 1, 1)
+        s_from, s_to = (torch.as_tensor(s, dtype=torch.float64, device=x.device).reshape(-1, 1, 1, 1)
+                        for s in (s_from, s_to))
         return (m + (x.to(torch.float64) - m) * torch.sqrt((v + s_to ** 2) / (v + s_from ** 2))).to(x.dtype)
 
 
@@ -288,8 +276,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 raise SystemExit(f"--data: {name} in {path} has shape {got}, expected {want} ({what})")
         self._zip = None
 
-    def _shape(self, name):
-        """(C, H, W) from a file's header; pixel images count as RGB, as __getitem__ converts them."""
+    def _shape(self, name):  # (C, H, W) from a file's header; pixel images count as RGB, as __getitem__ converts them
         try:
             if self.latent:
                 f = io.BytesIO(self._read(name, 4096))
@@ -303,8 +290,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise SystemExit(f"--data: {name} in {self.path} is not a readable "
                              f"{'.npy array' if self.latent else 'PNG'} ({' '.join(str(e).split())[:100]})") from None
 
-    def _read(self, name, size=-1):
-        """The file's bytes (its first `size` bytes: enough for a header)."""
+    def _read(self, name, size=-1):  # the file's bytes (its first `size` bytes: enough for a header)
         if os.path.isdir(self.path):
             with open(os.path.join(self.path, name), "rb") as f:
                 return f.read(size)
@@ -343,10 +329,9 @@ def micro_seed(seed, it, slot, stream=0):
 
 
 class BatchSource:
-    """Training inputs of one micro-batch: (y [bg, C, H, W] or None, labels [bg]).
-
-    data-free (mid): labels uniform over the classes, y = 0 (x_T = 80 eps); toy: mixture samples;
-    dataset: rows it*batch + slot*bg + j of an epoch-wise permutation (no sampler state to save)."""
+    """Training inputs of one micro-batch, (y [bg, C, H, W] or None, labels [bg]): data-free (mid) uniform labels
+    and no y; toy: mixture samples; dataset: rows it*batch + slot*bg + j of an epoch-wise permutation (no sampler
+    state to save)."""
 
     def __init__(self, cfg, kind, device, rank, world, accum, start_iter, toy=None):
         self.cfg, self.kind, self.device, self.toy = cfg, kind, device, toy
@@ -453,11 +438,9 @@ class MPFourier(nn.Module):
 
 
 class MPConv(nn.Module):
-    """Magnitude-preserving conv / linear (EDM2 Eq. 47) with forced weight normalisation (Eq. 66).
-
-    In train mode the stored weight is overwritten by its normalised self before use, so Adam's
-    steps always start from unit-norm rows. `force_wn = False` (see `no_forced_wn`) skips that
-    write, e.g. for the second, no-grad student call of ECT/ECD (official sony/cmt loss.py)."""
+    """Magnitude-preserving conv / linear (EDM2 Eq. 47) with forced weight normalisation (Eq. 66): in train mode
+    the stored weight is overwritten by its normalised self before use, so Adam's steps start from unit-norm rows.
+    `no_forced_wn` skips that write for the second, no-grad student call of ECT/ECD (official sony/cmt loss.py)."""
 
     def __init__(self, in_channels, out_channels, kernel):
         super().__init__()
@@ -470,11 +453,8 @@ class MPConv(nn.Module):
         if self.training and self.force_wn:
             with torch.no_grad():
                 self.weight.copy_(normalize(w))
-        w = normalize(w) * (gain / math.sqrt(w[0].numel()))
-        w = w.to(x.dtype)
-        if w.ndim == 2:
-            return x @ w.t()
-        return F.conv2d(x, w, padding=w.shape[-1] // 2)
+        w = (normalize(w) * (gain / math.sqrt(w[0].numel()))).to(x.dtype)
+        return x @ w.t() if w.ndim == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
 
 
 @contextlib.contextmanager
@@ -613,12 +593,10 @@ def ecm_precond(sigma, sigma_data=0.5, s_min=0.0, train=True):
 
 
 class Precond(nn.Module):
-    """EDM2 Precond: D(x, s | c) = c_skip x + c_out F(c_in x, ln(s)/4, onehot(c)).
-
-    `logvar=True` adds EDM2's uncertainty head (logvar_fourier, logvar_linear), used only by the
-    pre-training loss; official teachers carry it, CMT students drop it. `eval_mode=True` selects
-    ECM's eval-mode coefficients (only differs when s_min > 0). `use_fp16` runs the U-Net in float16 on
-    CUDA, as EDM2's Precond does when its pickle says so; only an official guiding network sets it."""
+    """EDM2 Precond: D(x, s | c) = c_skip x + c_out F(c_in x, ln(s)/4, onehot(c)). `logvar` adds EDM2's uncertainty
+    head, used only by the pre-training loss (official teachers carry it, CMT students drop it); `eval_mode`
+    selects ECM's eval-mode coefficients (s_min > 0 only); `use_fp16` runs the U-Net in float16 on CUDA, as
+    EDM2's Precond does when its pickle says so (only an official guiding network sets it)."""
 
     def __init__(self, img_resolution, img_channels, label_dim, sigma_data=0.5, s_min=0.0, logvar=False,
                  logvar_channels=128, **unet_kwargs):
@@ -659,15 +637,6 @@ def build_net(cfg, logvar=False, s_min=None):
 # The SD-VAE, its safetensors reader and its latent conventions: see the appendix at the end of this file.
 
 # ----------------------------------------------------------------------------- teacher and solver
-def edm2_arch_kwargs(cfg):
-    """What an official EDM2 pickle must record (or default to) to fit this config."""
-    expected = dict(img_resolution=cfg["res"], img_channels=cfg["img_channels"], label_dim=cfg["label_dim"],
-                    model_channels=cfg["model_channels"], channel_mult=cfg["channel_mult"],
-                    num_blocks=cfg["num_blocks"], attn_resolutions=cfg["attn_res"])
-    defaults = dict(channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8])
-    return expected, defaults
-
-
 def load_network(spec, cfg, what):
     """A frozen denoiser from an official .pkl (path or URL), one of our .pt checkpoints (its EMA),
     or `analytic` (the toy's closed-form denoiser). Returns an eval-mode module."""
@@ -683,20 +652,23 @@ def load_network(spec, cfg, what):
         state, init_kwargs, class_name = read_official_pkl(spec, f"--{what}")
         if class_name != "Precond":
             raise SystemExit(f"--{what}: {spec} holds a {class_name}, expected an EDM2 Precond")
-        expected, defaults = edm2_arch_kwargs(cfg)
-        if what == "guide":  # an autoguidance net is smaller (or unconditional): take its own size
-            for key in ("model_channels", "label_dim"):
-                expected[key] = init_kwargs.get(key, expected[key])
+        # What the pickle must record (or default to) to fit this config; an autoguidance net is smaller (or
+        # unconditional): it keeps its own size.
+        expected = dict(img_resolution=cfg["res"], img_channels=cfg["img_channels"], label_dim=cfg["label_dim"],
+                        model_channels=cfg["model_channels"], channel_mult=cfg["channel_mult"],
+                        num_blocks=cfg["num_blocks"], attn_resolutions=cfg["attn_res"])
+        if what == "guide":
+            expected.update({k: init_kwargs.get(k, expected[k]) for k in ("model_channels", "label_dim")})
         try:
-            check_init_kwargs(init_kwargs, expected, spec, defaults)
+            check_init_kwargs(init_kwargs, expected, spec, dict(channel_mult=[1, 2, 3, 4], num_blocks=3,
+                                                                attn_resolutions=[16, 8]))
         except ValueError as e:
             raise SystemExit(f"--{what} {spec}: {' '.join(str(e).split())}") from None
         cfg = dict(cfg, model_channels=expected["model_channels"], label_dim=expected["label_dim"])
     net = build_net(cfg, logvar=any(k.startswith("logvar_") for k in state), s_min=0.0)
     copy_into(state, net, f"--{what} {spec}", ignore=())
-    if what == "guide":
-        # sony/cmt imagenet512/training/cd_guid_training_loop_512.py unpickles the guide unchanged
-        # (pickle.load(f)['ema']), so it runs in float16 on CUDA when its use_fp16 says so; the teacher is rebuilt in float32 (--fp16=0).
+    if what == "guide":  # sony/cmt imagenet512/training/cd_guid_training_loop_512.py unpickles the guide unchanged
+        # (pickle.load(f)['ema']): float16 on CUDA when its use_fp16 says so; the teacher is rebuilt in float32.
         official = not spec.endswith(".pt") and bool(init_kwargs.get("use_fp16", False))
         net.use_fp16 = official if cfg["guide_fp16"] is None else cfg["guide_fp16"]
     return net.eval().requires_grad_(False)
@@ -723,6 +695,13 @@ def guided_denoiser(net, gnet=None, w=1.0):
     if gnet is None or w == 1:
         return net
     return lambda x, s, labels: gnet(x, s, labels).lerp(net(x, s, labels), w)
+
+
+def load_teachers(cfg, device):
+    """(--teacher, the denoiser D_g that guides it with --guide, or the teacher itself)."""
+    teacher = load_network(cfg["teacher"], cfg, "teacher").to(device)
+    gnet = load_network(cfg["guide"], cfg, "guide").to(device) if cfg["guide"] else None
+    return teacher, guided_denoiser(teacher, gnet, cfg["guidance"])
 
 
 @functools.lru_cache(maxsize=8)  # built once per device: no host->device copy in the training step
@@ -1065,12 +1044,10 @@ def cmt_loss(net, pairs, cfg, vgg=None, gen=None):
 
 
 class TeacherPairs:
-    """This rank's CMT pairs, micro-step by micro-step, solved in bulk: one batched DPM-Solver++ run covers the
-    trajectories of `traj_buffer` // (trajectories per iteration) iterations. Each micro-step still draws its
-    labels and noise from its own micro_seed generator, exactly as a solve of its own would, so the pairs
-    are those of the official one-at-a-time loop (to float rounding: only the teacher's batch grows), each
-    trajectory is used once, and a resumed run re-solves its chunk and continues bit-exactly. A buffer smaller
-    than one iteration's trajectories solves each micro-step alone (sony/cmt's schedule)."""
+    """This rank's CMT pairs, solved in bulk: one DPM-Solver++ run covers `traj_buffer` // (trajectories per
+    iteration) iterations. Each micro-step still draws its labels and noise from its own micro_seed generator,
+    so the pairs are the official one-at-a-time loop's (to float rounding), each trajectory is used once, and a
+    resume re-solves its chunk bit-exactly. A buffer under one iteration's solves each micro-step alone (sony/cmt)."""
 
     def __init__(self, teacher, source, cfg, device, rank, world, accum):
         self.teacher, self.source, self.cfg, self.device = teacher, source, cfg, device
@@ -1219,23 +1196,19 @@ def sample_grid(net, cfg, device, vae, path, per_class=8):
 
 
 def generate(cfg, device, rank, world, sampler, vae, tag):
-    """Stage `sample`: `--num` class-conditional images (uniform classes), this rank's share;
-    writes samples-<tag>.npz (uint8 NHWC; one file per rank if distributed) and a PNG grid, and
-    computes FID with fid.py when --fid-ref is given."""
+    """Stage `sample`: this rank's share of `--num` images of uniform classes -> samples-<tag>.npz (uint8 NHWC; one
+    file per rank if distributed) and a PNG grid, and FID with fid.py when --fid-ref is given."""
     bg = cfg["batch_gpu"]
     batches = [range(i, min(i + bg, cfg["num"])) for i in range(0, cfg["num"], bg)][rank::world]
 
-    def images():
+    kept = []
+
+    def images():  # kept on the CPU as they pass to fid.py
         for idx in batches:
             gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], idx[0], 0))
             labels = torch.randint(cfg["label_dim"], (len(idx),), generator=gen, device=device)
             z = torch.randn([len(idx), cfg["img_channels"], cfg["res"], cfg["res"]], generator=gen, device=device)
-            yield to_uint8(sampler(z, labels, gen).to(torch.float32), cfg, vae)
-
-    kept = []
-
-    def keep(it):
-        for x in it:
+            x = to_uint8(sampler(z, labels, gen).to(torch.float32), cfg, vae)
             kept.append(x.cpu())
             yield x
 
@@ -1246,10 +1219,10 @@ def generate(cfg, device, rank, world, sampler, vae, tag):
             mu_ref, sigma_ref = fid.load_ref(cfg["fid_ref"])
         except ValueError as e:
             raise SystemExit(f"--fid-ref {e}") from None
-        mu, sigma, n = fid.inception_stats(keep(images()), device=device)
+        mu, sigma, n = fid.inception_stats(images(), device=device)
         fid_value = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
     else:
-        for _ in keep(images()):
+        for _ in images():
             pass
     out = torch.cat(kept) if kept else torch.zeros([0, 3, 1, 1], dtype=torch.uint8)
     name = f"samples-{tag}.npz" if world == 1 else f"samples-{tag}-rank{rank}of{world}.npz"
@@ -1266,12 +1239,10 @@ def generate(cfg, device, rank, world, sampler, vae, tag):
 
 # >>> pasted: run-folders
 # ----------------------------------------------------------------------------- run folders
-# An output folder belongs to one run. A training stage starts in a new or empty --outdir, or continues
-# with --resume the run whose checkpoint it names; nothing is written before every check has passed.
-# A checkpoint records its script, stage and config, and resumes only a run whose config differs in
-# RESUME_MAY_CHANGE fields alone. A user's mistake raises SystemExit(message): the entry point prints
-# it as one line and exits with code 2, without a traceback. This section is the same in all three
-# scripts, pasted in place: test_cmt.py keeps the copies identical, so edit them alike.
+# An output folder belongs to one run: a training stage starts in a new or empty --outdir, or continues with
+# --resume the run whose checkpoint it names (its script, stage and config, differing in RESUME_MAY_CHANGE fields
+# alone), and writes nothing before every check has passed. A user's mistake raises SystemExit(message), which the
+# entry point prints as one line (exit code 2). Pasted in all three scripts: test_cmt.py keeps the copies identical.
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1374,8 +1345,7 @@ def init_distributed():
 
 def rng_state(device):
     """This process's RNG states in weights_only-loadable form."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
+    np_state, py_state = np.random.get_state(), random.getstate()
     return dict(torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
@@ -1413,9 +1383,7 @@ def open_vae(path, device):
 
 def learning_rate(cfg, it):
     """Linear decay to 0 over the run (official: lr (1 - kimg/total)), or constant."""
-    if cfg["lr_decay"] == "linear":
-        return cfg["lr"] * (1 - it / cfg["iters"])
-    return cfg["lr"]
+    return cfg["lr"] * (1 - it / cfg["iters"]) if cfg["lr_decay"] == "linear" else cfg["lr"]
 
 
 def format_duration(seconds):
@@ -1458,11 +1426,10 @@ def load_checkpoint(ckpt, net, ema, optimizer, cfg, stage, rank, world, device):
 
 def write_checkpoint(outdir, net, ema, optimizer, it, nonfinite, cfg, stage, rank, world, device):
     """ckpt-NNNNNNN.pt and ckpt-latest.pt with every rank's RNG state (gathered: every rank must call this)."""
-    rngs = [None] * world
+    rngs = [rng_state(device)]
     if world > 1:
+        rngs = [None] * world
         torch.distributed.all_gather_object(rngs, rng_state(device))
-    else:
-        rngs = [rng_state(device)]
     if rank == 0:
         ckpt = dict(model=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), iter=it,
                     rng=rngs, data_state=dict(images_seen=it * cfg["batch"], seed=cfg["seed"], nonfinite=nonfinite),
@@ -1472,9 +1439,8 @@ def write_checkpoint(outdir, net, ema, optimizer, it, nonfinite, cfg, stage, ran
 
 
 def accumulate_gradients(ddp, micro_loss, it, accum, cfg, rank, world, device):
-    """Gradients of the mean loss over this rank's `accum` micro-batches (DDP averages over ranks; its
-    all-reduce runs on the last micro-step only); returns the summed loss on the device. Each micro-batch
-    draws from its own micro_seed generator."""
+    """Gradients of the mean loss over this rank's `accum` micro-batches, each from its own micro_seed generator (DDP
+    averages over ranks, all-reducing on the last micro-step only); returns the summed loss on the device."""
     loss_acc = torch.zeros([], device=device)
     for micro in range(accum):
         gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, micro * world + rank))
@@ -1588,12 +1554,7 @@ def train(cfg, stage):
 
     # Networks. Construction draws from the global RNG: seed it identically on every rank first.
     torch.manual_seed(cfg["seed"])
-    teacher = gnet = None
-    if stage in ("mid", "post"):
-        teacher = load_network(cfg["teacher"], cfg, "teacher").to(device)
-        if cfg["guide"]:
-            gnet = load_network(cfg["guide"], cfg, "guide").to(device)
-    teacher_fn = guided_denoiser(teacher, gnet, cfg["guidance"]) if teacher is not None else None
+    teacher, teacher_fn = load_teachers(cfg, device) if stage in ("mid", "post") else (None, None)
     # A resumed run takes every weight from its checkpoint.
     net = init_student(cfg, teacher, logvar=stage == "pretrain") if ckpt is None else build_net(cfg, logvar=stage == "pretrain")
     net = net.to(device).train().requires_grad_(True)
@@ -1669,9 +1630,7 @@ def run_sample(cfg):
         raise SystemExit("--vae: decoding latents needs the sd-vae-ft-mse weights (file or folder)")
     torch.manual_seed(cfg["seed"])
     if cfg["init"] == "teacher":
-        teacher = load_network(cfg["teacher"], cfg, "teacher").to(device)
-        gnet = load_network(cfg["guide"], cfg, "guide").to(device) if cfg["guide"] else None
-        guided = guided_denoiser(teacher, gnet, cfg["guidance"])
+        guided = load_teachers(cfg, device)[1]
         sampler = lambda z, labels, gen: heun_sampler(guided, z, labels, cfg["heun_steps"], cfg["s_max"], cfg["s_lo"])  # noqa: E731
         tag = f"heun{cfg['heun_steps']}"
         return {tag: generate(cfg, device, rank, world, sampler, vae, tag)}
@@ -1750,8 +1709,7 @@ def run_tiny(cfg_base, args):
         raise SystemExit("--resume: the tiny pipeline continues with --resume auto (each stage from its own folder)")
     if args.resume is None:
         check_outdir(dict(outdir=out, resume=None))  # a fresh demo needs a new or empty folder
-    toy = ToyMixture(cfg_base["label_dim"], cfg_base["res"], cfg_base["img_channels"])
-    walls, nets = {}, {}
+    walls, nets = {"teacher": 0.0}, {}
     teacher_spec = cfg_base["teacher"]
     if teacher_spec == "pretrain":
         t0 = time.time()
@@ -1760,8 +1718,6 @@ def run_tiny(cfg_base, args):
         train(c, "pretrain")
         walls["teacher"] = time.time() - t0
         teacher_spec = os.path.join(out, "pretrain", "ckpt-latest.pt")
-    else:
-        walls["teacher"] = 0.0
     for stage in ("mid", "post"):
         t0 = time.time()
         c = resolve_config(argparse.Namespace(**dict(vars(args), stage=stage)))
@@ -1773,17 +1729,15 @@ def run_tiny(cfg_base, args):
         nets[stage] = train(c, stage)
         walls[stage] = time.time() - t0
     c = resolve_config(argparse.Namespace(**dict(vars(args), stage="mid")))
-    teacher = load_network(teacher_spec, c, "teacher")
-    rows = quality_table(c, toy, teacher, nets, walls)
-    return rows
+    toy = ToyMixture(c["label_dim"], c["res"], c["img_channels"])
+    return quality_table(c, toy, load_network(teacher_spec, c, "teacher"), nets, walls)
 
 
 @torch.no_grad()
 def quality_table(cfg, toy, teacher, nets, walls, n=None):
-    """Flow-map error (MSE per element) vs the exact class-conditional ODE solution from the same
-    noise, and pixel FD (Frechet distance of raw pixel vectors) vs fresh toy samples, for the
-    teacher (Heun) and the 1-/2-step students; the 'data' row is FD's finite-sample floor.
-    Prints the table, writes it to --outdir/quality.txt and returns its rows."""
+    """Flow-map error (MSE per element) vs the exact class-conditional ODE solution from the same noise, and pixel
+    FD (of raw pixel vectors) vs fresh toy samples, for the teacher (Heun) and the 1-/2-step students; the 'data'
+    row is FD's finite-sample floor. Prints the table, writes quality.txt and comparison.png, returns the rows."""
     import fid
     n = n or cfg["eval_num"]
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
@@ -1808,11 +1762,9 @@ def quality_table(cfg, toy, teacher, nets, walls, n=None):
         for steps in (1, 2):
             x = sample_fewstep(net, z, labels, steps, cfg["mid_t"], cfg["s_max"], torch.Generator().manual_seed(7))
             add(names[stage], steps, x, walls[stage])
-    lines = [f"{'model':<26} {'steps':>10} {'flow-map err':>13} {'pixel FD':>10} {'wall time':>10}"]
-    for row in rows:
-        lines.append(f"{row['model']:<26} {row['steps']:>10} {row['flow_map_err']:>13.5f} {row['pixel_fd']:>10.4f} "
-                     f"{row['wall']:>9.1f}s")
-    table = "\n".join(lines)
+    table = "\n".join([f"{'model':<26} {'steps':>10} {'flow-map err':>13} {'pixel FD':>10} {'wall time':>10}"] + [
+        f"{r['model']:<26} {r['steps']:>10} {r['flow_map_err']:>13.5f} {r['pixel_fd']:>10.4f} {r['wall']:>9.1f}s"
+        for r in rows])
     print(f"\nQuality on the toy mixture ({n} samples; flow-map err: MSE per element vs the exact ODE solution "
           "from the same noise and class; pixel FD vs fresh data; wall time of the stage that made the model):\n"
           + table, flush=True)
@@ -1851,12 +1803,11 @@ def int_at_least(low):
     """argparse type: an integer >= low, so --batch 0 is one clear line instead of a ZeroDivisionError."""
     def parse(text):
         try:
-            value = int(text)
+            if int(text) >= low:
+                return int(text)
         except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
     return parse
 
 
@@ -1877,23 +1828,23 @@ def step_counts(most=None):
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--stage", choices=["pretrain", "mid", "post", "sample", "encode"], default=None,
+    bool_flag = dict(action=argparse.BooleanOptionalAction, default=None)
+    a("--stage", choices=["pretrain", "mid", "post", "sample", "encode"],
       help="what to run (default: the whole tiny pipeline with --preset tiny)")
-    a("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), metavar="PRESET", help=f"{', '.join(PRESETS)} (default: {DEFAULT_PRESET}, the paper's recipe)")
+    a("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), metavar="PRESET",
+      help=f"{', '.join(PRESETS)} (default: {DEFAULT_PRESET}, the paper's recipe)")
     a("--outdir", default="runs/cmt-imagenet", help="output folder (default: runs/cmt-imagenet)")
     a("--data", help="EDM2 dataset zip/folder (.npy latents or PNGs), 'toy', or the ImageNet folder for encode "
-                     "(default: none; tiny: toy)")
+      "(default: none; tiny: toy)")
     a("--teacher", help="EDM2 .pkl path or URL, our .pt checkpoint, or 'analytic' (toy) (default: the preset's EDM2 "
-                        "teacher; tiny: pretrain)")
+      "teacher; tiny: pretrain)")
     a("--guide", help="guiding network for D_g = D_guide + w (D_teacher - D_guide): .pkl/.pt, 'analytic' (toy: the "
-                      "unconditional mixture) or 'none' (default: the preset's autoguidance net for post)")
-    a("--guide-fp16", action=argparse.BooleanOptionalAction, default=None,
-      help="run the guiding network in float16 on CUDA (default: as its EDM2 pickle's use_fp16, like sony/cmt; "
-           "float32 for a .pt)")
+      "unconditional mixture) or 'none' (default: the preset's autoguidance net for post)")
+    a("--guide-fp16", **bool_flag, help="run the guiding network in float16 on CUDA (default: as its EDM2 pickle's "
+      "use_fp16, like sony/cmt; float32 for a .pt)")
     a("--guidance", type=float, help="guidance weight w; 1 = no guidance (default: preset, 2.05 for img512-xxl post)")
     a("--init", help="student init: checkpoint .pt (its EMA), EDM2 .pkl, 'teacher' or 'random'; for sample: the "
-                     "checkpoint, or 'teacher' for the Heun reference (default: mid teacher; post and sample: "
-                     "none, give one)")
+      "checkpoint, or 'teacher' for the Heun reference (default: mid teacher; post and sample: none, give one)")
     a("--resume", help="checkpoint to resume, or 'auto' = ckpt-latest.pt in --outdir if present (default: none)")
     a("--batch", type=int_at_least(1), help="global batch in images (mid: 16 states per trajectory) (default: 128)")
     a("--batch-gpu", type=int_at_least(1), help="per-GPU micro-batch (default: batch / GPUs; sample: 32)")
@@ -1905,34 +1856,33 @@ def build_parser():
     a("--ema", type=float, help="EMA decay per iteration (default: mid 0.999, post 0.9999)")
     a("--seed", type=int_at_least(0), help="random seed (default: 0)")
     a("--fid-ref", help="reference statistics for FID in stage sample: .npz (mu, sigma) or EDM2 .pkl (default: none)")
-    a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast (default: off: fp32)")
-    a("--tf32", action=argparse.BooleanOptionalAction, default=None,
-      help="TF32 matmuls and cuDNN convolutions on CUDA (default: off: fp32)")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the student (default: off)")
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels_last weights (default: off)")
+    a("--bf16", **bool_flag, help="bfloat16 autocast (default: off: fp32)")
+    a("--tf32", **bool_flag, help="TF32 matmuls and cuDNN convolutions on CUDA (default: off: fp32)")
+    a("--compile", **bool_flag, help="torch.compile the student (default: off)")
+    a("--channels-last", **bool_flag, help="channels_last weights (default: off)")
     a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt and ckpt-NNNNNNN.pt, 0 = end only "
-                                                  "(default: 2000)")
+      "(default: 2000)")
     a("--sample-every", type=int_at_least(0), help="iterations per samples-NNNNNNN.png grid, 0 = end only (default: 20000)")
     a("--grid", type=int_at_least(0), help="images at each step count in every samples-NNNNNNN.png grid (mid, post), "
-                                           "0 = none (default: 64)")
+      "0 = none (default: 64)")
     a("--log-every", type=int_at_least(1), help="iterations between progress lines / stats.jsonl rows (default: 100)")
     a("--max-nonfinite", type=int_at_least(0), help="abort after this many steps with a non-finite loss (default: 100)")
     a("--skip-nonfinite", action="store_true", default=None, help="drop a step whose loss is non-finite (default: off: "
-                                                                  "step with nan_to_num'd gradients, as sony/cmt)")
+      "step with nan_to_num'd gradients, as sony/cmt)")
     a("--workers", type=int_at_least(0), help="DataLoader worker processes (default: 2)")
     a("--dropout", type=float, help="student dropout probability (default: 0)")
     a("--s-min", type=float, help="ECM eval-mode shift s_min, a noise level (default: 0, as the official EDM2 code)")
     a("--teacher-steps", type=int_at_least(1),
       help="mid: teacher DPM-Solver++ steps per trajectory = CMT pairs per trajectory (default: 16, official)")
-    a("--traj-buffer", type=int_at_least(0),
-      help="mid: teacher trajectories per rank solved in one batch, rounded down to whole iterations; fewer than "
-           "one iteration's: one solve per micro-step, as sony/cmt (same pairs either way) (default: 128)")
-    a("--metric", choices=["huber", "cauchy", "l2", "elatentlpips"],
-      help="CMT distance; elatentlpips is sony/cmt's ImageNet-512 choice, but its weights are unpublished (default: huber)")
-    a("--elpips-weights", help="--metric elatentlpips: state dict of the latent VGG16-GN (experiments/train_latent_vgg.py) "
-                               "(default: none)")
+    a("--traj-buffer", type=int_at_least(0), help="mid: teacher trajectories per rank solved in one batch, in whole "
+      "iterations; fewer than one iteration's: one solve per micro-step, as sony/cmt (same pairs either way) "
+      "(default: 128)")
+    a("--metric", choices=["huber", "cauchy", "l2", "elatentlpips"], help="CMT distance; elatentlpips is sony/cmt's "
+      "ImageNet-512 choice, but its weights are unpublished (default: huber)")
+    a("--elpips-weights", help="--metric elatentlpips: state dict of the latent VGG16-GN "
+      "(experiments/train_latent_vgg.py) (default: none)")
     a("--huber-c", type=float, help="Huber/Cauchy constant c, in data units (latent or [-1, 1] pixel values) "
-                                    "(default: 0.06; tiny: 0.00054 sqrt(dim))")
+      "(default: 0.06; tiny: 0.00054 sqrt(dim))")
     a("--post-loss", choices=["ecd", "ect"], help="post-training loss (default: ecd)")
     a("--solver", choices=["heun", "euler"], help="ECD teacher step (default: heun)")
     a("--ect-q", type=float, help="ECT/ECD r-mapping: Delta t = 1/q (default: 1024)")
@@ -1941,8 +1891,7 @@ def build_parser():
     a("--p-mean", type=float, help="post: mean of ln t (default: -0.8)")
     a("--p-std", type=float, help="post: std of ln t (default: 1.6)")
     a("--mid-t", type=float, help="2-step sampling: intermediate noise level (default: 1.526)")
-    a("--sample-steps", type=step_counts(2), help="sample stage: comma-separated student step counts, 1 or 2 "
-                                                  "(default: 2)")
+    a("--sample-steps", type=step_counts(2), help="sample stage: comma-separated student step counts, 1 or 2 (default: 2)")
     a("--heun-steps", type=int_at_least(1), help="teacher Heun steps for the reference sampler (default: 32)")
     a("--num", type=int_at_least(1), help="sample stage: number of images (default: 50000; tiny: 4096)")
     a("--eval-num", type=int_at_least(1), help="tiny demo: samples per quality-table row (default: 4096)")
@@ -2100,14 +2049,11 @@ def _pkl_flatten(obj, prefix, out, where):
 
 
 def load_official_pkl(path, key="ema", cache_dir=None, sha256=None, md5=None):
-    """Load an official EDM/EDM2 network pickle without running its code.
-
-    path: a local file or an http(s)/file URL (downloaded once into cache_dir, default
-    $CMT_CACHE or ~/.cache/cmt, verified against sha256/md5 when given).
-    Returns (state_dict, init_kwargs, class_name): the tensors of data[key] under the names and in
-    the order module.state_dict() gives, floating tensors as float32; the constructor kwargs the
-    object was built with (EDM/EDM2 record them in `_init_kwargs`); its class name, e.g. 'EDMPrecond'.
-    """
+    """An official EDM/EDM2 network pickle, loaded without running its code. path: a file or an http(s)/file URL
+    (downloaded once into cache_dir, default $CMT_CACHE or ~/.cache/cmt, checked against sha256/md5 if given).
+    Returns (state_dict, init_kwargs, class_name) of data[key]: its tensors named and ordered as
+    module.state_dict() would, floats as float32; the constructor kwargs recorded in `_init_kwargs`; its class
+    name, e.g. 'EDMPrecond'."""
     if urllib.parse.urlparse(str(path)).scheme in ("http", "https", "file"):
         cache_dir = cache_dir or os.environ.get("CMT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cmt")
         path = download(path, cache_dir, sha256=sha256, md5=md5)
@@ -2122,10 +2068,9 @@ def load_official_pkl(path, key="ema", cache_dir=None, sha256=None, md5=None):
 
 
 def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
-    """Fetch url into dest_dir/<file name> and return that path. The bytes go to a temp file that
-    replaces the target only after the hash check; a copy already there that passes is reused.
-    `flag` is the CLI flag the offline error points to (e.g. "--data" for a dataset).
-    Multi-process runs: call it on rank 0 first, then barrier, then everywhere."""
+    """Fetch url into dest_dir/<file name> and return that path. The bytes go to a temp file that replaces the
+    target only after the hash check; a copy already there that passes is reused. `flag`: the CLI flag the
+    offline error names. Multi-process runs: call it on rank 0 first, then barrier, then everywhere."""
     name = urllib.parse.unquote(os.path.basename(urllib.parse.urlparse(url).path))
     if not name:
         raise ValueError(f"cannot derive a file name from the URL {url}")
@@ -2155,7 +2100,8 @@ def download(url, dest_dir, sha256=None, md5=None, flag="--teacher"):
             raise ValueError(f"hash mismatch for {url} ({'; '.join(bad)}); the download was deleted")
         os.replace(tmp, path)
     finally:
-        _pkl_remove(tmp)  # a no-op after os.replace; otherwise no partial file is left behind
+        if os.path.exists(tmp):  # no partial file is left behind
+            os.remove(tmp)
     return path
 
 
@@ -2165,13 +2111,6 @@ def _pkl_file_hash(path, algo):
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _pkl_remove(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def _pkl_plain(v):
@@ -2191,15 +2130,11 @@ class _PklAbsent:
 
 
 def check_init_kwargs(init_kwargs, expected, source, defaults=None):
-    """Raise if an official pickle's constructor kwargs differ from ours on any key of `expected`.
-
-    EDM/EDM2 record only the kwargs their train.py passed, flat: EDMPrecond has model_type,
-    model_channels, channel_mult, augment_dim, dropout, img_resolution, ... (all of SongUNet's kwargs
-    that were set, passed through **model_kwargs); EDM2 Precond has img_resolution, img_channels,
-    label_dim, use_fp16, model_channels, dropout. A key that was not recorded took the official
-    constructor default: pass those defaults in `defaults` to check such keys too. Leave training-only
-    kwargs (dropout, use_fp16) out of `expected`: the student may differ there on purpose.
-    """
+    """Raise if an official pickle's constructor kwargs differ from ours on any key of `expected`. EDM/EDM2
+    record only the kwargs their train.py passed (EDMPrecond: model_type, model_channels, channel_mult, ... as
+    set; EDM2 Precond: img_resolution, img_channels, label_dim, use_fp16, model_channels, dropout); a key not
+    recorded took the official constructor default, which `defaults` supplies. Leave training-only kwargs
+    (dropout, use_fp16) out of `expected`: the student may differ there on purpose."""
     defaults = defaults or {}
     diffs = []
     for k, want in expected.items():
@@ -2242,11 +2177,10 @@ def copy_by_name(state_dict, module, ignore=TEACHER_ONLY_KEYS, prefix_map=None):
 
 # >>> pasted: sd-vae
 # ----------------------------------------------------------------------------- SD-VAE
-# Stability AI's sd-vae-ft-mse, written out in plain PyTorch with the state_dict names of
-# diffusers' AutoencoderKL (block_out_channels 128/256/512/512, layers_per_block 2, 248 tensors,
-# 83,653,863 parameters) so that `diffusion_pytorch_model.safetensors` (or `.bin`) from the Hugging Face
-# repo `stabilityai/sd-vae-ft-mse` loads strictly. Pixels -> 8x smaller 4-channel latents and back.
-# Every norm is GroupNorm(32 groups, eps 1e-6), every activation SiLU, dropout 0. The VAE is frozen
+# Stability AI's sd-vae-ft-mse in plain PyTorch, with the state_dict names of diffusers' AutoencoderKL
+# (block_out_channels 128/256/512/512, layers_per_block 2, 248 tensors, 83,653,863 parameters) so that
+# `diffusion_pytorch_model.safetensors` (or `.bin`) of the Hugging Face repo `stabilityai/sd-vae-ft-mse`
+# loads strictly. Every norm is GroupNorm(32, eps 1e-6), every activation SiLU, dropout 0. The VAE is frozen
 # and never differentiated with a JVP, so its attention may use F.scaled_dot_product_attention.
 
 
@@ -2273,9 +2207,7 @@ class VAEAttention(nn.Module):
     def __init__(self, ch):
         super().__init__()
         self.group_norm = nn.GroupNorm(32, ch, eps=1e-6)
-        self.to_q = nn.Linear(ch, ch)
-        self.to_k = nn.Linear(ch, ch)
-        self.to_v = nn.Linear(ch, ch)
+        self.to_q, self.to_k, self.to_v = nn.Linear(ch, ch), nn.Linear(ch, ch), nn.Linear(ch, ch)
         self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers keeps a Dropout(0) at to_out.1
 
     def forward(self, x):
@@ -2286,8 +2218,7 @@ class VAEAttention(nn.Module):
 
 
 class VAEResample(nn.Module):
-    """Downsample2D: zero-pad right and bottom by one, 3x3 conv stride 2 (H -> H/2 for even H).
-    Upsample2D: nearest-neighbour 2x, then 3x3 conv."""
+    """Downsample2D: zero-pad right and bottom by one, 3x3 conv stride 2. Upsample2D: nearest 2x, 3x3 conv."""
 
     def __init__(self, ch, up):
         super().__init__()
@@ -2300,30 +2231,18 @@ class VAEResample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as in the original LDM autoencoder
 
 
-class VAEDownBlock(nn.Module):
-    """diffusers DownEncoderBlock2D: resnets, then (except in the last block) a stride-2 downsampler."""
+class VAEBlock(nn.Module):
+    """diffusers DownEncoderBlock2D (up=False) / UpDecoderBlock2D (up=True): resnets, then, except in the
+    last block, a resampler under diffusers' key `downsamplers.0` / `upsamplers.0`."""
 
-    def __init__(self, cin, cout, num_resnets, down):
+    def __init__(self, cin, cout, num_resnets, up, resample):
         super().__init__()
         self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
-        self.downsamplers = nn.ModuleList([VAEResample(cout, up=False)]) if down else None
+        self.samplers = "upsamplers" if up else "downsamplers"
+        setattr(self, self.samplers, nn.ModuleList([VAEResample(cout, up)] if resample else []))
 
     def forward(self, x):
-        for layer in [*self.resnets, *(self.downsamplers or [])]:
-            x = layer(x)
-        return x
-
-
-class VAEUpBlock(nn.Module):
-    """diffusers UpDecoderBlock2D: resnets, then (except in the last block) a 2x upsampler."""
-
-    def __init__(self, cin, cout, num_resnets, up):
-        super().__init__()
-        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
-        self.upsamplers = nn.ModuleList([VAEResample(cout, up=True)]) if up else None
-
-    def forward(self, x):
-        for layer in [*self.resnets, *(self.upsamplers or [])]:
+        for layer in [*self.resnets, *getattr(self, self.samplers)]:
             x = layer(x)
         return x
 
@@ -2344,9 +2263,8 @@ class VAEEncoder(nn.Module):
     def __init__(self, channels=(128, 256, 512, 512), num_resnets=2):
         super().__init__()
         self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
-        cins = [channels[0], *channels[:-1]]
-        self.down_blocks = nn.ModuleList([VAEDownBlock(ci, co, num_resnets, down=i < len(channels) - 1)
-                                          for i, (ci, co) in enumerate(zip(cins, channels))])
+        self.down_blocks = nn.ModuleList([VAEBlock(ci, co, num_resnets, up=False, resample=i < len(channels) - 1)
+                                          for i, (ci, co) in enumerate(zip([channels[0], *channels[:-1]], channels))])
         self.mid_block = VAEMidBlock(channels[-1])
         self.conv_norm_out = nn.GroupNorm(32, channels[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(channels[-1], 8, 3, padding=1)  # 2 x 4 latent channels: mean and logvar
@@ -2364,7 +2282,7 @@ class VAEDecoder(nn.Module):
         rev = channels[::-1]
         self.conv_in = nn.Conv2d(4, rev[0], 3, padding=1)
         # Registered before mid_block only to list the keys in diffusers' order; the data flows mid -> up.
-        self.up_blocks = nn.ModuleList([VAEUpBlock(ci, co, num_resnets, up=i < len(rev) - 1)
+        self.up_blocks = nn.ModuleList([VAEBlock(ci, co, num_resnets, up=True, resample=i < len(rev) - 1)
                                         for i, (ci, co) in enumerate(zip([rev[0], *rev[:-1]], rev))])
         self.mid_block = VAEMidBlock(rev[0])
         self.conv_norm_out = nn.GroupNorm(32, rev[-1], eps=1e-6)
@@ -2378,18 +2296,15 @@ class VAEDecoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """sd-vae-ft-mse. encode: pixels [N, 3, H, W] -> posterior (mean, std), each [N, 4, H/8, W/8];
-    decode: latents [N, 4, h, w] -> pixels [N, 3, 8h, 8w], not clamped. The SD convention feeds and
-    returns pixels in [-1, 1]; EDM2 deliberately feeds [0, 1] (see edm2_encode_pixels). `batch` splits
-    the work into micro-batches to bound memory; GroupNorm is per sample, so results do not depend on it.
-    EDM2 and DiT run it in float32: call it outside a bf16 autocast region to reproduce their numbers."""
+    """sd-vae-ft-mse. encode: pixels [N, 3, H, W] -> posterior (mean, std), each [N, 4, H/8, W/8]; decode:
+    latents [N, 4, h, w] -> pixels [N, 3, 8h, 8w], not clamped. SD feeds and returns pixels in [-1, 1]; EDM2
+    deliberately feeds [0, 1] (see edm2_encode_pixels). `batch` bounds memory; GroupNorm is per sample, so
+    results do not depend on it. EDM2 and DiT run it in float32: call it outside bf16 autocast to match them."""
 
     def __init__(self):
         super().__init__()
-        self.encoder = VAEEncoder()
-        self.decoder = VAEDecoder()
-        self.quant_conv = nn.Conv2d(8, 8, 1)
-        self.post_quant_conv = nn.Conv2d(4, 4, 1)
+        self.encoder, self.decoder = VAEEncoder(), VAEDecoder()
+        self.quant_conv, self.post_quant_conv = nn.Conv2d(8, 8, 1), nn.Conv2d(4, 4, 1)
 
     def encode(self, x, batch=None):
         moments = torch.cat([self.quant_conv(self.encoder(c)) for c in x.split(batch or len(x))])
@@ -2405,29 +2320,23 @@ _VAE_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u
 
 
 def read_safetensors(path):
-    """Reads a .safetensors file into {name: CPU tensor} in its stored dtype, without the safetensors
-    package. Format: 8-byte little-endian header length n, n bytes of JSON mapping each name to
-    {dtype, shape, data_offsets: [begin, end]} (offsets into the data that follows; an optional
-    "__metadata__" entry holds strings), then the raw little-endian tensor data."""
+    """{name: CPU tensor} of a .safetensors file in its stored dtypes, without the safetensors package. Format:
+    8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}
+    (offsets into the data that follows; an optional "__metadata__" entry holds strings), then the raw data."""
     with open(path, "rb") as f:
         blob = f.read()
-    if len(blob) < 8:
-        raise ValueError(f"{path}: not a safetensors file (only {len(blob)} bytes; truncated?)")
     n = int.from_bytes(blob[:8], "little")
-    if 8 + n > len(blob):
-        raise ValueError(f"{path}: safetensors header claims {n} bytes but the file has {len(blob) - 8} "
-                         "after the length field (truncated, or not a safetensors file)")
+    if len(blob) < 8 or 8 + n > len(blob):
+        raise ValueError(f"{path}: not a safetensors file of {len(blob)} bytes (truncated, or its header length "
+                         "field is wrong)")
     try:
         header = json.loads(blob[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: safetensors header is not a JSON object")
+        entries = [(name, info) for name, info in header.items() if name != "__metadata__"]
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{path}: safetensors header is not a JSON object ({e})") from None
     data = memoryview(blob)[8 + n:]
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for name, info in entries:
         try:
             dtype, shape = info["dtype"], [int(s) for s in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
@@ -2445,24 +2354,21 @@ def read_safetensors(path):
             raise ValueError(f"{path}: tensor {name!r} ends at byte {end} of the data section but the file "
                              f"holds only {len(data)} bytes of data (truncated file)")
         a = np.frombuffer(data, dtype=np_dtype, count=count, offset=begin).astype(np_dtype.newbyteorder("="))
-        if dtype == "BF16":  # bfloat16 = the upper 16 bits of a float32; numpy has no bfloat16
-            tensor = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-        else:
-            tensor = torch.from_numpy(a)
+        # bfloat16 = the upper 16 bits of a float32; numpy has no bfloat16
+        tensor = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if dtype == "BF16" else torch.from_numpy(a)
         tensors[name] = tensor.reshape(shape)
     return tensors
 
 
 def load_vae(path, device="cpu"):
-    """Loads sd-vae-ft-mse weights in the diffusers layout from a .safetensors file, a .bin/.pt/.pth
-    state_dict (torch.load with weights_only=True), or a folder holding diffusion_pytorch_model.* (the
-    Hugging Face repo layout). Accepts the attention names of diffusers before 0.15
-    (query/key/value/proj_attn) and attention weights stored as 1x1 convs. Returns the float32 model in
-    eval mode with requires_grad False."""
+    """sd-vae-ft-mse weights in the diffusers layout from a .safetensors file, a .bin/.pt/.pth state_dict
+    (torch.load weights_only), or a folder holding diffusion_pytorch_model.* (the Hugging Face repo layout).
+    Accepts diffusers' attention names before 0.15 (query/key/value/proj_attn) and attention weights stored
+    as 1x1 convs. Returns the frozen float32 model in eval mode."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        found = [os.path.join(path, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
-        found = [p for p in found if os.path.isfile(p)]
+        found = [p for p in (os.path.join(path, f"diffusion_pytorch_model.{e}") for e in ("safetensors", "bin"))
+                 if os.path.isfile(p)]
         if not found:
             raise FileNotFoundError(f"VAE folder {path} holds neither diffusion_pytorch_model.safetensors nor "
                                     "diffusion_pytorch_model.bin (expected the stabilityai/sd-vae-ft-mse layout)")
@@ -2480,7 +2386,6 @@ def load_vae(path, device="cpu"):
     else:
         raise ValueError(f"{path}: unknown VAE weight format {ext!r}; expected .safetensors, .bin, .pt or .pth "
                          "in the diffusers AutoencoderKL layout")
-
     converted = {}
     for name, tensor in state.items():
         m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", name)
@@ -2492,7 +2397,6 @@ def load_vae(path, device="cpu"):
                 and tensor.shape[2:] == (1, 1):
             tensor = tensor.reshape(tensor.shape[:2])  # a 1x1 conv over pixels is the same linear map over channels
         converted[name] = tensor
-
     with torch.device("meta"):  # shapes only: skips a random init that the weights would overwrite
         vae = AutoencoderKL()
     expected = vae.state_dict()
@@ -2515,18 +2419,16 @@ def load_vae(path, device="cpu"):
 
 
 def sample_latents(mean, std, generator=None):
-    """One draw from the VAE posterior N(mean, std^2). Datasets store the 8-channel [mean, std]
-    (the "raw latents" of NVlabs/edm2 training/encoders.py) so that every epoch sees a fresh draw (EDM2 and
-    MeanFlow both do this).
-    A generator must live on the device of `mean`."""
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + noise * std
+    """One draw from the VAE posterior N(mean, std^2) (generator on mean's device). Datasets store the
+    8-channel [mean, std] (NVlabs/edm2 training/encoders.py "raw latents"), so that every epoch sees a fresh
+    draw, as EDM2 and MeanFlow do."""
+    return mean + torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype) * std
 
 
-# EDM2 convention (NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are
-# divided by 255 and the VAE sees [0, 1] (not the [-1, 1] it was trained on: EDM2's statistics and
-# checkpoints were made that way, so keep it); datasets hold [mean, std]; a latent drawn from them is
-# normalised per channel to std 0.5; decoded pixels are clamped to [0, 1] and scaled to uint8.
+# EDM2 convention (NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are divided by 255
+# and the VAE sees [0, 1] (not the [-1, 1] it was trained on: EDM2's statistics and checkpoints were made
+# that way, so keep it); a latent drawn from [mean, std] is normalised per channel to std 0.5; decoded
+# pixels are clamped to [0, 1] and scaled to uint8.
 EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)  # assumed mean of the raw latents, per channel
 EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)  # assumed std of the raw latents, per channel
 EDM2_FINAL_STD = 0.5  # = sigma_data
@@ -2539,14 +2441,12 @@ def _edm2_scale_bias(z):
 
 
 def edm2_normalize_latents(z_raw):
-    """Raw VAE latent [N, 4, h, w] -> EDM2 model latent: z * scale + bias, scale = 0.5/raw_std,
-    bias = -raw_mean*scale."""
+    """Raw VAE latent [N, 4, h, w] -> EDM2 model latent z * scale + bias (scale 0.5/raw_std, bias -raw_mean*scale)."""
     scale, bias = _edm2_scale_bias(z_raw)
     return z_raw * scale + bias
 
 
 def edm2_unnormalize_latents(z):
-    """Inverse of edm2_normalize_latents: (z - bias) / scale."""
     scale, bias = _edm2_scale_bias(z)
     return (z - bias) / scale
 
@@ -2554,60 +2454,52 @@ def edm2_unnormalize_latents(z):
 @torch.no_grad()
 def edm2_encode_pixels(vae, images, batch=8):
     """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [0, 1]."""
-    p = next(vae.parameters())
-    mean, std = vae.encode(images.to(p.device, torch.float32) / 255, batch=batch)
+    mean, std = vae.encode(images.to(next(vae.parameters()).device, torch.float32) / 255, batch=batch)
     return torch.cat([mean, std], dim=1)
 
 
 def edm2_encode_latents(raw, generator=None):
     """Raw latents [N, 8, h, w] (mean, std) -> EDM2 model latents [N, 4, h, w]: draw, then normalise."""
-    mean, std = raw.to(torch.float32).chunk(2, dim=1)
-    return edm2_normalize_latents(sample_latents(mean, std, generator))
+    return edm2_normalize_latents(sample_latents(*raw.to(torch.float32).chunk(2, dim=1), generator))
 
 
 @torch.no_grad()
 def edm2_decode(vae, z, batch=8):
     """EDM2 model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (clamp [0, 1], x255, truncate)."""
-    p = next(vae.parameters())
-    x = vae.decode(edm2_unnormalize_latents(z.to(p.device, torch.float32)), batch=batch)
+    x = vae.decode(edm2_unnormalize_latents(z.to(next(vae.parameters()).device, torch.float32)), batch=batch)
     return x.clamp(0, 1).mul(255).to(torch.uint8)
 
 
-# MeanFlow/DiT convention (facebookresearch/DiT train.py and sample_ddp.py,
-# Gsunshine/meanflow utils/vae_util.py): pixels in [-1, 1] (x/127.5 - 1), latent = draw * 0.18215
-# (diffusers' scaling_factor for this VAE); decoded pixels become uint8 as clip(127.5 x + 128, 0, 255).
+# MeanFlow/DiT convention (facebookresearch/DiT train.py and sample_ddp.py, Gsunshine/meanflow
+# utils/vae_util.py): pixels in [-1, 1] (x/127.5 - 1), latent = draw * 0.18215 (diffusers' scaling_factor
+# for this VAE); decoded pixels become uint8 as clip(127.5 x + 128, 0, 255).
 SD_LATENT_SCALE = 0.18215
 
 
 def sd_scale_latents(z_raw):
-    """Raw VAE latent -> MeanFlow/DiT model latent."""
     return z_raw * SD_LATENT_SCALE
 
 
 def sd_unscale_latents(z):
-    """MeanFlow/DiT model latent -> raw VAE latent."""
     return z / SD_LATENT_SCALE
 
 
 @torch.no_grad()
 def sd_encode_pixels(vae, images, batch=8):
     """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [-1, 1]."""
-    p = next(vae.parameters())
-    mean, std = vae.encode(images.to(p.device, torch.float32) / 127.5 - 1, batch=batch)
+    mean, std = vae.encode(images.to(next(vae.parameters()).device, torch.float32) / 127.5 - 1, batch=batch)
     return torch.cat([mean, std], dim=1)
 
 
 def sd_encode_latents(raw, generator=None):
     """Raw latents [N, 8, h, w] (mean, std) -> MeanFlow/DiT model latents [N, 4, h, w]: draw, then scale."""
-    mean, std = raw.to(torch.float32).chunk(2, dim=1)
-    return sd_scale_latents(sample_latents(mean, std, generator))
+    return sd_scale_latents(sample_latents(*raw.to(torch.float32).chunk(2, dim=1), generator))
 
 
 @torch.no_grad()
 def sd_decode(vae, z, batch=8):
     """MeanFlow/DiT model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (127.5 x + 128, clip, truncate)."""
-    p = next(vae.parameters())
-    x = vae.decode(sd_unscale_latents(z.to(p.device, torch.float32)), batch=batch)
+    x = vae.decode(sd_unscale_latents(z.to(next(vae.parameters()).device, torch.float32)), batch=batch)
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 # <<< pasted: sd-vae
 

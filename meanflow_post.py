@@ -1,9 +1,7 @@
 """MeanFlow post-training initialised by Consistency Mid-Training (CMT-MF) on ImageNet-256 latents.
 
-Reference implementation of the MeanFlow part of "Consistency Mid-Training" (CMT, arXiv 2509.24526),
-built on MeanFlow (Geng et al., arXiv 2505.13447). One file: DiT-MF network, teacher sampler, both losses,
-sampling, DDP training loop, and the SD-VAE in an appendix at the end (shared verbatim with cmt_imagenet.py).
-Convention (MeanFlow): t = 1 is noise, t = 0 is data,
+Reference implementation of the MeanFlow part of "Consistency Mid-Training" (CMT, arXiv 2509.24526), built on
+MeanFlow (Geng et al., arXiv 2505.13447). Convention (MeanFlow): t = 1 is noise, t = 0 is data,
 
     z_t = (1 - t) x + t e,   v = e - x,   e ~ N(0, I),   x = SD-VAE latent * 0.18215.
 
@@ -31,20 +29,16 @@ Every ordered pair i > j of one trajectory gives an exact flow-map target for th
 
     u_theta(z_{t_i}, r = t_j, t = t_i)  ~  (z_{t_i} - z_{t_j}) / (t_i - t_j)        plain MSE, no JVP
 
-(j = 0 is CMT-CM's "trajectory point -> endpoint"). Labels are dropped (prob 0.1) before the teacher
-runs, so the student also learns the unconditional map. The teacher solves the trajectories of many
-micro-steps in one batch (`--traj-buffer`, default 128 per rank; 0: one solve per micro-step), the same
-pairs computed ahead. The mid-trained student then initialises MeanFlow post-training, which converges
-far faster than from random init (paper: MF-XL/2 1-NFE FID 3.34 in 760 GPU-h vs 3.43 in 1520 GPU-h from
-scratch).
+(j = 0 is CMT-CM's "trajectory point -> endpoint"). Labels are dropped (prob 0.1) before the teacher runs,
+so the student also learns the unconditional map; the teacher solves many micro-steps' trajectories in one
+batch (`--traj-buffer`). The mid-trained student initialises MeanFlow post-training, which converges far
+faster than from random init (paper: MF-XL/2 1-NFE FID 3.34 in 760 GPU-h vs 3.43 in 1520 GPU-h from scratch).
 
-Stages (`--stage`):
-    pretrain  MeanFlow from scratch (the small CMT teacher, e.g. MF-B/4; or a from-scratch baseline)
-    mid       CMT-MF: --teacher PATH (a checkpoint of this script), --teacher-solver, --teacher-steps, --pairs
-    post      MeanFlow from --init PATH (a mid checkpoint: its EMA weights) or --init random
-    sample    1-NFE and 2-NFE samples of --init PATH -> samples-*.png grid and samples-*.npz (uint8 NHWC) for fid.py
-    encode    ImageNet folder (class subfolders) -> latent shards of the SD-VAE posterior (mean, std)
-Speed benchmark and evidence study: experiments/bench_meanflow.py and experiments/study_meanflow.py.
+Stages (`--stage`): pretrain (MeanFlow from scratch: the small CMT teacher, e.g. MF-B/4, or a baseline), mid
+(CMT-MF from --teacher, a checkpoint of this script), post (MeanFlow from --init PATH: its EMA weights, or
+random), sample (1- and 2-NFE samples -> samples-*.png and samples-*.npz for fid.py), encode (ImageNet folder
+-> latent shards of the SD-VAE posterior mean and std). Benchmark and evidence study:
+experiments/bench_meanflow.py, experiments/study_meanflow.py.
 
 Usage (8 GPUs; the `xl2` preset is the paper's recipe, `b4` the MeanFlow B/4 recipe):
     python meanflow_post.py --stage encode --data /data/imagenet/train --vae sd-vae-ft-mse.safetensors --outdir latents
@@ -54,34 +48,21 @@ Usage (8 GPUs; the `xl2` preset is the paper's recipe, `b4` the MeanFlow B/4 rec
     torchrun --nproc_per_node=8 meanflow_post.py --stage sample --init runs/post-xl2/ckpt-latest.pt --vae VAE --num 50000 --outdir runs/post-xl2-samples
     python meanflow_post.py --preset tiny          # CPU demo: teacher -> mid -> post (+ baseline) -> quality table
 
-Notes. --teacher takes a checkpoint PATH of this script only (the family's URL and `analytic` forms are
-left out: no official PyTorch MeanFlow checkpoint exists to download, and the tiny preset trains its own
-teacher, as the paper does). --fid-ref is used by --stage sample. The mid stage needs no data: it
-starts from noise and uniformly drawn labels. The randomness of every micro-batch derives from (seed,
-iteration, global micro-batch slot), so resume is exact and a 2-GPU run computes the same step as a
-1-GPU run with 2 accumulation steps.
-DDP: torch.func.jvp does not work through a DistributedDataParallel wrapper, so every rank runs the
-unwrapped module and the gradients (plus the loss, for the non-finite guard) are all-reduced in
-buckets after the last micro-step (that is what DDP's no_sync + final reduction does).
---compile compiles plain forwards only (teacher, CFG forwards, CMT-MF student); the JVP path is
-always eager. --bf16 autocasts the network forwards (the jvp's primal and tangent go through the same
-bf16 matmuls); the tangent inputs (v_g, 0, 1), the returned u and du/dt, the target and the loss
-reductions are float32. Default: float32 throughout.
-
-Outputs in --outdir: config.json (resolved config), stats.jsonl (one line per --log-every), ckpt-latest.pt
-(every --ckpt-every) and ckpt-NNNNNNN.pt snapshots (every --snap-every and at the end), samples-NNNNNNN.png
-(--grid images, every --sample-every and at the end), and for --stage sample samples-<steps>step.{png,npz}; a
-checkpoint is a plain dict {model, ema, optimizer, iter, rng, data_state, config, stage, script} read with
-torch.load(weights_only=True).
-Run folders: a training stage starts in a new or empty --outdir, or continues with --resume auto (or PATH) the
-run of the same stage and recipe (only RESUME_MAY_CHANGE fields may differ); sample, encode and the tiny
-pipeline also refuse a folder that holds an earlier run (encode and the pipeline continue with --resume auto).
-A user's mistake is one line on stderr and exit code 2, and nothing is written.
-Details taken from the official MeanFlow code (Gsunshine/meanflow): r = t on exactly the first 75% of
-each per-device batch; the dropped labels are the first k ~ Binomial(B, 0.1) rows; the CFG forwards use
-the undropped labels; the per-sample loss sums over latent elements. Our choices where the papers are
-silent: uniform t grids for the teacher and for 2-NFE sampling, Heun's correction on every step
-(v is finite at t = 0), CMT-MF MSE as a mean over elements, and the same optimiser/EMA in every stage.
+Notes. --teacher takes only a checkpoint of this script: no official PyTorch MeanFlow checkpoint exists, and
+the tiny preset trains its own teacher, as the paper does. Every micro-batch's randomness derives from (seed,
+iteration, global micro-batch slot), so resume is exact and 2 GPUs compute the step of 1 GPU with 2
+accumulation steps. torch.func.jvp does not work through DistributedDataParallel: every rank runs the
+unwrapped module and the gradients (and the loss, for the non-finite guard) are all-reduced in buckets after
+the last micro-step, as DDP's no_sync + final reduction would. --compile compiles plain forwards only; the
+JVP path stays eager. --bf16 autocasts the network forwards (the jvp's primal and tangent alike); the tangent
+inputs, u, du/dt, the target and the loss reductions stay float32. Outputs and run folders: see README.md;
+ckpt-latest.pt comes every --ckpt-every, kept ckpt-NNNNNNN.pt snapshots every --snap-every; sample, encode and
+the tiny pipeline also refuse a folder holding an earlier run (encode and the pipeline continue with --resume auto).
+Details taken from the official MeanFlow code (Gsunshine/meanflow): r = t on exactly the first 75% of each
+per-device batch; the dropped labels are the first k ~ Binomial(B, 0.1) rows; the CFG forwards use the
+undropped labels; the per-sample loss sums over latent elements. Our choices where the papers are silent:
+uniform t grids for the teacher and for 2-NFE sampling, Heun's correction on every step (v is finite at
+t = 0), CMT-MF MSE as a mean over elements, and the same optimiser/EMA in every stage.
 """
 
 import argparse
@@ -104,12 +85,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------- config
-
 SCRIPT = "meanflow_post.py"  # recorded in every checkpoint: --init/--teacher/--resume refuse other scripts' files
-# Config fields a resumed run may change: its length, how often it logs, checkpoints and samples, what the
-# sample stage and the tiny table compute, speed switches, and the per-process split of the batch (the
-# world size is not in the config). Every other field defines the run and must match the checkpoint's.
-# --traj-buffer only groups the teacher's solves of inputs drawn per micro-step: the same pairs, to float rounding.
+# Config fields a resumed run may change (length, cadences, what sample and the tiny table compute, speed
+# switches, the per-process split of the batch); every other field defines the run and must match the checkpoint's.
 RESUME_MAY_CHANGE = {"iters", "mimg", "log_every", "ckpt_every", "snap_every", "sample_every", "grid", "resume", "outdir",
                      "max_nonfinite", "eval_num", "bf16", "tf32", "compile", "fid_ref", "num", "sample_steps", "vae",
                      "batch_gpu", "traj_buffer"}
@@ -163,8 +141,6 @@ PRESETS = {
 }
 
 # ----------------------------------------------------------------------------- data
-
-
 def toy_mixture(num_classes=8, channels=4, res=8):
     """Built-in toy data: one isotropic Gaussian N(mu_k, s_k^2 I) per class, smooth patterned means."""
     g = np.random.RandomState(0)  # fixed: the toy data set is part of the program
@@ -198,10 +174,9 @@ def gaussian_average_velocity(z, r, t, mu, s):
 
 
 class LatentShards:
-    """Latent data set written by `--stage encode`: latents-NNNNN.npy ([n, 8, H, W] float32: the SD-VAE
-    posterior mean and std, as in the official MeanFlow pipeline) and labels-NNNNN.npy ([n] int64).
-    A training latent is a fresh posterior sample times 0.18215. Batches are a function of a global
-    sample counter (the data_state), so resume continues the same permutation."""
+    """`--stage encode`'s shards: latents-NNNNN.npy ([n, 8, H, W] float32, the SD-VAE posterior mean and std, as
+    the official MeanFlow pipeline stores) and labels-NNNNN.npy ([n] int64). A training latent is a fresh
+    posterior draw times 0.18215; a batch is a function of a global sample counter, so resume continues it."""
 
     def __init__(self, path):
         path = Path(path)
@@ -216,11 +191,9 @@ class LatentShards:
         except (OSError, ValueError, EOFError) as e:  # a missing labels file, a damaged or truncated shard
             raise SystemExit(f"--data {path}: unreadable latent shards ({' '.join(str(e).split())[:160]})") from None
         self.offsets = np.cumsum([0] + [len(a) for a in self.lat])
-        self.n = int(self.offsets[-1])
-        self.shape = self.lat[0].shape[1:]
-        self._perm = (-1, None)
-        if self.shape[0] != 8:
-            raise SystemExit(f"--data {path}: expected 8 channels (posterior mean and std), got {self.shape}")
+        self.n, self._perm = int(self.offsets[-1]), (-1, None)
+        if self.lat[0].shape[1] != 8:
+            raise SystemExit(f"--data {path}: expected 8 channels (posterior mean and std), got {self.lat[0].shape[1:]}")
 
     def batch(self, start, n, seed, gen, device):
         """Rows [start, start + n) of the infinite stream of per-epoch permutations."""
@@ -230,10 +203,9 @@ class LatentShards:
             if self._perm[0] != epoch:  # a fresh permutation per epoch, a function of (seed, epoch)
                 self._perm = (epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)))
             rows.append(int(self._perm[1][k]))
-        idx = np.array(rows)
-        shard = np.searchsorted(self.offsets, idx, side="right") - 1
-        moments = np.stack([self.lat[s][i - self.offsets[s]] for s, i in zip(shard, idx)])
-        labels = np.array([self.lab[s][i - self.offsets[s]] for s, i in zip(shard, idx)])
+        shards = np.searchsorted(self.offsets, rows, side="right") - 1
+        moments = np.stack([self.lat[s][i - self.offsets[s]] for s, i in zip(shards, rows)])
+        labels = np.array([self.lab[s][i - self.offsets[s]] for s, i in zip(shards, rows)])
         x = sd_encode_latents(torch.from_numpy(moments.astype(np.float32)).to(device), gen)
         return x, torch.from_numpy(labels.astype(np.int64)).to(device)
 
@@ -241,8 +213,6 @@ class LatentShards:
 # The SD-VAE, its safetensors reader and its latent conventions: see the appendix at the end of this file.
 
 # ----------------------------------------------------------------------------- network
-
-
 def timestep_embedding(t, dim=256, max_period=10000):
     """DiT/GLIDE sinusoidal embedding [cos, sin] of raw values (MeanFlow feeds t and h = t - r in [0, 1])."""
     half = dim // 2
@@ -407,8 +377,6 @@ def average_velocity(net, z, r, t, y):
 
 
 # ----------------------------------------------------------------------------- teacher and solver
-
-
 def load_ema_net(path, flag):
     """A network (architecture from the checkpoint's config) holding the checkpoint's EMA weights."""
     ckpt = read_checkpoint(path, flag)
@@ -461,8 +429,6 @@ def teacher_trajectory(teacher, e, y, steps, solver):
 
 
 # ----------------------------------------------------------------------------- losses
-
-
 def sample_t_r(n, p_mean, p_std, ratio_neq, gen, device):
     """MeanFlow (t, r): two i.i.d. sigmoid(N(p_mean, p_std)) draws, t = max, r = min; then the first
     int(n (1 - ratio_neq)) rows of the batch get r = t (official `data_proportion` = 0.75 per device batch)."""
@@ -551,8 +517,6 @@ def cmt_mf_loss(net, z, r, t, y, u_tgt):
 
 
 # ----------------------------------------------------------------------------- sampling
-
-
 @torch.no_grad()
 def sample_fewstep(net, e, y, steps):
     """MeanFlow few-step sampler on the uniform grid: z_r = z_t - (t - r) u(z_t, r, t); 1 NFE: x = e - u(e, 0, 1)."""
@@ -591,12 +555,10 @@ def latents_to_uint8(x, vae):
 
 # >>> pasted: run-folders
 # ----------------------------------------------------------------------------- run folders
-# An output folder belongs to one run. A training stage starts in a new or empty --outdir, or continues
-# with --resume the run whose checkpoint it names; nothing is written before every check has passed.
-# A checkpoint records its script, stage and config, and resumes only a run whose config differs in
-# RESUME_MAY_CHANGE fields alone. A user's mistake raises SystemExit(message): the entry point prints
-# it as one line and exits with code 2, without a traceback. This section is the same in all three
-# scripts, pasted in place: test_cmt.py keeps the copies identical, so edit them alike.
+# An output folder belongs to one run: a training stage starts in a new or empty --outdir, or continues with
+# --resume the run whose checkpoint it names (its script, stage and config, differing in RESUME_MAY_CHANGE fields
+# alone), and writes nothing before every check has passed. A user's mistake raises SystemExit(message), which the
+# entry point prints as one line (exit code 2). Pasted in all three scripts: test_cmt.py keeps the copies identical.
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -685,8 +647,6 @@ def check_outdir(cfg):
 
 
 # ----------------------------------------------------------------------------- training loop
-
-
 def micro_seed(seed, it, slot):
     """Seed of one micro-batch: a function of (seed, iteration, global slot) only, so resume is exact and
     the data and noise of a step do not depend on how it is split over ranks and accumulation."""
@@ -695,14 +655,11 @@ def micro_seed(seed, it, slot):
 
 def init_distributed():
     """torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) -> (rank, world, device): nccl on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if (world > 1 or "LOCAL_RANK" in os.environ) and not dist.is_initialized():  # torchrun, even 1 process
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
@@ -712,15 +669,13 @@ def allreduce_grads(params, extra, world, bucket_numel=25_000_000):
     """Average gradients over ranks in flat buckets (the jvp runs on the unwrapped module, so DDP cannot
     do this). `extra` (the summed loss) rides along in the first bucket: every rank then sees the same
     loss and takes the same skip decision."""
-    grads = [p.grad for p in params]
-    buckets, cur, size = [], [extra.view(1)], 1
-    for g in grads:
-        if size + g.numel() > bucket_numel and len(cur) > 0:
-            buckets.append(cur)
-            cur, size = [], 0
-        cur.append(g)
+    buckets, size = [[extra.view(1)]], 1
+    for g in (p.grad for p in params):
+        if size + g.numel() > bucket_numel:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(g)
         size += g.numel()
-    buckets.append(cur)
     for bucket in buckets:
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat)
@@ -733,14 +688,12 @@ def allreduce_grads(params, extra, world, bucket_numel=25_000_000):
 
 
 class TeacherPairs:
-    """This rank's CMT-MF teacher trajectories, micro-step by micro-step, solved in bulk: one teacher run covers
-    the trajectories of `traj_buffer` // (trajectories per iteration) iterations, a chunk. Each micro-step still
-    draws its labels, noise and pair picks from its own micro_seed generator, exactly as a solve of its own would,
-    so the pairs are those of the one-at-a-time loop (to float rounding: only the teacher's batch grows) and each
-    trajectory is used once. Chunks start at multiples of their length: a resumed run re-solves the chunk it
-    stopped in from the same inputs at the same batch and continues bit-exactly (nothing to checkpoint). A buffer
-    smaller than one iteration's trajectories solves each micro-step alone, when it is used (one teacher run
-    per micro-step, as sony/cmt training/loss.py, DPMSolverLoss, does for CMT)."""
+    """This rank's CMT-MF teacher trajectories, solved in bulk: one teacher run covers a chunk of `traj_buffer` //
+    (trajectories per iteration) iterations. Each micro-step still draws its labels, noise and pair picks from
+    its own micro_seed generator, so the pairs are those of the one-at-a-time loop (to float rounding) and each
+    trajectory is used once. Chunks start at multiples of their length: a resumed run re-solves its chunk and
+    continues bit-exactly. A buffer under one iteration's trajectories solves each micro-step alone, when it is
+    used (as sony/cmt training/loss.py, DPMSolverLoss, does for CMT)."""
 
     def __init__(self, solve, inputs, cfg, rank, accum, trajs):
         self.solve, self.inputs, self.iters, self.trajs = solve, inputs, cfg["iters"], trajs
@@ -1074,8 +1027,6 @@ def format_duration(seconds):
 
 
 # ----------------------------------------------------------------------------- evaluation and stages
-
-
 @torch.no_grad()
 def eval_batch(cfg, num):
     """The evaluation's fixed noise e, labels taking the classes in turn, and the exact class-conditional flow
@@ -1089,37 +1040,37 @@ def eval_batch(cfg, num):
     return e, y, e - u.float()
 
 
+def toy_fd(x, cfg, seed=54321):
+    """Frechet distance of raw pixel vectors between x and as many fresh toy samples (drawn from `seed`)."""
+    import fid
+    mu, std = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"])
+    ref, _ = toy_sample(mu, std, len(x), torch.Generator().manual_seed(seed), "cpu")
+    return fid.frechet_distance(*fid.mean_cov(x.flatten(1).double().numpy()), *fid.mean_cov(ref.flatten(1).double().numpy()))
+
+
 @torch.no_grad()
 def quality_row(net, cfg, steps, num):
     """Flow-map error of `steps`-step sampling against the exact map from the same noise (eval_batch) and
     pixel Frechet distance against fresh toy samples. Returns (err, fd, x), x the samples."""
-    import fid
     e, y, z0 = eval_batch(cfg, num)
     x = sample_fewstep(net.eval(), e, y, steps)
-    err = (x - z0).square().mean().item()
-    mu, std = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"])
-    ref, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(54321), "cpu")
-    fd = fid.frechet_distance(*fid.mean_cov(x.flatten(1).double().numpy()), *fid.mean_cov(ref.flatten(1).double().numpy()))
-    return err, fd, x
+    return (x - z0).square().mean().item(), toy_fd(x, cfg), x
 
 
 TINY_PIPELINE_ENTRIES = {"teacher", "mid", "post", "post-random", "quality.txt", "quality.txt.tmp", "comparison.png"}
 
 
-def check_pipeline_outdir(outdir, resume):
-    """The tiny pipeline's root folder: new or empty, or (--resume auto) one that holds only its own stage
-    folders and table, which each stage then checks and continues."""
-    if resume not in (None, "auto"):
-        raise SystemExit(f"--resume {resume}: the tiny pipeline continues with --resume auto (each stage from "
-                         "its own folder's ckpt-latest.pt)")
+def check_continued_outdir(outdir, resume, owned, what):
+    """The folder of a job of several parts (the tiny pipeline, encode's shards): new or empty, or with --resume
+    auto one that holds only its own parts (names `owned` accepts), which the job then continues."""
     out = Path(outdir)
     held = sorted(q.name for q in out.iterdir()) if out.is_dir() else []
     if resume is None or not held:
         return check_outdir(dict(outdir=str(out), resume=None))
-    foreign = [name for name in held if name not in TINY_PIPELINE_ENTRIES]
+    foreign = [name for name in held if not owned(name)]
     if foreign:
         raise SystemExit(f"--outdir {out}: holds {', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}, "
-                         "not a run of the tiny pipeline; choose a new --outdir")
+                         f"not {what}; choose a new --outdir")
     if not os.access(out, os.W_OK | os.X_OK):
         raise SystemExit(f"--outdir {out}: {out} is not a writable folder")
     return None
@@ -1129,25 +1080,27 @@ def run_tiny_pipeline(cfg_for, outdir, baseline=True):
     """--preset tiny without --stage: teacher (pretrain) -> mid -> post, plus post from random init at the
     same budget, then the quality table and comparison.png (for the same noise and labels: the exact map,
     the teacher, each student at 1 and 2 steps). With --resume auto (in cfg) every stage continues its folder."""
-    outdir = Path(outdir)
-    check_pipeline_outdir(outdir, cfg_for("post").get("resume"))
+    outdir, post = Path(outdir), cfg_for("post")
+    resume = post.get("resume")
+    if resume not in (None, "auto"):
+        raise SystemExit(f"--resume {resume}: the tiny pipeline continues with --resume auto (each stage from "
+                         "its own folder's ckpt-latest.pt)")
+    check_continued_outdir(outdir, resume, TINY_PIPELINE_ENTRIES.__contains__, "a run of the tiny pipeline")
     times, nets = {}, {}
     plan = [("pretrain", "teacher", {}), ("mid", "mid", {"teacher": str(outdir / "teacher" / "ckpt-latest.pt")}),
             ("post", "post", {"init": str(outdir / "mid" / "ckpt-latest.pt")})]
     if baseline:
         plan.append(("post", "post-random", {"init": "random"}))
     for stage, name, extra in plan:
-        cfg = dict(cfg_for(stage), **extra)
-        t0 = time.time()
-        tr = train(cfg, stage, outdir / name)
-        times[name], nets[name] = time.time() - t0, (tr.ema, cfg)
+        cfg, t0 = dict(cfg_for(stage), **extra), time.time()
+        nets[name] = (train(cfg, stage, outdir / name).ema, cfg)
+        times[name] = time.time() - t0
     names = {"teacher": "teacher (MF, pretrain)", "mid": "CMT-MF mid", "post": "MeanFlow post from mid",
              "post-random": "MeanFlow post from random (baseline)"}
     teacher_steps = cfg_for("mid")["teacher_steps"]
     rows = [("teacher", 1), ("teacher", teacher_steps), ("mid", 1), ("post", 1), ("post", 2)]
     rows += [("post-random", 1)] * baseline
-    num = cfg_for("post")["eval_num"]
-    k = 2 * cfg_for("post")["num_classes"]  # comparison.png: the first k samples, two per class
+    num, k = post["eval_num"], 2 * post["num_classes"]  # comparison.png: the first k samples, two per class
     lines = [f"{'model':<38} {'steps':>5} {'flow-map err':>13} {'pixel FD':>10} {'wall time':>10}"]
     shown = {}
     for name, steps in rows:
@@ -1155,14 +1108,16 @@ def run_tiny_pipeline(cfg_for, outdir, baseline=True):
         err, fd, x = quality_row(net, cfg, steps, num)
         shown[name, steps] = x[:k]
         lines.append(f"{names[name]:<38} {steps:>5} {err:>13.5f} {fd:>10.4f} {times[name]:>9.1f}s")
-    ref = quality_reference(cfg_for("post"), num)
+    mu, std = toy_mixture(post["num_classes"], post["channels"], post["res"])
+    ref = toy_fd(toy_sample(mu, std, num, torch.Generator().manual_seed(1), "cpu")[0], post)  # the FD floor
     lines.append(f"{'(toy data vs fresh toy data)':<38} {'-':>5} {0.0:>13.5f} {ref:>10.4f} {'-':>10}")
     table = "\n".join(lines)
     print("\nQuality on the toy mixture (flow-map err: MSE per element vs the exact map from the same noise;\n"
-          f"pixel FD: Frechet distance of raw {cfg_for('post')['channels']}x{cfg_for('post')['res']}x{cfg_for('post')['res']} vectors vs {num} fresh samples)\n" + table, flush=True)
+          f"pixel FD: Frechet distance of raw {post['channels']}x{post['res']}x{post['res']} vectors vs {num} fresh "
+          "samples)\n" + table, flush=True)
     write_atomic(outdir / "quality.txt", lambda f: f.write((table + "\n").encode()))
     # The picture reuses the table's samples; the rows the table leaves out are drawn from the same noise.
-    e, y, z0 = (v[:k] for v in eval_batch(cfg_for("post"), num))
+    e, y, z0 = (v[:k] for v in eval_batch(post, num))
     pics = [("exact flow map", z0)]
     students = [(name, steps) for name in nets if name != "teacher" for steps in (1, 2)]
     for name, steps in [("teacher", teacher_steps)] + students:
@@ -1172,19 +1127,9 @@ def run_tiny_pipeline(cfg_for, outdir, baseline=True):
     return table
 
 
-def quality_reference(cfg, num):
-    """FD floor: toy samples against other toy samples (finite-sample bias of the estimator)."""
-    import fid
-    mu, std = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"])
-    x1, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(1), "cpu")
-    x2, _ = toy_sample(mu, std, num, torch.Generator().manual_seed(54321), "cpu")
-    return fid.frechet_distance(*fid.mean_cov(x1.flatten(1).double().numpy()), *fid.mean_cov(x2.flatten(1).double().numpy()))
-
-
 def save_comparison(rows, path, scale=8, gap=4):
-    """One labelled row of tiles per (name, x [k, C, H, W] toy latents), each enlarged `scale` times
-    (nearest neighbour) so that 8x8 samples can be seen; as cmt_imagenet.py's save_comparison. The toy's
-    latents have 4 channels: the first three are shown as RGB, [-1, 1] -> uint8 (latents_to_uint8)."""
+    """One labelled row of tiles per (name, x [k, C, H, W] toy latents, the first three channels shown as RGB),
+    each enlarged `scale` times so that 8x8 samples can be seen; as cmt_imagenet.py's save_comparison."""
     from PIL import Image, ImageDraw
     k, _, h, w = rows[0][1].shape
     label_w, th, tw = 290, h * scale, w * scale  # 290: the longest label in PIL's bitmap font (6 px a letter)
@@ -1232,7 +1177,7 @@ def run_sample(cfg, outdir, rank, world, device):
             gen = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], 0, start))
             e = torch.randn((n, ncfg["channels"], ncfg["res"], ncfg["res"]), generator=gen, device=device)
             y = torch.randint(0, ncfg["num_classes"], (n,), generator=gen, device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.get("bf16"))):
+            with bf16_autocast(cfg, device):
                 x = sample_fewstep(net, e, y, steps)
             starts.append(start)
             chunks.append(latents_to_uint8(x.float(), vae))
@@ -1296,24 +1241,6 @@ SHARD_SIZE = 10_000  # images per latent shard
 ENCODE_OUTPUTS = re.compile(r"(latents|labels)-\d{5}\.npy(\.tmp)?|dataset\.json(\.tmp)?")
 
 
-def check_encode_outdir(outdir, resume):
-    """--stage encode writes into a new or empty --outdir; --resume auto continues one that holds only
-    the shards of an earlier encode."""
-    if resume not in (None, "auto"):
-        raise SystemExit(f"--resume {resume}: --stage encode continues with --resume auto (finished shards are kept)")
-    out = Path(outdir)
-    held = sorted(q.name for q in out.iterdir()) if out.is_dir() else []
-    if resume is None or not held:
-        return check_outdir(dict(outdir=str(out), resume=None))
-    foreign = [name for name in held if not ENCODE_OUTPUTS.fullmatch(name)]
-    if foreign:
-        raise SystemExit(f"--outdir {out}: holds {', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}, "
-                         "not latent shards of --stage encode; choose a new --outdir")
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise SystemExit(f"--outdir {out}: {out} is not a writable folder")
-    return None
-
-
 @torch.no_grad()
 def run_encode(cfg, outdir, rank, world, device):
     """ImageNet train folder (one subfolder per class, sorted names = labels 0..K-1) -> latent shards:
@@ -1330,7 +1257,10 @@ def run_encode(cfg, outdir, rank, world, device):
         raise SystemExit(f"--data {root}: no class subfolders with images ({', '.join(IMAGE_EXTENSIONS)})")
     if not cfg.get("vae"):
         raise SystemExit("--vae: --stage encode needs --vae PATH (sd-vae-ft-mse weights, diffusers layout)")
-    check_encode_outdir(outdir, cfg.get("resume"))
+    if cfg.get("resume") not in (None, "auto"):
+        raise SystemExit(f"--resume {cfg['resume']}: --stage encode continues with --resume auto (finished shards "
+                         "are kept)")
+    check_continued_outdir(outdir, cfg.get("resume"), ENCODE_OUTPUTS.fullmatch, "latent shards of --stage encode")
     vae = open_vae(cfg["vae"], device)
     if world > 1:
         dist.barrier()  # every rank has checked --outdir before any writes into it
@@ -1356,8 +1286,6 @@ def run_encode(cfg, outdir, rank, world, device):
 
 
 # ----------------------------------------------------------------------------- entry point
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends '(default: X)' only where the help text does not already state the default."""
 
@@ -1371,12 +1299,11 @@ def int_at_least(low):
     """argparse type: an integer >= low, so --batch 0 is one clear line instead of a ZeroDivisionError."""
     def parse(text):
         try:
-            value = int(text)
+            if int(text) >= low:
+                return int(text)
         except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
     return parse
 
 
@@ -1397,63 +1324,61 @@ def step_counts(most=None):
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--stage", choices=["pretrain", "mid", "post", "sample", "encode"], default=None,
+    a("--stage", choices=["pretrain", "mid", "post", "sample", "encode"],
       help="stage to run; none with --preset tiny = the whole CPU pipeline")
-    a("--preset", choices=sorted(PRESETS), default="xl2", help="recipe: xl2 = CMT-MF XL/2 (paper), b4 = MeanFlow B/4, tiny = CPU demo")
+    a("--preset", choices=sorted(PRESETS), default="xl2", help="recipe: xl2 = CMT-MF XL/2 (paper), b4 = MeanFlow B/4, "
+      "tiny = CPU demo")
     a("--outdir", default="runs/meanflow", help="output folder")
-    a("--data", default=None, help="latent shards folder (encode: ImageNet train folder) or 'toy'; default: preset")
-    a("--model", choices=sorted(MODELS), default=None, help="DiT-MF size; default: preset (per stage)")
-    a("--teacher", default=None, help="mid: teacher checkpoint PATH (ckpt-*.pt of this script)")
-    a("--teacher-solver", choices=["meanflow", "euler", "heun"], default=None, help="mid: teacher sampler; default: preset (meanflow)")
-    a("--teacher-steps", type=int_at_least(1), default=None,
-      help="mid: teacher solver steps M per trajectory, on a uniform t grid (one network pass each; heun: two); "
-           "default: preset (8; tiny 4)")
-    a("--pairs", type=int_at_least(1), default=None, help="mid: ordered pairs (i > j) per trajectory per step; default: preset (8)")
-    a("--traj-buffer", type=int_at_least(0), default=None, help="mid: teacher trajectories per rank solved in one batch, "
-      "rounded down to whole iterations; fewer than one iteration's: one solve per micro-step (same pairs either way) "
-      "(default 128)")
-    a("--init", default=None, help="post: PATH (a checkpoint: its EMA weights) | teacher | random; sample: the "
-      "checkpoint PATH to sample, or teacher; default: random")
-    a("--resume", default=None, help="PATH | auto (= outdir/ckpt-latest.pt if present, else a fresh start in an "
-      "empty --outdir); the checkpoint must be of the same stage and recipe")
-    a("--batch", type=int_at_least(1), default=None, help="global batch (images); default: preset (256)")
-    a("--batch-gpu", type=int_at_least(1), default=None, help="per-GPU micro-batch; default: batch / world size")
-    a("--iters", type=int_at_least(1), default=None, help="training iterations; default: preset (per stage)")
-    a("--mimg", type=float, default=None, help="training length in million images (sets --iters = mimg*1e6/batch)")
-    a("--lr", type=float, default=None, help="Adam learning rate, constant; default: preset (1e-4)")
-    a("--ema", type=float, default=None, help="EMA decay per step; default: preset (0.9999)")
-    a("--seed", type=int_at_least(0), default=None, help="random seed; per-rank and per-step seeds derive from it (default 0)")
-    a("--omega", type=float, default=None, help="training CFG omega; default: preset (xl2 0.2, b4 1.0)")
-    a("--kappa", type=float, default=None, help="training CFG kappa; default: preset (xl2 0.92, b4 0.5)")
-    a("--t-start", type=float, default=None, help="CFG interval start (t units); default 0")
-    a("--t-end", type=float, default=None, help="CFG interval end (t units); default: preset (xl2 0.75, b4 1.0)")
-    a("--ratio-neq", type=float, default=None, help="fraction of rows with r != t (default 0.25)")
-    a("--label-drop", type=float, default=None, help="label dropout probability (default 0.1)")
-    a("--norm-p", type=float, default=None, help="adaptive weight power p (default 1.0)")
-    a("--norm-eps", type=float, default=None, help="adaptive weight constant c (default 0.01)")
-    a("--fid-ref", default=None, help="sample: reference .npz (mu, sigma) -> print FID via fid.py")
-    a("--vae", default=None, help="SD-VAE weights (sd-vae-ft-mse, diffusers layout; .safetensors/.bin/.pt)")
+    a("--data", help="latent shards folder (encode: ImageNet train folder) or 'toy'; default: preset")
+    a("--model", choices=sorted(MODELS), help="DiT-MF size; default: preset (per stage)")
+    a("--teacher", help="mid: teacher checkpoint PATH (ckpt-*.pt of this script)")
+    a("--teacher-solver", choices=["meanflow", "euler", "heun"], help="mid: teacher sampler; default: preset (meanflow)")
+    a("--teacher-steps", type=int_at_least(1), help="mid: teacher steps M per trajectory on a uniform t grid (one "
+      "network pass each; heun: two); default: preset (8; tiny 4)")
+    a("--pairs", type=int_at_least(1), help="mid: ordered pairs (i > j) per trajectory per step; default: preset (8)")
+    a("--traj-buffer", type=int_at_least(0), help="mid: teacher trajectories per rank solved in one batch, in whole "
+      "iterations; fewer than one iteration's: one solve per micro-step (same pairs either way) (default 128)")
+    a("--init", help="post: PATH (a checkpoint: its EMA weights) | teacher | random; sample: the checkpoint PATH to "
+      "sample, or teacher; default: random")
+    a("--resume", help="PATH | auto (= outdir/ckpt-latest.pt if present, else a fresh start in an empty --outdir); "
+      "the checkpoint must be of the same stage and recipe")
+    a("--batch", type=int_at_least(1), help="global batch (images); default: preset (256)")
+    a("--batch-gpu", type=int_at_least(1), help="per-GPU micro-batch; default: batch / world size")
+    a("--iters", type=int_at_least(1), help="training iterations; default: preset (per stage)")
+    a("--mimg", type=float, help="training length in million images (sets --iters = mimg*1e6/batch)")
+    a("--lr", type=float, help="Adam learning rate, constant; default: preset (1e-4)")
+    a("--ema", type=float, help="EMA decay per step; default: preset (0.9999)")
+    a("--seed", type=int_at_least(0), help="random seed; per-rank and per-step seeds derive from it (default 0)")
+    a("--omega", type=float, help="training CFG omega; default: preset (xl2 0.2, b4 1.0)")
+    a("--kappa", type=float, help="training CFG kappa; default: preset (xl2 0.92, b4 0.5)")
+    a("--t-start", type=float, help="CFG interval start (t units); default 0")
+    a("--t-end", type=float, help="CFG interval end (t units); default: preset (xl2 0.75, b4 1.0)")
+    a("--ratio-neq", type=float, help="fraction of rows with r != t (default 0.25)")
+    a("--label-drop", type=float, help="label dropout probability (default 0.1)")
+    a("--norm-p", type=float, help="adaptive weight power p (default 1.0)")
+    a("--norm-eps", type=float, help="adaptive weight constant c (default 0.01)")
+    a("--fid-ref", help="sample: reference .npz (mu, sigma) -> print FID via fid.py")
+    a("--vae", help="SD-VAE weights (sd-vae-ft-mse, diffusers layout; .safetensors/.bin/.pt)")
     a("--num", type=int_at_least(1), default=50000, help="sample: number of images")
     a("--sample-steps", type=step_counts(), default=[1, 2], help="sample: comma-separated step counts (1 step = 1 NFE) "
-                                                                "(default: 1,2)")
-    a("--eval-num", type=int_at_least(1), default=None, help="tiny: samples per quality-table row (default 2000)")
+      "(default: 1,2)")
+    a("--eval-num", type=int_at_least(1), help="tiny: samples per quality-table row (default 2000)")
     a("--bf16", action=argparse.BooleanOptionalAction, default=False,
       help="bfloat16 autocast for network forwards (tangents/targets/loss in fp32) (default: off: fp32)")
     a("--tf32", action=argparse.BooleanOptionalAction, default=False,
       help="TF32 matmuls and cuDNN convolutions on CUDA (default: off: fp32)")
     a("--compile", action=argparse.BooleanOptionalAction, default=False,
       help="torch.compile plain forwards (never the jvp path) (default: off)")
-    a("--ckpt-every", type=int_at_least(0), default=None, help="iterations per ckpt-latest.pt, 0 = end only (default 5000)")
-    a("--snap-every", type=int_at_least(0), default=None, help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only "
-      "(default 50000; tiny 0)")
-    a("--sample-every", type=int_at_least(0), default=None, help="iterations per samples-NNNNNNN.png grid, 0 = end only "
-      "(default 20000; tiny 0)")
-    a("--grid", type=int_at_least(0), default=None, help="images in each samples-NNNNNNN.png grid (1-NFE), 0 = none "
-      "(default 64)")
-    a("--log-every", type=int_at_least(1), default=None, help="iterations per progress line / stats.jsonl row (default 100)")
-    a("--max-nonfinite", type=int_at_least(0), default=None, help="abort after this many steps with a non-finite loss (default 100)")
+    a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt, 0 = end only (default 5000)")
+    a("--snap-every", type=int_at_least(0), help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only (default "
+      "50000; tiny 0)")
+    a("--sample-every", type=int_at_least(0), help="iterations per samples-NNNNNNN.png grid, 0 = end only (default "
+      "20000; tiny 0)")
+    a("--grid", type=int_at_least(0), help="images in each samples-NNNNNNN.png grid (1-NFE), 0 = none (default 64)")
+    a("--log-every", type=int_at_least(1), help="iterations per progress line / stats.jsonl row (default 100)")
+    a("--max-nonfinite", type=int_at_least(0), help="abort after this many steps with a non-finite loss (default 100)")
     a("--skip-nonfinite", action="store_true", help="drop a step whose loss is non-finite (default: step with "
-                                                    "nan_to_num'd gradients, as sony/cmt)")
+      "nan_to_num'd gradients, as sony/cmt)")
     return p
 
 
@@ -1551,11 +1476,10 @@ def cli():
 
 # >>> pasted: sd-vae
 # ----------------------------------------------------------------------------- SD-VAE
-# Stability AI's sd-vae-ft-mse, written out in plain PyTorch with the state_dict names of
-# diffusers' AutoencoderKL (block_out_channels 128/256/512/512, layers_per_block 2, 248 tensors,
-# 83,653,863 parameters) so that `diffusion_pytorch_model.safetensors` (or `.bin`) from the Hugging Face
-# repo `stabilityai/sd-vae-ft-mse` loads strictly. Pixels -> 8x smaller 4-channel latents and back.
-# Every norm is GroupNorm(32 groups, eps 1e-6), every activation SiLU, dropout 0. The VAE is frozen
+# Stability AI's sd-vae-ft-mse in plain PyTorch, with the state_dict names of diffusers' AutoencoderKL
+# (block_out_channels 128/256/512/512, layers_per_block 2, 248 tensors, 83,653,863 parameters) so that
+# `diffusion_pytorch_model.safetensors` (or `.bin`) of the Hugging Face repo `stabilityai/sd-vae-ft-mse`
+# loads strictly. Every norm is GroupNorm(32, eps 1e-6), every activation SiLU, dropout 0. The VAE is frozen
 # and never differentiated with a JVP, so its attention may use F.scaled_dot_product_attention.
 
 
@@ -1582,9 +1506,7 @@ class VAEAttention(nn.Module):
     def __init__(self, ch):
         super().__init__()
         self.group_norm = nn.GroupNorm(32, ch, eps=1e-6)
-        self.to_q = nn.Linear(ch, ch)
-        self.to_k = nn.Linear(ch, ch)
-        self.to_v = nn.Linear(ch, ch)
+        self.to_q, self.to_k, self.to_v = nn.Linear(ch, ch), nn.Linear(ch, ch), nn.Linear(ch, ch)
         self.to_out = nn.ModuleList([nn.Linear(ch, ch)])  # diffusers keeps a Dropout(0) at to_out.1
 
     def forward(self, x):
@@ -1595,8 +1517,7 @@ class VAEAttention(nn.Module):
 
 
 class VAEResample(nn.Module):
-    """Downsample2D: zero-pad right and bottom by one, 3x3 conv stride 2 (H -> H/2 for even H).
-    Upsample2D: nearest-neighbour 2x, then 3x3 conv."""
+    """Downsample2D: zero-pad right and bottom by one, 3x3 conv stride 2. Upsample2D: nearest 2x, 3x3 conv."""
 
     def __init__(self, ch, up):
         super().__init__()
@@ -1609,30 +1530,18 @@ class VAEResample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as in the original LDM autoencoder
 
 
-class VAEDownBlock(nn.Module):
-    """diffusers DownEncoderBlock2D: resnets, then (except in the last block) a stride-2 downsampler."""
+class VAEBlock(nn.Module):
+    """diffusers DownEncoderBlock2D (up=False) / UpDecoderBlock2D (up=True): resnets, then, except in the
+    last block, a resampler under diffusers' key `downsamplers.0` / `upsamplers.0`."""
 
-    def __init__(self, cin, cout, num_resnets, down):
+    def __init__(self, cin, cout, num_resnets, up, resample):
         super().__init__()
         self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
-        self.downsamplers = nn.ModuleList([VAEResample(cout, up=False)]) if down else None
+        self.samplers = "upsamplers" if up else "downsamplers"
+        setattr(self, self.samplers, nn.ModuleList([VAEResample(cout, up)] if resample else []))
 
     def forward(self, x):
-        for layer in [*self.resnets, *(self.downsamplers or [])]:
-            x = layer(x)
-        return x
-
-
-class VAEUpBlock(nn.Module):
-    """diffusers UpDecoderBlock2D: resnets, then (except in the last block) a 2x upsampler."""
-
-    def __init__(self, cin, cout, num_resnets, up):
-        super().__init__()
-        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(num_resnets)])
-        self.upsamplers = nn.ModuleList([VAEResample(cout, up=True)]) if up else None
-
-    def forward(self, x):
-        for layer in [*self.resnets, *(self.upsamplers or [])]:
+        for layer in [*self.resnets, *getattr(self, self.samplers)]:
             x = layer(x)
         return x
 
@@ -1653,9 +1562,8 @@ class VAEEncoder(nn.Module):
     def __init__(self, channels=(128, 256, 512, 512), num_resnets=2):
         super().__init__()
         self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
-        cins = [channels[0], *channels[:-1]]
-        self.down_blocks = nn.ModuleList([VAEDownBlock(ci, co, num_resnets, down=i < len(channels) - 1)
-                                          for i, (ci, co) in enumerate(zip(cins, channels))])
+        self.down_blocks = nn.ModuleList([VAEBlock(ci, co, num_resnets, up=False, resample=i < len(channels) - 1)
+                                          for i, (ci, co) in enumerate(zip([channels[0], *channels[:-1]], channels))])
         self.mid_block = VAEMidBlock(channels[-1])
         self.conv_norm_out = nn.GroupNorm(32, channels[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(channels[-1], 8, 3, padding=1)  # 2 x 4 latent channels: mean and logvar
@@ -1673,7 +1581,7 @@ class VAEDecoder(nn.Module):
         rev = channels[::-1]
         self.conv_in = nn.Conv2d(4, rev[0], 3, padding=1)
         # Registered before mid_block only to list the keys in diffusers' order; the data flows mid -> up.
-        self.up_blocks = nn.ModuleList([VAEUpBlock(ci, co, num_resnets, up=i < len(rev) - 1)
+        self.up_blocks = nn.ModuleList([VAEBlock(ci, co, num_resnets, up=True, resample=i < len(rev) - 1)
                                         for i, (ci, co) in enumerate(zip([rev[0], *rev[:-1]], rev))])
         self.mid_block = VAEMidBlock(rev[0])
         self.conv_norm_out = nn.GroupNorm(32, rev[-1], eps=1e-6)
@@ -1687,18 +1595,15 @@ class VAEDecoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """sd-vae-ft-mse. encode: pixels [N, 3, H, W] -> posterior (mean, std), each [N, 4, H/8, W/8];
-    decode: latents [N, 4, h, w] -> pixels [N, 3, 8h, 8w], not clamped. The SD convention feeds and
-    returns pixels in [-1, 1]; EDM2 deliberately feeds [0, 1] (see edm2_encode_pixels). `batch` splits
-    the work into micro-batches to bound memory; GroupNorm is per sample, so results do not depend on it.
-    EDM2 and DiT run it in float32: call it outside a bf16 autocast region to reproduce their numbers."""
+    """sd-vae-ft-mse. encode: pixels [N, 3, H, W] -> posterior (mean, std), each [N, 4, H/8, W/8]; decode:
+    latents [N, 4, h, w] -> pixels [N, 3, 8h, 8w], not clamped. SD feeds and returns pixels in [-1, 1]; EDM2
+    deliberately feeds [0, 1] (see edm2_encode_pixels). `batch` bounds memory; GroupNorm is per sample, so
+    results do not depend on it. EDM2 and DiT run it in float32: call it outside bf16 autocast to match them."""
 
     def __init__(self):
         super().__init__()
-        self.encoder = VAEEncoder()
-        self.decoder = VAEDecoder()
-        self.quant_conv = nn.Conv2d(8, 8, 1)
-        self.post_quant_conv = nn.Conv2d(4, 4, 1)
+        self.encoder, self.decoder = VAEEncoder(), VAEDecoder()
+        self.quant_conv, self.post_quant_conv = nn.Conv2d(8, 8, 1), nn.Conv2d(4, 4, 1)
 
     def encode(self, x, batch=None):
         moments = torch.cat([self.quant_conv(self.encoder(c)) for c in x.split(batch or len(x))])
@@ -1714,29 +1619,23 @@ _VAE_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u
 
 
 def read_safetensors(path):
-    """Reads a .safetensors file into {name: CPU tensor} in its stored dtype, without the safetensors
-    package. Format: 8-byte little-endian header length n, n bytes of JSON mapping each name to
-    {dtype, shape, data_offsets: [begin, end]} (offsets into the data that follows; an optional
-    "__metadata__" entry holds strings), then the raw little-endian tensor data."""
+    """{name: CPU tensor} of a .safetensors file in its stored dtypes, without the safetensors package. Format:
+    8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}
+    (offsets into the data that follows; an optional "__metadata__" entry holds strings), then the raw data."""
     with open(path, "rb") as f:
         blob = f.read()
-    if len(blob) < 8:
-        raise ValueError(f"{path}: not a safetensors file (only {len(blob)} bytes; truncated?)")
     n = int.from_bytes(blob[:8], "little")
-    if 8 + n > len(blob):
-        raise ValueError(f"{path}: safetensors header claims {n} bytes but the file has {len(blob) - 8} "
-                         "after the length field (truncated, or not a safetensors file)")
+    if len(blob) < 8 or 8 + n > len(blob):
+        raise ValueError(f"{path}: not a safetensors file of {len(blob)} bytes (truncated, or its header length "
+                         "field is wrong)")
     try:
         header = json.loads(blob[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: safetensors header is not a JSON object")
+        entries = [(name, info) for name, info in header.items() if name != "__metadata__"]
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{path}: safetensors header is not a JSON object ({e})") from None
     data = memoryview(blob)[8 + n:]
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for name, info in entries:
         try:
             dtype, shape = info["dtype"], [int(s) for s in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
@@ -1754,24 +1653,21 @@ def read_safetensors(path):
             raise ValueError(f"{path}: tensor {name!r} ends at byte {end} of the data section but the file "
                              f"holds only {len(data)} bytes of data (truncated file)")
         a = np.frombuffer(data, dtype=np_dtype, count=count, offset=begin).astype(np_dtype.newbyteorder("="))
-        if dtype == "BF16":  # bfloat16 = the upper 16 bits of a float32; numpy has no bfloat16
-            tensor = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-        else:
-            tensor = torch.from_numpy(a)
+        # bfloat16 = the upper 16 bits of a float32; numpy has no bfloat16
+        tensor = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if dtype == "BF16" else torch.from_numpy(a)
         tensors[name] = tensor.reshape(shape)
     return tensors
 
 
 def load_vae(path, device="cpu"):
-    """Loads sd-vae-ft-mse weights in the diffusers layout from a .safetensors file, a .bin/.pt/.pth
-    state_dict (torch.load with weights_only=True), or a folder holding diffusion_pytorch_model.* (the
-    Hugging Face repo layout). Accepts the attention names of diffusers before 0.15
-    (query/key/value/proj_attn) and attention weights stored as 1x1 convs. Returns the float32 model in
-    eval mode with requires_grad False."""
+    """sd-vae-ft-mse weights in the diffusers layout from a .safetensors file, a .bin/.pt/.pth state_dict
+    (torch.load weights_only), or a folder holding diffusion_pytorch_model.* (the Hugging Face repo layout).
+    Accepts diffusers' attention names before 0.15 (query/key/value/proj_attn) and attention weights stored
+    as 1x1 convs. Returns the frozen float32 model in eval mode."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        found = [os.path.join(path, f"diffusion_pytorch_model.{ext}") for ext in ("safetensors", "bin")]
-        found = [p for p in found if os.path.isfile(p)]
+        found = [p for p in (os.path.join(path, f"diffusion_pytorch_model.{e}") for e in ("safetensors", "bin"))
+                 if os.path.isfile(p)]
         if not found:
             raise FileNotFoundError(f"VAE folder {path} holds neither diffusion_pytorch_model.safetensors nor "
                                     "diffusion_pytorch_model.bin (expected the stabilityai/sd-vae-ft-mse layout)")
@@ -1789,7 +1685,6 @@ def load_vae(path, device="cpu"):
     else:
         raise ValueError(f"{path}: unknown VAE weight format {ext!r}; expected .safetensors, .bin, .pt or .pth "
                          "in the diffusers AutoencoderKL layout")
-
     converted = {}
     for name, tensor in state.items():
         m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", name)
@@ -1801,7 +1696,6 @@ def load_vae(path, device="cpu"):
                 and tensor.shape[2:] == (1, 1):
             tensor = tensor.reshape(tensor.shape[:2])  # a 1x1 conv over pixels is the same linear map over channels
         converted[name] = tensor
-
     with torch.device("meta"):  # shapes only: skips a random init that the weights would overwrite
         vae = AutoencoderKL()
     expected = vae.state_dict()
@@ -1824,18 +1718,16 @@ def load_vae(path, device="cpu"):
 
 
 def sample_latents(mean, std, generator=None):
-    """One draw from the VAE posterior N(mean, std^2). Datasets store the 8-channel [mean, std]
-    (the "raw latents" of NVlabs/edm2 training/encoders.py) so that every epoch sees a fresh draw (EDM2 and
-    MeanFlow both do this).
-    A generator must live on the device of `mean`."""
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return mean + noise * std
+    """One draw from the VAE posterior N(mean, std^2) (generator on mean's device). Datasets store the
+    8-channel [mean, std] (NVlabs/edm2 training/encoders.py "raw latents"), so that every epoch sees a fresh
+    draw, as EDM2 and MeanFlow do."""
+    return mean + torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype) * std
 
 
-# EDM2 convention (NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are
-# divided by 255 and the VAE sees [0, 1] (not the [-1, 1] it was trained on: EDM2's statistics and
-# checkpoints were made that way, so keep it); datasets hold [mean, std]; a latent drawn from them is
-# normalised per channel to std 0.5; decoded pixels are clamped to [0, 1] and scaled to uint8.
+# EDM2 convention (NVlabs/edm2 training/encoders.py, StabilityVAEEncoder): uint8 pixels are divided by 255
+# and the VAE sees [0, 1] (not the [-1, 1] it was trained on: EDM2's statistics and checkpoints were made
+# that way, so keep it); a latent drawn from [mean, std] is normalised per channel to std 0.5; decoded
+# pixels are clamped to [0, 1] and scaled to uint8.
 EDM2_RAW_MEAN = (5.81, 3.25, 0.12, -2.15)  # assumed mean of the raw latents, per channel
 EDM2_RAW_STD = (4.17, 4.62, 3.71, 3.28)  # assumed std of the raw latents, per channel
 EDM2_FINAL_STD = 0.5  # = sigma_data
@@ -1848,14 +1740,12 @@ def _edm2_scale_bias(z):
 
 
 def edm2_normalize_latents(z_raw):
-    """Raw VAE latent [N, 4, h, w] -> EDM2 model latent: z * scale + bias, scale = 0.5/raw_std,
-    bias = -raw_mean*scale."""
+    """Raw VAE latent [N, 4, h, w] -> EDM2 model latent z * scale + bias (scale 0.5/raw_std, bias -raw_mean*scale)."""
     scale, bias = _edm2_scale_bias(z_raw)
     return z_raw * scale + bias
 
 
 def edm2_unnormalize_latents(z):
-    """Inverse of edm2_normalize_latents: (z - bias) / scale."""
     scale, bias = _edm2_scale_bias(z)
     return (z - bias) / scale
 
@@ -1863,60 +1753,52 @@ def edm2_unnormalize_latents(z):
 @torch.no_grad()
 def edm2_encode_pixels(vae, images, batch=8):
     """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [0, 1]."""
-    p = next(vae.parameters())
-    mean, std = vae.encode(images.to(p.device, torch.float32) / 255, batch=batch)
+    mean, std = vae.encode(images.to(next(vae.parameters()).device, torch.float32) / 255, batch=batch)
     return torch.cat([mean, std], dim=1)
 
 
 def edm2_encode_latents(raw, generator=None):
     """Raw latents [N, 8, h, w] (mean, std) -> EDM2 model latents [N, 4, h, w]: draw, then normalise."""
-    mean, std = raw.to(torch.float32).chunk(2, dim=1)
-    return edm2_normalize_latents(sample_latents(mean, std, generator))
+    return edm2_normalize_latents(sample_latents(*raw.to(torch.float32).chunk(2, dim=1), generator))
 
 
 @torch.no_grad()
 def edm2_decode(vae, z, batch=8):
     """EDM2 model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (clamp [0, 1], x255, truncate)."""
-    p = next(vae.parameters())
-    x = vae.decode(edm2_unnormalize_latents(z.to(p.device, torch.float32)), batch=batch)
+    x = vae.decode(edm2_unnormalize_latents(z.to(next(vae.parameters()).device, torch.float32)), batch=batch)
     return x.clamp(0, 1).mul(255).to(torch.uint8)
 
 
-# MeanFlow/DiT convention (facebookresearch/DiT train.py and sample_ddp.py,
-# Gsunshine/meanflow utils/vae_util.py): pixels in [-1, 1] (x/127.5 - 1), latent = draw * 0.18215
-# (diffusers' scaling_factor for this VAE); decoded pixels become uint8 as clip(127.5 x + 128, 0, 255).
+# MeanFlow/DiT convention (facebookresearch/DiT train.py and sample_ddp.py, Gsunshine/meanflow
+# utils/vae_util.py): pixels in [-1, 1] (x/127.5 - 1), latent = draw * 0.18215 (diffusers' scaling_factor
+# for this VAE); decoded pixels become uint8 as clip(127.5 x + 128, 0, 255).
 SD_LATENT_SCALE = 0.18215
 
 
 def sd_scale_latents(z_raw):
-    """Raw VAE latent -> MeanFlow/DiT model latent."""
     return z_raw * SD_LATENT_SCALE
 
 
 def sd_unscale_latents(z):
-    """MeanFlow/DiT model latent -> raw VAE latent."""
     return z / SD_LATENT_SCALE
 
 
 @torch.no_grad()
 def sd_encode_pixels(vae, images, batch=8):
     """uint8 [N, 3, H, W] -> raw latents [N, 8, H/8, W/8] = [mean, std], from pixels in [-1, 1]."""
-    p = next(vae.parameters())
-    mean, std = vae.encode(images.to(p.device, torch.float32) / 127.5 - 1, batch=batch)
+    mean, std = vae.encode(images.to(next(vae.parameters()).device, torch.float32) / 127.5 - 1, batch=batch)
     return torch.cat([mean, std], dim=1)
 
 
 def sd_encode_latents(raw, generator=None):
     """Raw latents [N, 8, h, w] (mean, std) -> MeanFlow/DiT model latents [N, 4, h, w]: draw, then scale."""
-    mean, std = raw.to(torch.float32).chunk(2, dim=1)
-    return sd_scale_latents(sample_latents(mean, std, generator))
+    return sd_scale_latents(sample_latents(*raw.to(torch.float32).chunk(2, dim=1), generator))
 
 
 @torch.no_grad()
 def sd_decode(vae, z, batch=8):
     """MeanFlow/DiT model latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w] (127.5 x + 128, clip, truncate)."""
-    p = next(vae.parameters())
-    x = vae.decode(sd_unscale_latents(z.to(p.device, torch.float32)), batch=batch)
+    x = vae.decode(sd_unscale_latents(z.to(next(vae.parameters()).device, torch.float32)), batch=batch)
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 # <<< pasted: sd-vae
 
