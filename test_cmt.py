@@ -49,6 +49,7 @@ import meanflow_post as mf
 import plot
 import study_ect
 import study_meanflow
+import study_round2
 import train_latent_vgg
 
 torch.set_num_threads(1)  # CI has 2 cores; several tests start worker processes of their own
@@ -4485,6 +4486,72 @@ def test_meanflow_study_cost_and_end_to_end(tmp_path):
     assert teacher["config"]["ratio_neq"] == 0.0 and teacher["config"]["model"] == "tiny"
 
 
+
+def test_round2_costs_curves_and_paired_differences():
+    sr = study_round2
+    # A CMT-MF step: the student's forward+backward (3B) plus the teacher's NFE on B/pairs trajectories at its FLOP
+    # share, in MeanFlow steps (5B). Heun doubles the NFE.
+    cfg = dict(teacher_steps=4, pairs=4, solver="meanflow")
+    assert sr.mf_mid_cost(10, cfg, 0.25) == pytest.approx(10 * (3 + 0.25) / 5)
+    assert sr.mf_mid_cost(10, dict(cfg, solver="heun"), 1.0) == pytest.approx(10)
+    # FLOPs counted by torch: equal models cost the same; the 64-wide teacher's share of a 96-wide student is near
+    # (64/96)^2, the linear layers' share (attention scores and the embedders are not quadratic in the width).
+    assert sr.flop_ratio("tiny", "tiny") == 1.0
+    assert sr.flop_ratio("tiny-teacher", "tiny") == pytest.approx((64 / 96) ** 2, rel=0.1)
+    # An arm's curve: the mid run on its own cost axis, then the post run from where the mid compute ends,
+    # without repeating the post run's start (the mid run's end).
+    a, b, c, d, e = ({"err2": v} for v in range(5))
+    results = {"mid": {"curve": [(0, a), (5, b), (10, c)]}, "post": {"curve": [(0, c), (10, d), (20, e)]}}
+    assert sr.arm_curve(results, "mid", "post") == [(0, a), (5, b), (10, c), (20, d), (30, e)]
+    assert sr.arm_curve(results, "mid", "post", lambda k: k / 2) == [(0, a), (2.5, b), (5, c), (15, d), (25, e)]
+    assert sr.arm_curve(results, None, "post") == [(0.0, c), (10.0, d), (20.0, e)]
+    # Paired by seed at the end: differences -0.5 and +1.0 -> mean +0.25, sample std 1.0607, CMT wins on one seed.
+    end = lambda v: [(0, {"err2": 9.0}), (600, {"err2": v})]  # noqa: E731
+    diff, wins = sr.paired({"seed0": end(1.0), "seed1": end(2.0)}, {"seed0": end(1.5), "seed1": end(1.0)}, "err2")
+    assert diff == "+0.2500 ± 1.0607" and wins == "1/2"
+
+
+def test_round2_questions_share_cached_runs_and_count_compute(tmp_path, monkeypatch):
+    sr = study_round2
+    monkeypatch.setattr(sr, "DEFAULT", dict(sr.DEFAULT, teacher_iters=2, budget=12))
+    monkeypatch.setattr(sr, "SEEDS", [0, 1])
+    monkeypatch.setattr(sr, "RECIPE_GRID", sr.RECIPE_GRID[:2])
+    run = lambda q: sr.main([q, "--outdir", str(tmp_path), "--workers", "0", "--eval-num", "32", "--mf-eval-num", "32"])  # noqa: E731
+    run("budget")
+    res = json.loads((tmp_path / "budget.json").read_text())["cells"]
+    cmt, teacher = res["budget 48"]["CMT -> ECT"]["seed1"], res["budget 48"]["teacher -> ECT"]["seed1"]
+    # 4x the budget: a curve point every 48 // 24 = 2; the CMT arm's mid third (16 iterations) costs 16.
+    assert [pt[0] for pt in cmt] == list(range(0, 49, 2)) and [pt[0] for pt in teacher] == list(range(0, 49, 2))
+    # Both start from the seed's teacher; the 2-step sampler differs (the mid stage's second level, 0.77569,
+    # vs post-training's 0.821, as sony/cmt evaluates each), so the 1-step numbers are the ones that agree.
+    assert cmt[0][1]["err1"] == teacher[0][1]["err1"] and cmt[0][1]["err2"] != teacher[0][1]["err2"]
+    default = tmp_path / "runs" / "post-teacher-teacher-w16-i2-s0-i12-lr0.0002-q4096-ema0.99" / "result.json"
+    stamp = default.stat().st_mtime_ns
+    cut_off = tmp_path / "runs" / "post-teacher-teacher-w16-i2-s1-i12-lr0.0002-q4096-ema0.99"
+    (cut_off / "result.json").unlink()  # a run cut off before it finished is run again
+    run("recipe")
+    assert default.stat().st_mtime_ns == stamp and (cut_off / "result.json").is_file()
+    report = (tmp_path / "recipe.md").read_text()
+    assert "Chosen for CMT -> ECT: lr 0.0001" in report and "tuned per arm" in report and "nan" not in report
+    assert not list(tmp_path.glob("runs/[mp]*/ckpt-0*.pt"))  # the mid and post snapshots: evaluated, then removed
+    # MeanFlow: the teacher's NFE charged at its measured FLOP share; the other arm gets the same compute.
+    for c in sr.MF_CELLS.values():
+        monkeypatch.setitem(c, "teacher_iters", 2), monkeypatch.setitem(c, "mid", 4)
+        monkeypatch.setitem(c, "post", 4), monkeypatch.setitem(c, "every", 2)
+    run("meanflow")
+    out = json.loads((tmp_path / "meanflow.json").read_text())
+    cell = "(a) 64-wide MeanFlow teacher, 128-wide student"
+    cost = out["costs"][cell]
+    assert 0.2 < cost["flop_ratio"] < 0.35  # 64- vs 128-wide: near (1/2)^2
+    assert cost["mid_cost"] == pytest.approx(4 * (3 + cost["flop_ratio"]) / 5) and cost["other_iters"] == 4 + 2
+    cmt = out["cells"][cell]["CMT-MF -> MeanFlow"]["seed0"]
+    assert [pt[0] for pt in cmt] == pytest.approx([0, cost["mid_cost"] / 2, cost["mid_cost"], cost["mid_cost"] + 2,
+                                                   cost["mid_cost"] + 4])
+    assert [pt[0] for pt in out["cells"][cell]["random -> MeanFlow"]["seed0"]] == [0, 2, 4, 6]
+    flow = out["cells"]["(b) flow-matching teacher, 2x round 1's budget"]
+    assert flow["teacher (flow) -> MeanFlow"]["seed0"][-1][0] == 8  # Heun at the student's size: a mid step costs 1
+    assert PIL.Image.open(tmp_path / "meanflow.png").size == (2 * 560, 400)
+
 # ==================================================================================================
 # experiments/: studies, benchmarks and their plotting helper import the scripts, never the reverse
 # ==================================================================================================
@@ -4529,7 +4596,7 @@ def test_no_script_imports_experiments_and_plot_draws_one_panel_per_entry(tmp_pa
     for script in ("cmt_cifar10.py", "cmt_imagenet.py", "meanflow_post.py", "fid.py"):
         text = (ROOT / script).read_text()
         assert "experiments" not in text.replace("experiments/", ""), script  # only prose pointers to the folder
-        assert not any(f"import {m}" in text for m in ("plot", "study_ect", "study_meanflow", "bench_"))
+        assert not any(f"import {m}" in text for m in ("plot", "study_ect", "study_meanflow", "study_round2", "bench_"))
     panels = [(f"panel {i}", {"a": [[0, 1.0, 2.0], [10, 0.5, 0.7]], "b": [[0, 3.0, 3.5], [10, 0.1, 0.2]]}) for i in range(3)]
     plot.draw_curves(panels, tmp_path / "c.png", "x", marker_x=5)
     assert PIL.Image.open(tmp_path / "c.png").size == (3 * 560, 400)
