@@ -250,10 +250,14 @@ def write_outputs(args, question, report, cells, data, marker, xlabel):
 # ----------------------------------------------------------------------------- the questions
 
 
+def both(**over):
+    """The two arms of a cell, with the same settings over DEFAULT."""
+    return [(CMT, over), (TEACHER, over)]
+
+
 def q_teacher(pool, args):
     """Q1: teachers pre-trained 1x, 4x, 16x as long; and CMT on the analytic teacher's trajectories."""
     it = DEFAULT["teacher_iters"]
-    both = lambda **o: [(CMT, o), (TEACHER, o)]  # noqa: E731
     settings = {f"teacher {it} (default)": both(), f"teacher {4 * it}": both(teacher_iters=4 * it),
                 f"teacher {16 * it}": both(teacher_iters=16 * it),
                 "analytic trajectories": [(CMT, dict(analytic=True)), (TEACHER, {})]}
@@ -274,8 +278,7 @@ def q_teacher(pool, args):
 def q_width(pool, args):
     """Q2: the student twice as wide, its teacher too."""
     w = DEFAULT["width"]
-    settings = {f"width {w} (default)": [(CMT, {}), (TEACHER, {})],
-                f"width {2 * w}": [(CMT, dict(width=2 * w)), (TEACHER, dict(width=2 * w))]}
+    settings = {f"width {w} (default)": both(), f"width {2 * w}": both(width=2 * w)}
     cells, results, runs = ect_cells(pool, args, settings)
     report = cell_tables("Q2", cells, lambda c: DEFAULT["budget"]) + "\n" + wall_table(results, runs)
     write_outputs(args, "width", report, cells, {}, DEFAULT["budget"] // 3,
@@ -285,8 +288,7 @@ def q_width(pool, args):
 def q_budget(pool, args):
     """Q3: four times the budget, the CMT arm's mid share a third in both."""
     b = DEFAULT["budget"]
-    settings = {f"budget {b} (default)": [(CMT, {}), (TEACHER, {})],
-                f"budget {4 * b}": [(CMT, dict(budget=4 * b)), (TEACHER, dict(budget=4 * b))]}
+    settings = {f"budget {b} (default)": both(), f"budget {4 * b}": both(budget=4 * b)}
     cells, results, runs = ect_cells(pool, args, settings)
     budget_of = lambda c: 4 * b if c == f"budget {4 * b}" else b  # noqa: E731
     report = cell_tables("Q3", cells, budget_of) + "\n" + stall_table(cells, lambda c: budget_of(c) // 3)
@@ -297,7 +299,7 @@ def q_budget(pool, args):
 def q_recipe(pool, args):
     """Q4: each arm's post-training recipe chosen from RECIPE_GRID on TUNING_SEED, then compared on SEEDS."""
     tag = lambda r: f"lr {r['lr']:g}, q {r['q']:g}, EMA {r['ema']:g}"  # noqa: E731
-    grid = {tag(r): [(CMT, r), (TEACHER, r)] for r in RECIPE_GRID}
+    grid = {tag(r): both(**r) for r in RECIPE_GRID}
     tuning, results, runs = ect_cells(pool, args, grid, seeds=[TUNING_SEED])
     end = lambda cell, arm: tuning[cell][arm][f"seed{TUNING_SEED}"][-1][1]  # noqa: E731
     best = {arm: min(RECIPE_GRID, key=lambda r: end(tag(r), arm)["err2"]) for arm in (CMT, TEACHER)}
@@ -305,7 +307,7 @@ def q_recipe(pool, args):
                          ["recipe", "CMT 2-step", "CMT 1-step", "teacher 2-step", "teacher 1-step"],
                          [[c, *(f"{end(c, a)[k]:.4f}" for a in (CMT, TEACHER) for k in ("err2", "err1"))] for c in grid])
     report += "\n" + "".join(f"Chosen for {arm}: {tag(r)}.\n" for arm, r in best.items())
-    settings = {"default recipe": [(CMT, {}), (TEACHER, {})], "tuned per arm": [(a, r) for a, r in best.items()]}
+    settings = {"default recipe": both(), "tuned per arm": list(best.items())}
     cells, res2, runs2 = ect_cells(pool, args, settings)
     report += "\n" + cell_tables("Q4", cells, lambda c: DEFAULT["budget"]) + "\n"
     report += stall_table(cells, lambda c: DEFAULT["budget"] // 3) + "\n" + wall_table({**results, **res2}, {**runs, **runs2})
