@@ -31,6 +31,8 @@ from plot import draw_curves  # noqa: E402
 from study_ect import mean_std, study_cost, study_table  # noqa: E402
 
 SEEDS, TUNING_SEED = [0, 1, 2, 3, 4], 5
+# Round 1's default cell: cmt_cifar10.py PRESETS["tiny"] (model_channels 16, pretrain 400 iterations, post Adam 2e-4,
+# ect_q 4096, EMA 0.99) and study_ect.py's budget of 600 ECT-iteration equivalents.
 DEFAULT = dict(width=16, teacher_iters=400, budget=600, lr=2e-4, q=4096.0, ema=0.99)
 RECIPE_GRID = [dict(lr=lr, q=q, ema=0.99) for lr in (1e-4, 2e-4, 4e-4) for q in (256.0, 4096.0)]
 STALL = 150  # ECT iterations after the switch at which round 1 saw the CMT arm still stalled
