@@ -99,7 +99,8 @@ COMMON = dict(  # shared by every preset; the paper's ImageNet-512 recipe (sony/
     num_blocks=3, attn_res=[16, 8], dropout=0.0, s_min=0.0, sigma_data=0.5,
     data=None, teacher=None, guide=None, guide_fp16=None, guidance=1.0, init=None, vae=None,
     batch=128, batch_gpu=None, seed=0, tf32=False, bf16=False, compile=False, channels_last=False,
-    ckpt_every=2000, sample_every=20000, grid=64, log_every=100, max_nonfinite=100, skip_nonfinite=False, workers=2,
+    ckpt_every=2000, snap_every=20000, sample_every=20000, grid=64, log_every=100, max_nonfinite=100,
+    skip_nonfinite=False, workers=2,
     teacher_steps=16, traj_buffer=128, metric="huber", elpips_weights=None, huber_c=0.06, s_max=80.0, s_lo=0.002,
     post_loss="ecd", solver="heun", ect_q=1024.0, ect_double=0, p_mean=-0.8, p_std=1.6, k=8.0, b=1.0,
     mid_t=1.526, sample_steps=[2], heun_steps=32, num=50000, fid_ref=None, eval_num=4096,
@@ -127,7 +128,7 @@ def _edm2_preset(kind, size):
 PRESETS = {f"{kind}-{size}": _edm2_preset(kind, size) for kind in ("img512", "img64") for size in EDM2_CHANNELS}
 PRESETS["tiny"] = dict(  # CPU demo on the built-in class-conditional Gaussian mixture (ToyMixture)
     res=8, img_channels=3, latent=False, label_dim=6, model_channels=16, channel_mult=[1, 2], num_blocks=1,
-    attn_res=[4], data="toy", teacher="pretrain", batch=128, ckpt_every=200, sample_every=0,
+    attn_res=[4], data="toy", teacher="pretrain", batch=128, ckpt_every=200, snap_every=0, sample_every=0,
     log_every=50, workers=0, huber_c=0.00054 * math.sqrt(3 * 8 * 8), mid_t=0.821, heun_steps=18, num=4096,
     pretrain=dict(iters=800, lr=1e-2, ema=0.99),
     mid=dict(iters=400, lr=2e-3, ema=0.99),
@@ -137,9 +138,9 @@ DEFAULT_PRESET = "img512-xxl"
 SCRIPT = "cmt_imagenet.py"  # recorded in every checkpoint: --init/--resume/--teacher refuse other scripts' files
 # Config fields a resumed run may change: how long it runs, how often it logs, checkpoints and samples,
 # and speed switches. Every other field defines the run and must match the checkpoint's.
-RESUME_MAY_CHANGE = {"outdir", "resume", "iters", "mimg", "batch_gpu", "log_every", "ckpt_every", "sample_every",
-                     "grid", "traj_buffer", "max_nonfinite", "workers", "bf16", "tf32", "compile", "channels_last",
-                     "fid_ref", "num", "sample_steps", "heun_steps", "vae", "eval_num"}
+RESUME_MAY_CHANGE = {"outdir", "resume", "iters", "mimg", "batch_gpu", "log_every", "ckpt_every", "snap_every",
+                     "sample_every", "grid", "traj_buffer", "max_nonfinite", "workers", "bf16", "tf32", "compile",
+                     "channels_last", "fid_ref", "num", "sample_steps", "heun_steps", "vae", "eval_num"}
 
 
 def resolve_config(args):
@@ -1424,8 +1425,9 @@ def load_checkpoint(ckpt, net, ema, optimizer, cfg, stage, rank, world, device):
     return ckpt["iter"], ckpt["data_state"]["nonfinite"]
 
 
-def write_checkpoint(outdir, net, ema, optimizer, it, nonfinite, cfg, stage, rank, world, device):
-    """ckpt-NNNNNNN.pt and ckpt-latest.pt with every rank's RNG state (gathered: every rank must call this)."""
+def write_checkpoint(outdir, net, ema, optimizer, it, nonfinite, cfg, stage, rank, world, device, snapshot):
+    """ckpt-latest.pt and, if `snapshot`, the kept ckpt-NNNNNNN.pt, with every rank's RNG state (gathered: every
+    rank must call this)."""
     rngs = [rng_state(device)]
     if world > 1:
         rngs = [None] * world
@@ -1434,8 +1436,9 @@ def write_checkpoint(outdir, net, ema, optimizer, it, nonfinite, cfg, stage, ran
         ckpt = dict(model=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), iter=it,
                     rng=rngs, data_state=dict(images_seen=it * cfg["batch"], seed=cfg["seed"], nonfinite=nonfinite),
                     config=json.loads(json.dumps(cfg)), stage=stage, script=SCRIPT)
-        write_atomic(os.path.join(outdir, f"ckpt-{it:07d}.pt"), lambda f: torch.save(ckpt, f))
         write_atomic(os.path.join(outdir, "ckpt-latest.pt"), lambda f: torch.save(ckpt, f))
+        if snapshot:
+            write_atomic(os.path.join(outdir, f"ckpt-{it:07d}.pt"), lambda f: torch.save(ckpt, f))
 
 
 def accumulate_gradients(ddp, micro_loss, it, accum, cfg, rank, world, device):
@@ -1609,7 +1612,8 @@ def train(cfg, stage):
         if done % cfg["log_every"] == 0 or done == cfg["iters"]:
             log_window(window, done, nonfinite, t_start, cfg, stage, stats_path, rank, world)
         if cfg["ckpt_every"] and done % cfg["ckpt_every"] == 0 or done == cfg["iters"]:
-            write_checkpoint(outdir, net, ema, opt, done, nonfinite, cfg, stage, rank, world, device)
+            snapshot = done == cfg["iters"] or (cfg["snap_every"] and done % cfg["snap_every"] == 0)
+            write_checkpoint(outdir, net, ema, opt, done, nonfinite, cfg, stage, rank, world, device, snapshot)
         if rank == 0 and stage != "pretrain" and cfg["grid"] and (
                 done == cfg["iters"] or (cfg["sample_every"] and done % cfg["sample_every"] == 0)):
             sample_grid(ema, cfg, device, vae, os.path.join(outdir, f"samples-{done:07d}.png"))
@@ -1860,8 +1864,9 @@ def build_parser():
     a("--tf32", **bool_flag, help="TF32 matmuls and cuDNN convolutions on CUDA (default: off: fp32)")
     a("--compile", **bool_flag, help="torch.compile the student (default: off)")
     a("--channels-last", **bool_flag, help="channels_last weights (default: off)")
-    a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt and ckpt-NNNNNNN.pt, 0 = end only "
-      "(default: 2000)")
+    a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt, 0 = end only (default: 2000)")
+    a("--snap-every", type=int_at_least(0), help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only (default: 20000; "
+      "tiny 0)")
     a("--sample-every", type=int_at_least(0), help="iterations per samples-NNNNNNN.png grid, 0 = end only (default: 20000)")
     a("--grid", type=int_at_least(0), help="images at each step count in every samples-NNNNNNN.png grid (mid, post), "
       "0 = none (default: 64)")

@@ -1337,7 +1337,7 @@ def build_parser():
       "network pass each; heun: two); default: preset (8; tiny 4)")
     a("--pairs", type=int_at_least(1), help="mid: ordered pairs (i > j) per trajectory per step; default: preset (8)")
     a("--traj-buffer", type=int_at_least(0), help="mid: teacher trajectories per rank solved in one batch, in whole "
-      "iterations; fewer than one iteration's: one solve per micro-step (same pairs either way) (default 128)")
+      "iterations; fewer than one iteration's: one solve per micro-step (same pairs either way) (default: 128)")
     a("--init", help="post: PATH (a checkpoint: its EMA weights) | teacher | random; sample: the checkpoint PATH to "
       "sample, or teacher; default: random")
     a("--resume", help="PATH | auto (= outdir/ckpt-latest.pt if present, else a fresh start in an empty --outdir); "
@@ -1348,35 +1348,35 @@ def build_parser():
     a("--mimg", type=float, help="training length in million images (sets --iters = mimg*1e6/batch)")
     a("--lr", type=float, help="Adam learning rate, constant; default: preset (1e-4)")
     a("--ema", type=float, help="EMA decay per step; default: preset (0.9999)")
-    a("--seed", type=int_at_least(0), help="random seed; per-rank and per-step seeds derive from it (default 0)")
+    a("--seed", type=int_at_least(0), help="random seed; per-rank and per-step seeds derive from it (default: 0)")
     a("--omega", type=float, help="training CFG omega; default: preset (xl2 0.2, b4 1.0)")
     a("--kappa", type=float, help="training CFG kappa; default: preset (xl2 0.92, b4 0.5)")
-    a("--t-start", type=float, help="CFG interval start (t units); default 0")
+    a("--t-start", type=float, help="CFG interval start (t units) (default: 0)")
     a("--t-end", type=float, help="CFG interval end (t units); default: preset (xl2 0.75, b4 1.0)")
-    a("--ratio-neq", type=float, help="fraction of rows with r != t (default 0.25)")
-    a("--label-drop", type=float, help="label dropout probability (default 0.1)")
-    a("--norm-p", type=float, help="adaptive weight power p (default 1.0)")
-    a("--norm-eps", type=float, help="adaptive weight constant c (default 0.01)")
+    a("--ratio-neq", type=float, help="fraction of rows with r != t (default: 0.25)")
+    a("--label-drop", type=float, help="label dropout probability (default: 0.1)")
+    a("--norm-p", type=float, help="adaptive weight power p (default: 1.0)")
+    a("--norm-eps", type=float, help="adaptive weight constant c (default: 0.01)")
     a("--fid-ref", help="sample: reference .npz (mu, sigma) -> print FID via fid.py")
     a("--vae", help="SD-VAE weights (sd-vae-ft-mse, diffusers layout; .safetensors/.bin/.pt)")
     a("--num", type=int_at_least(1), default=50000, help="sample: number of images")
     a("--sample-steps", type=step_counts(), default=[1, 2], help="sample: comma-separated step counts (1 step = 1 NFE) "
       "(default: 1,2)")
-    a("--eval-num", type=int_at_least(1), help="tiny: samples per quality-table row (default 2000)")
+    a("--eval-num", type=int_at_least(1), help="tiny: samples per quality-table row (default: 2000)")
     a("--bf16", action=argparse.BooleanOptionalAction, default=False,
       help="bfloat16 autocast for network forwards (tangents/targets/loss in fp32) (default: off: fp32)")
     a("--tf32", action=argparse.BooleanOptionalAction, default=False,
       help="TF32 matmuls and cuDNN convolutions on CUDA (default: off: fp32)")
     a("--compile", action=argparse.BooleanOptionalAction, default=False,
       help="torch.compile plain forwards (never the jvp path) (default: off)")
-    a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt, 0 = end only (default 5000)")
-    a("--snap-every", type=int_at_least(0), help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only (default "
+    a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt, 0 = end only (default: 5000)")
+    a("--snap-every", type=int_at_least(0), help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only (default: "
       "50000; tiny 0)")
-    a("--sample-every", type=int_at_least(0), help="iterations per samples-NNNNNNN.png grid, 0 = end only (default "
+    a("--sample-every", type=int_at_least(0), help="iterations per samples-NNNNNNN.png grid, 0 = end only (default: "
       "20000; tiny 0)")
-    a("--grid", type=int_at_least(0), help="images in each samples-NNNNNNN.png grid (1-NFE), 0 = none (default 64)")
-    a("--log-every", type=int_at_least(1), help="iterations per progress line / stats.jsonl row (default 100)")
-    a("--max-nonfinite", type=int_at_least(0), help="abort after this many steps with a non-finite loss (default 100)")
+    a("--grid", type=int_at_least(0), help="images in each samples-NNNNNNN.png grid (1-NFE), 0 = none (default: 64)")
+    a("--log-every", type=int_at_least(1), help="iterations per progress line / stats.jsonl row (default: 100)")
+    a("--max-nonfinite", type=int_at_least(0), help="abort after this many steps with a non-finite loss (default: 100)")
     a("--skip-nonfinite", action="store_true", help="drop a step whose loss is non-finite (default: step with "
       "nan_to_num'd gradients, as sony/cmt)")
     return p

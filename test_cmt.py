@@ -735,7 +735,8 @@ def test_pasted_blocks_stay_copies(name):
 SHARED_FLAGS = {"--stage", "--preset", "--outdir", "--data", "--teacher", "--init", "--resume", "--batch", "--batch-gpu",
                 "--iters", "--mimg", "--lr", "--ema", "--seed", "--teacher-steps", "--traj-buffer", "--fid-ref", "--num",
                 "--sample-steps", "--eval-num", "--bf16", "--no-bf16", "--tf32", "--no-tf32", "--compile", "--no-compile",
-                "--ckpt-every", "--sample-every", "--grid", "--log-every", "--max-nonfinite", "--skip-nonfinite"}
+                "--ckpt-every", "--snap-every", "--sample-every", "--grid", "--log-every", "--max-nonfinite",
+                "--skip-nonfinite"}
 SHARED_HELPERS = ["ArgumentParser", "read_checkpoint", "run_fields", "config_diff", "check_resume", "check_outdir",
                   "init_distributed", "write_atomic", "rng_state", "set_rng_state", "format_duration", "int_at_least",
                   "step_counts", "build_parser", "parse_args", "resolve_config", "sample_fewstep", "run_sample", "main"]
@@ -3374,8 +3375,11 @@ def test_imagenet_mid_resume_inside_a_trajectory_buffer_is_bit_exact(tmp_path, i
 
 
 def inet_run_and_resume(tmp_path, args, at, end):
-    """Run `args` in a/, resume its iteration-`at` checkpoint in b/; the final weights must be bit-equal."""
-    inet.main(inet_train_args(tmp_path / "a", *args))
+    """Run `args` in a/ with a snapshot every `at` iterations, resume its iteration-`at` snapshot in b/; the final
+    weights must be bit-equal. Snapshots are kept at multiples of --snap-every and at the end, no others."""
+    inet.main(inet_train_args(tmp_path / "a", *args, "--snap-every", str(at)))
+    kept = sorted(int(p.stem[5:]) for p in (tmp_path / "a").glob("ckpt-0*.pt"))
+    assert kept == sorted(set(range(at, end + 1, at)) | {end}), kept
     inet.main(inet_train_args(tmp_path / "b", *args, "--resume", str(tmp_path / "a" / f"ckpt-{at:07d}.pt")))
     full = torch.load(tmp_path / "a" / f"ckpt-{end:07d}.pt", weights_only=True)
     resumed = torch.load(tmp_path / "b" / f"ckpt-{end:07d}.pt", weights_only=True)
@@ -5488,7 +5492,7 @@ def test_cuda_imagenet_fast_paths_track_fp32(tmp_path, _backend_flags, capsys):
 def test_cuda_imagenet_resume_continues_exactly(tmp_path):
     """mid and post (dropout, autoguided ECD) on CUDA: 4 iterations in one go equal 2, then --resume auto for 2,
     bit for bit with deterministic kernels (weights, EMA, Adam state, logged losses)."""
-    common = ["--batch", "16", "--iters", "4", "--ckpt-every", "2"]
+    common = ["--batch", "16", "--iters", "4", "--ckpt-every", "2", "--snap-every", "2"]
     stages = {"mid": [], "post": ["--dropout", "0.1", "--guide", "analytic", "--guidance", "1.5"]}
     warn = _run_deterministic(tmp_path, "cmt_imagenet", [
         inet_train_args(tmp_path / f"{s}-a", "--stage", s, *common, *extra) for s, extra in stages.items()])
