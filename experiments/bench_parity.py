@@ -1,10 +1,11 @@
 """Speed parity with the official networks, measured in one process: our DDPM++ SongUNet (cmt_cifar10.py)
 against NVlabs/edm's training/networks.py SongUNet, and our EDM2 UNet (cmt_imagenet.py) against NVlabs/edm2's
 training/networks_edm2.py UNet, with the same weights (copied by name; outputs checked equal first),
-forward and forward+backward, repetitions alternating between the two so that machine noise hits both.
+forward and forward+backward, repetitions alternating between the two (and which goes first) so that machine
+noise hits both.
 
     git clone https://github.com/NVlabs/edm /src/edm && git clone https://github.com/NVlabs/edm2 /src/edm2
-    python experiments/bench_parity.py --edm-src /src/edm --edm2-src /src/edm2 --batch 8 --reps 5
+    python experiments/bench_parity.py --edm-src /src/edm --edm2-src /src/edm2 --batch 8 --reps 10
 
 The official code is imported from the checkout you name and never copied into this repository.
 Prints one line per network and returns {network: {ours_fwd_s, theirs_fwd_s, fwd_ratio, ours_fwdbwd_s,
@@ -81,8 +82,8 @@ def time_pair(ours, theirs, call, channels, res, batch, reps):
     for name, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
         fn(ours), fn(theirs)  # warm-up
         times = {"ours": [], "theirs": []}
-        for _ in range(reps):
-            for who, net in (("ours", ours), ("theirs", theirs)):
+        for rep in range(reps):  # who goes first alternates, so that neither inherits the other's allocator state
+            for who, net in (("ours", ours), ("theirs", theirs))[::1 if rep % 2 == 0 else -1]:
                 t0 = time.perf_counter()
                 fn(net)
                 times[who].append(time.perf_counter() - t0)

@@ -116,7 +116,7 @@ def run_task(run):
     shutil.rmtree(folder, ignore_errors=True)  # a run cut off earlier starts again
     t0 = time.time()
     result, evaluate, load = (ect_run if run["script"] == "ect" else mf_run)(run)
-    result["wall"] = time.time() - t0  # training and the snapshots' evaluation
+    result["wall"] = time.time() - t0  # training (and the start point), not the curve evaluation below
     result["curve"] = [(0, result["start"])] if run["every"] else []
     for k in range(run["every"], run["iters"] + 1, run["every"]) if run["every"] else ():
         path = folder / f"ckpt-{k:07d}.pt"
@@ -232,7 +232,8 @@ def wall_table(results, runs):
     rows = {}
     for d, run in runs.items():
         rows.setdefault(run["kind"], []).append(results[d]["wall"])
-    return study_table("Wall time per run (one thread; training and curve evaluation)", ["run", "count", "seconds (mean ± std)"],
+    return study_table("Wall time per run (one thread; training, not the evaluation of its curve's snapshots)",
+                       ["run", "count", "seconds (mean ± std)"],
                        [[k, len(v), mean_std(v, "{:.1f}")] for k, v in rows.items()])
 
 
