@@ -443,8 +443,7 @@ class UNetBlock(torch.nn.Module):
         x = self.conv0(F.silu(self.norm0(x)))
         x = F.silu(self.norm1(x + self.affine(emb)[:, :, None, None].to(x.dtype)))
         x = self.conv1(F.dropout(x, p=self.dropout, training=train))
-        # Scaled in place: no backward needs the sum itself, and an activation-sized allocation fewer is
-        # measurable on CPU (experiments/bench_parity.py).
+        # Scaled in place: no backward needs the sum itself, so this saves one activation-sized allocation.
         x = (x + (self.skip(orig) if self.skip is not None else orig)).mul_(math.sqrt(0.5))
         if self.attention:
             n, c, h, w = x.shape
