@@ -102,6 +102,15 @@ _RECIPE = dict(
     mid=dict(init="teacher", optimizer="radam", lr=2e-4, ema=0.999, batch=128, mimg=38.4, dropout=0.2, mid_t=MID_T["mid"]),
     post=dict(init=None, optimizer="radam", lr=1e-4, ema=0.9999, batch=128, mimg=12.8, dropout=0.2, mid_t=MID_T["post"]),
 )
+
+def _cpu_recipe(batch, iters, lr, mid_optimizer):
+    """Stage recipes of the CPU presets from their (pretrain, mid, post) iterations and learning rates."""
+    common = dict(ema=0.99, batch=batch, dropout=0.0)
+    return dict(pretrain=dict(common, init="random", optimizer="adam", lr=lr[0], iters=iters[0]),
+                mid=dict(common, init="teacher", optimizer=mid_optimizer, lr=lr[1], iters=iters[1], mid_t=MID_T["mid"]),
+                post=dict(common, init=None, optimizer="adam", lr=lr[2], iters=iters[2], mid_t=MID_T["post"]))
+
+
 PRESETS = {
     "cifar10": dict(data="cifar10", teacher=EDM_URL + "edm-cifar10-32x32-uncond-vp.pkl", resolution=32,
                     channel_mult=[2, 2, 2], **_DDPMPP, ect_q=4096.0, metric="lpips", **_RUN, **_RECIPE),
@@ -118,22 +127,14 @@ PRESETS = {
     "small32": dict(data=None, teacher=None, resolution=32, channel_mult=[1, 2, 2], model_channels=32, num_blocks=1,
                     attn_resolutions=[8], ect_q=4096.0, metric="l2",
                     **dict(_RUN, log_every=20, ckpt_every=100, snap_every=0, sample_every=0),
-                    pretrain=dict(init="random", optimizer="adam", lr=1e-3, ema=0.99, batch=32, iters=600, dropout=0.0),
-                    mid=dict(init="teacher", optimizer="adam", lr=3e-4, ema=0.99, batch=32, iters=300, dropout=0.0,
-                             mid_t=MID_T["mid"]),
-                    post=dict(init=None, optimizer="adam", lr=1e-4, ema=0.99, batch=32, iters=100, dropout=0.0,
-                              mid_t=MID_T["post"])),
+                    **_cpu_recipe(batch=32, iters=(600, 300, 100), lr=(1e-3, 3e-4, 1e-4), mid_optimizer="adam")),
     # CPU demo on the built-in Gaussian mixture (3x8x8) with a small DDPM++ (0.19M parameters). Post-training
     # uses Adam: RAdam's first five steps are un-normalised momentum SGD, and ECT's gradient norms (~1e4
     # here, from the 1/(t - r) weight) make those steps wreck a small pre-trained network.
     "tiny": dict(data="toy", teacher=None, resolution=8, channel_mult=[1, 2], model_channels=16, num_blocks=1,
                  attn_resolutions=[4], ect_q=4096.0, metric="l2",
                  **dict(_RUN, log_every=50, ckpt_every=100, snap_every=0, sample_every=0),
-                 pretrain=dict(init="random", optimizer="adam", lr=2e-3, ema=0.99, batch=64, iters=400, dropout=0.0),
-                 mid=dict(init="teacher", optimizer="radam", lr=1e-3, ema=0.99, batch=64, iters=150, dropout=0.0,
-                          mid_t=MID_T["mid"]),
-                 post=dict(init=None, optimizer="adam", lr=2e-4, ema=0.99, batch=64, iters=150, dropout=0.0,
-                           mid_t=MID_T["post"])),
+                 **_cpu_recipe(batch=64, iters=(400, 150, 150), lr=(2e-3, 1e-3, 2e-4), mid_optimizer="radam")),
 }
 
 

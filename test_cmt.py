@@ -115,6 +115,18 @@ def make_ckpt(path, script, stage, config=None, it=3):
     return path
 
 
+def bad_init_rows(argv, script, other_script, other_stage):
+    """Rows of the bad-input table for `argv + --init FILE`: a truncated file, a plain state dict, another
+    script's checkpoint and a malicious pickle."""
+    argv = argv + ["--init", "{tmp}/m.pt"]
+    return [("init-truncated", argv, lambda t: make_truncated(t / "m.pt"), ["--init", "m.pt", "not a readable checkpoint"]),
+            ("init-not-a-checkpoint", argv, lambda t: torch.save({"w": torch.zeros(2)}, t / "m.pt"),
+             ["--init", "m.pt", f"not a checkpoint of {script}"]),
+            ("init-other-script", argv, lambda t: make_ckpt(t / "m.pt", other_script, other_stage),
+             ["--init", f"a checkpoint of {other_script}"]),
+            ("init-malicious", argv, lambda t: make_evil(t / "m.pt"), ["--init", "refused", "nothing in it was run"])]
+
+
 # ==================================================================================================
 # fid.py: Inception features, resize modes, statistics, Frechet distance, CLI
 # ==================================================================================================
@@ -1595,14 +1607,7 @@ BAD_INPUTS_CIFAR = [pytest.param("cmt_cifar10.py", argv, setup, expected, id="ci
      ["--data", "16, 16", "3x8^2"]),
     ("data-labels-mismatch", _T + ["--stage", "pretrain", "--cond", "--data", "{tmp}/d"],
      lambda t: make_pngs(t / "d", labels={"img0.png": 0, "other.png": 1}), ["--data", "no label for img1.png"]),
-    ("init-truncated", _T + ["--stage", "post", "--init", "{tmp}/m.pt"], lambda t: make_truncated(t / "m.pt"),
-     ["--init", "m.pt", "not a readable checkpoint"]),
-    ("init-not-a-checkpoint", _T + ["--stage", "post", "--init", "{tmp}/m.pt"],
-     lambda t: torch.save({"w": torch.zeros(2)}, t / "m.pt"), ["--init", "m.pt", "not a checkpoint of cmt_cifar10.py"]),
-    ("init-other-script", _T + ["--stage", "post", "--init", "{tmp}/m.pt"],
-     lambda t: make_ckpt(t / "m.pt", "meanflow_post.py", "mid"), ["--init", "a checkpoint of meanflow_post.py"]),
-    ("init-malicious", _T + ["--stage", "post", "--init", "{tmp}/m.pt"], lambda t: make_evil(t / "m.pt"),
-     ["--init", "refused", "nothing in it was run"]),
+    *bad_init_rows(_T + ["--stage", "post"], "cmt_cifar10.py", "meanflow_post.py", "mid"),
     ("teacher-truncated-pkl", _T + ["--stage", "mid", "--teacher", "{tmp}/t.pkl"],
      lambda t: (t / "t.pkl").write_bytes(pickle.dumps({"ema": list(range(100))})[:40]), ["--teacher", "t.pkl", "not a readable"]),
     ("teacher-garbage-pt", _T + ["--stage", "mid", "--teacher", "{tmp}/t.pt"], lambda t: (t / "t.pt").write_bytes(b"\x00" * 64),
@@ -3647,14 +3652,7 @@ BAD_INPUTS_MEANFLOW = [pytest.param("meanflow_post.py", argv, setup, expected, i
     ("pairs-too-many", _MF + ["--stage", "mid", "--pairs", "11"], None, ["--pairs 11", "at most", "10"]),
     ("batch-not-divisible", _MF + ["--stage", "pretrain", "--batch-gpu", "3"], None, ["--batch 8", "--batch-gpu 3"]),
     ("init-missing", _MF + ["--stage", "post", "--init", "{tmp}/no.pt"], None, ["--init", "no.pt", "no such file"]),
-    ("init-truncated", _MF + ["--stage", "post", "--init", "{tmp}/m.pt"], lambda t: make_truncated(t / "m.pt"),
-     ["--init", "m.pt", "not a readable checkpoint"]),
-    ("init-not-a-checkpoint", _MF + ["--stage", "post", "--init", "{tmp}/m.pt"],
-     lambda t: torch.save({"w": torch.zeros(2)}, t / "m.pt"), ["--init", "m.pt", "not a checkpoint of meanflow_post.py"]),
-    ("init-other-script", _MF + ["--stage", "post", "--init", "{tmp}/m.pt"],
-     lambda t: make_ckpt(t / "m.pt", "cmt_cifar10.py", "post"), ["--init", "a checkpoint of cmt_cifar10.py"]),
-    ("init-malicious", _MF + ["--stage", "post", "--init", "{tmp}/m.pt"], lambda t: make_evil(t / "m.pt"),
-     ["--init", "refused", "nothing in it was run"]),
+    *bad_init_rows(_MF + ["--stage", "post"], "meanflow_post.py", "cmt_cifar10.py", "post"),
     ("teacher-garbage", _MF + ["--stage", "mid", "--teacher", "{tmp}/t.pt"], lambda t: (t / "t.pt").write_bytes(b"\x00" * 64),
      ["--teacher", "t.pt", "not a readable checkpoint"]),
     ("mid-needs-teacher", _MF + ["--stage", "mid"], None, ["--teacher", "needs --teacher PATH"]),
@@ -4608,15 +4606,44 @@ def test_no_script_imports_experiments_and_plot_draws_one_panel_per_entry(tmp_pa
 # ==================================================================================================
 # CUDA tests (test_cuda_*): run by tools/gpu_check.py on a GPU; skipped ("needs CUDA") elsewhere
 # ==================================================================================================
+# GPU side: CUDA (CMT_TEST_CUDA=cpu rehearses every test on the CPU, CPU against CPU); reference side: the CPU.
+CPU = torch.device("cpu")
+ON_GPU = CUDA.type == "cuda"
+
+
+@contextlib.contextmanager
+def _tf32(matmul, cudnn=None):
+    """Set the two TF32 switches (cuBLAS matmuls, cuDNN convs; cudnn defaults to matmul) through the API the
+    scripts use (the legacy one) and restore them afterwards."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, matmul if cudnn is None else cudnn
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture
+def _backend_flags():
+    """The scripts set the process-wide TF32 switches; in-process runs must not leak them into other tests."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads())
+    torch.set_num_threads(1)  # tiny networks: one thread is fastest on the CPU (rehearsal); no effect on GPU kernels
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[:2]
+    torch.set_num_threads(old[2])
+
+
+def _rel(a, b):
+    """||a - b|| / ||b|| in float64 (a may live on another device)."""
+    a, b = a.detach().to(CPU, torch.float64), b.detach().to(CPU, torch.float64)
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
 
 # ============================================================================= CUDA tests: cmt_cifar10.py, fid.py
-# GPU side: CUDA (CMT_TEST_CUDA=cpu rehearses every test on the CPU, CPU against CPU); reference side: the CPU.
 # In-process and subprocess runs of the script pick their device themselves (CUDA when available), as a user's
 # run does. The network: the real DDPM++ SongUNet at 32x32 (CIFAR-10's resolution), narrowed to 16 channels
 # (32 per block), two levels and one block per level: real down/up blocks, 1x1 skips, GroupNorm, dropout and
 # single-head attention at 16x16 (the paper's attn_resolutions), 0.26M parameters.
-C10_CPU = torch.device("cpu")
-C10_ON_GPU = CUDA.type == "cuda"
 C10_NARROW = dict(model_channels=16, channel_mult=[2, 2], num_blocks=1, attn_resolutions=[16])
 
 
@@ -4659,33 +4686,6 @@ class _C10CPUNoise:
 
     def randn_like(self, t, **kwargs):
         return torch.randn(t.shape, generator=self._gen).to(t.device, t.dtype)
-
-
-@contextlib.contextmanager
-def _c10_tf32(matmul, cudnn):
-    """Set the two TF32 switches through the API the script uses (the legacy one) and restore them."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-@pytest.fixture
-def _c10_flags():
-    """In-process runs of main() set process-wide switches (--tf32); keep them from leaking into other tests."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads()
-    torch.set_num_threads(1)  # small networks: one thread is fastest on the CPU (rehearsal); no effect on CUDA
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[:2]
-    torch.set_num_threads(old[2])
-
-
-def _c10_rel(a, b):
-    """||a - b|| / ||b|| in float64, a and b on any devices."""
-    a, b = a.detach().to(C10_CPU, torch.float64), b.detach().to(C10_CPU, torch.float64)
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def _c10_pngs(folder, n=32, size=32, seed=0):
@@ -4754,7 +4754,7 @@ C10_STEP_TOL = {"pretrain": (1e-5, 1e-4, 1e-3, 0.1), "post-q4": (1e-5, 1e-4, 1e-
 
 @needs_cuda
 @pytest.mark.parametrize("case", list(C10_STEP_TOL))
-def test_cuda_cifar10_fp32_step_equals_the_cpu_step(case, _c10_flags):
+def test_cuda_cifar10_fp32_step_equals_the_cpu_step(case, _backend_flags):
     """fp32 on CUDA (TF32 off) computes the EDM / ECT / CMT loss, its gradient and one step of the script's
     optimizer on the narrowed DDPM++ as the CPU does, from the same weights, batch and noise (dropout 0:
     CUDA's and the CPU's dropout generators differ by design; the shared-mask test covers dropout on CUDA)."""
@@ -4764,8 +4764,8 @@ def test_cuda_cifar10_fp32_step_equals_the_cpu_step(case, _c10_flags):
     net0 = _c10_trained_like(cc.build_net(_c10_cfg(stage, **over), kind), seed=0)
     teacher0 = _c10_trained_like(cc.build_net(_c10_cfg("pretrain", dropout=0.0), "edm"), seed=1).eval().requires_grad_(False)
     y = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    with _c10_tf32(False, False):
-        l_ref, g_ref, p_ref, cfg = _c10_step(stage, C10_CPU, net0, teacher0, y, **over)
+    with _tf32(False, False):
+        l_ref, g_ref, p_ref, cfg = _c10_step(stage, CPU, net0, teacher0, y, **over)
         l_got, g_got, p_got, _ = _c10_step(stage, CUDA, net0, teacher0, y, **over)
     assert stage != "post" or cfg["ect_q"] == q  # the q under test reached the loss
     row_tol, grad_tol, tensor_tol, update_tol = C10_STEP_TOL[case]
@@ -4773,7 +4773,7 @@ def test_cuda_cifar10_fp32_step_equals_the_cpu_step(case, _c10_flags):
     row_err = ((l_got.cpu().double() - l_ref.double()).abs() / l_ref.double().abs()).max().item()
     assert row_err <= row_tol, (case, row_err)
     flat_got, flat_ref = torch.cat([g.flatten() for g in g_got]), torch.cat([g.flatten() for g in g_ref])
-    assert flat_ref.abs().sum() > 0 and _c10_rel(flat_got, flat_ref) <= grad_tol, (case, _c10_rel(flat_got, flat_ref))
+    assert flat_ref.abs().sum() > 0 and _rel(flat_got, flat_ref) <= grad_tol, (case, _rel(flat_got, flat_ref))
     total = flat_ref.double().norm().item()
     for i, (a, b) in enumerate(zip(g_got, g_ref)):
         # Per tensor, with a floor of 1e-3 of the whole gradient's norm for tensors whose gradient is ~0.
@@ -4782,7 +4782,7 @@ def test_cuda_cifar10_fp32_step_equals_the_cpu_step(case, _c10_flags):
     p0 = list(net0.parameters())
     upd_got = torch.cat([(a.cpu() - b).flatten() for a, b in zip(p_got, p0)])
     upd_ref = torch.cat([(a - b).flatten() for a, b in zip(p_ref, p0)])
-    assert upd_ref.abs().sum() > 0 and _c10_rel(upd_got, upd_ref) <= update_tol, (case, _c10_rel(upd_got, upd_ref))
+    assert upd_ref.abs().sum() > 0 and _rel(upd_got, upd_ref) <= update_tol, (case, _rel(upd_got, upd_ref))
     if cfg["optimizer"] == "adam":
         assert (upd_got - upd_ref).abs().max().item() <= 2 * cfg["lr"] * (1 + 1e-5)
 
@@ -4810,7 +4810,7 @@ def test_cuda_cifar10_ect_passes_share_the_dropout_mask():
     masks, hooks = _c10_record_masks(net)
     blocks = len(hooks)
     try:
-        with (torch.cuda.device(CUDA) if C10_ON_GPU else contextlib.nullcontext()):  # the script: set_device
+        with (torch.cuda.device(CUDA) if ON_GPU else contextlib.nullcontext()):  # the script: set_device
             loss = cc.ect_loss(net, y, None, q=cfg["ect_q"], stage=0)
             assert len(masks) == 2 * blocks and loss.device.type == CUDA.type and torch.isfinite(loss).all()
             first, second = masks[:blocks], masks[blocks:]
@@ -4820,9 +4820,9 @@ def test_cuda_cifar10_ect_passes_share_the_dropout_mask():
             assert 0.17 < dropped < 0.23, dropped  # dropout 0.2 is live (>= 10^5 units: +-0.03 is > 20 sigma)
             masks.clear()
             x, s = y + 0.5 * torch.randn_like(y), torch.full((4,), 0.5, device=CUDA)
-            state = torch.cuda.get_rng_state() if C10_ON_GPU else torch.get_rng_state()
+            state = torch.cuda.get_rng_state() if ON_GPU else torch.get_rng_state()
             out1 = net(x, s, train=True)
-            (torch.cuda.set_rng_state if C10_ON_GPU else torch.set_rng_state)(state)
+            (torch.cuda.set_rng_state if ON_GPU else torch.set_rng_state)(state)
             out2 = net(x, s, train=True)
             out3 = net(x, s, train=True)  # control: the generator moved on
             assert torch.equal(out1, out2) and not torch.equal(out2, out3)
@@ -4850,12 +4850,12 @@ def _c10_run_main(monkeypatch, argv):
     """cc.main(argv) in this process with the narrowed network as the cifar10 preset's; TF32 is switched off
     before (the fp32 baseline must be fp32: PyTorch's default lets cuDNN use TF32) and after (--tf32 sets it)."""
     monkeypatch.setitem(cc.PRESETS, "cifar10", {**cc.PRESETS["cifar10"], **C10_NARROW})
-    with _c10_tf32(False, False):
+    with _tf32(False, False):
         cc.main([str(a) for a in argv])
 
 
 @needs_cuda
-def test_cuda_cifar10_fast_paths_stay_finite_and_close_to_fp32(tmp_path, monkeypatch, _c10_flags):
+def test_cuda_cifar10_fast_paths_stay_finite_and_close_to_fp32(tmp_path, monkeypatch, _backend_flags):
     """--bf16, --tf32, --channels-last and --compile (one run) each train 20 ECT steps of the narrowed DDPM++
     through the script's own main(), every step finite and its loss close to the fp32 run's on the same data
     and noise; every CUDA run steps with fused Adam. Dropout is 0 here: the compiled graph draws its dropout
@@ -4864,7 +4864,7 @@ def test_cuda_cifar10_fast_paths_stay_finite_and_close_to_fp32(tmp_path, monkeyp
     base = ["--stage", "post", "--init", "random", "--data", data, "--iters", 20, "--batch", 8, "--log-every", 1,
             "--ckpt-every", 0, "--snap-every", 0, "--sample-every", 0, "--optimizer", "adam", "--dropout", 0]
     # The paper's ECT (q = 4096) with Adam, so that every CUDA run steps with the fused Adam of make_optimizer.
-    if not C10_ON_GPU:  # rehearsal: Inductor's C++ codegen costs ~100 s on 2 cores; aot_eager traces the same graphs
+    if not ON_GPU:  # rehearsal: Inductor's C++ codegen costs ~100 s on 2 cores; aot_eager traces the same graphs
         monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     losses = {}
     for mode, flags in C10_FAST.items():
@@ -4875,7 +4875,7 @@ def test_cuda_cifar10_fast_paths_stay_finite_and_close_to_fp32(tmp_path, monkeyp
         losses[mode] = np.array([r["loss"] for r in rows])
         ckpt = cc.read_checkpoint(tmp_path / mode / "ckpt-latest.pt", "--resume")
         assert ckpt["iter"] == 20 and all(torch.isfinite(v).all() for v in ckpt["model"].values()), mode
-        assert bool(ckpt["optimizer"]["param_groups"][0]["fused"]) == C10_ON_GPU, mode  # fused Adam exactly on CUDA
+        assert bool(ckpt["optimizer"]["param_groups"][0]["fused"]) == ON_GPU, mode  # fused Adam exactly on CUDA
         assert ckpt["config"]["bf16"] == (mode == "bf16") and ckpt["config"]["compile"] == (mode == "compile")
         assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"]), mode
     for mode, (tol_max, tol_mean) in C10_FAST_TOL.items():
@@ -4885,7 +4885,7 @@ def test_cuda_cifar10_fast_paths_stay_finite_and_close_to_fp32(tmp_path, monkeyp
 
 
 @needs_cuda
-def test_cuda_cifar10_fused_adam_update_matches_plain_adam(_c10_flags):
+def test_cuda_cifar10_fused_adam_update_matches_plain_adam(_backend_flags):
     """The script's optimizer for --optimizer adam is fused Adam on CUDA; driven through cc.apply_update
     (nan_to_num of the gradients, step, EMA) with the very same gradients, it moves the weights as
     torch.optim.Adam's single-tensor reference does on the CPU, for 20 steps, a non-finite gradient included."""
@@ -4895,7 +4895,7 @@ def test_cuda_cifar10_fused_adam_update_matches_plain_adam(_c10_flags):
     net_gpu = copy.deepcopy(net_cpu).to(CUDA)
     ema_cpu, ema_gpu = copy.deepcopy(net_cpu).requires_grad_(False), copy.deepcopy(net_gpu).requires_grad_(False)
     opt_gpu = cc.make_optimizer(cfg, net_gpu, CUDA)
-    assert type(opt_gpu) is torch.optim.Adam and bool(opt_gpu.param_groups[0]["fused"]) == C10_ON_GPU
+    assert type(opt_gpu) is torch.optim.Adam and bool(opt_gpu.param_groups[0]["fused"]) == ON_GPU
     opt_cpu = torch.optim.Adam(net_cpu.parameters(), lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, foreach=False)
     g = torch.Generator().manual_seed(5)
     p0 = [p.detach().clone() for p in net_cpu.parameters()]
@@ -4990,11 +4990,11 @@ def test_cuda_cifar10_resume_on_cuda_is_bit_exact(tmp_path, stage):
             yield path, obj
     la, lb = dict(leaves({k: a[k] for k in ("model", "ema", "optimizer", "rng", "data_state")})), \
         dict(leaves({k: b[k] for k in ("model", "ema", "optimizer", "rng", "data_state")}))
-    assert la.keys() == lb.keys() and any("/rng/0/cuda" in k for k in la) == C10_ON_GPU
+    assert la.keys() == lb.keys() and any("/rng/0/cuda" in k for k in la) == ON_GPU
     for k, v in la.items():
         assert torch.equal(v, lb[k]) if isinstance(v, torch.Tensor) else v == lb[k], k
     assert {float(v["step"]) for v in a["optimizer"]["state"].values()} == {4.0}  # 4 real optimizer steps
-    if stage == "post" and C10_ON_GPU:
+    if stage == "post" and ON_GPU:
         assert a["optimizer"]["param_groups"][0]["fused"]
 
 
@@ -5069,8 +5069,8 @@ def test_cuda_fid_inception_stats_equal_the_cpu(weights_file):
     batches = [images[:10], images[10:]]  # two batches: the float64 sums are accumulated across them
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "FID from only 16 images", "not the official weights"
-        mu_ref, sigma_ref, n_ref = fid.inception_stats(batches, weights=weights_file, device=C10_CPU)
-        with _c10_tf32(True, True):
+        mu_ref, sigma_ref, n_ref = fid.inception_stats(batches, weights=weights_file, device=CPU)
+        with _tf32(True, True):
             mu, sigma, n = fid.inception_stats(batches, weights=weights_file, device=CUDA)
             assert torch.backends.cudnn.allow_tf32  # restored by fid after its fp32 section
     assert n == n_ref == 16 and mu.dtype == sigma.dtype == np.float64 and np.isfinite(sigma).all()
@@ -5096,11 +5096,11 @@ def _c10_fp32_probe(device):
     x, w, a, b = (torch.randn(s, generator=g) for s in ((8, 64, 16, 16), (64, 64, 3, 3), (256, 256), (256, 256)))
     conv = F.conv2d(x.to(device), w.to(device), padding=1).cpu().double()
     mm = (a.to(device) @ b.to(device)).cpu().double()
-    return (_c10_rel(conv, F.conv2d(x.double(), w.double(), padding=1)), _c10_rel(mm, a.double() @ b.double()))
+    return (_rel(conv, F.conv2d(x.double(), w.double(), padding=1)), _rel(mm, a.double() @ b.double()))
 
 
 @needs_cuda
-def test_cuda_cifar10_fp32_run_without_tf32_flag_is_fp32(tmp_path, monkeypatch, _c10_flags):
+def test_cuda_cifar10_fp32_run_without_tf32_flag_is_fp32(tmp_path, monkeypatch, _backend_flags):
     """A run without --tf32 ('default: off') trains in fp32 on CUDA: with the switches at PyTorch's defaults
     (cuBLAS TF32 off, cuDNN TF32 ON), a 3x3 convolution and a matmul made during the training step are
     fp32-accurate. (EDM's and ECT's training loops set torch.backends.cudnn.allow_tf32 = False themselves.)"""
@@ -5108,7 +5108,7 @@ def test_cuda_cifar10_fp32_run_without_tf32_flag_is_fp32(tmp_path, monkeypatch, 
     real, seen = cc.accumulate_gradients, []
     monkeypatch.setattr(cc, "accumulate_gradients", lambda *a, **k: seen.append(_c10_fp32_probe(CUDA)) or real(*a, **k))
     data = _c10_pngs(tmp_path / "data", n=8)
-    with _c10_tf32(False, True):  # PyTorch's defaults
+    with _tf32(False, True):  # PyTorch's defaults
         cc.main(["--stage", "post", "--init", "random", "--data", str(data), "--iters", "1", "--batch", "8",
                  "--outdir", str(tmp_path / "run")])
     assert len(seen) == 1
@@ -5121,7 +5121,7 @@ def test_cuda_cifar10_fp32_run_without_tf32_flag_is_fp32(tmp_path, monkeypatch, 
 
 @needs_cuda
 @pytest.mark.parametrize("teacher", ["pretrained", "analytic"])
-def test_cuda_cifar10_tiny_demo_runs_on_the_device(tmp_path, teacher, _c10_flags, capsys):
+def test_cuda_cifar10_tiny_demo_runs_on_the_device(tmp_path, teacher, _backend_flags, capsys):
     """`python cmt_cifar10.py --preset tiny` (the whole demo: teacher -> mid -> post -> quality table) runs on a
     CUDA machine, where the script trains on CUDA: with its own EDM teacher and with --teacher analytic (the
     toy mixture's exact denoiser then meets CUDA states)."""
@@ -5134,37 +5134,7 @@ def test_cuda_cifar10_tiny_demo_runs_on_the_device(tmp_path, teacher, _c10_flags
 
 
 # ============================================================================= CUDA tests: cmt_imagenet.py, meanflow_post.py
-# GPU side: CUDA (CMT_TEST_CUDA=cpu rehearses every test on the CPU); reference side: the CPU.
 # In-process runs of the scripts pick their device themselves (CUDA when available), as a user's run does.
-CPU = torch.device("cpu")
-ON_GPU = CUDA.type == "cuda"
-
-
-@contextlib.contextmanager
-def _tf32(enabled):
-    """Set both TF32 switches (cuBLAS matmuls, cuDNN convs) and restore them afterwards."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-@pytest.fixture
-def _backend_flags():
-    """The scripts set the process-wide TF32 switches; in-process runs must not leak them into other tests."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads())
-    torch.set_num_threads(1)  # tiny networks: one thread is fastest on the CPU (rehearsal); no effect on GPU kernels
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[:2]
-    torch.set_num_threads(old[2])
-
-
-def _rel(a, b):
-    """||a - b|| / ||b|| in float64 (a may live on another device)."""
-    a, b = a.detach().to(CPU, torch.float64), b.detach().to(CPU, torch.float64)
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def _assert_grads_close(got, ref, rtol, what):
@@ -5773,21 +5743,28 @@ NONFINITE_FLAG = {"cifar10": "finite = int(bad) == 0", "imagenet": "finite = fin
 CPU_GRID = ("float(sigmas[k])", "lams = (-torch.log(sigmas.to(torch.float64))).tolist()")
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "mid", "post"])
 @pytest.mark.parametrize("script", ["cifar10", "imagenet", "meanflow"])
-def test_mid_training_loop_reads_one_flag_per_step_from_the_device(tmp_path, script, monkeypatch):
+def test_training_loop_reads_one_flag_per_step_from_the_device(tmp_path, script, stage, monkeypatch):
     monkeypatch.chdir(tmp_path)
     iters, every = 8, 4  # 8 steps, 2 progress lines
-    run = ["--stage", "mid", "--iters", str(iters), "--log-every", str(every), "--outdir", "mid", "--batch", "16",
+    run = ["--stage", stage, "--iters", str(iters), "--log-every", str(every), "--outdir", stage, "--batch", "16",
            "--preset", "tiny"]
+    # the teacher (mid) and the post stage's start: a 1-iteration pretrain run (imagenet: the analytic teacher)
     if script == "cifar10":
-        cc.main(["--preset", "tiny", "--stage", "pretrain", "--iters", "1", "--outdir", "t"])
-        module, train = cc, lambda: cc.main(run + ["--teacher", "t/ckpt-latest.pt", "--sample-every", "0"])
+        if stage != "pretrain":
+            cc.main(["--preset", "tiny", "--stage", "pretrain", "--iters", "1", "--outdir", "t"])
+        start = {"pretrain": [], "mid": ["--teacher", "t/ckpt-latest.pt"], "post": ["--init", "t/ckpt-latest.pt"]}
+        module, train = cc, lambda: cc.main(run + start[stage] + ["--sample-every", "0"])
     elif script == "imagenet":
-        module, train = inet, lambda: inet.main(run + ["--teacher", "analytic", "--init", "random"])
+        start = ["--teacher", "analytic"] + (["--init", "random"] if stage != "pretrain" else [])
+        module, train = inet, lambda: inet.main(run + start)
     else:
-        mf.main(["--preset", "tiny", "--model", "tiny-teacher", "--stage", "pretrain", "--iters", "1", "--batch", "16",
-                 "--outdir", "t"])
-        module, train = mf, lambda: mf.main(run + ["--model", "tiny-teacher", "--teacher", "t/ckpt-latest.pt"])
+        if stage != "pretrain":
+            mf.main(["--preset", "tiny", "--model", "tiny-teacher", "--stage", "pretrain", "--iters", "1", "--batch", "16",
+                     "--outdir", "t"])
+        start = {"pretrain": [], "mid": ["--teacher", "t/ckpt-latest.pt"], "post": ["--init", "t/ckpt-latest.pt"]}
+        module, train = mf, lambda: mf.main(run + ["--model", "tiny-teacher"] + start[stage])
     counts = host_reads(module, train)
     per_step = {line for line, n in counts.items() if n >= iters and not any(g in line for g in CPU_GRID)}
     assert per_step == {NONFINITE_FLAG[script]} and counts[NONFINITE_FLAG[script]] == iters, counts
