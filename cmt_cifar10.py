@@ -830,16 +830,18 @@ def rng_state():
     """Torch (CPU and CUDA), numpy and python RNG states in a weights_only-loadable form."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
+    # CUDA: this process's device only (set_device ran), so a run may resume where fewer GPUs are visible
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
             "python": [py_version, list(py_state), py_gauss]}
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"]:  # checkpoints before 2026-12 hold every visible device's state: take this process's
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[torch.cuda.current_device()])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     py_version, py_state, py_gauss = state["python"]
@@ -1197,6 +1199,10 @@ def load_checkpoint(ckpt, net, ema, optimizer, source, cfg, rank, world):
     net.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    for p, state in optimizer.state.items():  # Adam's moments in their parameter's memory layout, which
+        for k, v in state.items():           # --channels-last may change on resume (CUDA's fused Adam needs it)
+            if torch.is_tensor(v) and v.shape == p.shape:
+                state[k] = torch.empty_like(p).copy_(v)
     if len(ckpt["rng"]) == world:
         source.load_state_dict(ckpt["data_state"][rank])
         set_rng_state(ckpt["rng"][rank])
@@ -1296,6 +1302,9 @@ def train(cfg):
         init_weights(net, cfg, teacher)
     net.to(device).train().requires_grad_(True)
     ema = copy.deepcopy(net).requires_grad_(False)
+    if cfg["channels_last"]:
+        net.to(memory_format=torch.channels_last)
+        ema.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, net, device)
     micro_loss, source = make_loss(cfg, stream, teacher, batch_gpu, accum, device)
 
@@ -1308,9 +1317,6 @@ def train(cfg):
         outdir.mkdir(parents=True, exist_ok=True)
         write_atomic(outdir / "config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
 
-    if cfg["channels_last"]:
-        net.to(memory_format=torch.channels_last)
-        ema.to(memory_format=torch.channels_last)
     step_net = torch.compile(net) if cfg["compile"] else net  # checkpoints save `net`: no _orig_mod. prefix
     if world > 1:
         step_net = torch.nn.parallel.DistributedDataParallel(step_net)
