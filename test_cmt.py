@@ -1608,6 +1608,8 @@ BAD_INPUTS_CIFAR = [pytest.param("cmt_cifar10.py", argv, setup, expected, id="ci
     ("data-labels-mismatch", _T + ["--stage", "pretrain", "--cond", "--data", "{tmp}/d"],
      lambda t: make_pngs(t / "d", labels={"img0.png": 0, "other.png": 1}), ["--data", "no label for img1.png"]),
     *bad_init_rows(_T + ["--stage", "post"], "cmt_cifar10.py", "meanflow_post.py", "mid"),
+    ("post-bf16-at-q4096", _T + ["--stage", "post", "--init", "random", "--bf16"], None, ["--bf16", "1/q = 2.4e-04", "fp32"]),
+    ("post-tf32-at-q4096", _T + ["--stage", "post", "--init", "random", "--tf32"], None, ["--tf32", "1/q = 2.4e-04", "fp32"]),
     ("teacher-truncated-pkl", _T + ["--stage", "mid", "--teacher", "{tmp}/t.pkl"],
      lambda t: (t / "t.pkl").write_bytes(pickle.dumps({"ema": list(range(100))})[:40]), ["--teacher", "t.pkl", "not a readable"]),
     ("teacher-garbage-pt", _T + ["--stage", "mid", "--teacher", "{tmp}/t.pt"], lambda t: (t / "t.pt").write_bytes(b"\x00" * 64),
@@ -4865,9 +4867,9 @@ def test_cuda_cifar10_ect_passes_share_the_dropout_mask():
 C10_FAST = {"fp32": [], "bf16": ["--bf16"], "tf32": ["--tf32"], "channels_last": ["--channels-last"],
             "compile": ["--compile"]}
 # Per-step |loss - loss_fp32| / loss_fp32 over the 20 steps: (largest, mean). Measured in the rehearsal (CPU,
-# same test): bf16 4.3e-2 / 5.2e-3 (bf16's unit round-off 3.9e-3, amplified by ECT's 1/(t - r) on rows with
-# small t); channels_last 4.8e-6 / 1.6e-6 (another fp32 kernel: round-off only, no divergence in 20 Adam
-# steps). TF32's unit round-off is 8x below bf16's: its bound is bf16's measured values x ~10 / 8. Fused
+# same test, q = 64, trained-like weights): bf16 9.8e-2 / 1.4e-2 (the inputs' rounding 2^-8, amplified by
+# ECT's 1/(t - r) = q/t: at most about q 2^-8 = 0.25); channels_last 5.4e-7 / 1.8e-7 (another fp32 kernel:
+# round-off only, no divergence in 20 Adam steps). TF32's unit round-off is 8x below bf16's: its bound is bf16's / 5. Fused
 # kernels of Inductor change fp32 summation orders only, as channels_last does: 1e-3 leaves > 100x. The fp32
 # baseline is real fp32 (TF32 off), so each bound holds whatever the kernels pick.
 C10_FAST_TOL = {"bf16": (0.25, 0.05), "tf32": (0.05, 0.01), "channels_last": (1e-3, 1e-4), "compile": (1e-3, 1e-4)}
@@ -4888,9 +4890,12 @@ def test_cuda_cifar10_fast_paths_stay_finite_and_close_to_fp32(tmp_path, monkeyp
     and noise; every CUDA run steps with fused Adam. Dropout is 0 here: the compiled graph draws its dropout
     masks with Inductor's own generator, so only without dropout do all five runs see identical randomness."""
     data = _c10_pngs(tmp_path / "data")
-    base = ["--stage", "post", "--init", "random", "--data", data, "--iters", 20, "--batch", 8, "--log-every", 1,
-            "--ckpt-every", 0, "--snap-every", 0, "--sample-every", 0, "--optimizer", "adam", "--dropout", 0]
-    # The paper's ECT (q = 4096) with Adam, so that every CUDA run steps with the fused Adam of make_optimizer.
+    init = _c10_teacher_ckpt(tmp_path / "init.pt")  # trained-like weights: a fresh net's output is ~0
+    base = ["--stage", "post", "--init", init, "--data", data, "--iters", 20, "--batch", 8, "--log-every", 1,
+            "--ckpt-every", 0, "--snap-every", 0, "--sample-every", 0, "--optimizer", "adam", "--dropout", 0,
+            "--ect-q", 64]
+    # ECT with Adam, so that every CUDA run steps with the fused Adam of make_optimizer; q = 64, since the
+    # script refuses bf16 and TF32 at the paper's q = 4096 (its two noise levels lie within their rounding).
     if not ON_GPU:  # rehearsal: Inductor's C++ codegen costs ~100 s on 2 cores; aot_eager traces the same graphs
         monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     losses = {}
