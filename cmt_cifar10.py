@@ -1092,7 +1092,8 @@ class TeacherPairs:
         """Micro-step j's trajectories: with the whole chunk's in one teacher batch, or alone."""
         parts = range(len(self.inputs)) if self.span[2] else [j]
         y, eps, labels = (None if v[0] is None else torch.cat(v) for v in zip(*(self.inputs[k] for k in parts)))
-        states, target = cmt_trajectories(self.teacher, y, labels, self.steps, eps)
+        with torch.autocast(y.device.type, enabled=False):  # the teacher in float32, also under --bf16
+            states, target = cmt_trajectories(self.teacher, y, labels, self.steps, eps)
         for i, k in enumerate(parts):
             rows = slice(i * self.trajs, (i + 1) * self.trajs)
             self.solved[k] = (states[:, rows], target[rows], None if labels is None else labels[rows])

@@ -490,8 +490,12 @@ def meanflow_loss(net, x, y, e, t, r, drop, cfg, eager_net=None, autocast=None):
     v = e - x
     with autocast:
         v_g = guided_velocity(net, z, t, v, y, eager_net.num_classes, cfg["omega"], cfg["kappa"], cfg["t_start"], cfg["t_end"])
-        y_in = torch.where(drop, eager_net.num_classes, y)
-        v_g = torch.where(drop.view(-1, 1, 1, 1), v, v_g)
+    y_in = torch.where(drop, eager_net.num_classes, y)
+    v_g = torch.where(drop.view(-1, 1, 1, 1), v, v_g)
+    # A second autocast region: leaving the first cleared its cache of bf16 weight copies, made by the no-grad
+    # forwards above without autograd history (torch releases with pytorch/pytorch#65766 reuse such copies
+    # under grad mode: the weights would get no gradient).
+    with autocast:
         # One jvp gives u and du/dt; tangents (v_g, 0, 1) in (z, r, t), the zero one by holding r fixed.
         u, dudt = torch.func.jvp(lambda z_, t_: average_velocity(eager_net, z_, r, t_, y_in), (z, t), (v_g, torch.ones_like(t)))
     dudt = dudt.detach().to(x.dtype)  # free the tangent graph at once: it is never backpropagated

@@ -1813,6 +1813,19 @@ def c10_tiny_teacher(seed=1):
     return net.eval().requires_grad_(False)
 
 
+def test_cifar10_teacher_solves_in_float32_under_bf16_autocast():
+    # --bf16 autocasts the student's micro-steps, which draw their pairs; the teacher's trajectories stay float32.
+    teacher = c10_tiny_teacher()
+    images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pairs = lambda: cc.TeacherPairs(teacher, cc.DataStream((images, None), 0), 2, 16, 1, 1, torch.device("cpu"),  # noqa: E731
+                                    4, 0, 2)
+    ref = pairs().get(0, 0)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = pairs().get(0, 0)
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16  # autocast is on here
+    assert all(torch.equal(a, b) for a, b in zip(got[:2], ref[:2]))
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_cifar10_bulk_trajectories_equal_one_solve_per_micro_step(world):
     # Per rank (DDP simulated: each rank its own stream shard and noise slots), 5 iterations of 2 micro-steps x 2
