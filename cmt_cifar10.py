@@ -367,6 +367,14 @@ def open_data(spec):
         return load_cifar10(path)
     return load_image_folder(path)
 
+
+def to_device(x, device):
+    """Host -> GPU copy that leaves the host free to queue more work: a copy from pageable memory waits until
+    the GPU has finished everything queued before it, one from pinned memory need not."""
+    if x is None or device.type != "cuda":
+        return None if x is None else x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
 # ----------------------------------------------------------------------------- network
 # EDM's SongUNet in the DDPM++ configuration (NVlabs/edm training/networks.py), with the official
 # state_dict names so EDM and ECT/CMT checkpoints load strictly.
@@ -676,7 +684,7 @@ def cmt_pairs(states, target, labels):
     """Step-major pair layout of sony/cmt DPMSolverLoss: row i*n + j holds (x_{s_i} of trajectory j, s_i,
     x_hat_0 of j)."""
     steps, n = states.shape[:2]
-    sigmas = logsnr_grid(steps).to(states.device, torch.float32)[:steps].repeat_interleave(n)
+    sigmas = to_device(logsnr_grid(steps)[:steps].float(), states.device).repeat_interleave(n)
     targets = target.repeat(steps, *[1] * (target.dim() - 1))
     labels = labels.repeat(steps, 1) if labels is not None else None
     return states.flatten(0, 1), sigmas, targets, labels
@@ -1081,7 +1089,7 @@ class TeacherPairs:
         slot = micro * self.stream.world_size + self.stream.rank
         gen = torch.Generator(self.device).manual_seed(noise_seed(self.seed, draw, slot))
         eps = torch.randn(y.shape, generator=gen, device=self.device)
-        return y.to(self.device), eps, labels.to(self.device) if labels is not None else None
+        return to_device(y, self.device), eps, to_device(labels, self.device)
 
     def start(self, first, n, bulk):
         self.span, self.mark = (first, n, bulk), self.stream.state_dict()
@@ -1125,7 +1133,7 @@ class PlainBatches:
 
     def get(self, n):
         y, labels = self.stream.next(n)
-        return y.to(self.device), labels.to(self.device) if labels is not None else None
+        return to_device(y, self.device), to_device(labels, self.device)
 
     def state_dict(self):
         return {"stream": self.stream.state_dict()}

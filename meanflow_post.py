@@ -206,8 +206,14 @@ class LatentShards:
         shards = np.searchsorted(self.offsets, rows, side="right") - 1
         moments = np.stack([self.lat[s][i - self.offsets[s]] for s, i in zip(shards, rows)])
         labels = np.array([self.lab[s][i - self.offsets[s]] for s, i in zip(shards, rows)])
-        x = sd_encode_latents(torch.from_numpy(moments.astype(np.float32)).to(device), gen)
-        return x, torch.from_numpy(labels.astype(np.int64)).to(device)
+        x = sd_encode_latents(to_device(torch.from_numpy(moments.astype(np.float32)), device), gen)
+        return x, to_device(torch.from_numpy(labels.astype(np.int64)), device)
+
+
+def to_device(x, device):
+    """Host -> GPU copy that leaves the host free to queue more work: a copy from pageable memory waits until
+    the GPU has finished everything queued before it, one from pinned memory need not."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
 # The SD-VAE, its safetensors reader and its latent conventions: see the appendix at the end of this file.
@@ -772,7 +778,7 @@ def open_data(cfg, device):
     """Pretrain and post's images as batch(start, n, gen) -> (x, y): the toy mixture, or the latent shards
     from the global sample index `start` on."""
     if cfg["data"] == "toy":
-        mu, std = toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"])
+        mu, std = (a.to(device) for a in toy_mixture(cfg["num_classes"], cfg["channels"], cfg["res"]))  # once
         return lambda start, n, gen: toy_sample(mu, std, n, gen, device)
     if not cfg["data"]:
         raise SystemExit(f"--data: --stage {cfg['stage']} needs --data PATH (latent shards from --stage encode) "

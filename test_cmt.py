@@ -5788,31 +5788,59 @@ NONFINITE_FLAG = {"cifar10": "finite = int(bad) == 0", "imagenet": "finite = fin
 CPU_GRID = ("float(sigmas[k])", "lams = (-torch.log(sigmas.to(torch.float64))).tolist()")
 
 
+def tiny_training_run(script, stage, iters, every, outdir):
+    """(module, train): a tiny-preset run of one stage of one script in the working directory, batch 16; its
+    teacher (mid) and start (post) are a 1-iteration pretrain run in t/ (imagenet: the analytic teacher)."""
+    run = ["--stage", stage, "--iters", str(iters), "--log-every", str(every), "--outdir", outdir, "--batch", "16",
+           "--preset", "tiny"]
+    start = {"pretrain": [], "mid": ["--teacher", "t/ckpt-latest.pt"], "post": ["--init", "t/ckpt-latest.pt"]}[stage]
+    if script == "imagenet":
+        start = ["--teacher", "analytic"] + (["--init", "random"] if stage != "pretrain" else [])
+        return inet, lambda: inet.main(run + start)
+    module, extra, pretrain = ((cc, ["--sample-every", "0"], ["--preset", "tiny"]) if script == "cifar10" else
+                               (mf, ["--model", "tiny-teacher"], ["--preset", "tiny", "--model", "tiny-teacher", "--batch", "16"]))
+    if stage != "pretrain" and not Path("t/ckpt-latest.pt").exists():
+        module.main(pretrain + ["--stage", "pretrain", "--iters", "1", "--outdir", "t"])
+    return module, lambda: module.main(run + start + extra)
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "mid", "post"])
 @pytest.mark.parametrize("script", ["cifar10", "imagenet", "meanflow"])
 def test_training_loop_reads_one_flag_per_step_from_the_device(tmp_path, script, stage, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    iters, every = 8, 4  # 8 steps, 2 progress lines
-    run = ["--stage", stage, "--iters", str(iters), "--log-every", str(every), "--outdir", stage, "--batch", "16",
-           "--preset", "tiny"]
-    # the teacher (mid) and the post stage's start: a 1-iteration pretrain run (imagenet: the analytic teacher)
-    if script == "cifar10":
-        if stage != "pretrain":
-            cc.main(["--preset", "tiny", "--stage", "pretrain", "--iters", "1", "--outdir", "t"])
-        start = {"pretrain": [], "mid": ["--teacher", "t/ckpt-latest.pt"], "post": ["--init", "t/ckpt-latest.pt"]}
-        module, train = cc, lambda: cc.main(run + start[stage] + ["--sample-every", "0"])
-    elif script == "imagenet":
-        start = ["--teacher", "analytic"] + (["--init", "random"] if stage != "pretrain" else [])
-        module, train = inet, lambda: inet.main(run + start)
-    else:
-        if stage != "pretrain":
-            mf.main(["--preset", "tiny", "--model", "tiny-teacher", "--stage", "pretrain", "--iters", "1", "--batch", "16",
-                     "--outdir", "t"])
-        start = {"pretrain": [], "mid": ["--teacher", "t/ckpt-latest.pt"], "post": ["--init", "t/ckpt-latest.pt"]}
-        module, train = mf, lambda: mf.main(run + ["--model", "tiny-teacher"] + start[stage])
+    iters = 8  # 8 steps, 2 progress lines
+    module, train = tiny_training_run(script, stage, iters, 4, stage)
     counts = host_reads(module, train)
     per_step = {line for line, n in counts.items() if n >= iters and not any(g in line for g in CPU_GRID)}
     assert per_step == {NONFINITE_FLAG[script]} and counts[NONFINITE_FLAG[script]] == iters, counts
+
+
+@needs_cuda
+@pytest.mark.parametrize("stage", ["pretrain", "mid", "post"])
+@pytest.mark.parametrize("script", ["cifar10", "imagenet", "meanflow"])
+def test_cuda_training_step_synchronises_once(tmp_path, script, stage, monkeypatch, _backend_flags):
+    """On CUDA a training step waits for the GPU once: the non-finite flag. Every synchronising call (a read of a
+    value, a copy from pageable memory, nonzero, ...) is counted with torch.cuda.set_sync_debug_mode('warn'),
+    by source line, in a run of 4 and one of 12 iterations with the same setup, one progress line and one
+    checkpoint: their difference / 8 is what one step costs. (CMT_TEST_CUDA=cpu: runs both, counts nothing.)"""
+    monkeypatch.chdir(tmp_path)
+    counts = {}
+    for iters in (4, 12):
+        module, train = tiny_training_run(script, stage, iters, iters, f"{stage}-{iters}")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            if ON_GPU:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train()
+            finally:
+                if ON_GPU:
+                    torch.cuda.set_sync_debug_mode("default")
+        counts[iters] = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in seen
+                                            if "synchronizing" in str(w.message))
+    per_step = {line: (counts[12][line] - counts[4][line]) / 8 for line in counts[12] | counts[4]}
+    per_step = {line: n for line, n in per_step.items() if n}
+    assert sum(per_step.values()) == (1 if ON_GPU else 0), per_step
 
 
 def test_gpu_check_cpu_mode_writes_the_whole_report(tmp_path):
