@@ -5852,6 +5852,7 @@ def test_gpu_check_cpu_mode_writes_the_whole_report(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     tests = report["tests"]
     assert tests["status"] == "ok" and not tests["failed"] and re.search(r"\d+ skipped", tests["summary"])
+    assert tests["skipped"] and not tests["passed"] and not tests["not_reached"]  # all of them ran, to a skip
     assert tests["skip_reasons"] == ["needs CUDA"]  # on a machine without CUDA, the only skip
     assert [(b["script"], b["mode"], b["status"]) for b in report["benches"]] == [
         (s, m, "ok") for m in ("fp32", "bf16") for s in ("cifar10", "imagenet", "meanflow")]
@@ -5863,6 +5864,53 @@ def test_gpu_check_cpu_mode_writes_the_whole_report(tmp_path):
             assert f"| {b['script']} | {net} | {b['mode']} | {r['plain_s']:.4f} |" in md
     assert report["fid"]["status"] == "ok" and report["fid"]["result"]["images"] == 64
     assert f"{report['fid']['result']['img_per_s']:.0f} images/s" in md and "CPU" in md.splitlines()[0]
+    assert f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}" in md.splitlines()[0]
+
+
+# Lines as pytest 9 -v writes them, with pytest-xdist 3.8 (a test's id when it starts, its outcome when it
+# ends) and without (the id when it starts, its outcome on the same line when it ends); a test can end twice
+# (passed, then an error in its teardown). test_cuda_d and _e were still running or waiting when pytest stopped.
+STREAMED_XDIST = """4 workers [5 items]
+test_cmt.py::test_cuda_a 
+[gw0] [ 20%] PASSED test_cmt.py::test_cuda_a 
+test_cmt.py::test_cuda_b[x y] 
+test_cmt.py::test_cuda_c 
+[gw1] [ 40%] FAILED test_cmt.py::test_cuda_b[x y] 
+[gw0] [ 60%] PASSED test_cmt.py::test_cuda_c 
+[gw0] [ 60%] ERROR test_cmt.py::test_cuda_c 
+test_cmt.py::test_cuda_d 
+"""
+STREAMED_PLAIN = """collected 359 items / 354 deselected / 5 selected
+test_cmt.py::test_cuda_a PASSED                                         [ 20%]
+test_cmt.py::test_cuda_b[x y] FAILED                                    [ 40%]
+test_cmt.py::test_cuda_c PASSED                                         [ 60%]
+test_cmt.py::test_cuda_c ERROR                                          [ 60%]
+test_cmt.py::test_cuda_d SKIPPED (needs CUDA)                           [ 80%]
+test_cmt.py::test_cuda_e 
+"""
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite name="pytest">
+<testcase classname="test_cmt" name="test_cuda_a" time="0.1" />
+<testcase classname="test_cmt" name="test_cuda_b[x y]" time="0.1"><failure message="assert 0">E</failure></testcase>
+<testcase classname="test_cmt" name="test_cuda_c" time="0.1"><error message="failed on teardown">E</error></testcase>
+<testcase classname="test_cmt" name="test_cuda_d" time="0.0"><skipped type="pytest.skip" message="needs CUDA">s</skipped></testcase>
+<testcase classname="test_cmt" name="test_cuda_e" time="0.1" /></testsuite></testsuites>"""
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"tests.log": STREAMED_XDIST}, (["test_cuda_a"], ["test_cuda_b[x y]", "test_cuda_c"], [], ["test_cuda_d", "test_cuda_e"], [])),
+    ({"tests.log": STREAMED_PLAIN}, (["test_cuda_a"], ["test_cuda_b[x y]", "test_cuda_c"], ["test_cuda_d"], ["test_cuda_e"],
+                                     ["needs CUDA"])),
+    # pytest finished: its JUnit XML has every outcome, and the log is not read
+    ({"tests.log": STREAMED_XDIST, "tests.xml": JUNIT}, (["test_cuda_a", "test_cuda_e"], ["test_cuda_b[x y]", "test_cuda_c"],
+                                                        ["test_cuda_d"], [], ["needs CUDA"])),
+], ids=["xdist-log", "plain-log", "junit"])
+def test_gpu_check_names_each_test_as_passed_failed_skipped_or_not_reached(tmp_path, files, expected):
+    (tmp_path / "tests.collected").write_text("".join(f"test_cmt.py::test_cuda_{t}\n" for t in ("a", "b[x y]", "c", "d", "e")))
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    got = gpu_check.read_outcomes(tmp_path)
+    assert (got["passed"], got["failed"], got["skipped"], got["not_reached"], got["skip_reasons"]) == expected
+    assert got["outcomes_from"] == ("tests.xml" if "tests.xml" in files else "tests.log")
 
 
 def test_gpu_check_without_a_gpu_names_the_cpu_mode(monkeypatch):
