@@ -1192,9 +1192,9 @@ def apply_update(net, ema, optimizer, lr, ema_beta):
     for g in optimizer.param_groups:
         g["lr"] = lr
     optimizer.step()
-    with torch.no_grad():
-        for p_ema, p in zip(ema.parameters(), net.parameters()):
-            p_ema.copy_(p.detach().lerp(p_ema, ema_beta))
+    with torch.no_grad():  # multi-tensor kernels, not one per parameter
+        ema_params = list(ema.parameters())
+        torch._foreach_copy_(ema_params, torch._foreach_lerp(list(net.parameters()), ema_params, ema_beta))
     return grad_norm
 
 

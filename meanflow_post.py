@@ -858,9 +858,8 @@ def apply_update(net, ema, optimizer, params, ema_beta):
         p.grad.nan_to_num_(nan=0, posinf=1e5, neginf=-1e5)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
     optimizer.step()
-    with torch.no_grad():
-        for p_ema, p in zip(ema.parameters(), net.parameters()):
-            p_ema.lerp_(p, 1 - ema_beta)
+    with torch.no_grad():  # one multi-tensor kernel, not one per parameter
+        torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
     return grad_norm
 
 
