@@ -1416,13 +1416,18 @@ def evaluate_fid(net, cfg, label_dim, device, rank, world, steps):
 
 
 def read_fid_ref(path):
-    """--fid-ref statistics (mu, sigma) through fid.py; also read before the first step, so that a bad
-    file stops the run at once instead of after training."""
+    """--fid-ref statistics (mu, sigma) through fid.py; also read before the first step, with the Inception
+    weights found (or downloaded) then, so that a bad file or an offline machine stops the run at once instead
+    of after training."""
     import fid
     try:
-        return fid.load_ref(path)
+        ref = fid.load_ref(path)
+        fid.resolve_weights()
     except ValueError as e:
         raise SystemExit(f"--fid-ref {e}") from None
+    except (OSError, RuntimeError) as e:
+        raise SystemExit(f"--fid-ref: FID needs the Inception weights: {' '.join(str(e).split())}") from None
+    return ref
 
 
 @torch.no_grad()

@@ -1221,13 +1221,18 @@ def run_sample(cfg, outdir, rank, world, device):
 
 
 def read_fid_ref(path):
-    """--fid-ref statistics (mu, sigma) through fid.py, read before any image is made, so that a bad file is one
-    line naming the flag instead of a traceback after sampling."""
+    """--fid-ref statistics (mu, sigma) through fid.py, read before any image is made, with the Inception weights
+    found (or downloaded) then, so that a bad file or an offline machine is one line naming the flag instead of a
+    traceback after sampling."""
     import fid
     try:
-        return fid.load_ref(path)
+        ref = fid.load_ref(path)
+        fid.resolve_weights()
     except ValueError as e:
         raise SystemExit(f"--fid-ref {e}") from None
+    except (OSError, RuntimeError) as e:
+        raise SystemExit(f"--fid-ref: FID needs the Inception weights: {' '.join(str(e).split())}") from None
+    return ref
 
 
 def _fid(images, ref, device):

@@ -63,8 +63,8 @@ needs_cuda = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_availa
 
 def run_script(script, *args, cwd, env=None, timeout=600):
     """Run one of the scripts as a user would, in cwd: (exit code, stdout, stderr)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
-    env.pop("FID_WEIGHTS", None)
+    env = dict({k: v for k, v in os.environ.items() if k != "FID_WEIGHTS"}, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               **(env or {}))
     p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
@@ -5922,6 +5922,22 @@ def test_gpu_check_without_a_gpu_names_the_cpu_mode(monkeypatch):
 # ==================================================================================================
 # Every script: a user's mistake is one line, exit code 2, and nothing written
 # ==================================================================================================
+
+@pytest.mark.parametrize("script", ["cmt_cifar10.py", "meanflow_post.py"])
+def test_fid_ref_without_inception_weights_stops_before_any_work(tmp_path, script):
+    # --fid-ref is evaluated after training (cifar10) or after sampling (meanflow): the Inception weights are
+    # looked for at the start, so an offline machine without them learns it at once.
+    _ref(tmp_path / "r.npz", np.zeros(3), np.eye(3))
+    argv = ["--preset", "tiny", "--stage", "pretrain"]
+    if script == "meanflow_post.py":
+        assert run_script(script, *argv, "--iters", "1", "--outdir", tmp_path / "t", cwd=tmp_path)[0] == 0
+        argv = ["--preset", "tiny", "--stage", "sample", "--init", tmp_path / "t" / "ckpt-latest.pt"]
+    rc, out, err = run_script(script, *argv, "--outdir", tmp_path / "run", "--fid-ref", tmp_path / "r.npz",
+                              cwd=tmp_path, env={"FID_WEIGHTS": str(tmp_path / "none.pth")})
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "--fid-ref" in err and "Inception weights" in err and "none.pth" in err
+    assert not (tmp_path / "run").exists()
+
 
 @pytest.mark.parametrize("script, argv, setup, expected", BAD_INPUTS_FID + BAD_INPUTS_CIFAR + BAD_INPUTS_IMAGENET
                          + BAD_INPUTS_MEANFLOW)
