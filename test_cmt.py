@@ -2514,6 +2514,7 @@ def test_fid_during_training(tmp_path, monkeypatch):
     # mean term, which is enough to see that our 4 images and the reference reached it.
     import fid
     monkeypatch.setattr(fid, "load_inception", lambda weights=None, device="cpu": fid.random_inception())
+    monkeypatch.setattr(fid, "resolve_weights", lambda weights=None: Path("random"))  # looked for at the start
     seen = []
     monkeypatch.setattr(fid, "frechet_distance", lambda m1, s1, m2, s2: seen.append((m1, s1, m2, s2)) or
                         float(((np.asarray(m1) - m2) ** 2).sum()))
