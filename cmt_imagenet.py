@@ -159,6 +159,8 @@ def resolve_config(args):
     if args.mimg is not None or cfg.get("iters") is None:
         cfg["iters"] = max(1, math.ceil(cfg["mimg"] * 1e6 / cfg["batch"]))
     cfg["mimg"] = cfg["iters"] * cfg["batch"] / 1e6
+    if args.stage == "post":
+        check_post_precision(cfg)
     if cfg["guide"] in ("none", ""):
         cfg["guide"] = None
     if cfg["metric"] == "elatentlpips":
@@ -1116,6 +1118,26 @@ def ect_stage(it, batch, double, tick_kimg=ECT_TICK_KIMG):
     return (it - 1) // per_tick // double
 
 
+# Unit round-off of the fast paths' network inputs: bfloat16 keeps 8 significant bits, TF32 11 (float32 24).
+FAST_PATH_ROUNDING = {"bf16": ("bfloat16", 2.0 ** -8), "tf32": ("TF32", 2.0 ** -11)}
+
+
+def check_post_precision(cfg):
+    """ECT/ECD divide f(x_t, t) - f(x_r, r) by t - r, with x_t and x_r apart by (t - r)/t >= q^-(stage+1) relative:
+    where that gap is below a fast path's rounding of the network's inputs, the loss is rounding noise (the tiny
+    U-Net's per-sample ECT loss under bf16 autocast, median error vs float32: 7% at q = 256, where the gap equals
+    bfloat16's rounding, 95% at q = 1024, 12x at q = 4096). sony/cmt runs ECT/ECD in float32 (run_ect_512.sh,
+    run_ecd_512.sh: --fp16=0; EDM2's training loop turns TF32 off), so these combinations are refused."""
+    last = ect_stage(cfg["iters"] - 1, cfg["batch"], cfg["ect_double"])
+    gap = cfg["ect_q"] ** -(last + 1)
+    for flag, (name, u) in FAST_PATH_ROUNDING.items():
+        if cfg[flag] and gap < u:
+            q = f"1/{cfg['ect_q']:g}" + (f"^{last + 1} (the last --ect-double stage)" if last else "")
+            raise SystemExit(f"--{flag} with --stage post: ECT/ECD's inputs x_t and x_r differ by {q} = {gap:.2g} "
+                             f"relative, below {name}'s rounding {u:.2g}: the loss would be rounding noise (drop "
+                             f"--{flag}, or raise the gap with a smaller --ect-q)")
+
+
 def sample_t_r(y, gen, cfg, it):
     t = torch.exp(cfg["p_mean"] + cfg["p_std"] * torch.randn([y.shape[0]], generator=gen, device=y.device))
     return t, ect_t_to_r(t, cfg["ect_q"], ect_stage(it, cfg["batch"], cfg["ect_double"]), cfg["k"], cfg["b"])
@@ -1134,7 +1156,7 @@ def ecd_loss(net, teacher, y, labels, gen, cfg, it):
     x_t = y + t eps to r."""
     t, r = sample_t_r(y, gen, cfg, it)
     x_t = y + t.reshape(-1, 1, 1, 1) * torch.randn(y.shape, generator=gen, device=y.device)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(y.device.type, enabled=False):  # --bf16 autocasts the student only
         x_r = teacher_step(teacher, x_t, t, r, labels, cfg["solver"])
     return consistency_pair_loss(net, x_t, t, x_r, r, y, labels, cfg["huber_c"], cfg["sigma_data"])
 
@@ -1152,12 +1174,14 @@ def edm2_loss(net, y, labels, gen, cfg):
 # ----------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def sample_fewstep(net, noise, labels, steps=2, mid_t=1.526, s_max=80.0, gen=None):
-    """1 step: x = f(80 z, 80); 2 steps: x = f(x + mid_t z', mid_t) (student in eval mode)."""
+    """1 step: x = f(80 z, 80); 2 steps: x = f(x + mid_t z', mid_t) (student in eval mode). z' comes from `gen` on
+    its own device (a CPU generator gives the same z' to a network on any device)."""
     ts = [s_max, mid_t][:steps]
     x = noise * ts[0]
     for i, t in enumerate(ts):
         if i > 0:
-            x = x + t * torch.randn(x.shape, generator=gen, device=x.device)
+            z = torch.randn(x.shape, generator=gen, device=x.device if gen is None else gen.device)
+            x = x + t * z.to(x.device)
         x = net(x, torch.full([x.shape[0]], t, device=x.device), labels, eval_mode=True)
     return x
 
@@ -1419,6 +1443,12 @@ def load_checkpoint(ckpt, net, ema, optimizer, cfg, stage, rank, world, device):
     net.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    # Adam's moments come back in the checkpoint's memory layout; after a change of --channels-last, CUDA's fused
+    # Adam would refuse them beside parameters of the other layout: give each moment its parameter's layout.
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p).copy_(v)
     if len(ckpt["rng"]) == world:
         set_rng_state(ckpt["rng"][rank], device)
     if rank == 0:
@@ -1529,8 +1559,9 @@ def make_loss(cfg, stage, model, teacher_fn, accum, start, rank, world, device):
     def micro_loss(gen, it, micro):
         if stage == "mid":
             aug = torch.Generator(device).manual_seed(micro_seed(cfg["seed"], it, micro * world + rank, 1)) if vgg else None
+            batch = pairs.get(it, micro)  # the teacher's trajectories: float32, outside the student's autocast
             with amp:
-                return cmt_loss(model, pairs.get(it, micro), cfg, vgg, aug)
+                return cmt_loss(model, batch, cfg, vgg, aug)
         y, labels = source.next(gen)
         with amp:
             if stage == "pretrain":
@@ -1574,6 +1605,10 @@ def train(cfg, stage):
         start, nonfinite = load_checkpoint(ckpt, net, ema, opt, cfg, stage, rank, world, device)
     ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
                                                     broadcast_buffers=False) if world > 1 else net
+    if cfg["compile"] and world > 1:
+        # Dynamo's DDP graph split (one graph per gradient bucket) breaks AOTAutograd on MPConv's in-forward weight
+        # write (EDM2's forced weight normalisation); unsplit, DDP's all-reduce no longer overlaps the backward.
+        torch._dynamo.config.optimize_ddp = False
     model = torch.compile(ddp) if cfg["compile"] else ddp
 
     micro_loss = make_loss(cfg, stage, model, teacher_fn, accum, start, rank, world, device)
@@ -1715,6 +1750,7 @@ def run_tiny(cfg_base, args):
         raise SystemExit("--resume: the tiny pipeline continues with --resume auto (each stage from its own folder)")
     if args.resume is None:
         check_outdir(dict(outdir=out, resume=None))  # a fresh demo needs a new or empty folder
+    resolve_config(argparse.Namespace(**dict(vars(args), stage="post")))  # refuse a bad post recipe before training
     walls, nets = {"teacher": 0.0}, {}
     teacher_spec = cfg_base["teacher"]
     if teacher_spec == "pretrain":
@@ -1764,10 +1800,12 @@ def quality_table(cfg, toy, teacher, nets, walls, n=None):
     add("teacher (Heun)", 2 * cfg["heun_steps"] - 1,
         heun_sampler(teacher, z, labels, cfg["heun_steps"], cfg["s_max"], cfg["s_lo"]), walls["teacher"])
     names = dict(mid="mid (CMT)", post=f"post (CMT -> {cfg['post_loss'].upper()})")
-    for stage, net in nets.items():
+    for stage, net in nets.items():  # on train()'s device (CUDA if any), from the same CPU-drawn noise
+        dev = next(net.parameters()).device
         for steps in (1, 2):
-            x = sample_fewstep(net, z, labels, steps, cfg["mid_t"], cfg["s_max"], torch.Generator().manual_seed(7))
-            add(names[stage], steps, x, walls[stage])
+            x = sample_fewstep(net, z.to(dev), labels.to(dev), steps, cfg["mid_t"], cfg["s_max"],
+                               torch.Generator().manual_seed(7))
+            add(names[stage], steps, x.cpu(), walls[stage])
     table = "\n".join([f"{'model':<26} {'steps':>10} {'flow-map err':>13} {'pixel FD':>10} {'wall time':>10}"] + [
         f"{r['model']:<26} {r['steps']:>10} {r['flow_map_err']:>13.5f} {r['pixel_fd']:>10.4f} {r['wall']:>9.1f}s"
         for r in rows])
@@ -1781,9 +1819,11 @@ def quality_table(cfg, toy, teacher, nets, walls, n=None):
     pics = [("exact flow map", toy.flow(zk * cfg["s_max"], cfg["s_max"], 0.0, lk)),
             ("teacher (Heun)", heun_sampler(teacher, zk, lk, cfg["heun_steps"], cfg["s_max"], cfg["s_lo"]))]
     for stage, net in nets.items():
+        dev = next(net.parameters()).device
         for steps in (1, 2):
-            x = sample_fewstep(net, zk, lk, steps, cfg["mid_t"], cfg["s_max"], torch.Generator().manual_seed(7))
-            pics.append((f"{names[stage]}, {steps} step{'s' * (steps > 1)}", x))
+            x = sample_fewstep(net, zk.to(dev), lk.to(dev), steps, cfg["mid_t"], cfg["s_max"],
+                               torch.Generator().manual_seed(7))
+            pics.append((f"{names[stage]}, {steps} step{'s' * (steps > 1)}", x.cpu()))
     save_comparison(pics, os.path.join(cfg["outdir"], "comparison.png"))
     return rows
 
@@ -1862,7 +1902,7 @@ def build_parser():
     a("--ema", type=float, help="EMA decay per iteration (default: mid 0.999, post 0.9999)")
     a("--seed", type=int_at_least(0), help="random seed (default: 0)")
     a("--fid-ref", help="reference statistics for FID in stage sample: .npz (mu, sigma) or EDM2 .pkl (default: none)")
-    a("--bf16", **bool_flag, help="bfloat16 autocast (default: off: fp32)")
+    a("--bf16", **bool_flag, help="bfloat16 autocast of the student; the teacher stays float32 (default: off: fp32)")
     a("--tf32", **bool_flag, help="TF32 matmuls and cuDNN convolutions on CUDA (default: off: fp32)")
     a("--compile", **bool_flag, help="torch.compile the student (default: off)")
     a("--channels-last", **bool_flag, help="channels_last weights (default: off)")

@@ -2701,6 +2701,12 @@ BAD_INPUTS_IMAGENET = [pytest.param("cmt_imagenet.py", argv, setup, expected, id
      lambda t: make_evil(t / "m.pt"), ["--init", "refused", "nothing in it was run"]),
     ("vae-garbage", ["--preset", "img512-xs", "--stage", "sample", "--init", "{tmp}/m.pt", "--vae", "{tmp}/v.bin", "--outdir", "{tmp}/s"],
      lambda t: (t / "v.bin").write_bytes(bytes(range(256)) * 4), ["--vae", "v.bin", "not readable sd-vae-ft-mse weights"]),
+    ("post-bf16-gap-below-rounding", _POST + ["--bf16", "--ect-q", "1024"], None,
+     ["--bf16 with --stage post", "1/1024 = 0.00098", "bfloat16's rounding 0.0039"]),
+    ("post-tf32-gap-below-rounding", _POST + ["--tf32", "--ect-q", "4096"], None,
+     ["--tf32 with --stage post", "1/4096 = 0.00024", "TF32's rounding 0.00049"]),
+    ("tiny-pipeline-bf16-gap-below-rounding", _TI + ["--bf16", "--ect-q", "512"], None,  # refused before any training
+     ["--bf16 with --stage post", "1/512 = 0.002"]),
     ("resume-other-stage", _POST + ["--resume", "auto"], lambda t: make_ckpt(t / "run" / "ckpt-latest.pt", "cmt_imagenet.py", "mid"),
      ["--resume", "a mid checkpoint", "--stage post"]),
     ("fid-ref-missing", ["--preset", "tiny", "--stage", "sample", "--init", "teacher", "--teacher", "analytic", "--outdir",
@@ -2908,9 +2914,14 @@ def test_imagenet_edm2_pickle_loads_float32(tmp_path):
 
 
 def inet_official_pkl(tmp_path, cfg, use_fp16=True):
-    """The tiny preset's network pickled as an official EDM2 Precond with the given use_fp16."""
+    """The tiny preset's network pickled as an official EDM2 Precond with the given use_fp16, its 0-dim gains at 0.5
+    (a fresh EDM2 net's are 0: out_gain = 0 makes the U-Net's output exactly 0, which any precision computes alike)."""
     torch.manual_seed(3)
     net = inet.build_net(cfg, logvar=True).half().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(0.5)
     for m in net.modules():
         if type(m) is not torch.nn.ModuleDict:
             m.__class__ = type(type(m).__name__, (type(m),), {"__reduce__": inet_persistent_reduce})
@@ -2953,17 +2964,25 @@ def test_cuda_imagenet_fp16_guide_runs_unet_in_float16(tmp_path):
     path = inet_official_pkl(tmp_path, cfg)
     gnet = inet.load_network(path, cfg, "guide").to(CUDA)
     ref = inet.load_network(path, dict(cfg, guide_fp16=False), "guide")
-    seen = []
-    gnet.unet.out_conv.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    unet_out = []  # F_x of each network: the U-Net's output, before the float32 skip connection of D_x
+    for net in (gnet, ref):
+        net.unet.register_forward_hook(lambda m, args, out: unet_out.append(out))
     x, s, lab = torch.randn(3, 3, 8, 8), torch.tensor([0.1, 1.0, 20.0]), torch.tensor([0, 2, 5])
     got, want = gnet(x.to(CUDA), s.to(CUDA), lab.to(CUDA)), ref(x, s, lab)
+    f_got, f_want = unet_out
     assert got.dtype == torch.float32  # D_x = c_skip x + c_out F_x.float(), as EDM2
-    if CUDA.type == "cuda":
-        assert seen == [torch.float16]
-        # float16 keeps 11 significant bits: ~5e-4 per rounding, a few dozen roundings deep.
-        assert (got.cpu() - want).norm() <= 2e-2 * want.norm()
+    assert f_want.square().mean().sqrt() > 0.1  # the fixture's non-zero gains: F_x is O(1), not 0
+    if ON_GPU:
+        assert f_got.dtype == torch.float16
+        # float16's unit round-off is u = 2^-11 = 4.9e-4. Each of the U-Net's MPConv layers (39 here) rounds its
+        # weights, its output and about two elementwise results; magnitude-preserving layers pass relative errors
+        # on without growth, so ~4 roundings per layer of independent sign add up to ~2 sqrt(layers) u = 6e-3
+        # (measured with the CPU's float16 kernels: 1.0e-3) and at worst to 4 layers u = 7.6e-2. The bound of one
+        # full rounding per layer, layers u = 1.9e-2, sits 3x above the expected error; a wrong scale errs by O(1).
+        layers = sum(isinstance(m, inet.MPConv) for m in ref.unet.modules())
+        assert _rel(f_got, f_want) <= layers * 2 ** -11
     else:
-        assert seen == [torch.float32] and torch.equal(got, want)
+        assert f_got.dtype == torch.float32 and torch.equal(got, want)
 
 
 # ----------------------------------------------------------------------------- teacher and solver
@@ -3487,6 +3506,44 @@ def test_imagenet_resume_bit_exact(tmp_path, inet_one_thread):
     rows = [json.loads(line) for line in (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
     assert set(rows[0]) >= {"iter", "kimg", "loss", "grad_norm", "lr", "it_per_s", "img_per_s", "nonfinite", "sec"}
+
+
+@pytest.mark.parametrize("first, then", [("--no-channels-last", "--channels-last"),
+                                         ("--channels-last", "--no-channels-last")])
+def test_imagenet_resume_with_other_channels_last_gives_adam_moments_their_parameters_layout(tmp_path, inet_one_thread,
+                                                                                              first, then):
+    # --channels-last may change on resume. Adam's moments load in the checkpoint's layout, and CUDA's fused Adam
+    # refuses moments laid out unlike their parameter (the CPU's Adam does not check): the resume must convert them.
+    run = inet_train_args(tmp_path / "run", "--stage", "mid", "--batch", "16")
+    inet.main(run + ["--iters", "2", first])
+    inet.main(run + ["--iters", "4", then, "--resume", "auto"])
+    old, new = (torch.load(tmp_path / "run" / f"ckpt-{i:07d}.pt", weights_only=True) for i in (2, 4))
+    names = [n for n, _ in inet.build_net(inet_cfg("--preset", "tiny", "--stage", "mid")).named_parameters()]
+    assert [n for n in names if new["model"][n].stride() != old["model"][n].stride()]  # the layout did change
+    for i, name in enumerate(names):
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert new["optimizer"]["state"][i][k].stride() == new["model"][name].stride(), (name, k)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("stage", ["mid", "post"])
+def test_imagenet_bf16_autocasts_the_student_only(stage, inet_one_thread):
+    # The teacher is float32 (EDM2's fp16 guide as its pickle says): under --bf16 its CMT trajectories (mid) and its
+    # guided Heun step (ECD) equal the float32 run's bit for bit, while the student's loss does change.
+    cfg = dict(inet_cfg("--preset", "tiny", "--stage", stage, "--batch", "16", "--init", "random"), batch_gpu=16,
+               traj_buffer=0)
+    net, gnet, student = (_inet_net(cfg, seed, attention=False) for seed in (1, 3, 2))
+    guided = inet.guided_denoiser(net.eval(), gnet.eval(), 2.05)
+    outputs, losses = {}, {}
+    for bf16 in (False, True):
+        seen = outputs[bf16] = []
+        teacher = lambda x, s, labels: seen.append(guided(x, s, labels)) or seen[-1]  # noqa: E731
+        micro_loss = inet.make_loss(dict(cfg, bf16=bf16), stage, copy.deepcopy(student), teacher, 1, 0, 0, 1, CPU)
+        losses[bf16] = micro_loss(torch.Generator().manual_seed(0), 0, 0).detach()
+    assert len(outputs[True]) == len(outputs[False]) == (16 if stage == "mid" else 2)  # DPM-Solver++ 16; Heun 2
+    assert all(torch.equal(a, b) for a, b in zip(outputs[True], outputs[False]))
+    assert not torch.equal(losses[True], losses[False])  # the student did run in bfloat16
 
 
 def test_imagenet_ddp_matches_accumulation(tmp_path):
@@ -5536,6 +5593,21 @@ def test_cuda_imagenet_torchrun_one_process_writes_checkpoint(tmp_path):
     ckpt = inet.read_checkpoint(tmp_path / "run" / "ckpt-latest.pt", "--resume")
     assert ckpt["iter"] == 2 and ckpt["stage"] == "mid" and len(ckpt["rng"]) == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@needs_cuda
+@pytest.mark.parametrize("teacher", ["pretrain", "analytic"])
+def test_cuda_imagenet_tiny_demo_runs_on_the_device(tmp_path, teacher, _backend_flags, capsys):
+    """`python cmt_imagenet.py --preset tiny` (the whole demo: teacher -> mid -> post -> quality table) runs on a CUDA
+    machine, where train() returns its students on CUDA and the quality table samples them there from its CPU-drawn
+    noise: with the demo's own pretrained teacher and with --teacher analytic (the toy's exact denoiser then meets
+    CUDA states)."""
+    rows = inet.main(["--preset", "tiny", "--teacher", teacher, "--iters", "2", "--eval-num", "64", "--grid", "0",
+                      "--outdir", str(tmp_path / "demo")])
+    assert f"device {CUDA.type}" in capsys.readouterr().out
+    assert [r["model"] for r in rows][-1] == "post (CMT -> ECD)"
+    assert all(math.isfinite(r["flow_map_err"]) and math.isfinite(r["pixel_fd"]) for r in rows[1:]), rows
+    assert (tmp_path / "demo" / "comparison.png").is_file()
 
 
 # ----------------------------------------------------------------------------- meanflow_post.py
