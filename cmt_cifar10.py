@@ -159,13 +159,16 @@ def resolve_config(args):
         cfg["mid_t"] = args.mid_t  # None: the value of the sampled checkpoint's stage (MID_T)
     if cfg["data"] is None and stage in ("pretrain", "mid", "post"):
         raise SystemExit(f"--data: preset {args.preset!r} needs a dataset (zip or folder of PNGs)")
-    for flag, unit in (("bf16", 2.0 ** -8), ("tf32", 2.0 ** -11)):  # unit round-offs: 8 and 11 significant bits
-        # ECT's f(y + t eps) and f(y + r eps) see inputs 1/q apart (relative, stage 0); once the format rounds
-        # the network's inputs by as much, the loss |f_t - f_r| / (t - r) is rounding noise (measured at q = 4096:
-        # median error 6.2x the fp32 loss per sample in bf16, 0.12x in TF32; bf16 at q = 64: up to 0.1x).
-        if stage == "post" and cfg[flag] and 1 / cfg["ect_q"] <= unit:
-            raise SystemExit(f"--{flag}: ECT compares the network at noise levels 1/q = {1 / cfg['ect_q']:.1e} apart, "
-                             f"within {flag}'s rounding of its inputs ({unit:.1e}); post-train in fp32 (or lower --ect-q)")
+    if stage == "post":
+        # ECT's f(y + t eps) and f(y + r eps) see inputs q^-(stage+1) apart (relative); below a fast path's
+        # rounding of the network's inputs the loss |f_t - f_r| / (t - r) is rounding noise (measured at q = 4096:
+        # median error 6.2x the fp32 loss per sample in bf16, 0.12x in TF32). sony/cmt post-trains in float32.
+        gap = cfg["ect_q"] ** -(ect_stage(cfg["iters"] - 1, cfg["batch"], cfg["ect_double"]) + 1)
+        for flag, unit in (("bf16", 2.0 ** -8), ("tf32", 2.0 ** -11)):  # unit round-offs: 8, 11 significant bits
+            if cfg[flag] and gap < unit:
+                raise SystemExit(f"--{flag}: ECT compares the network at noise levels {gap:.1e} apart (relative), "
+                                 f"within {flag}'s rounding of its inputs ({unit:.1e}); post-train in fp32 (or lower "
+                                 "--ect-q)")
     return cfg
 
 
