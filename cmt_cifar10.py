@@ -374,7 +374,7 @@ def open_data(spec):
 def to_device(x, device):
     """Host -> GPU copy that leaves the host free to queue more work: a copy from pageable memory waits until
     the GPU has finished everything queued before it, one from pinned memory need not."""
-    if x is None or device.type != "cuda":
+    if x is None or torch.device(device).type != "cuda":
         return None if x is None else x.to(device)
     return x.pin_memory().to(device, non_blocking=True)
 

@@ -214,7 +214,7 @@ class LatentShards:
 def to_device(x, device):
     """Host -> GPU copy that leaves the host free to queue more work: a copy from pageable memory waits until
     the GPU has finished everything queued before it, one from pinned memory need not."""
-    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+    return x.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else x.to(device)
 
 
 # The SD-VAE, its safetensors reader and its latent conventions: see the appendix at the end of this file.
