@@ -874,9 +874,17 @@ SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.04
 SYM2 = [-0.12940952255092145, 0.22414386804185735, 0.836516303737469, 0.48296291314469025]
 
 
+# The augmentation runs every micro-step on the GPU: its constants are made there by a fill kernel or once per
+# device (_const), since each tensor built from host values is a copy that waits for the GPU.
+@functools.lru_cache(maxsize=64)
+def _const(values, dtype, device):  # a small constant tensor, made once per (values, dtype, device): never modify it
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def aug_matrix(n, like, *e):  # row-major entries (floats or [n] tensors) -> [n, k, k]
     k = math.isqrt(len(e))
-    return torch.stack([torch.as_tensor(v, dtype=like.dtype, device=like.device).expand(n) for v in e], -1).view(n, k, k)
+    return torch.stack([v.to(like.dtype).expand(n) if torch.is_tensor(v) else
+                        torch.full((n,), v, dtype=like.dtype, device=like.device) for v in e], -1).view(n, k, k)
 
 
 def aug_scale(sx, sy, n, like):
@@ -915,7 +923,7 @@ def sample_aug(shape, gen, p, like):
     G = G @ aug_shift(-shift[:, 0] * w, -shift[:, 1] * h, n, like)
     # Colour: homogeneous 4x4 on (c0, c1, c2, 1); luma axis v = (1, 1, 1, 0)/sqrt(3).
     eye = torch.eye(4, dtype=like.dtype, device=like.device)
-    v = torch.tensor([1.0, 1, 1, 0], dtype=like.dtype, device=like.device) / math.sqrt(3)
+    v = _const((1.0, 1, 1, 0), like.dtype, like.device) / math.sqrt(3)
     vv, k = torch.outer(v, v), torch.zeros(4, 4, dtype=like.dtype, device=like.device)
     k[0, 1], k[0, 2], k[1, 0], k[1, 2], k[2, 0], k[2, 1] = -v[2], v[1], v[2], -v[0], -v[1], v[0]  # v x .
     C = eye.expand(n, 4, 4).clone()
@@ -926,7 +934,7 @@ def sample_aug(shape, gen, p, like):
     C = (vv + (e3 - vv) * th.cos() + k * th.sin() + eye - e3) @ C
     C = (vv + (eye - vv) * gate(torch.exp2(g() * 1.0), 1).view(n, 1, 1)) @ C          # saturation
     # Filter: 4 octave bands, log2-normal gains (std 1), power normalised to the 1/f spectrum.
-    ep = torch.tensor([10.0, 1, 1, 1], dtype=like.dtype, device=like.device) / 13
+    ep = _const((10.0, 1, 1, 1), like.dtype, like.device) / 13
     gain = torch.ones(n, 4, dtype=like.dtype, device=like.device)
     for i in range(4):
         band = torch.ones_like(gain)
@@ -952,12 +960,13 @@ def upfirdn(x, f, up=1, pad=(0, 0), down=1):
 def aug_geometry(x, G):
     """ADA geometry: reflect-pad, 2x upsample (sym6), bilinear resample, 2x downsample (sym6)."""
     n, c, h, w = x.shape
-    f = torch.tensor(SYM6, dtype=x.dtype, device=x.device)
+    f = _const(tuple(SYM6), x.dtype, x.device)
     f = f / f.sum()
     cx, cy = (w - 1) / 2, (h - 1) / 2
-    corners = torch.tensor([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1.0] * 4], dtype=x.dtype, device=x.device)
+    corners = _const(((-cx, cx, cx, -cx), (-cy, -cy, cy, cy), (1.0,) * 4), x.dtype, x.device)
     xy = (G @ corners)[:, :2].transpose(0, 1).reshape(2, -1)  # [2, n*4] input positions of output corners
-    m = (torch.cat([-xy, xy]).amax(1) + torch.tensor([6 - cx, 6 - cy] * 2, dtype=x.dtype, device=x.device)).tolist()
+    # The padding depends on the drawn transforms (as in ADA): E-LatentLPIPS's one read from the GPU per call.
+    m = (torch.cat([-xy, xy]).amax(1) + _const((6 - cx, 6 - cy) * 2, x.dtype, x.device)).tolist()
     mx0, my0, mx1, my1 = [min(max(math.ceil(v), 0), lim) for v, lim in zip(m, [w - 1, h - 1] * 2)]
     x = F.pad(x, [mx0, mx1, my0, my1], mode="reflect")
     G = aug_shift((mx0 - mx1) / 2, (my0 - my1) / 2, n, x) @ G
@@ -971,8 +980,9 @@ def aug_geometry(x, G):
     return upfirdn(x, f, pad=(-1, -1), down=2)
 
 
-def aug_filter_bank(like):
-    """[4, 43] band filters whose sum is a unit impulse (ADA's sym2 octave bank)."""
+@functools.lru_cache(maxsize=8)
+def aug_filter_bank(dtype, device):
+    """[4, 43] band filters whose sum is a unit impulse (ADA's sym2 octave bank), made once per device."""
     full = lambda a, k: F.conv1d(F.pad(a[:, None], [k.numel() - 1] * 2), k.flip(0).view(1, 1, -1))[:, 0]
     lo = torch.tensor(SYM2, dtype=torch.float64)
     hi = lo * torch.tensor([1.0, -1, 1, -1], dtype=torch.float64)
@@ -984,7 +994,7 @@ def aug_filter_bank(like):
         bank = full(up, lo2)
         j = (bank.shape[1] - hi2.numel()) // 2
         bank[i, j:j + hi2.numel()] += hi2
-    return bank.to(like)
+    return bank.to(device, dtype)
 
 
 def apply_aug(x, prm):
@@ -995,7 +1005,7 @@ def apply_aug(x, prm):
     # Official 4-channel rule (ada_aug.py `num_channels == 4`): C @ x, latent channel 3 standing in
     # for the homogeneous 1 (brightness adds b * x3; saturation also scales x3).
     x = (C @ x) if c == 4 else (C[..., :3, :3] @ x + C[..., :3, 3:])
-    hz = (prm["gain"] @ aug_filter_bank(x)).repeat_interleave(k * c, 0)  # [n*k*c, 43]
+    hz = (prm["gain"] @ aug_filter_bank(x.dtype, x.device)).repeat_interleave(k * c, 0)  # [n*k*c, 43]
     x = F.pad(x.reshape(1, n * k * c, h, w), [21] * 4, mode="reflect")
     x = F.conv2d(F.conv2d(x, hz[:, None, None], groups=n * k * c), hz[:, None, :, None], groups=n * k * c)
     x = x.reshape(n, k, c, h, w) + prm["noise"][:, None]  # one noise draw for both images
