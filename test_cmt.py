@@ -5,6 +5,7 @@ Every input is generated here; nothing is downloaded and ../shared is never read
 """
 
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import functools
@@ -6012,15 +6013,35 @@ def test_fid_ref_without_inception_weights_stops_before_any_work(tmp_path, scrip
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("script, argv, setup, expected", BAD_INPUTS_FID + BAD_INPUTS_CIFAR + BAD_INPUTS_IMAGENET
-                         + BAD_INPUTS_MEANFLOW)
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv, setup, expected):
-    if setup is not None:
-        setup(tmp_path)
-    before = folder_bytes(tmp_path)
-    rc, out, err = run_script(script, *[a.format(tmp=tmp_path) for a in argv], cwd=tmp_path)
+BAD_INPUTS = {p.id: p.values for p in BAD_INPUTS_FID + BAD_INPUTS_CIFAR + BAD_INPUTS_IMAGENET + BAD_INPUTS_MEANFLOW}
+
+
+@pytest.fixture(scope="session")
+def bad_input_runs(request, tmp_path_factory):
+    """The selected rows of the bad-input table, each run as a user would, two at a time: each row is a fresh
+    Python importing torch (~2 s, one core), so on 2 cores this halves the table's wall time. The setups run
+    first, one by one. Returns {id: (folder, exit code, stdout, stderr, folder bytes before)}."""
+    wanted = {item.callspec.params["row"] for item in request.session.items
+              if item.originalname == "test_bad_input_is_one_line_exit_2_and_writes_nothing"}
+    jobs = []
+    for row in sorted(wanted):
+        script, argv, setup, _ = BAD_INPUTS[row]
+        tmp = tmp_path_factory.mktemp(row)
+        if setup is not None:
+            setup(tmp)
+        jobs.append((row, tmp, script, [a.format(tmp=tmp) for a in argv]))
+    befores = {row: folder_bytes(tmp) for row, tmp, _, _ in jobs}
+    run = lambda job: (job[0], (job[1], *run_script(job[2], *job[3], cwd=job[1]), befores[job[0]]))  # noqa: E731
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(run, jobs))
+
+
+@pytest.mark.parametrize("row", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad_input_runs, row):
+    tmp, rc, out, err, before = bad_input_runs[row]
+    expected = BAD_INPUTS[row][3]
     lines = err.strip().splitlines()
     assert rc == 2, (rc, out, err)
     assert "Traceback" not in out + err, err
-    assert len(lines) == 1 and all(e.format(tmp=tmp_path) in lines[0] for e in expected), err
-    assert folder_bytes(tmp_path) == before  # no file written, changed or removed (the output folder included)
+    assert len(lines) == 1 and all(e.format(tmp=tmp) in lines[0] for e in expected), err
+    assert folder_bytes(tmp) == before  # no file written, changed or removed (the output folder included)
