@@ -103,6 +103,7 @@ _RECIPE = dict(
     post=dict(init=None, optimizer="radam", lr=1e-4, ema=0.9999, batch=128, mimg=12.8, dropout=0.2, mid_t=MID_T["post"]),
 )
 
+
 def _cpu_recipe(batch, iters, lr, mid_optimizer):
     """Stage recipes of the CPU presets from their (pretrain, mid, post) iterations and learning rates."""
     common = dict(ema=0.99, batch=batch, dropout=0.0)

@@ -1,6 +1,6 @@
 """Tests of the CMT reference implementation: fid.py and the three training scripts.
 
-Run: python -m pytest -q test_cmt.py   (CPU only; about 8 minutes on 2 cores; the test_cuda_* tests need a GPU)
+Run: python -m pytest -q test_cmt.py   (CPU only; about 9 minutes on 2 cores; the test_cuda_* tests need a GPU)
 Every input is generated here; nothing is downloaded and ../shared is never read.
 """
 
