@@ -16,13 +16,13 @@ import argparse
 import contextlib
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cmt_imagenet as inet  # noqa: E402
+from timing import time_it  # noqa: E402
 
 
 def peak_memory_gb(device):
@@ -62,9 +62,13 @@ def bench(cfg, sizes, reps=1):
         guided = inet.guided_denoiser(teacher, gnet, 2.05)
         b, sigmas = bg // c["teacher_steps"], inet.logsnr_grid(c["teacher_steps"], c["s_max"], c["s_lo"], device)
         noise = lambda n: torch.randn([n, c["img_channels"], c["res"], c["res"]], generator=gen, device=device)  # noqa: E731
-        pairs = inet.cmt_batch(teacher, noise(b), labels[:b], sigmas)
+
+        def solve(n, lab):  # the teacher in float32 also under --bf16, as train() runs it
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                return inet.cmt_batch(teacher, noise(n), lab, sigmas)
+        pairs = solve(b, labels[:b])
         losses = dict(plain=lambda: (model(y + sigma.view(-1, 1, 1, 1) * torch.randn_like(y), sigma, labels) - y).square(),
-                      mid=lambda: inet.cmt_loss(model, inet.cmt_batch(teacher, noise(b), labels[:b], sigmas), c),
+                      mid=lambda: inet.cmt_loss(model, solve(b, labels[:b]), c),
                       mid_student=lambda: inet.cmt_loss(model, pairs, c),  # pairs ready: the bulk path's step
                       post=lambda: inet.ecd_loss(model, guided, y, labels, gen, c, 0))
         if device.type == "cuda":
@@ -77,30 +81,14 @@ def bench(cfg, sizes, reps=1):
                     loss = loss_fn().mean()
                 loss.backward()
                 opt.step()
-            step()  # warm-up: kernels, autotuning, compilation
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            row[f"{name}_s"] = (time.perf_counter() - t0) / reps
+            row[f"{name}_s"] = time_it(step, device, reps, warmup=1)  # warm-up: kernels, autotuning, compilation
             row[f"img_per_s_{name}"] = bg / row[f"{name}_s"]
             print(f"[bench] {size:>4} {name:>5}: {row[f'{name}_s']:.3f} s/step, {row[f'img_per_s_{name}']:.1f} img/s "
                   f"({row['params_m']:.1f}M params)", flush=True)
         # Bulk trajectories (--traj-buffer): one solve of the buffer, amortised over the micro-steps it serves.
         n = max(b, c["traj_buffer"] // b * b)
-        with torch.no_grad(), amp():
-            inet.cmt_batch(teacher, noise(n), labels[:1].repeat(n), sigmas)  # warm-up at this batch
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            inet.cmt_batch(teacher, noise(n), labels[:1].repeat(n), sigmas)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
         row["teacher_s_per_traj_1"] = (row["mid_s"] - row["mid_student_s"]) / b
-        row["teacher_s_per_traj_bulk"] = (time.perf_counter() - t0) / n
+        row["teacher_s_per_traj_bulk"] = time_it(lambda: solve(n, labels[:1].repeat(n)), device, 1, warmup=1) / n
         row["traj_buffer"] = n
         row["mid_bulk_s"] = row["mid_student_s"] + b * row["teacher_s_per_traj_bulk"]
         row["img_per_s_mid_bulk"] = bg / row["mid_bulk_s"]

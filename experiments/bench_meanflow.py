@@ -15,13 +15,13 @@ Flags other than --models / --reps go to meanflow_post.py (--batch-gpu, --pairs,
 import argparse
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import meanflow_post as mf  # noqa: E402
+from timing import time_it  # noqa: E402
 
 
 def bench(cfg, device, models, reps):
@@ -126,17 +126,6 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def time_it(fn, device, reps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """Convergence curves as a PNG, with pillow only: the one plotting helper of the studies in this folder.
 
-    from plot import draw_curves
+    from plot import draw_curves, seed_points
     draw_curves([("title", {"arm": [[x, y_seed0, y_seed1, ...], ...]})], "curves.png", xlabel="compute")
 """
 
@@ -51,3 +51,9 @@ def draw_curves(panels, path, xlabel, marker_x=None, marker_label="mid | post"):
             draw.line([ox + pw - 200, mt + 14 + 16 * a, ox + pw - 180, mt + 14 + 16 * a], fill=c, width=3)
             draw.text((ox + pw - 175, mt + 14 + 16 * a), arm, fill="black", font=font, anchor="lm")
     img.save(path)
+
+
+def seed_points(curves, key):
+    """{seed: [(x, {key: y, ...}), ...]} (every seed at the same x) -> [[x, y_seed0, y_seed1, ...], ...]."""
+    cs = list(curves.values())
+    return [[pt[0]] + [c[i][1][key] for c in cs] for i, pt in enumerate(cs[0])]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cmt_cifar10 as cc  # noqa: E402
-from plot import draw_curves  # noqa: E402
+from plot import draw_curves, seed_points  # noqa: E402
 
 
 def study_cost(stage, iters, traj_reuse=1):
@@ -179,11 +179,8 @@ def run_study(args, base):
     (root / "study.json").write_text(json.dumps(results, indent=1))
     report = study_report(results)
     (root / "study.md").write_text(report)
-    def points(runs, key):  # [[x, value of seed 0, seed 1, ...]]: every seed has the same x
-        curves = list(runs.values())
-        return [[pt[0]] + [c[i][1][key] for c in curves] for i, pt in enumerate(curves[0])]
     draw_curves([(f"{k}-step flow-map error (MSE vs exact ODE), {len(seeds)} seeds: mean, min-max band",
-                  {arm: points(runs, f"err{k}") for arm, runs in results["q1"].items()}) for k in (1, 2)],
+                  {arm: seed_points(runs, f"err{k}") for arm, runs in results["q1"].items()}) for k in (1, 2)],
                 root / "study-convergence.png", "compute since the teacher (ECT-iteration equivalents)",
                 marker_x=study_cost("mid", mid_iters), marker_label="CMT: mid | post")
     print(report + f"\nstudy: {time.time() - t_study:.0f} s; wrote {root}/study.json, study.md, study-convergence.png")

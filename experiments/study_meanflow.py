@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import meanflow_post as mf  # noqa: E402
-from plot import draw_curves  # noqa: E402
+from plot import draw_curves, seed_points  # noqa: E402
 
 
 def study_cost(stage, iters, cfg):
@@ -92,12 +92,8 @@ def run_study(cfg_for, outdir, seeds, every, teacher_kind="meanflow"):
     (outdir / "study.json").write_text(json.dumps(results, indent=1))
     report = study_report(results)
     (outdir / "study.md").write_text(report)
-
-    def points(runs, key):  # [[x, value of seed 0, seed 1, ...]]: every seed has the same x
-        curves = list(runs.values())
-        return [[pt[0]] + [c[i][1][key] for c in curves] for i, pt in enumerate(curves[0])]
     draw_curves([(f"{k}-step flow-map error (MSE vs exact map), {len(seeds)} seeds: mean, min-max band",
-                  {arm: points(runs, f"err{k}") for arm, runs in results["curves"].items()}) for k in (1, 2)],
+                  {arm: seed_points(runs, f"err{k}") for arm, runs in results["curves"].items()}) for k in (1, 2)],
                 outdir / "study-convergence.png", "compute since the teacher (MeanFlow-iteration equivalents)",
                 marker_x=offset, marker_label="CMT-MF: mid | post")
     print(report + f"\nstudy: {time.time() - t_study:.0f} s; wrote {outdir}/study.json, study.md, study-convergence.png", flush=True)

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cmt_cifar10 as cc  # noqa: E402
 import meanflow_post as mf  # noqa: E402
-from plot import draw_curves  # noqa: E402
+from plot import draw_curves, seed_points  # noqa: E402
 from study_ect import mean_std, study_cost, study_table  # noqa: E402
 
 SEEDS, TUNING_SEED = [0, 1, 2, 3, 4], 5
@@ -242,12 +242,9 @@ def write_outputs(args, question, report, cells, data, marker, xlabel):
     out = Path(args.outdir)
     (out / f"{question}.md").write_text(report)
     (out / f"{question}.json").write_text(json.dumps(dict(data, cells=cells), indent=1))
-
-    def points(curves):  # [[x, seed0, seed1, ...]]: every seed of an arm has the same x
-        cs = list(curves.values())
-        return [[pt[0]] + [c[i][1]["err2"] for c in cs] for i, pt in enumerate(cs[0])]
-    draw_curves([(f"{name}: 2-step error", {arm: points(cv) for arm, cv in arms.items()}) for name, arms in cells.items()],
-                out / f"{question}.png", xlabel, marker_x=marker, marker_label="CMT: mid | post")
+    draw_curves([(f"{name}: 2-step error", {arm: seed_points(cv, "err2") for arm, cv in arms.items()})
+                 for name, arms in cells.items()], out / f"{question}.png", xlabel, marker_x=marker,
+                marker_label="CMT: mid | post")
     print(report + f"\nwrote {out}/{question}.md, .json, .png", flush=True)
 
 # ----------------------------------------------------------------------------- the questions
