@@ -1524,6 +1524,7 @@ def run_tiny(args):
         raise SystemExit("--resume: the tiny pipeline continues with --resume auto (each stage from its own folder)")
     if args.resume is None:
         check_outdir(dict(outdir=str(root), resume=None))  # a fresh demo needs a new or empty folder
+    resolve_config(argparse.Namespace(**{**vars(args), "stage": "post"}))  # a refused post recipe: before training
     analytic = args.teacher == "analytic"
 
     def stage(name, sub, **over):

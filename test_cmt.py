@@ -1611,6 +1611,8 @@ BAD_INPUTS_CIFAR = [pytest.param("cmt_cifar10.py", argv, setup, expected, id="ci
     *bad_init_rows(_T + ["--stage", "post"], "cmt_cifar10.py", "meanflow_post.py", "mid"),
     ("post-bf16-at-q4096", _T + ["--stage", "post", "--init", "random", "--bf16"], None, ["--bf16", "2.4e-04 apart", "fp32"]),
     ("post-tf32-at-q4096", _T + ["--stage", "post", "--init", "random", "--tf32"], None, ["--tf32", "2.4e-04 apart", "fp32"]),
+    ("tiny-pipeline-bf16-at-q4096", ["--preset", "tiny", "--bf16", "--outdir", "{tmp}/run"], None,  # before training
+     ["--bf16", "2.4e-04 apart"]),
     ("teacher-truncated-pkl", _T + ["--stage", "mid", "--teacher", "{tmp}/t.pkl"],
      lambda t: (t / "t.pkl").write_bytes(pickle.dumps({"ema": list(range(100))})[:40]), ["--teacher", "t.pkl", "not a readable"]),
     ("teacher-garbage-pt", _T + ["--stage", "mid", "--teacher", "{tmp}/t.pt"], lambda t: (t / "t.pt").write_bytes(b"\x00" * 64),
