@@ -4936,6 +4936,34 @@ def test_cuda_cifar10_ect_passes_share_the_dropout_mask():
             h.remove()
 
 
+@needs_cuda
+def test_cuda_cifar10_compiled_ect_passes_share_the_dropout_mask(_backend_flags):
+    """Under --compile, Inductor draws dropout masks from seeds it takes from the device's generator, in a
+    training graph for ECT's first pass and an inference graph for its no-grad second pass: restoring the
+    generator between them (as cc.ect_loss does) must still give both one mask. The two graphs fuse
+    differently, so the outputs agree to float32 round-off, not bitwise; a pass without the restore draws
+    another mask and moves the output by O(1) (dropout 0.2 in the narrowed DDPM++ with trained-like weights)."""
+    cfg = _c10_cfg("post", dropout=0.2)
+    torch.manual_seed(0)
+    net = _c10_trained_like(cc.build_net(cfg, "ecm"), seed=0).to(CUDA).train()
+    compiled = torch.compile(net)
+    y = (torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(CUDA)
+    x, s = y + 0.5 * torch.randn_like(y), torch.full((4,), 0.5, device=CUDA)
+    get_state, set_state = (torch.cuda.get_rng_state, torch.cuda.set_rng_state) if ON_GPU else \
+        (torch.get_rng_state, torch.set_rng_state)
+    with (torch.cuda.device(CUDA) if ON_GPU else contextlib.nullcontext()):
+        state = get_state()
+        first = compiled(x, s, train=True)
+        set_state(state)
+        with torch.no_grad():
+            second = compiled(x, s, train=True)
+            other = compiled(x, s, train=True)  # the generator moved on: another mask
+    scale = first.detach().flatten(1).norm(dim=1)
+    # float32 round-off over the net's ~20 layers, with margin: 1e-4 of the output's norm (measured 1e-6 abs. on CPU)
+    assert ((first.detach() - second).flatten(1).norm(dim=1) < 1e-4 * scale).all()
+    assert ((second - other).flatten(1).norm(dim=1) > 1e-2 * scale).all()
+
+
 # ----------------------------------------------------------------------------- 2. fast paths: 20 steps, finite, close to fp32
 
 C10_FAST = {"fp32": [], "bf16": ["--bf16"], "tf32": ["--tf32"], "channels_last": ["--channels-last"],
