@@ -834,7 +834,7 @@ def to_uint8(x):
 def save_samples(images_u8, path_stem, side=8):
     """A PNG grid of the first side^2 images and an .npz (key 'images', uint8 NHWC) for fid.py."""
     nhwc = images_u8.permute(0, 2, 3, 1).cpu().numpy()
-    np.savez(str(path_stem) + ".npz", images=nhwc)
+    write_atomic(str(path_stem) + ".npz", lambda f: np.savez(f, images=nhwc))
     n = min(side * side, len(nhwc))
     cols = min(side, n)
     rows = -(-n // cols)
@@ -842,7 +842,8 @@ def save_samples(images_u8, path_stem, side=8):
     canvas = np.zeros((rows * h, cols * w, 3), np.uint8)
     for i in range(n):
         canvas[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = nhwc[i]
-    Image.fromarray(canvas).resize((cols * max(w, 32), rows * max(h, 32)), Image.NEAREST).save(str(path_stem) + ".png")
+    grid = Image.fromarray(canvas).resize((cols * max(w, 32), rows * max(h, 32)), Image.NEAREST)
+    write_atomic(str(path_stem) + ".png", lambda f: grid.save(f, format="PNG"))
 
 # ----------------------------------------------------------------------------- checkpoints and teachers
 def rng_state():
@@ -1512,7 +1513,7 @@ def save_comparison(rows, path, scale=8, gap=4):
         for j in range(k):
             canvas.paste(Image.fromarray(img[j]).resize((tw, th), Image.NEAREST), (label_w + j * (tw + gap), i * (th + gap)))
         draw.text((6, i * (th + gap) + th // 2 - 6), name, fill="black")
-    canvas.save(path)
+    write_atomic(path, lambda f: canvas.save(f, format="PNG"))
 
 
 def run_tiny(args):
@@ -1559,7 +1560,7 @@ def run_tiny(args):
     table, _ = quality_table(models, cfg, args.eval_num, picture=root / "comparison.png")
     print("\nQuality on the toy mixture (flow-map err: MSE per element vs the exact ODE solution from the "
           "same noise; pixel FD vs fresh data; post rows share one budget):\n" + table)
-    (root / "quality.txt").write_text(table + "\n")
+    write_atomic(root / "quality.txt", lambda f: f.write((table + "\n").encode()))
     print(f"wrote {root / 'quality.txt'} and {root / 'comparison.png'} (the same noise in every row)")
     return table
 

@@ -1214,7 +1214,8 @@ def save_grid(images, path, cols):
     grid = torch.zeros([rows * cols, c, h, w], dtype=torch.uint8)
     grid[:n] = images.cpu()
     grid = grid.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c).numpy()
-    PIL.Image.fromarray(grid[..., 0] if c == 1 else grid[..., :3]).save(path)
+    image = PIL.Image.fromarray(grid[..., 0] if c == 1 else grid[..., :3])
+    write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 
 def sample_grid(net, cfg, device, vae, path, per_class=8):
@@ -1268,7 +1269,7 @@ def generate(cfg, device, rank, world, sampler, vae, tag):
     out = torch.cat(kept) if kept else torch.zeros([0, 3, 1, 1], dtype=torch.uint8)
     name = f"samples-{tag}.npz" if world == 1 else f"samples-{tag}-rank{rank}of{world}.npz"
     os.makedirs(cfg["outdir"], exist_ok=True)
-    np.savez(os.path.join(cfg["outdir"], name), images=out.permute(0, 2, 3, 1).numpy())
+    write_atomic(os.path.join(cfg["outdir"], name), lambda f: np.savez(f, images=out.permute(0, 2, 3, 1).numpy()))
     if rank == 0:
         save_grid(out[:64], os.path.join(cfg["outdir"], f"samples-{tag}.png"), 8)
         if fid_value is not None:
@@ -1826,8 +1827,7 @@ def quality_table(cfg, toy, teacher, nets, walls, n=None):
     print(f"\nQuality on the toy mixture ({n} samples; flow-map err: MSE per element vs the exact ODE solution "
           "from the same noise and class; pixel FD vs fresh data; wall time of the stage that made the model):\n"
           + table, flush=True)
-    with open(os.path.join(cfg["outdir"], "quality.txt"), "w") as f:
-        f.write(table + "\n")
+    write_atomic(os.path.join(cfg["outdir"], "quality.txt"), lambda f: f.write((table + "\n").encode()))
     k = 2 * cfg["label_dim"]  # the picture: two samples per class, the same noise in every row
     zk, lk = z[:k], torch.arange(k) % cfg["label_dim"]
     pics = [("exact flow map", toy.flow(zk * cfg["s_max"], cfg["s_max"], 0.0, lk)),
@@ -1855,7 +1855,7 @@ def save_comparison(rows, path, scale=8, gap=4):
             tile = PIL.Image.fromarray(img[j]).resize((tw, th), PIL.Image.NEAREST)
             canvas.paste(tile, (label_w + j * (tw + gap), i * (th + gap)))
         draw.text((6, i * (th + gap) + th // 2 - 6), name, fill="black")
-    canvas.save(path)
+    write_atomic(path, lambda f: canvas.save(f, format="PNG"))
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -558,7 +558,8 @@ def save_grid(images_nhwc, path, cols=None):
     grid = np.zeros((rows * h, cols * w, c), np.uint8)
     for k in range(n):
         grid[(k // cols) * h:(k // cols + 1) * h, (k % cols) * w:(k % cols + 1) * w] = images_nhwc[k]
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 
 def latents_to_uint8(x, vae):
@@ -1158,7 +1159,7 @@ def save_comparison(rows, path, scale=8, gap=4):
             tile = Image.fromarray(img[j]).resize((tw, th), Image.NEAREST)
             canvas.paste(tile, (label_w + j * (tw + gap), i * (th + gap)))
         draw.text((6, i * (th + gap) + th // 2 - 6), name, fill="black")
-    canvas.save(path)
+    write_atomic(path, lambda f: canvas.save(f, format="PNG"))
 
 
 @torch.no_grad()
@@ -1200,7 +1201,8 @@ def run_sample(cfg, outdir, rank, world, device):
             chunks.append(latents_to_uint8(x.float(), vae))
         mine = np.concatenate(chunks) if chunks else np.zeros((0,), np.uint8)
         part = outdir / f"samples-{steps}step.part{rank}.npz"
-        np.savez(part, images=mine, starts=np.array(starts, np.int64), sizes=np.array([len(c) for c in chunks], np.int64))
+        sizes = np.array([len(c) for c in chunks], np.int64)
+        write_atomic(part, lambda f: np.savez(f, images=mine, starts=np.array(starts, np.int64), sizes=sizes))
         if world > 1:
             dist.barrier()
         if rank == 0:
@@ -1210,7 +1212,7 @@ def run_sample(cfg, outdir, rank, world, device):
                 offsets = np.cumsum(np.concatenate([[0], p["sizes"]]))
                 pieces += [(s, p["images"][offsets[k]:offsets[k + 1]]) for k, s in enumerate(p["starts"])]
             images = np.concatenate([img for _, img in sorted(pieces, key=lambda c: c[0])])
-            np.savez(outdir / f"samples-{steps}step.npz", images=images)
+            write_atomic(outdir / f"samples-{steps}step.npz", lambda f: np.savez(f, images=images))
             save_grid(images[:64], outdir / f"samples-{steps}step.png", cols=8)
             for peer in range(world):
                 (outdir / f"samples-{steps}step.part{peer}.npz").unlink()

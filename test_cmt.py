@@ -2388,6 +2388,29 @@ def test_cifar10_run_folder_refuses_another_run_and_checks_resume(tmp_path, caps
     assert cc.read_checkpoint(tmp_path / "run" / "ckpt-latest.pt", "--resume")["iter"] == 3
 
 
+@pytest.mark.parametrize("writer", ["cifar10 samples", "imagenet grid", "meanflow grid", "cifar10 comparison"])
+def test_samples_and_grids_are_never_left_half_written(tmp_path, monkeypatch, writer):
+    """A sample file or picture that fails half-way (disk full, a kill) leaves the previous file whole and no new
+    partial one: they go through the scripts' write_atomic as checkpoints do. Here PNG encoding writes a few bytes
+    and then raises."""
+    def half_then_fail(self, fp, *args, **kwargs):
+        (fp.write if hasattr(fp, "write") else open(fp, "wb").write)(b"\x89PNG half")
+        raise OSError("disk full")
+    u8 = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    write = {"cifar10 samples": lambda p: cc.save_samples(u8, p.with_suffix("")),
+             "imagenet grid": lambda p: inet.save_grid(u8, p, 2),
+             "meanflow grid": lambda p: mf.save_grid(u8.permute(0, 2, 3, 1).numpy(), p, 2),
+             "cifar10 comparison": lambda p: cc.save_comparison([("x", u8.float() / 127.5 - 1)], p)}[writer]
+    path = tmp_path / "out.png"
+    write(path)
+    before = path.read_bytes()
+    assert Image.open(path).size[0] > 0
+    monkeypatch.setattr(PIL.Image.Image, "save", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        write(path)
+    assert path.read_bytes() == before
+
+
 def test_cifar10_sigkill_inside_a_checkpoint_write_loses_nothing(tmp_path):
     """Killed while ckpt-latest.pt.tmp is being written, the previous ckpt-latest.pt stays loadable and
     --resume auto ends with the weights of an uninterrupted run."""
