@@ -4717,6 +4717,10 @@ def test_bench_imagenet_times_plain_mid_and_post_steps(capsys):
     assert "[bench] tiny   mid:" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--batch-gpu 12"):  # the mid step needs whole trajectories
         bench_imagenet.main(["--preset", "tiny", "--sizes", "tiny", "--batch-gpu", "12"])
+    # The post step's guide is the preset's own: XXL guided by M (w 2.05), S by XS (2.10), XS and tiny by nothing.
+    img512, img64 = (inet.resolve_config(inet.parse_args(["--stage", "sample", "--preset", p])) for p in ("img512-s", "img64-s"))
+    assert [bench_imagenet.official_guide(img512, s) for s in ("xxl", "s", "xs", "tiny")] == [(256, 2.05), (128, 2.10), None, None]
+    assert bench_imagenet.official_guide(img64, "s") == (128, 1.70) and bench_imagenet.official_guide(img64, "xxl") is None
 
 
 def test_no_script_imports_experiments_and_plot_draws_one_panel_per_entry(tmp_path):

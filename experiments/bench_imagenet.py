@@ -2,7 +2,9 @@
 --batch-gpu on one device. A plain step is a student forward+backward+Adam on given noisy inputs;
 a mid step adds the teacher's 16-step DPM-Solver++ solve of batch/16 trajectories (the CMT loss), solved
 alone as sony/cmt does or amortised over a --traj-buffer of trajectories solved together (mid_bulk);
-a post step is one ECD step (one Heun step of the autoguided teacher, 4 forwards, plus the student's).
+a post step is one ECD step (one Heun step of the teacher, guided as the preset of that size guides it:
+the official autoguidance pair's smaller network, float16 on CUDA, 4 forwards; 2 where there is none; plus
+the student's two). Teacher and guide have random weights of the official sizes.
 Trains nothing.
 
     python experiments/bench_imagenet.py --preset img512-xs --batch-gpu 16 --sizes xs,s
@@ -32,6 +34,13 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
+def official_guide(cfg, size):
+    """(guide width, w) of the preset's autoguidance pair for ECD (cmt_imagenet.EDM2_AUTOGUIDED: XXL is guided
+    by M, S by XS), or None where the preset guides nothing (its post step runs the teacher alone)."""
+    pair = inet.EDM2_AUTOGUIDED.get(("img512" if cfg["latent"] else "img64", size))
+    return (inet.EDM2_CHANNELS[pair[1].split("-")[0]], pair[2]) if pair else None
+
+
 def bench(cfg, sizes, reps=1):
     """{size: {plain_s, mid_s, mid_student_s, post_s, mid_bulk_s, mid_over_plain, mid_bulk_over_plain,
     teacher_s_per_traj_{1,bulk}, traj_buffer, img_per_s_{plain,mid,mid_student,post,mid_bulk}, peak_gb, params_m}}."""
@@ -51,7 +60,10 @@ def bench(cfg, sizes, reps=1):
         torch.manual_seed(0)
         with device:  # built in place: initialising a 1.5B-parameter XXL on the CPU takes longer than timing it
             teacher = inet.build_net(c).eval().requires_grad_(False)
-            gnet = inet.build_net(c).eval().requires_grad_(False)
+            guide = official_guide(cfg, size)
+            gnet = inet.build_net(dict(c, model_channels=guide[0])).eval().requires_grad_(False) if guide else None
+            if gnet is not None:  # EDM2's pickles record use_fp16 = True (train_edm2.py --fp16); load_network keeps it
+                gnet.use_fp16 = True
             net = inet.build_net(c).train()
         model = torch.compile(net) if cfg["compile"] else net
         opt = torch.optim.Adam(net.parameters(), lr=1e-6, fused=device.type == "cuda")
@@ -59,7 +71,7 @@ def bench(cfg, sizes, reps=1):
         labels = torch.randint(c["label_dim"], (bg,), device=device)
         y = 0.5 * torch.randn([bg, c["img_channels"], c["res"], c["res"]], device=device)
         sigma = torch.exp(torch.randn([bg], device=device) * 1.2 - 1.2)
-        guided = inet.guided_denoiser(teacher, gnet, 2.05)
+        guided = inet.guided_denoiser(teacher, gnet, guide[1] if guide else 1.0)
         b, sigmas = bg // c["teacher_steps"], inet.logsnr_grid(c["teacher_steps"], c["s_max"], c["s_lo"], device)
         noise = lambda n: torch.randn([n, c["img_channels"], c["res"], c["res"]], generator=gen, device=device)  # noqa: E731
 
