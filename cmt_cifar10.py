@@ -86,7 +86,7 @@ SCRIPT = "cmt_cifar10.py"    # recorded in every checkpoint: --init/--resume/--t
 RESUME_MAY_CHANGE = {"outdir", "resume", "iters", "mimg", "batch_gpu", "log_every", "ckpt_every", "snap_every",
                      "sample_every", "fid_ref", "fid_every", "fid_num", "num", "sample_steps", "bf16", "tf32",
                      "channels_last", "compile", "max_nonfinite", "eval_num", "baselines", "lpips_weights",
-                     "teacher_sha256", "traj_buffer", "grid"}
+                     "teacher_sha256", "traj_buffer", "grid", "cudnn_benchmark"}
 
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
 _DDPMPP = dict(model_channels=128, num_blocks=4, attn_resolutions=[16])
@@ -1687,6 +1687,9 @@ def build_parser():
       help="channels_last memory format (default: off)")
     a("--compile", action=argparse.BooleanOptionalAction, default=False,
       help="torch.compile the training network (default: off)")
+    a("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False,
+      help="let cuDNN time its convolution algorithms and keep the fastest (sony/cmt's --bench, on there); a resume "
+           "is then exact only to round-off (default: off)")
     a("--log-every", type=int_at_least(1), help="iterations per progress line / stats.jsonl row (default: 100)")
     a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt, 0 = end only (default: 5000)")
     a("--snap-every", type=int_at_least(0), help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only (default: 50000)")
@@ -1710,6 +1713,7 @@ def main(argv=None):
     args = parse_args(argv)
     # Both ways: PyTorch's own default lets cuDNN convolutions run in TF32, which an fp32 run must not.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
     if args.stage is None:
         if args.preset != "tiny":
             raise SystemExit("--stage is required (only --preset tiny runs the whole pipeline)")

@@ -98,7 +98,7 @@ COMMON = dict(  # shared by every preset; the paper's ImageNet-512 recipe (sony/
     res=64, img_channels=4, latent=True, label_dim=1000, model_channels=448, channel_mult=[1, 2, 3, 4],
     num_blocks=3, attn_res=[16, 8], dropout=0.0, s_min=0.0, sigma_data=0.5,
     data=None, teacher=None, guide=None, guide_fp16=None, guidance=1.0, init=None, vae=None,
-    batch=128, batch_gpu=None, seed=0, tf32=False, bf16=False, compile=False, channels_last=False,
+    batch=128, batch_gpu=None, seed=0, tf32=False, bf16=False, compile=False, channels_last=False, cudnn_benchmark=False,
     ckpt_every=2000, snap_every=20000, sample_every=20000, grid=64, log_every=100, max_nonfinite=100,
     skip_nonfinite=False, workers=2,
     teacher_steps=16, traj_buffer=128, metric="huber", elpips_weights=None, huber_c=0.06, s_max=80.0, s_lo=0.002,
@@ -140,7 +140,8 @@ SCRIPT = "cmt_imagenet.py"  # recorded in every checkpoint: --init/--resume/--te
 # and speed switches. Every other field defines the run and must match the checkpoint's.
 RESUME_MAY_CHANGE = {"outdir", "resume", "iters", "mimg", "batch_gpu", "log_every", "ckpt_every", "snap_every",
                      "sample_every", "grid", "traj_buffer", "max_nonfinite", "workers", "bf16", "tf32", "compile",
-                     "channels_last", "fid_ref", "num", "sample_steps", "heun_steps", "vae", "eval_num"}
+                     "channels_last", "fid_ref", "num", "sample_steps", "heun_steps", "vae", "eval_num",
+                     "cudnn_benchmark"}
 
 
 def resolve_config(args):
@@ -1920,6 +1921,8 @@ def build_parser():
     a("--tf32", **bool_flag, help="TF32 matmuls and cuDNN convolutions on CUDA (default: off: fp32)")
     a("--compile", **bool_flag, help="torch.compile the student (default: off)")
     a("--channels-last", **bool_flag, help="channels_last weights (default: off)")
+    a("--cudnn-benchmark", **bool_flag, help="let cuDNN time its convolution algorithms and keep the fastest (EDM2's "
+                                              "--bench, on there); a resume is then exact only to round-off (default: off)")
     a("--ckpt-every", type=int_at_least(0), help="iterations per ckpt-latest.pt, 0 = end only (default: 2000)")
     a("--snap-every", type=int_at_least(0), help="iterations per ckpt-NNNNNNN.pt snapshot, 0 = end only (default: 20000; "
       "tiny 0)")
@@ -1971,6 +1974,7 @@ def main(argv=None):
     cfg = resolve_config(argparse.Namespace(**dict(vars(args), stage=args.stage or "mid")))
     # Both ways: PyTorch's own default lets cuDNN convolutions run in TF32, which an fp32 run must not.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
+    torch.backends.cudnn.benchmark = bool(cfg["cudnn_benchmark"])
     if args.stage is None:
         return run_tiny(cfg, args)
     if args.stage in ("pretrain", "mid", "post"):

@@ -800,6 +800,24 @@ def test_tf32_is_off_unless_asked_and_sets_both_switches(script, tmp_path):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+@pytest.mark.parametrize("script", ["cmt_cifar10.py", "cmt_imagenet.py"])
+def test_cudnn_benchmark_is_off_unless_asked(script, tmp_path):
+    """--cudnn-benchmark/--no-cudnn-benchmark (the two U-Net scripts), off by default: main() sets cuDNN's switch
+    from it both ways before the stage runs; a resume may change it (a speed switch)."""
+    mod = importlib.import_module(script[:-3])
+    old = torch.backends.cudnn.benchmark
+    try:
+        for flags, want in (([], False), (["--cudnn-benchmark"], True), (["--cudnn-benchmark", "--no-cudnn-benchmark"], False)):
+            torch.backends.cudnn.benchmark = not want
+            with pytest.raises(SystemExit, match="--init .*no such file"):  # a sample stage with nothing to sample
+                mod.main(["--preset", "tiny", "--stage", "sample", "--init", str(tmp_path / "none.pt"),
+                          "--outdir", str(tmp_path / "s"), *flags])
+            assert torch.backends.cudnn.benchmark == want, flags
+    finally:
+        torch.backends.cudnn.benchmark = old
+    assert "cudnn_benchmark" in mod.RESUME_MAY_CHANGE
+
+
 # ----------------------------------------------------------------------------- fake official modules
 def pkl_fake_reconstruct(meta):  # pickled by reference only; loading must never call it
     raise AssertionError("the real reconstruct function must never run")
@@ -4755,12 +4773,13 @@ def _tf32(matmul, cudnn=None):
 
 @pytest.fixture
 def _backend_flags():
-    """The scripts set the process-wide TF32 switches; in-process runs must not leak them into other tests."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads())
+    """The scripts set the process-wide TF32 and cuDNN switches; in-process runs must not leak them into other tests."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+           torch.get_num_threads())
     torch.set_num_threads(1)  # tiny networks: one thread is fastest on the CPU (rehearsal); no effect on GPU kernels
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[:2]
-    torch.set_num_threads(old[2])
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = old[:3]
+    torch.set_num_threads(old[3])
 
 
 def _rel(a, b):
@@ -4994,14 +5013,16 @@ def test_cuda_cifar10_compiled_ect_passes_share_the_dropout_mask(_backend_flags)
 # ----------------------------------------------------------------------------- 2. fast paths: 20 steps, finite, close to fp32
 
 C10_FAST = {"fp32": [], "bf16": ["--bf16"], "tf32": ["--tf32"], "channels_last": ["--channels-last"],
-            "compile": ["--compile"]}
+            "compile": ["--compile"], "cudnn_benchmark": ["--cudnn-benchmark"]}
 # Per-step |loss - loss_fp32| / loss_fp32 over the 20 steps: (largest, mean). Measured in the rehearsal (CPU,
 # same test, q = 64, trained-like weights): bf16 9.8e-2 / 1.4e-2 (the inputs' rounding 2^-8, amplified by
 # ECT's 1/(t - r) = q/t: at most about q 2^-8 = 0.25); channels_last 5.4e-7 / 1.8e-7 (another fp32 kernel:
 # round-off only, no divergence in 20 Adam steps). TF32's unit round-off is 8x below bf16's: its bound is bf16's / 5. Fused
-# kernels of Inductor change fp32 summation orders only, as channels_last does: 1e-3 leaves > 100x. The fp32
-# baseline is real fp32 (TF32 off), so each bound holds whatever the kernels pick.
-C10_FAST_TOL = {"bf16": (0.25, 0.05), "tf32": (0.05, 0.01), "channels_last": (1e-3, 1e-4), "compile": (1e-3, 1e-4)}
+# kernels of Inductor and the convolution algorithms cuDNN's benchmark picks change fp32 summation orders only, as
+# channels_last does: 1e-3 leaves > 100x. The fp32 baseline is real fp32 (TF32 off), so each bound holds whatever
+# the kernels pick.
+C10_FAST_TOL = {"bf16": (0.25, 0.05), "tf32": (0.05, 0.01), "channels_last": (1e-3, 1e-4), "compile": (1e-3, 1e-4),
+                "cudnn_benchmark": (1e-3, 1e-4)}
 
 
 def _c10_run_main(monkeypatch, argv):
@@ -5014,7 +5035,7 @@ def _c10_run_main(monkeypatch, argv):
 
 @needs_cuda
 def test_cuda_cifar10_fast_paths_stay_finite_and_close_to_fp32(tmp_path, monkeypatch, _backend_flags):
-    """--bf16, --tf32, --channels-last and --compile (one run) each train 20 ECT steps of the narrowed DDPM++
+    """--bf16, --tf32, --channels-last, --compile and --cudnn-benchmark each train 20 ECT steps of the narrowed DDPM++
     through the script's own main(), every step finite and its loss close to the fp32 run's on the same data
     and noise; every CUDA run steps with fused Adam. Dropout is 0 here: the compiled graph draws its dropout
     masks with Inductor's own generator, so only without dropout do all five runs see identical randomness."""
@@ -5038,6 +5059,7 @@ def test_cuda_cifar10_fast_paths_stay_finite_and_close_to_fp32(tmp_path, monkeyp
         assert ckpt["iter"] == 20 and all(torch.isfinite(v).all() for v in ckpt["model"].values()), mode
         assert bool(ckpt["optimizer"]["param_groups"][0]["fused"]) == ON_GPU, mode  # fused Adam exactly on CUDA
         assert ckpt["config"]["bf16"] == (mode == "bf16") and ckpt["config"]["compile"] == (mode == "compile")
+        assert torch.backends.cudnn.benchmark == (mode == "cudnn_benchmark"), mode  # the switch is set both ways
         assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"]), mode
     for mode, (tol_max, tol_mean) in C10_FAST_TOL.items():
         err = np.abs(losses[mode] - losses["fp32"]) / np.abs(losses["fp32"])
@@ -5572,7 +5594,7 @@ def _inet_live_init(path):
 
 @needs_cuda
 def test_cuda_imagenet_fast_paths_track_fp32(tmp_path, _backend_flags, capsys):
-    """--bf16, --tf32, --channels-last (mid and post) and --compile (mid; one run) each train 20 steps through
+    """--bf16, --tf32, --channels-last (mid and post), --compile and --cudnn-benchmark (mid) each train 20 steps through
     main() with finite losses that stay close to fp32's on the same data; every run steps with fused Adam on CUDA."""
     iters = 20
     init = ["--init", str(_inet_live_init(tmp_path / "init.pt"))]
@@ -5590,13 +5612,14 @@ def test_cuda_imagenet_fast_paths_track_fp32(tmp_path, _backend_flags, capsys):
         assert bool(ckpt["optimizer"]["param_groups"][0].get("fused")) == ON_GPU  # fused Adam exactly on CUDA
         modes = [("bf16", ["--bf16"]), ("tf32", ["--tf32"]), ("channels-last", ["--channels-last"])]
         if stage == "mid":
-            modes.append(("compile", ["--compile"]))
+            modes += [("compile", ["--compile"]), ("cudnn-benchmark", ["--cudnn-benchmark"])]
         for mode, flags in modes:
             out = tmp_path / f"{stage}-{mode}"
             before = _dynamo_graphs(reset=mode == "compile")
             with _compile_backend_for_rehearsal():
                 ema = _inet_run(out, stage, iters, *flags, *extra)
             fast = _losses(out, iters)
+            assert torch.backends.cudnn.benchmark == (mode == "cudnn-benchmark"), mode  # the switch is set both ways
             if mode == "bf16":
                 # bfloat16 keeps 8 mantissa bits (~4e-3 relative per op); through the U-Net and 20 steps of
                 # training on the same data the per-step loss moved by <= 3e-3 on the CPU (mid and post):

@@ -9,7 +9,8 @@ Trains nothing.
     python experiments/bench_cifar10.py --batch-gpu 16 --bf16 --compile    # GPU fast paths
 
 Flags other than --reps go to cmt_cifar10.py (network from --preset, default cifar10; --bf16, --tf32,
---channels-last, --compile, --metric, --lpips-weights, --teacher-steps, --traj-reuse, --traj-buffer, --seed).
+--channels-last, --compile, --cudnn-benchmark, --metric, --lpips-weights, --teacher-steps, --traj-reuse,
+--traj-buffer, --seed).
 """
 
 import argparse
@@ -39,6 +40,7 @@ def bench(cfg, reps):
     _, _, device = cc.init_distributed()
     # Both ways, as cmt_cifar10.py's main(): the fp32 rows must not run cuDNN convolutions in TF32 (PyTorch's default).
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
+    torch.backends.cudnn.benchmark = bool(cfg["cudnn_benchmark"])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(fn, reps):

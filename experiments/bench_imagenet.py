@@ -11,7 +11,7 @@ Trains nothing.
     python experiments/bench_imagenet.py --preset img512-xs --batch-gpu 16 --sizes xxl --bf16 --compile
 
 Flags other than --sizes / --reps go to cmt_imagenet.py (--preset, --batch-gpu, --teacher-steps, --bf16,
---compile, --tf32). Each measurement follows one warm-up step.
+--compile, --tf32, --cudnn-benchmark). Each measurement follows one warm-up step.
 """
 
 import argparse
@@ -47,6 +47,7 @@ def bench(cfg, sizes, reps=1):
     _, _, device = inet.init_distributed()
     # Both ways, as cmt_imagenet.py's main(): the fp32 rows must not run cuDNN convolutions in TF32 (PyTorch's default).
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
+    torch.backends.cudnn.benchmark = bool(cfg["cudnn_benchmark"])
     bg = cfg["batch_gpu"] or cfg["teacher_steps"]
     if bg % cfg["teacher_steps"]:
         raise SystemExit(f"--batch-gpu {bg}: must be a multiple of --teacher-steps {cfg['teacher_steps']} (whole trajectories)")
