@@ -5560,11 +5560,15 @@ def test_cuda_imagenet_fp32_mid_and_post_step_match_cpu(_backend_flags):
 
 
 @needs_cuda
-def test_cuda_imagenet_dropout_mask_replayed_by_second_student_call():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_imagenet_dropout_mask_replayed_by_second_student_call(compiled):
     """The ECT/ECD second (no-grad) student call reuses the first call's dropout mask on CUDA (its RNG state is
-    saved and restored on the device's generator): with x_r = x_t, r = t the two outputs agree."""
+    saved and restored on the device's generator): with x_r = x_t, r = t the two outputs agree. Also under
+    torch.compile (--compile), where Inductor takes its dropout seeds from that generator in two graphs (with and
+    without grad): equal there to round-off as well."""
     cfg = dict(_inet_small_cfg(), dropout=0.5)
     net = _inet_net(cfg, 4).to(CUDA).train()
+    net = torch.compile(net) if compiled else net
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 4, 8, 8, generator=g).to(CUDA)
     t = torch.tensor([0.3, 1.0, 2.0, 5.0], device=CUDA)
