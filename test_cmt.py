@@ -4,6 +4,8 @@ Run: python -m pytest -q test_cmt.py   (CPU only; about 9 minutes on 2 cores; th
 Every input is generated here; nothing is downloaded and ../shared is never read.
 """
 
+import argparse
+import ast
 import collections
 import concurrent.futures
 import contextlib
@@ -18,6 +20,7 @@ import os
 import pickle
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -4739,6 +4742,51 @@ def test_bench_imagenet_times_plain_mid_and_post_steps(capsys):
     img512, img64 = (inet.resolve_config(inet.parse_args(["--stage", "sample", "--preset", p])) for p in ("img512-s", "img64-s"))
     assert [bench_imagenet.official_guide(img512, s) for s in ("xxl", "s", "xs", "tiny")] == [(256, 2.05), (128, 2.10), None, None]
     assert bench_imagenet.official_guide(img64, "s") == (128, 1.70) and bench_imagenet.official_guide(img64, "xxl") is None
+
+
+def _documented_commands():
+    """Every `python|torchrun ... NAME.py ARGS` in README.md, experiments/README.md and the scripts' docstrings, as
+    (where, NAME, ARGS): fenced bash blocks (continuation lines joined, comments cut) and inline code spans."""
+    texts = {doc: (ROOT / doc).read_text() for doc in ("README.md", "experiments/README.md")}
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("experiments/*.py"), *ROOT.glob("tools/*.py")]:
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        texts[str(path.relative_to(ROOT))] = "```\n" + doc + "\n```"
+    found = []
+    for where, text in texts.items():
+        blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+        spans = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        lines = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()] + [s.replace("\n", " ") for s in spans]
+        for line in lines:
+            m = re.search(r"(?:^|\s)(?:python3?|torchrun)\s.*?(\S+)\.py\b(.*)", line.split(" #")[0])
+            if m and Path(m.group(1)).name != "test_cmt":
+                found.append((where, Path(m.group(1)).name, m.group(2)))
+    return found
+
+
+def test_every_documented_command_parses(monkeypatch):
+    """Each command the READMEs and the scripts' docstrings show is accepted by that script's own argument parser
+    (flag names, choices, types), without running it: a flag renamed or removed breaks this test, not a user's
+    first command. The parse stops at the first successful parse_args (benchmarks and studies pass the flags
+    they do not know on to a training script's parser, which is then the one that must accept them)."""
+    class Parsed(Exception):
+        pass
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        parse(self, args, namespace)
+        raise Parsed
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    modules = {m.__name__: m for m in (cc, inet, mf, fid, gpu_check, bench_cifar10, bench_imagenet, bench_meanflow,
+                                       bench_parity, study_ect, study_meanflow, study_round2, train_latent_vgg)}
+    commands = _documented_commands()
+    assert len(commands) > 40 and {name for _, name, _ in commands} >= {"cmt_cifar10", "cmt_imagenet", "meanflow_post",
+                                                                         "fid", "gpu_check", "bench_imagenet"}
+    for where, name, args in commands:
+        with pytest.raises(Parsed):
+            try:
+                modules[name].main(shlex.split(args))
+            except SystemExit as e:
+                pytest.fail(f"{where}: `{name}.py {args.strip()}` does not parse (exit {e.code})")
 
 
 def test_no_script_imports_experiments_and_plot_draws_one_panel_per_entry(tmp_path):
