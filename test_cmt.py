@@ -5053,7 +5053,8 @@ def test_cuda_cifar10_compiled_ect_passes_share_the_dropout_mask(_backend_flags)
             second = compiled(x, s, train=True)
             other = compiled(x, s, train=True)  # the generator moved on: another mask
     scale = first.detach().flatten(1).norm(dim=1)
-    # float32 round-off over the net's ~20 layers, with margin: 1e-4 of the output's norm (measured 1e-6 abs. on CPU)
+    # Measured on CPU (Inductor): 5e-7 of the output's norm between the passes, 0.33 with another mask; 1e-4 leaves
+    # 200x for GPU kernels' float32 round-off, 1e-2 stays 30x below a changed mask.
     assert ((first.detach() - second).flatten(1).norm(dim=1) < 1e-4 * scale).all()
     assert ((second - other).flatten(1).norm(dim=1) > 1e-2 * scale).all()
 
