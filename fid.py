@@ -30,8 +30,8 @@ Usage:
     python fid.py bench   # img/s of resize + network at batch 50 on 32x32 inputs (random weights)
 
 --data / --images take a folder of PNG/JPG images (searched recursively), an .npz of uint8 NHWC
-images (key `images`, or its only array), the CIFAR-10 python tarball (its 50,000 training images)
-or an EDM dataset zip. `--num N --seed S` picks N images the way EDM's fid.py does (a seeded
+images (key `images`, or its only array) or a quoted pattern matching several (cmt_imagenet.py's per-rank
+'samples-2step-rank*of8.npz'), the CIFAR-10 python tarball (its 50,000 training images) or an EDM dataset zip. `--num N --seed S` picks N images the way EDM's fid.py does (a seeded
 shuffle of the sorted file list), so subsets match EDM's; without --num every image is used.
 Weights: `--weights PATH`, else $FID_WEIGHTS, else the cache folder ($CMT_CACHE or ~/.cache/cmt),
 filled on first use by a verified download. Under torchrun every rank takes a shard and the
@@ -48,6 +48,7 @@ In-process API (the training scripts import this module lazily for evaluation):
 import argparse
 import contextlib
 import functools
+import glob
 import hashlib
 import os
 import pickle
@@ -207,8 +208,17 @@ class Cifar10Train(torch.utils.data.Dataset):
 
 
 def open_images(path):
-    """Dataset of uint8 [3, H, W] images from a folder, .npz, CIFAR-10 tarball or EDM zip."""
+    """Dataset of uint8 [3, H, W] images from a folder, .npz (or a pattern matching several), CIFAR-10 tarball
+    or EDM zip."""
     p = Path(path)
+    if not p.exists() and any(c in str(path) for c in "*?["):  # e.g. a torchrun sample stage's per-rank files
+        files = sorted(glob.glob(str(path)))
+        if not files or not all(f.lower().endswith(".npz") for f in files):
+            raise ValueError(f"{path}: a pattern must match .npz files only (it matched {files or 'nothing'})")
+        parts = [NpzImages(Path(f)) for f in files]
+        if len({part.shape[1:] for part in parts}) > 1:
+            raise ValueError(f"{path}: the matched .npz files hold images of different sizes")
+        return torch.utils.data.ConcatDataset(parts)
     if p.is_dir():
         return ImageFiles(p)
     if not p.is_file():
@@ -902,7 +912,8 @@ def main(argv=None):
                        help="FID of generated images against reference statistics",
                        description="FID of generated images against reference statistics; the printed "
                        "line states the protocol (weights, resize, number of images, seed, reference).")
-    p.add_argument("--images", required=True, help="folder / .npz / EDM .zip of generated images")
+    p.add_argument("--images", required=True, help="folder / .npz (or a quoted pattern of .npz files) / EDM .zip of "
+                                                   "generated images")
     p.add_argument("--ref", required=True, help=".npz with keys mu, sigma (ours, EDM's, ADM's); EDM2's .pkl")
     p.add_argument("--crosscheck", action="store_true",
                    help="also print the classic scipy sqrtm value (slow: minutes on a CPU)")

@@ -493,6 +493,30 @@ def test_inputs_folder_npz_zip_cifar(tmp_path):
     np.testing.assert_array_equal(ds[6], data[1, 2].reshape(3, 32, 32))
 
 
+def test_fid_pattern_of_npz_files_is_one_dataset_in_file_order(tmp_path):
+    """cmt_imagenet.py's torchrun sample stage writes one samples-<tag>-rankRofW.npz per rank: a quoted pattern
+    reads them as one dataset (files in sorted order) and gives the batches the concatenated file gives."""
+    images = np.random.default_rng(3).integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
+    for r, part in enumerate((images[:3], images[3:5], images[5:])):
+        np.savez(tmp_path / f"samples-2step-rank{r}of3.npz", images=part)
+    np.savez(tmp_path / "all.npz", images=images)
+    PIL.Image.fromarray(images[0]).save(tmp_path / "samples-2step.png")  # the grid beside them is not matched
+    ds, whole = fid.open_images(str(tmp_path / "samples-2step-rank*of3.npz")), fid.open_images(tmp_path / "all.npz")
+    assert len(ds) == 7
+    for num in (None, 5):  # every image, and EDM's seeded subset
+        idx = fid.select_indices(7, num, seed=1)
+        got, want = (list(fid.image_batches(d, idx, batch=2)) for d in (ds, whole))
+        assert len(got) == len(want) and all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="matched nothing"):
+        fid.open_images(str(tmp_path / "none-*.npz"))
+    with pytest.raises(ValueError, match=r"\.npz files only"):
+        fid.open_images(str(tmp_path / "samples-2step*"))
+    np.savez(tmp_path / "mixed-0.npz", images=images[:2])
+    np.savez(tmp_path / "mixed-1.npz", images=np.zeros((2, 9, 9, 3), np.uint8))
+    with pytest.raises(ValueError, match="different sizes"):
+        fid.open_images(str(tmp_path / "mixed-?.npz"))
+
+
 def test_cifar_unpickler_refuses_code(tmp_path):
     class Evil:
         def __reduce__(self):
@@ -4757,7 +4781,7 @@ def _documented_commands():
         spans = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
         lines = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()] + [s.replace("\n", " ") for s in spans]
         for line in lines:
-            m = re.search(r"(?:^|\s)(?:python3?|torchrun)\s.*?(\S+)\.py\b(.*)", line.split(" #")[0])
+            m = re.search(r"(?:^|\s)(?:python3?|torchrun)(?:\s+-\S+)*\s+(\S+)\.py\b(.*)", line.split(" #")[0])
             if m and Path(m.group(1)).name != "test_cmt":
                 found.append((where, Path(m.group(1)).name, m.group(2)))
     return found
