@@ -1712,10 +1712,15 @@ def center_crop_arr(img, size):
     return arr[y0:y0 + size, x0:x0 + size]
 
 
+ENCODE_ENTRIES = re.compile(r"\d{5}|dataset\.json(\.tmp)?")  # what an encode writes into --outdir
+
+
 def run_encode(cfg):
     """ImageNet folder (one subfolder per class, sorted synsets = class ids) -> EDM2 dataset folder:
     latent presets: NNNNN/img-mean-std-NNNNNNNN.npy ([mean, std], 8 x 64 x 64, pixels in [0, 1]
-    through the VAE); pixel presets: NNNNN/img-NNNNNNNN.png at 64 x 64. Plus dataset.json."""
+    through the VAE); pixel presets: NNNNN/img-NNNNNNNN.png at 64 x 64. Plus dataset.json, written last.
+    Each file is written whole (temp file, then rename), so --resume auto continues an interrupted encode
+    in its folder, skipping the images already there."""
     rank, world, device = init_distributed()
     src, out = cfg["data"], cfg["outdir"]
     if not src or not os.path.isdir(src):
@@ -1730,7 +1735,16 @@ def run_encode(cfg):
     vae = open_vae(cfg["vae"], device) if cfg["latent"] else None
     if cfg["latent"] and vae is None:
         raise SystemExit("--vae: encoding latents needs the sd-vae-ft-mse weights (file or folder)")
-    check_outdir(dict(cfg, resume=None))  # the dataset goes into a new or empty folder
+    if cfg["resume"] not in (None, "auto"):
+        raise SystemExit(f"--resume {cfg['resume']}: --stage encode continues with --resume auto (finished images "
+                         "are kept)")
+    held = sorted(os.listdir(out)) if cfg["resume"] and os.path.isdir(out) else []
+    foreign = [name for name in held if not ENCODE_ENTRIES.fullmatch(name)]
+    if foreign:
+        raise SystemExit(f"--outdir {out}: holds {', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''}, not "
+                         "an encode's folders; choose a new --outdir")
+    if not held:
+        check_outdir(dict(cfg, resume=None))  # a new dataset goes into a new or empty folder
     if world > 1:
         torch.distributed.barrier()  # every rank has checked --outdir before any writes into it
     size = cfg["res"] * 8 if cfg["latent"] else cfg["res"]
@@ -1738,7 +1752,7 @@ def run_encode(cfg):
     for idx, (name, label) in enumerate(files):
         stem = f"{idx // 1000:05d}/img-mean-std-{idx:08d}.npy" if cfg["latent"] else f"{idx // 1000:05d}/img-{idx:08d}.png"
         labels.append([stem, label])
-        if idx % world != rank:
+        if idx % world != rank or os.path.exists(os.path.join(out, stem)):  # this rank's, not written yet
             continue
         try:
             img = center_crop_arr(PIL.Image.open(os.path.join(src, name)), size)
@@ -1747,9 +1761,10 @@ def run_encode(cfg):
         os.makedirs(os.path.join(out, stem.split("/")[0]), exist_ok=True)
         if cfg["latent"]:
             pix = torch.from_numpy(img.copy()).permute(2, 0, 1)[None]
-            np.save(os.path.join(out, stem), edm2_encode_pixels(vae, pix)[0].cpu().numpy())
+            moments = edm2_encode_pixels(vae, pix)[0].cpu().numpy()
+            write_atomic(os.path.join(out, stem), lambda f: np.save(f, moments))
         else:
-            PIL.Image.fromarray(img).save(os.path.join(out, stem))
+            write_atomic(os.path.join(out, stem), lambda f: PIL.Image.fromarray(img).save(f, format="PNG"))
         if rank == 0 and idx % (1000 * world) == 0:
             print(f"[encode] {idx}/{len(files)}", flush=True)
     if world > 1:
@@ -1906,7 +1921,8 @@ def build_parser():
     a("--guidance", type=float, help="guidance weight w; 1 = no guidance (default: preset, 2.05 for img512-xxl post)")
     a("--init", help="student init: checkpoint .pt (its EMA), EDM2 .pkl, 'teacher' or 'random'; for sample: the "
       "checkpoint, or 'teacher' for the Heun reference (default: mid teacher; post and sample: none, give one)")
-    a("--resume", help="checkpoint to resume, or 'auto' = ckpt-latest.pt in --outdir if present (default: none)")
+    a("--resume", help="checkpoint to resume, or 'auto' = ckpt-latest.pt in --outdir if present; encode: 'auto' "
+                       "continues an interrupted encode in --outdir (default: none)")
     a("--batch", type=int_at_least(1), help="global batch in images (mid: 16 states per trajectory) (default: 128)")
     a("--batch-gpu", type=int_at_least(1), help="per-GPU micro-batch (default: batch / GPUs; sample: 32)")
     a("--iters", type=int_at_least(1), help="training iterations (default: derived from --mimg)")

@@ -2786,6 +2786,12 @@ BAD_INPUTS_IMAGENET = [pytest.param("cmt_imagenet.py", argv, setup, expected, id
      ["--outdir", "is a file"]),
     ("encode-outdir-holds-files", ["--preset", "img64-s", "--stage", "encode", "--data", "{tmp}/src", "--outdir", "{tmp}/out"],
      lambda t: (make_pngs(t / "src" / "n01"), make_pngs(t / "out")), ["--outdir", "already holds 3 files"]),
+    ("encode-resume-other-files", ["--preset", "img64-s", "--stage", "encode", "--data", "{tmp}/src", "--outdir", "{tmp}/out",
+                                   "--resume", "auto"], lambda t: (make_pngs(t / "src" / "n01"), make_pngs(t / "out")),
+     ["--outdir", "not an encode's folders"]),
+    ("encode-resume-path", ["--preset", "img64-s", "--stage", "encode", "--data", "{tmp}/src", "--outdir", "{tmp}/out",
+                            "--resume", "{tmp}/ckpt.pt"], lambda t: make_pngs(t / "src" / "n01"),
+     ["--resume", "continues with --resume auto"]),
 ]]
 
 
@@ -3715,6 +3721,26 @@ def test_imagenet_encode_folder(tmp_path, inet_one_thread):
     perm = np.random.RandomState(0).permutation(4)
     assert torch.equal(y, torch.stack([ds[int(i)][0] for i in perm]).float() / 127.5 - 1)
     assert lab.tolist() == ds.labels[perm].tolist()
+    # An interrupted encode (killed inside its third write: the file's temp copy, no file, no dataset.json) is
+    # refused without --resume and continued with --resume auto: the missing image encoded, the others untouched.
+    px = tmp_path / "px"
+    files = sorted(p for p in px.rglob("*") if p.is_file())
+    done = {p: p.read_bytes() for p in files}
+    victim = px / "00000" / "img-00000002.png"
+    for p in files:
+        os.utime(p, (1, 1))
+    victim.rename(str(victim) + ".tmp")
+    (px / "dataset.json").unlink()
+    with pytest.raises(SystemExit, match="already holds .*--resume auto"):
+        inet.run_encode(dict(cfg, stage="encode", data=str(src), outdir=str(px), resume=None))
+    cfg = inet_cfg("--stage", "encode", "--preset", "img64-s", "--data", str(src), "--outdir", str(px), "--resume", "auto")
+    inet.run_encode(cfg)
+    assert sorted(p for p in px.rglob("*") if p.is_file()) == files  # the temp copy is gone
+    assert all(p.read_bytes() == b for p, b in done.items())
+    assert [p for p in files if p.stat().st_mtime == 1] == [p for p in files if p not in (victim, px / "dataset.json")]
+    (px / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds notes.txt, not an encode's folders"):
+        inet.run_encode(cfg)
     # latent preset at a reduced size (8x8 latents of 64x64 crops) with a random VAE in the diffusers layout
     torch.manual_seed(0)
     torch.save(inet.AutoencoderKL().state_dict(), tmp_path / "vae.bin")
