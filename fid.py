@@ -30,9 +30,10 @@ Usage:
     python fid.py bench   # img/s of resize + network at batch 50 on 32x32 inputs (random weights)
 
 --data / --images take a folder of PNG/JPG images (searched recursively), an .npz of uint8 NHWC
-images (key `images`, or its only array) or a quoted pattern matching several (cmt_imagenet.py's per-rank
-'samples-2step-rank*of8.npz'), the CIFAR-10 python tarball (its 50,000 training images) or an EDM dataset zip. `--num N --seed S` picks N images the way EDM's fid.py does (a seeded
-shuffle of the sorted file list), so subsets match EDM's; without --num every image is used.
+images (key `images`, or its only array) or a quoted pattern matching several (read in sorted order:
+cmt_imagenet.py's per-rank 'samples-2step-rank*of8.npz'), the CIFAR-10 python tarball (its 50,000
+training images) or an EDM dataset zip. `--num N --seed S` picks N images the way EDM's fid.py does
+(a seeded shuffle of the sorted file list), so subsets match EDM's; without --num every image is used.
 Weights: `--weights PATH`, else $FID_WEIGHTS, else the cache folder ($CMT_CACHE or ~/.cache/cmt),
 filled on first use by a verified download. Under torchrun every rank takes a shard and the
 float64 sums are all-reduced.
